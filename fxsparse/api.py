@@ -1,0 +1,144 @@
+"""sparsify(): the library's one verb, and the only place user strings and options are resolved."""
+from __future__ import annotations
+
+import copy
+import fnmatch
+import warnings
+from typing import Callable, Optional, Sequence, Union
+
+from torch import nn
+from torch.optim import Optimizer
+from torch.utils.hooks import RemovableHandle
+
+from .fold import PRE_HOOK_ATTRIBUTE
+from .global_threshold import GlobalThreshold
+from .methods import Method, get_method
+from .pool import THRESHOLD_NAME, get_threshold, is_sparsified
+from .rewrite import (
+    LayerFilter,
+    insert_threshold_node_,
+    install_parametrizations_,
+    original_path,
+    select_uses,
+    weight_uses_in_graph,
+    weight_uses_in_module,
+)
+from .schedule import Constant
+from .trace import trace
+
+ExcludeSpec = Union[None, str, Sequence[str], LayerFilter]
+
+
+def _resolve_exclude(exclude: ExcludeSpec) -> Optional[LayerFilter]:
+    """None, a glob pattern on the weight's fqn (or several), or a callable (fqn, parameter) -> bool."""
+    if exclude is None or callable(exclude):
+        return exclude
+    patterns = [exclude] if isinstance(exclude, str) else list(exclude)
+    if not all(isinstance(p, str) for p in patterns):
+        raise TypeError(f"exclude must be a glob pattern, a list of them, or a callable(fqn, param); got {exclude!r}")
+    return lambda fqn, param: any(fnmatch.fnmatchcase(fqn, p) for p in patterns)
+
+
+def _check_sparsity(sparsity: float) -> float:
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
+        raise ValueError(
+            f"sparsity is the fraction of weights set to zero and must be in [0, 1); got {sparsity!r} "
+            "(for 90% sparsity pass sparsity=0.9)"
+        )
+    return float(sparsity)
+
+
+def _threshold_pre_hook(model: nn.Module, args) -> None:
+    threshold = get_threshold(model)
+    threshold(*[model.get_parameter(path) for path in threshold.pool_paths])
+
+
+def _copy_plain_attributes(source: nn.Module, target: nn.Module) -> None:
+    """Keep the model's public plain attributes (timm's pretrained_cfg, num_classes, ...) on the GraphModule."""
+    for name, value in vars(source).items():
+        if not name.startswith("_") and name != "training" and not hasattr(target, name):
+            setattr(target, name, value)
+
+
+def sparsify(
+    model: nn.Module,
+    method: Union[str, Method] = "st3sigma",
+    sparsity: float = 0.9,
+    schedule: Optional[Callable[[int, float], float]] = None,
+    *,
+    exclude: ExcludeSpec = None,
+    min_numel: int = 0,
+    trace_model: bool = True,
+    leaf_modules: tuple[type, ...] = (),
+) -> nn.Module:
+    """Return a sparse-training copy of ``model``; ``model`` itself is never modified.
+
+    method: "st3", "st3sigma", "feather", "gmp", "ste" or a Method instance (e.g. Feather(theta=0.5)).
+    sparsity: final fraction of zeros over the pooled conv/linear weights.
+    schedule: (step, final_sparsity) -> sparsity, e.g. fxsparse.Cubic(begin, end) in optimizer steps;
+        default fxsparse.Constant() (the final sparsity from the first step). Advance it with
+        fxsparse.step_(model) after each optimizer step, or once with fxsparse.hook_optimizer.
+    exclude: glob pattern(s) on weight names ("head.*") or a callable (fqn, param) -> bool.
+    min_numel: leave weights with fewer elements dense (Feather's ``pthres``).
+    trace_model / leaf_modules: torch.fx tracing switch and extra module classes to keep opaque.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"sparsify() takes a torch.nn.Module, got {type(model).__name__}")
+    if is_sparsified(model):
+        raise ValueError(
+            "this model is already sparsified; pass the original model, or fxsparse.fold(model) it first "
+            "and sparsify the folded copy"
+        )
+    sparsity = _check_sparsity(sparsity)
+    resolved_method = get_method(method).resolve(sparsity)
+    schedule = Constant() if schedule is None else schedule
+    if not callable(schedule):
+        raise TypeError(f"schedule must be callable (step, final_sparsity) -> sparsity, e.g. fxsparse.Cubic(0, 1000); got {schedule!r}")
+    layer_filter = _resolve_exclude(exclude)
+
+    working = copy.deepcopy(model)
+    traced = trace(working, tuple(leaf_modules)) if trace_model else None
+    if traced is not None and traced.graph_module is not None:
+        target: nn.Module = traced.graph_module
+        _copy_plain_attributes(working, target)
+        candidates = weight_uses_in_graph(target)
+    else:
+        reason = traced.error if traced is not None else "tracing disabled (trace_model=False)"
+        if traced is not None:
+            warnings.warn(
+                f"fxsparse could not trace {type(model).__name__} with torch.fx ({reason}); sparsifying by "
+                "walking modules instead. Lost: F.linear/F.conv calls on raw parameters are not sparsified, "
+                "the threshold runs as a forward pre-hook (not a graph node), and no graph is available.",
+                stacklevel=2,
+            )
+        target = working
+        candidates = weight_uses_in_module(working)
+
+    uses = select_uses(target, candidates, layer_filter, min_numel)
+    if not uses:
+        raise ValueError(
+            f"nothing to sparsify in {type(model).__name__}: found {len(candidates)} conv/linear weights"
+            + (", all excluded by exclude=/min_numel=" if candidates else "")
+            + "; fxsparse prunes the weights of Conv1d/2d/3d, Linear and F.conv*/F.linear calls"
+        )
+    threshold = GlobalThreshold(resolved_method, sparsity, schedule, pool_size=0)
+    pool = install_parametrizations_(target, uses, resolved_method, threshold)
+    threshold.pool_paths = [original_path(use) for use in pool]
+    threshold.pool_size = sum(target.get_parameter(p).numel() for p in threshold.pool_paths)
+    if target is not working:
+        insert_threshold_node_(target, threshold, pool)
+    else:
+        target.add_module(THRESHOLD_NAME, threshold)
+        setattr(target, PRE_HOOK_ATTRIBUTE, target.register_forward_pre_hook(_threshold_pre_hook))
+    return target
+
+
+def step_(model: nn.Module, steps: int = 1) -> None:
+    """Advance the sparsity schedule by ``steps`` optimizer steps (call after optimizer.step())."""
+    get_threshold(model).advance_(steps)
+
+
+def hook_optimizer(model: nn.Module, optimizer: Optimizer) -> RemovableHandle:
+    """Advance the schedule automatically after every ``optimizer.step()``; returns the hook handle."""
+    get_threshold(model)
+    return optimizer.register_step_post_hook(lambda opt, args, kwargs: step_(model))

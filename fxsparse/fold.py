@@ -1,0 +1,79 @@
+"""Fold: bake the effective weights into plain parameters and remove every trace of sparsify().
+
+The folded model's state_dict has the original model's keys and loads into a fresh copy of the
+architecture. Parameter objects are kept (their data is overwritten), so an optimizer stays valid.
+Also ST-3's "fix" step (METHODS.md sec. 1): w <- w_eff, then a frozen mask for the fine-tune phase.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.nn.utils import parametrize
+
+from .pool import THRESHOLD_NAME, get_threshold, sparse_entries, unique_entries
+
+PRE_HOOK_ATTRIBUTE = "_fxsparse_pre_hook"  # handle of the threshold pre-hook on untraceable models
+
+
+@torch.no_grad()
+def _effective_weights(model: nn.Module) -> list[tuple[nn.Parameter, torch.Tensor]]:
+    """(raw parameter, its effective weight) for every distinct pooled parameter, all computed first."""
+    get_threshold(model)(*[entry.original for entry in unique_entries(model)])  # make sure tau is current
+    return [(e.original, getattr(e.module, e.name).detach().clone()) for e in unique_entries(model)]
+
+
+def _remove_threshold_(model: nn.Module) -> None:
+    if isinstance(model, fx.GraphModule):
+        graph = model.graph
+        for node in list(graph.nodes):
+            if node.op == "call_module" and node.target == THRESHOLD_NAME:
+                inputs = list(node.all_input_nodes)
+                graph.erase_node(node)
+                for weight in inputs:
+                    if not weight.users:
+                        graph.erase_node(weight)
+        graph.lint()
+        model.delete_submodule(THRESHOLD_NAME)
+        model.recompile()
+    else:
+        getattr(model, PRE_HOOK_ATTRIBUTE).remove()
+        delattr(model, PRE_HOOK_ATTRIBUTE)
+        delattr(model, THRESHOLD_NAME)
+
+
+@torch.no_grad()
+def fold_(model: nn.Module) -> None:
+    """In place: weights <- effective weights, parametrizations and the threshold node removed."""
+    baked = _effective_weights(model)
+    for entry in sparse_entries(model):
+        parametrize.remove_parametrizations(entry.module, entry.name, leave_parametrized=False)
+    for param, value in baked:
+        param.copy_(value)
+    _remove_threshold_(model)
+
+
+def fold(model: nn.Module) -> nn.Module:
+    """A folded copy of a sparsified model (the input is left untouched)."""
+    get_threshold(model)
+    folded = copy.deepcopy(model)
+    fold_(folded)
+    return folded
+
+
+@torch.no_grad()
+def fix_mask_(model: nn.Module) -> None:
+    """ST-3's fixed-mask phase: bake w <- w_eff (soft threshold and scale), freeze the mask, stop tau.
+
+    Afterwards the forward is w * mask, so pruned weights receive no gradient while the kept ones
+    fine-tune. Fold as usual at the end.
+    """
+    baked = _effective_weights(model)
+    masks = {id(param): value != 0 for param, value in baked}
+    for param, value in baked:
+        param.copy_(value)
+    for entry in sparse_entries(model):
+        entry.parametrization.mask = masks[id(entry.original)]
+    get_threshold(model).freeze_()

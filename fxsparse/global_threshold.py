@@ -1,0 +1,90 @@
+"""GlobalThreshold: the one graph node that owns the schedule state and the global tau.
+
+It sits at the top of the sparsified model's forward with every pooled dense weight as input, so the
+global dependency is visible in ``print(model.code)``. State lives in buffers (``step``, ``tau``,
+``frozen``), so a checkpoint is ``state_dict()`` and resume is exact. tau is recomputed only when it can
+have changed: a new step, or weights modified in place since the last computation (an optimizer step).
+ST-3 recomputes tau after each optimizer step and Feather before each training forward; both read the
+weights as they are when the next forward starts, which is when this node runs.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor, nn
+
+from .methods.base import Method
+from .threshold import global_quantile
+
+Schedule = Callable[[int, float], float]
+
+
+class GlobalThreshold(nn.Module):
+    _is_impure = True  # it has no users in the graph; torch.fx's dead-code elimination must keep it
+
+    def __init__(self, method: Method, final_sparsity: float, schedule: Schedule, pool_size: int):
+        super().__init__()
+        self.method = method
+        self.final_sparsity = float(final_sparsity)
+        self.schedule = schedule
+        self.pool_size = int(pool_size)
+        self.process_group: Optional[object] = None  # set for sharded weights (see fxsparse.distributed)
+        self.register_buffer("step", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("tau", torch.zeros((), dtype=torch.float32))
+        self.register_buffer("frozen", torch.zeros((), dtype=torch.bool))
+        self._step = 0  # host mirror of ``step``: no device sync to read the schedule
+        self._frozen = False
+        self._computed_for: Optional[tuple] = None
+
+    # --- schedule -------------------------------------------------------------------------------
+    def target_sparsity(self, step: Optional[int] = None) -> float:
+        """The scheduled sparsity at ``step`` (default: the current step)."""
+        return float(self.schedule(self._step if step is None else step, self.final_sparsity))
+
+    def advance_(self, steps: int = 1) -> None:
+        """Move the schedule on by ``steps`` optimizer steps."""
+        self._step += int(steps)
+        self.step.fill_(self._step)
+
+    def freeze_(self) -> None:
+        """Stop recomputing tau (ST-3's fixed-mask fine-tune: the parametrizations hold the masks)."""
+        self._frozen = True
+        self.frozen.fill_(True)
+
+    # --- threshold ------------------------------------------------------------------------------
+    def compute_tau(self, weights: tuple[Tensor, ...]) -> Tensor:
+        """The exact global threshold for the current step, from the given pooled weights (pure)."""
+        sparsity = self.target_sparsity()
+        if sparsity <= 0.0:
+            return torch.zeros((), dtype=torch.float32, device=self.tau.device)
+        method = self.method
+        return global_quantile(
+            weights, sparsity, score_fn=lambda index, weight: method.score(weight), group=self.process_group
+        )
+
+    @torch.no_grad()
+    def forward(self, *weights: Tensor) -> None:
+        if self._frozen:
+            return None
+        key = (self._step, tuple(w._version for w in weights), tuple(w.data_ptr() for w in weights))
+        if key != self._computed_for:
+            self.tau.copy_(self.compute_tau(weights))
+            self._computed_for = key
+        return None
+
+    def invalidate_(self) -> None:
+        """Force a recomputation at the next forward (after weights were replaced, not modified in place)."""
+        self._computed_for = None
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._step = int(self.step)
+        self._frozen = bool(self.frozen)
+        self._computed_for = None
+
+    def extra_repr(self) -> str:
+        return (
+            f"method={self.method}, final_sparsity={self.final_sparsity}, schedule={self.schedule}, "
+            f"pool_size={self.pool_size}, step={self._step}"
+        )

@@ -1,0 +1,32 @@
+"""Baselines in the same harness (METHODS.md sec. 3).
+
+gmp: gradual magnitude pruning (Zhu & Gupta, arXiv:1710.01878): w_eff = w * m, pruned weights get no gradient.
+ste: hard-threshold straight-through estimator: w_eff = w * m, identity gradient to every weight.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from torch import Tensor
+
+from .base import Method, register_method, unless_dense
+
+
+@register_method("ste")
+@dataclasses.dataclass(frozen=True)
+class Ste(Method):
+    """Hard mask forward, identity gradient (the "no soft threshold" ablation)."""
+
+    def effective(self, weight: Tensor, tau: Tensor) -> Tensor:
+        return unless_dense(tau, weight, weight.detach() * self.keep_mask(weight, tau))
+
+
+@register_method("gmp")
+@dataclasses.dataclass(frozen=True)
+class Gmp(Ste):
+    """Hard mask forward, and the mask's own gradient: dL/dw = dL/dw_eff * m."""
+
+    scales_gradient = True
+
+    def gradient_scale(self, weight: Tensor, tau: Tensor) -> Tensor:
+        return (self.keep_mask(weight, tau) | (tau <= 0)).float()

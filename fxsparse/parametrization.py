@@ -1,0 +1,48 @@
+"""SparseWeight: the torch.nn.utils.parametrize parametrization installed on each pooled weight.
+
+It reads the global tau from the model's GlobalThreshold by reference (a plain attribute, so the
+threshold is not registered as a child of every layer) and returns the method's effective weight.
+After ST-3's fix step it holds a frozen boolean ``mask`` and returns w * mask (pruned weights then
+get no gradient).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import Tensor, nn
+
+from .methods.base import Method
+
+
+class _Reference:
+    """A plain holder: nn.Module does not register what it holds as a submodule."""
+
+    def __init__(self, target):
+        self.target = target
+
+
+class SparseWeight(nn.Module):
+    def __init__(self, method: Method, threshold: nn.Module):
+        super().__init__()
+        self.method = method
+        self._threshold = _Reference(threshold)
+        self.register_buffer("mask", None)
+
+    @property
+    def threshold(self) -> nn.Module:
+        return self._threshold.target
+
+    def forward(self, weight: Tensor) -> Tensor:
+        mask: Optional[Tensor] = self.mask
+        if mask is not None:
+            return weight * mask
+        return self.method.apply(weight, self._threshold.target.tau)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # a checkpoint taken after fix_mask_ carries the mask: create the buffer so it can be loaded
+        if self.mask is None and prefix + "mask" in state_dict:
+            self.mask = state_dict[prefix + "mask"].clone()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"method={self.method.name}" + (", mask=frozen" if self.mask is not None else "")
