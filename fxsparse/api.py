@@ -19,7 +19,9 @@ from .rewrite import (
     insert_threshold_node_,
     install_parametrizations_,
     original_path,
+    reroute_functional_weights_,
     select_uses,
+    split_root_uses,
     weight_uses_in_graph,
     weight_uses_in_module,
 )
@@ -115,10 +117,22 @@ def sparsify(
         candidates = weight_uses_in_module(working)
 
     uses = select_uses(target, candidates, layer_filter, min_numel)
+    excluded = len(candidates) - len(uses)
+    root_uses: list = []
+    if target is not working:
+        uses, root_uses = split_root_uses(uses)
+        if root_uses:
+            warnings.warn(
+                f"fxsparse leaves {[u.fqn for u in root_uses]} dense: parameters held by the model's root "
+                "module and used through F.conv*/F.linear cannot be parametrized inside a GraphModule; "
+                "move them into a submodule to sparsify them",
+                stacklevel=2,
+            )
     if not uses:
         raise ValueError(
             f"nothing to sparsify in {type(model).__name__}: found {len(candidates)} conv/linear weights"
-            + (", all excluded by exclude=/min_numel=" if candidates else "")
+            + (f", {excluded} excluded by exclude=/min_numel=" if excluded else "")
+            + (f", {len(root_uses)} held by the root module (see the warning)" if root_uses else "")
             + "; fxsparse prunes the weights of Conv1d/2d/3d, Linear and F.conv*/F.linear calls"
         )
     threshold = GlobalThreshold(resolved_method, sparsity, schedule, pool_size=0)
@@ -126,6 +140,7 @@ def sparsify(
     threshold.pool_paths = [original_path(use) for use in pool]
     threshold.pool_size = sum(target.get_parameter(p).numel() for p in threshold.pool_paths)
     if target is not working:
+        reroute_functional_weights_(target, uses)
         insert_threshold_node_(target, threshold, pool)
     else:
         target.add_module(THRESHOLD_NAME, threshold)

@@ -69,6 +69,32 @@ def weight_uses_in_graph(gm: fx.GraphModule) -> list[WeightUse]:
     return list(dict.fromkeys(uses))  # a module called twice is one use
 
 
+def reroute_functional_weights_(gm: fx.GraphModule, uses: list[WeightUse]) -> None:
+    """Read parametrized weights used by F.conv*/F.linear as ``getattr(<module>, name)`` at run time.
+
+    A ``get_attr`` node on a parametrized attribute would make GraphModule (and its deepcopy) copy the
+    attribute's current *value*; fetching the owning module keeps the parametrization live.
+    """
+    graph, targets = gm.graph, {use.fqn: use for use in uses}
+    for node in list(graph.nodes):
+        if node.op == "get_attr" and node.target in targets:
+            use = targets[node.target]
+            with graph.inserting_before(node):
+                owner = graph.get_attr(use.module_fqn)
+                value = graph.call_function(getattr, (owner, use.name))
+            node.replace_all_uses_with(value)
+            graph.erase_node(node)
+
+
+def split_root_uses(uses: list[WeightUse]) -> tuple[list[WeightUse], list[WeightUse]]:
+    """(uses on submodules, uses of parameters held by the root module itself).
+
+    torch.nn.utils.parametrize swaps the class of the module it parametrizes; on a GraphModule root
+    that breaks GraphModule's copy semantics, so such weights stay dense (sparsify warns).
+    """
+    return [u for u in uses if u.module_fqn], [u for u in uses if not u.module_fqn]
+
+
 LayerFilter = Callable[[str, nn.Parameter], bool]
 
 
