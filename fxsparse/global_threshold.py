@@ -36,6 +36,7 @@ class GlobalThreshold(nn.Module):
         self._step = 0  # host mirror of ``step``: no device sync to read the schedule
         self._frozen = False
         self._computed_for: Optional[tuple] = None
+        self.prunes = False  # host flag: tau > 0 was computed for a positive target sparsity
 
     # --- schedule -------------------------------------------------------------------------------
     def target_sparsity(self, step: Optional[int] = None) -> float:
@@ -70,6 +71,7 @@ class GlobalThreshold(nn.Module):
         key = (self._step, tuple(w._version for w in weights), tuple(w.data_ptr() for w in weights))
         if key != self._computed_for:
             self.tau.copy_(self.compute_tau(weights))
+            self.prunes = self.target_sparsity() > 0.0
             self._computed_for = key
         return None
 

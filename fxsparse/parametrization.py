@@ -36,7 +36,10 @@ class SparseWeight(nn.Module):
         mask: Optional[Tensor] = self.mask
         if mask is not None:
             return weight * mask
-        return self.method.apply(weight, self._threshold.target.tau)
+        threshold = self._threshold.target
+        if not threshold.prunes:  # before the ramp: the dense weight itself, bitwise
+            return weight
+        return self.method.apply(weight, threshold.tau)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # a checkpoint taken after fix_mask_ carries the mask: create the buffer so it can be loaded

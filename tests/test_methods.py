@@ -94,10 +94,10 @@ def test_gmp_masks_the_gradient_and_ste_passes_it_through():
 @pytest.mark.parametrize("name", sorted(METHODS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_method_contract(name, dtype):
-    """Identity at tau <= 0, zeros exactly where score <= tau, gradient to every entry, shape/dtype kept."""
-    method = fxsparse.get_method(name).resolve(0.9)
+    """Zeros exactly where score <= tau, gradient to every entry, shape/dtype kept (identity before the
+    ramp is the parametrization's job: tests/test_sparsify.py checks it bitwise for every method)."""
+    method = fxsparse.get_method(name).resolve(0.98 if name == "feather" else 0.9)
     weight = torch.randn(16, 8, 3, 3).to(dtype)
-    assert torch.equal(method.apply(weight, torch.tensor(0.0)), weight)
     score = method.score(weight)
     assert score.dtype == torch.float32
     tau = score.flatten().kthvalue(int(0.9 * score.numel())).values

@@ -3,13 +3,14 @@
 A method says three things about one weight tensor w given the global threshold tau:
   score(w)              what is ranked globally (fp32); tau is a quantile of the pooled scores
   effective(w, tau)     the forward weight (no autograd); entries with score <= tau are exactly zero
-  gradient_scale(w, tau) the factor on dL/dw_eff that gives dL/dw, or None for the plain identity (STE)
-tau <= 0 means "prune nothing": effective(w, tau) returns w unchanged.
+  scale_gradient(g, w, tau) dL/dw from g = dL/dw_eff, when ``scales_gradient`` (else identity: STE)
+effective() is only called with tau > 0: before the ramp (tau <= 0, "prune nothing") the
+parametrization returns w itself, decided on the host without touching the weights.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, ClassVar, Optional
+from typing import Callable, ClassVar
 
 import torch
 from torch import Tensor
@@ -55,8 +56,7 @@ class _SparseWeightFunction(torch.autograd.Function):
         if not ctx.method.scales_gradient:
             return grad_output, None, None
         weight, tau = ctx.saved_tensors
-        scale = ctx.method.gradient_scale(weight, tau)
-        return grad_output * scale.to(grad_output.dtype), None, None
+        return ctx.method.scale_gradient(grad_output, weight, tau), None, None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,10 +64,21 @@ class Method:
     """Base of every sparsity method: |w| scores, hard-mask forward, identity gradient."""
 
     name: ClassVar[str] = "base"
-    scales_gradient: ClassVar[bool] = False  # True when gradient_scale is not the identity
+
+    @property
+    def scales_gradient(self) -> bool:
+        """False when the backward is the plain identity (then nothing is saved for it)."""
+        return False
+
+    def score_scale(self, weight: Tensor) -> float:
+        """Per-layer factor on |w| in the global ranking (1; ST-3-sigma: sqrt of the shape sum)."""
+        return 1.0
 
     def score(self, weight: Tensor) -> Tensor:
-        return weight.detach().abs().float()
+        """What is ranked globally: |w| * score_scale(w), in fp32."""
+        magnitude = weight.detach().abs().float()
+        scale = self.score_scale(weight)
+        return magnitude if scale == 1.0 else magnitude * scale
 
     def keep_mask(self, weight: Tensor, tau: Tensor) -> Tensor:
         """Entries that survive: score > tau (strict), as both papers define the mask."""
@@ -76,8 +87,9 @@ class Method:
     def effective(self, weight: Tensor, tau: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def gradient_scale(self, weight: Tensor, tau: Tensor) -> Optional[Tensor]:
-        return None
+    def scale_gradient(self, grad: Tensor, weight: Tensor, tau: Tensor) -> Tensor:
+        """dL/dw from dL/dw_eff; only called when ``scales_gradient``."""
+        return grad
 
     def resolve(self, final_sparsity: float) -> "Method":
         """Fill in settings that depend on the run (e.g. Feather's theta); default: unchanged."""
@@ -86,7 +98,3 @@ class Method:
     def apply(self, weight: Tensor, tau: Tensor) -> Tensor:
         return _SparseWeightFunction.apply(weight, tau, self)
 
-
-def unless_dense(tau: Tensor, weight: Tensor, effective: Tensor) -> Tensor:
-    """``effective`` where tau > 0, else ``weight`` itself (no host sync, bitwise identity before the ramp)."""
-    return torch.where(tau > 0, effective, weight)

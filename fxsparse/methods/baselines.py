@@ -9,7 +9,7 @@ import dataclasses
 
 from torch import Tensor
 
-from .base import Method, register_method, unless_dense
+from .base import Method, register_method
 
 
 @register_method("ste")
@@ -18,7 +18,7 @@ class Ste(Method):
     """Hard mask forward, identity gradient (the "no soft threshold" ablation)."""
 
     def effective(self, weight: Tensor, tau: Tensor) -> Tensor:
-        return unless_dense(tau, weight, weight.detach() * self.keep_mask(weight, tau))
+        return weight.detach() * self.keep_mask(weight, tau)
 
 
 @register_method("gmp")
@@ -26,7 +26,9 @@ class Ste(Method):
 class Gmp(Ste):
     """Hard mask forward, and the mask's own gradient: dL/dw = dL/dw_eff * m."""
 
-    scales_gradient = True
+    @property
+    def scales_gradient(self) -> bool:
+        return True
 
-    def gradient_scale(self, weight: Tensor, tau: Tensor) -> Tensor:
-        return (self.keep_mask(weight, tau) | (tau <= 0)).float()
+    def scale_gradient(self, grad: Tensor, weight: Tensor, tau: Tensor) -> Tensor:
+        return grad * self.keep_mask(weight, tau)

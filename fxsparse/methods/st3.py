@@ -10,23 +10,32 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Optional
 
 import torch
 from torch import Tensor
 
-from .base import Method, register_method, unless_dense
+from .base import Method, register_method
 
 
-def soft_threshold_rescaled(weight: Tensor, layer_tau: Tensor, keep: Tensor) -> Tensor:
-    """ST-3's effective weight for a per-layer threshold on raw |w| and a given keep mask (fp32 maths)."""
-    magnitude = weight.detach().float().abs()
-    shrunk = torch.sign(weight.detach().float()) * (magnitude - layer_tau).clamp_min(0) * keep
-    per_channel = magnitude.flatten(1) if magnitude.dim() > 1 else magnitude.view(1, -1)
-    kept = (magnitude * keep).flatten(1) if magnitude.dim() > 1 else (magnitude * keep).view(1, -1)
-    ratio = (kept.mean(dim=1) + 1e-6) / (per_channel.mean(dim=1) + 1e-6)
-    scale = 1.01 / (ratio + 0.01)
-    scale = scale.view(-1, *([1] * (weight.dim() - 1))) if weight.dim() > 1 else scale
-    return (shrunk * scale).to(weight.dtype)
+def soft_threshold_rescaled(weight: Tensor, layer_tau: Tensor, keep: Optional[Tensor] = None) -> Tensor:
+    """ST-3's effective weight for a threshold on raw |w| (fp32 maths, few passes over the weight).
+
+    ``keep`` overrides the mask |w| > layer_tau (ST-3-sigma ranks scaled scores globally).
+    """
+    w = weight.detach().float()
+    magnitude = w.abs()
+    shrunk = (magnitude - layer_tau).clamp_min_(0)  # zero exactly where |w| <= layer_tau
+    if keep is None:
+        keep = magnitude > layer_tau
+    else:
+        shrunk.mul_(keep)
+    rows = weight.shape[0] if weight.dim() > 1 else 1
+    per_row = magnitude.view(rows, -1)
+    kept_mean = torch.where(keep.view(rows, -1), per_row, 0.0).mean(dim=1)
+    ratio = (kept_mean + 1e-6) / (per_row.mean(dim=1) + 1e-6)
+    scale = (1.01 / (ratio + 0.01)).view(-1, *([1] * (weight.dim() - 1))) if weight.dim() > 1 else 1.01 / (ratio + 0.01)
+    return torch.copysign(shrunk, w).mul_(scale).to(weight.dtype)
 
 
 @register_method("st3")
@@ -35,8 +44,7 @@ class St3(Method):
     """ST-3: soft threshold + per-channel rescale forward, identity gradient."""
 
     def effective(self, weight: Tensor, tau: Tensor) -> Tensor:
-        keep = self.keep_mask(weight, tau)
-        return unless_dense(tau, weight, soft_threshold_rescaled(weight, tau, keep))
+        return soft_threshold_rescaled(weight, tau)
 
 
 def shape_sum(weight: Tensor) -> int:
@@ -49,10 +57,9 @@ def shape_sum(weight: Tensor) -> int:
 class St3Sigma(St3):
     """ST-3-sigma: scores |w| sqrt(S_l); layer l thresholds raw |w| at tau / sqrt(S_l)."""
 
-    def score(self, weight: Tensor) -> Tensor:
-        return weight.detach().abs().float() * math.sqrt(shape_sum(weight))
+    def score_scale(self, weight: Tensor) -> float:
+        return math.sqrt(shape_sum(weight))
 
     def effective(self, weight: Tensor, tau: Tensor) -> Tensor:
-        keep = self.keep_mask(weight, tau)
-        layer_tau = tau / math.sqrt(shape_sum(weight))
-        return unless_dense(tau, weight, soft_threshold_rescaled(weight, layer_tau, keep))
+        keep = self.keep_mask(weight, tau)  # ranked on the scaled score: exact global sparsity
+        return soft_threshold_rescaled(weight, tau / self.score_scale(weight), keep)
