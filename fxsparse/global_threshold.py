@@ -14,6 +14,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
+from .distributed import any_sharded, local_pool, storage_key
 from .methods.base import Method
 from .threshold import global_quantile
 
@@ -60,15 +61,17 @@ class GlobalThreshold(nn.Module):
         if sparsity <= 0.0:
             return torch.zeros((), dtype=torch.float32, device=self.tau.device)
         method = self.method
-        return global_quantile(
-            weights, sparsity, score_fn=lambda index, weight: method.score(weight), group=self.process_group
-        )
+        score_fn, group = (lambda index, weight: method.score(weight)), self.process_group
+        if group is not None or any_sharded(weights):  # each rank holds a shard of the pool
+            weights, score_fn, group = local_pool(weights, method.score, group)
+        return global_quantile(weights, sparsity, score_fn=score_fn, group=group)
 
+    @torch.compiler.disable  # eager under torch.compile: no guards on the step, tau reaches the graph as a buffer
     @torch.no_grad()
     def forward(self, *weights: Tensor) -> None:
         if self._frozen:
             return None
-        key = (self._step, tuple(w._version for w in weights), tuple(w.data_ptr() for w in weights))
+        key = (self._step, tuple(w._version for w in weights), tuple(storage_key(w) for w in weights))
         if key != self._computed_for:
             self.tau.copy_(self.compute_tau(weights))
             self.prunes = self.target_sparsity() > 0.0

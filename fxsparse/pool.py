@@ -56,6 +56,9 @@ def is_sparsified(model: nn.Module) -> bool:
 def get_threshold(model: nn.Module):
     """The model's GlobalThreshold module; a clear error for a model sparsify() did not produce."""
     threshold: Optional[nn.Module] = getattr(model, THRESHOLD_NAME, None)
+    inner = getattr(model, "module", None)  # DistributedDataParallel / DataParallel wrap the model
+    if threshold is None and isinstance(inner, nn.Module):
+        threshold = getattr(inner, THRESHOLD_NAME, None)
     if threshold is None:
         raise ValueError(
             f"{type(model).__name__} has no {THRESHOLD_NAME!r}: it is not a sparsified model "
