@@ -84,6 +84,30 @@ def sparsify(
     min_numel: leave weights with fewer elements dense (Feather's ``pthres``).
     trace_model / leaf_modules: torch.fx tracing switch and extra module classes to keep opaque.
     """
+    return _sparsify(model, method, sparsity, schedule, exclude, min_numel, trace_model, leaf_modules, in_place=False)
+
+
+def sparsify_(
+    model: nn.Module,
+    method: Union[str, Method] = "st3sigma",
+    sparsity: float = 0.9,
+    schedule: Optional[Callable[[int, float], float]] = None,
+    *,
+    exclude: ExcludeSpec = None,
+    min_numel: int = 0,
+) -> None:
+    """In place: sparsify ``model`` itself, for code that keeps training the object it holds.
+
+    The same methods, threshold and parametrizations as sparsify(), installed on the model's own
+    Conv/Linear modules (found by walking them, as for an untraceable model), with the threshold as a
+    forward pre-hook. Parameter objects are kept, so an existing optimizer stays valid; weights used
+    through F.conv*/F.linear on raw parameters are not found (there is no graph). fxsparse.fold_(model)
+    undoes it, baking the effective weights. Arguments as for sparsify().
+    """
+    _sparsify(model, method, sparsity, schedule, exclude, min_numel, False, (), in_place=True)
+
+
+def _sparsify(model, method, sparsity, schedule, exclude, min_numel, trace_model, leaf_modules, *, in_place: bool):
     if not isinstance(model, nn.Module):
         raise TypeError(f"sparsify() takes a torch.nn.Module, got {type(model).__name__}")
     if is_sparsified(model):
@@ -98,7 +122,7 @@ def sparsify(
         raise TypeError(f"schedule must be callable (step, final_sparsity) -> sparsity, e.g. fxsparse.Cubic(0, 1000); got {schedule!r}")
     layer_filter = _resolve_exclude(exclude)
 
-    working = copy.deepcopy(model)
+    working = model if in_place else copy.deepcopy(model)
     traced = trace(working, tuple(leaf_modules)) if trace_model else None
     if traced is not None and traced.graph_module is not None:
         target: nn.Module = traced.graph_module
@@ -139,6 +163,7 @@ def sparsify(
     pool = install_parametrizations_(target, uses, resolved_method, threshold)
     threshold.pool_paths = [original_path(use) for use in pool]
     threshold.pool_size = sum(target.get_parameter(p).numel() for p in threshold.pool_paths)
+    threshold.to(target.get_parameter(threshold.pool_paths[0]).device)  # tau beside the weights (DDP/NCCL broadcasts it)
     if target is not working:
         reroute_functional_weights_(target, uses)
         insert_threshold_node_(target, threshold, pool)
