@@ -44,11 +44,24 @@ def _remove_threshold_(model: nn.Module) -> None:
         delattr(model, THRESHOLD_NAME)
 
 
+def _own_parametrized_class_(module: nn.Module) -> None:
+    """Give ``module`` a parametrized class of its own before a parametrization is removed from it.
+
+    torch's remove_parametrizations deletes the property from ``type(module)``, and copy.deepcopy shares
+    that class between a model and its copies (EMA/SWA copies, fold()'s copy): without this, folding
+    one of them would strip the weight property from all of them.
+    """
+    cls = type(module)
+    namespace = {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")}
+    module.__class__ = type(cls.__name__, cls.__bases__, namespace)
+
+
 @torch.no_grad()
 def fold_(model: nn.Module) -> None:
     """In place: weights <- effective weights, parametrizations and the threshold node removed."""
     baked = _effective_weights(model)
     for entry in sparse_entries(model):
+        _own_parametrized_class_(entry.module)
         parametrize.remove_parametrizations(entry.module, entry.name, leave_parametrized=False)
     for param, value in baked:
         param.copy_(value)

@@ -111,8 +111,6 @@ def test_sparsified_model_is_folded_on_export(tmp_path):
     assert_bitwise_equal(load_csr(tmp_path / "s.safetensors"), folded_state)
 
 
-@pytest.mark.xfail(reason="fxsparse.fold(model) breaks its input: deepcopy shares the parametrized class, and "
-                          "remove_parametrizations on the copy deletes the 'weight' property from that class")
 def test_export_leaves_the_sparsified_model_usable(tmp_path):
     import fxsparse
 

@@ -130,6 +130,12 @@ def test_fold_equals_sparse_eval_output_and_loads_into_a_fresh_model(method):
     fresh = TinyCNN().eval()
     fresh.load_state_dict(folded.state_dict())
     torch.testing.assert_close(fresh(x), expected)
+    # folding a copy leaves the sparsified model as it was (deepcopy shares parametrized classes)
+    assert fxsparse.is_sparsified(model) and hasattr(type(model.conv1), "weight")
+    assert torch.equal(model(x), expected)
+    ema = copy.deepcopy(model)
+    fxsparse.fold_(ema)
+    assert torch.equal(model(x), expected)
 
 
 def test_fold_in_place_keeps_parameter_objects():
