@@ -6,6 +6,8 @@
     dense = fxsparse.fold(model)
 """
 from .api import hook_optimizer, sparsify, sparsify_, step_
+from .export import CsrFormatError, CsrReport, load_csr, load_csr_into_, read_csr_metadata, save_csr
+from .flops import FlopReport, LayerMacs, flops
 from .fold import fix_mask_, fold, fold_
 from .global_threshold import GlobalThreshold
 from .methods import METHODS, Feather, Gmp, Method, St3, St3Sigma, Ste, get_method, register_method
@@ -20,5 +22,6 @@ __all__ = [
     "Cubic", "Constant", "cubic", "paper_schedule",
     "METHODS", "Method", "register_method", "get_method", "St3", "St3Sigma", "Feather", "Gmp", "Ste",
     "GlobalThreshold", "get_threshold", "is_sparsified", "layer_densities", "realized_sparsity",
-    "global_quantile", "__version__",
+    "global_quantile", "save_csr", "load_csr", "load_csr_into_", "read_csr_metadata", "CsrFormatError",
+    "CsrReport", "flops", "FlopReport", "LayerMacs", "__version__",
 ]
