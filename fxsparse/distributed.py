@@ -116,6 +116,7 @@ def shard_pool_(model: nn.Module, group: Optional[object] = None) -> None:
     from .pool import get_threshold
 
     threshold = get_threshold(model)
+    _check_sharded_modules_are_called(model)
     if group is None:
         sharded = [p for p in (model.get_parameter(path) for path in threshold.pool_paths) if is_sharded(p)]
         if not sharded:
@@ -126,3 +127,32 @@ def shard_pool_(model: nn.Module, group: Optional[object] = None) -> None:
         group = shard_group(sharded[0])
     threshold.process_group = group
     threshold.invalidate_()
+
+
+def _check_sharded_modules_are_called(model: nn.Module) -> None:
+    """FSDP2 gathers a module's weights in its forward hooks; a torch.fx graph calls only its leaf modules.
+
+    A block that the traced graph inlines (its children are called directly) never runs its hooks,
+    and the forward then fails deep inside a convolution with "mixed torch.Tensor and DTensor".
+    """
+    import torch.fx as fx
+
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without FSDP2
+        return
+    if not isinstance(model, fx.GraphModule):
+        return  # a module-walked (untraceable) model calls its submodules as written
+    called = {node.target for node in model.graph.nodes if node.op == "call_module"}
+    never_called = [
+        name for name, module in model.named_modules()
+        if name and isinstance(module, FSDPModule)
+        and not any(name == target or name.startswith(target + ".") for target in called)
+    ]
+    if never_called:
+        raise ValueError(
+            f"fully_shard was applied to {never_called}, which the traced model never calls: torch.fx inlines "
+            "their forward and calls their children directly, so FSDP2 never gathers their weights. Keep such "
+            "blocks whole in the graph with fxsparse.sparsify(model, ..., leaf_modules=(YourBlock,)), or apply "
+            "fully_shard to modules the graph calls (print(model.code) lists them)"
+        )

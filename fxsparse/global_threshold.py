@@ -87,6 +87,7 @@ class GlobalThreshold(nn.Module):
         self._step = int(self.step)
         self._frozen = bool(self.frozen)
         self._computed_for = None
+        self.prunes = self.target_sparsity() > 0.0  # the loaded tau is in force until the next forward
 
     def extra_repr(self) -> str:
         return (

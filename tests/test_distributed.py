@@ -7,6 +7,8 @@ a file and the tests below read them. Scenarios:
   fsdp     FSDP2 fully_shard (each rank holds row shards of the weights, uneven ones included, one
            layer left to the root): tau equals the single-process quantile of the gathered weights,
            bit for bit, at every step, and the realised global sparsity is exact.
+  fsdp_blocks  fully_shard on whole blocks: refused with the fix when torch.fx inlined them; exact when
+           they are kept as leaves (sparsify(..., leaf_modules=(Block,))).
   explicit shard_pool_ with an explicit group on replicated weights: counted once, same tau.
 """
 import math
@@ -141,6 +143,64 @@ def scenario_fsdp(rank):
     return out
 
 
+class Block(nn.Module):
+    """A residual block: inlined by torch.fx unless kept as a leaf (FSDP2 hooks need it to be called)."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.a = nn.Linear(width, width)
+        self.b = nn.Linear(width, width)
+
+    def forward(self, x):
+        return x + self.b(F.relu(self.a(x)))
+
+
+class BlockNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.Sequential(Block(6), Block(6))
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(self.blocks(x))
+
+
+def scenario_fsdp_blocks(rank):
+    """fully_shard on whole blocks: a misplaced shard is refused clearly; blocks kept as leaves train exactly."""
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    out = {}
+    inlined = fxsparse.sparsify(BlockNet(), "st3", 0.5)
+    fully_shard(inlined.get_submodule("blocks.0"))  # GraphModule keeps the path, not the Sequential
+    try:
+        fxsparse.distributed.shard_pool_(inlined)
+        out["refused"] = ""
+    except ValueError as exc:
+        out["refused"] = str(exc)
+    model = fxsparse.sparsify(BlockNet(), "st3", 0.5, fxsparse.Cubic(0, 2), leaf_modules=(Block,))
+    for name in ("blocks.0", "blocks.1"):
+        fully_shard(model.get_submodule(name))
+    fully_shard(model)
+    fxsparse.distributed.shard_pool_(model)
+    threshold = fxsparse.get_threshold(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    fxsparse.hook_optimizer(model, opt)
+    exact = []
+    for step in range(3):
+        weights = [full(model.get_parameter(p)).detach().clone() for p in threshold.pool_paths]
+        expected = reference_quantile(weights, threshold.target_sparsity())
+        g = torch.Generator().manual_seed(step * WORLD + rank)
+        loss = model(torch.randn(4, 6, generator=g)).square().mean()
+        exact.append(bool(torch.equal(threshold.tau, expected)) or threshold.target_sparsity() == 0.0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    out["exact"] = exact
+    out["group_size"] = dist.get_world_size(threshold.process_group)
+    return out
+
+
 def scenario_explicit_group(rank):
     torch.manual_seed(0)
     model = fxsparse.sparsify(SmallNet(), "st3sigma", 0.6)
@@ -157,7 +217,9 @@ def _worker(rank, init_file, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     results = {}
-    for name, fn in (("ddp", scenario_ddp), ("fsdp", scenario_fsdp), ("explicit", scenario_explicit_group)):
+    scenarios = (("ddp", scenario_ddp), ("fsdp", scenario_fsdp), ("fsdp_blocks", scenario_fsdp_blocks),
+                 ("explicit", scenario_explicit_group))
+    for name, fn in scenarios:
         try:
             results[name] = fn(rank)
         except Exception:  # record, keep the other scenarios (and the other rank) going
@@ -205,3 +267,10 @@ def test_fsdp2_sharded_threshold_is_the_exact_global_quantile_at_every_step(resu
 def test_explicit_group_on_replicated_weights_counts_each_weight_once(results):
     for rank in range(WORLD):
         assert _get(results, rank, "explicit")["equal"]
+
+
+def test_fsdp2_on_blocks_needs_them_kept_whole_in_the_graph(results):
+    for rank in range(WORLD):
+        r = _get(results, rank, "fsdp_blocks")
+        assert "never calls" in r["refused"] and "leaf_modules=(YourBlock,)" in r["refused"], r["refused"]
+        assert all(r["exact"]) and r["group_size"] == WORLD, r

@@ -1,5 +1,6 @@
 """Mixed and low precision: scores and tau in fp32, Feather's p=3 operator in fp32, exact sparsity under autocast;
 deepcopy (EMA/SWA) and state_dict round trips of a sparsified model."""
+import contextlib
 import copy
 import io
 import math
@@ -143,3 +144,31 @@ def test_state_dict_round_trips_through_torch_save(method):
     assert fxsparse.get_threshold(fresh)._step == 3
     torch.testing.assert_close(fresh.eval()(x), model.eval()(x), rtol=0, atol=0)
     torch.testing.assert_close(fxsparse.get_threshold(fresh).tau, fxsparse.get_threshold(model).tau, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("factory", [TinyCNN, Untraceable])
+def test_folding_a_copy_leaves_the_original_working_and_vice_versa(factory):
+    """copy.deepcopy shares torch's parametrized module classes; folding one copy must not strip the others."""
+    with pytest.warns(UserWarning) if factory is Untraceable else contextlib.nullcontext():
+        model = fxsparse.sparsify(factory(), "st3", 0.5)
+    x = torch.randn(3, 1, 8, 8) if factory is TinyCNN else torch.randn(3, 6)
+    reference = model.eval()(x)
+    folded = fxsparse.fold(model)  # fold() folds a deepcopy
+    ema = copy.deepcopy(model)
+    fxsparse.fold_(ema)
+    torch.testing.assert_close(model(x), reference, rtol=0, atol=0)
+    torch.testing.assert_close(folded(x), reference)
+    torch.testing.assert_close(ema(x), reference)
+    twin = copy.deepcopy(model)
+    fxsparse.fold_(model)  # and the other way round: the live model folded, its copy still sparse
+    torch.testing.assert_close(twin.eval()(x), reference, rtol=0, atol=0)
+    assert fxsparse.is_sparsified(twin) and not fxsparse.is_sparsified(model)
+    assert all("Parametrized" not in type(m).__name__ for m in model.modules())
+
+
+def test_a_loaded_checkpoint_reports_its_sparsity_before_any_forward():
+    model = fxsparse.sparsify(TinyCNN(), "feather", 0.7)
+    model(torch.randn(2, 1, 8, 8))
+    fresh = fxsparse.sparsify(TinyCNN(), "feather", 0.7)
+    fresh.load_state_dict(model.state_dict())
+    assert fxsparse.realized_sparsity(fresh) == fxsparse.realized_sparsity(model) == pytest.approx(0.7, abs=0.01)
