@@ -75,11 +75,18 @@ class Pruner:
         self.final_rate = final_rate
         self.nbatches, self.epochs, self.pthres, self.t1 = nbatches, epochs, pthres, t1
         self.ntotalsteps = total
-        self.schedule = Cubic(begin=begin, end=end)
+        # The threshold's step counts update_thresh() calls, so that it is in the model's state_dict and a
+        # resumed run continues exactly; the k-th call (k = 1, 2, ...) uses Feather's rate for batch k - 1,
+        # hence the ramp shifted by one: Cubic(begin + 1, end + 1) at step k is Feather's cubic at k - 1.
+        self.schedule = Cubic(begin=begin + 1, end=end + 1)
         sparsify_(model, Feather(), final_rate, self.schedule, min_numel=pthres)
         self.threshold: GlobalThreshold = get_threshold(model)
         self.theta = self.threshold.method.theta
-        self.step_idx = 0  # update_thresh() calls so far, as in Feather
+
+    @property
+    def step_idx(self) -> int:
+        """update_thresh() calls so far (Feather's counter), kept in the model's state_dict."""
+        return self.threshold._step
 
     def _require_sparse(self) -> None:
         if not is_sparsified(self.model):
@@ -98,9 +105,7 @@ class Pruner:
         """
         self._require_sparse()
         if not end_of_batch:
-            if self.step_idx > 0:
-                self.threshold.advance_(1)
-            self.step_idx += 1
+            self.threshold.advance_(1)
         self._recompute()  # the forward pre-hook then finds T current and does not recompute it
 
     @property

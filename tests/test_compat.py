@@ -129,11 +129,46 @@ def test_pruner_is_sparsify_with_feather_and_the_cubic_schedule():
                 opt.step()
             fxsparse.step_(graph)
         pruner.update_thresh(end_of_batch=True)
-    assert fxsparse.get_threshold(model)._step + 1 == fxsparse.get_threshold(graph)._step == 12
+    assert pruner.step_idx == fxsparse.get_threshold(graph)._step == 12
     pruner.desparsify()
     folded = fxsparse.fold(graph)
     for key, value in folded.state_dict().items():
         torch.testing.assert_close(model.state_dict()[key], value, rtol=0, atol=0, msg=key)
+
+
+def _feather_epochs(model, pruner, optimizer, loader, epochs):
+    for epoch in range(epochs):
+        for data, target in loader:
+            pruner.update_thresh()
+            loss = F.cross_entropy(model(data), target)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        pruner.update_thresh(end_of_batch=True)
+
+
+def test_checkpoint_mid_ramp_resumes_bit_identically():
+    """The Pruner's batch counter lives in the model's state_dict: a resumed run continues the same ramp."""
+    loader, base = cifar_like_loader(nbatches=3, seed=2), CifarNet()
+
+    def fresh():
+        model = copy.deepcopy(base)
+        pruner = Pruner(model, "cpu", 0.8, nbatches=3, epochs=4)
+        return model, pruner, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+
+    straight, pruner, optimizer = fresh()
+    _feather_epochs(straight, pruner, optimizer, loader, 4)
+
+    first, pruner, optimizer = fresh()
+    _feather_epochs(first, pruner, optimizer, loader, 1)  # stops inside the ramp (batches 0..5)
+    checkpoint = copy.deepcopy({"model": first.state_dict(), "optimizer": optimizer.state_dict()})
+    resumed, pruner, optimizer = fresh()
+    resumed.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    assert pruner.step_idx == 3
+    _feather_epochs(resumed, pruner, optimizer, loader, 3)
+    for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), name
 
 
 def test_pruner_keeps_the_users_parameter_objects_and_theta_rule():
