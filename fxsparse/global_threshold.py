@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from .distributed import any_sharded, local_pool, storage_key
 from .methods.base import Method
-from .threshold import global_quantile
+from .threshold import global_quantile, layer_scaled_abs
 
 Schedule = Callable[[int, float], float]
 
@@ -60,11 +60,17 @@ class GlobalThreshold(nn.Module):
         sparsity = self.target_sparsity()
         if sparsity <= 0.0:
             return torch.zeros((), dtype=torch.float32, device=self.tau.device)
-        method = self.method
-        score_fn, group = (lambda index, weight: method.score(weight)), self.process_group
+        method, group = self.method, self.process_group
         if group is not None or any_sharded(weights):  # each rank holds a shard of the pool
             weights, score_fn, group = local_pool(weights, method.score, group)
-        return global_quantile(weights, sparsity, score_fn=score_fn, group=group)
+            return global_quantile(weights, sparsity, score_fn=score_fn, group=group)
+        if type(method).score is Method.score:  # |w| * per-layer scale: scored slice by slice, bounded memory
+            score_fn = layer_scaled_abs([method.score_scale(w) for w in weights])
+        else:
+            score_fn = lambda index, weight: method.score(weight)  # noqa: E731 (a custom score, whole layers)
+        # the previous tau narrows the selection window (exact either way); read on the host only on CPU
+        hint = float(self.tau) if self.prunes and self.tau.device.type == "cpu" else None
+        return global_quantile(weights, sparsity, score_fn=score_fn, hint=hint)
 
     @torch.compiler.disable  # eager under torch.compile: no guards on the step, tau reaches the graph as a buffer
     @torch.no_grad()
