@@ -71,7 +71,7 @@ class Method:
         return False
 
     def score_scale(self, weight: Tensor) -> float:
-        """Per-layer factor on |w| in the global ranking (1; ST-3-sigma: sqrt of the shape sum)."""
+        """Per-layer factor c on |w| in the global ranking (1; ST-3-sigma: sqrt of the shape sum)."""
         return 1.0
 
     def score(self, weight: Tensor) -> Tensor:
@@ -80,9 +80,14 @@ class Method:
         scale = self.score_scale(weight)
         return magnitude if scale == 1.0 else magnitude * scale
 
+    def layer_threshold(self, weight: Tensor, tau: Tensor) -> Tensor:
+        """The threshold t on raw |w| with  |w| > t  <=>  score > tau  (strict, as both papers mask)."""
+        scale = self.score_scale(weight)
+        return tau if scale == 1.0 else magnitude_threshold(tau, scale)
+
     def keep_mask(self, weight: Tensor, tau: Tensor) -> Tensor:
-        """Entries that survive: score > tau (strict), as both papers define the mask."""
-        return self.score(weight) > tau
+        """Entries that survive: score > tau."""
+        return weight.detach().abs().float() > self.layer_threshold(weight, tau)
 
     def effective(self, weight: Tensor, tau: Tensor) -> Tensor:
         raise NotImplementedError
@@ -98,3 +103,19 @@ class Method:
     def apply(self, weight: Tensor, tau: Tensor) -> Tensor:
         return _SparseWeightFunction.apply(weight, tau, self)
 
+
+
+def magnitude_threshold(tau: Tensor, scale: float) -> Tensor:
+    """The largest fp32 t with fl(t * scale) <= tau, so that |w| > t exactly when fl(|w| * scale) > tau.
+
+    fl(x * scale) is non-decreasing in x, so the scaled-score mask is a plain magnitude mask; tau / scale
+    lands within an ulp or two of t, and a few scalar steps make it exact (no host sync).
+    """
+    tau = tau.float()
+    t = tau / scale
+    for _ in range(2):
+        t = torch.where(t * scale > tau, torch.nextafter(t, torch.full_like(t, -float("inf"))), t)
+    for _ in range(2):
+        up = torch.nextafter(t, torch.full_like(t, float("inf")))
+        t = torch.where(up * scale <= tau, up, t)
+    return t

@@ -18,7 +18,9 @@ class Ste(Method):
     """Hard mask forward, identity gradient (the "no soft threshold" ablation)."""
 
     def effective(self, weight: Tensor, tau: Tensor) -> Tensor:
-        return weight.detach() * self.keep_mask(weight, tau)
+        # w * m in one allocation: |w| > t written as 1.0/0.0 in place, then times w
+        w = weight.detach()
+        return w.abs().float().gt_(self.layer_threshold(weight, tau)).to(w.dtype).mul_(w)
 
 
 @register_method("gmp")

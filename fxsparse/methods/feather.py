@@ -35,9 +35,9 @@ class Feather(Method):
     def effective(self, weight: Tensor, tau: Tensor) -> Tensor:
         w = weight.detach().float()
         # |w|^p - T^p, clamped at 0 before the root: a negative base would give NaN (and the pruned
-        # entries become exactly 0, since 0^(1/p) = 0)
+        # entries become exactly 0, since 0^(1/p) = 0). One allocation, in-place passes.
         shrunk = w.abs().pow_(self.p).sub_(tau.float().pow(self.p)).clamp_min_(0).pow_(1.0 / self.p)
-        return torch.copysign(shrunk, w).to(weight.dtype)
+        return shrunk.copysign_(w).to(weight.dtype)
 
     def scale_gradient(self, grad: Tensor, weight: Tensor, tau: Tensor) -> Tensor:
         return torch.where(weight.detach().float().abs() > tau, grad, grad * self.theta)

@@ -4,13 +4,12 @@ Forward (METHODS.md sec. 1): soft threshold u = sign(w) max(|w| - tau, 0) of the
 (m = |w| > tau), rescaled per output channel c by s_c = 1.01 / (r_c + 0.01) with
 r_c = (mean_j |w_cj| m_cj + 1e-6) / (mean_j |w_cj| + 1e-6). Backward: plain straight-through.
 ST-3-sigma ranks |w| sqrt(S_l), S_l the sum of the weight's shape dims, and thresholds layer l at
-tau / sqrt(S_l) on raw |w|.
+tau / sqrt(S_l) on raw |w| (made exact: see Method.layer_threshold).
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -18,24 +17,24 @@ from torch import Tensor
 from .base import Method, register_method
 
 
-def soft_threshold_rescaled(weight: Tensor, layer_tau: Tensor, keep: Optional[Tensor] = None) -> Tensor:
-    """ST-3's effective weight for a threshold on raw |w| (fp32 maths, few passes over the weight).
+def soft_threshold_rescaled(weight: Tensor, layer_tau: Tensor) -> Tensor:
+    """ST-3's effective weight for the threshold ``layer_tau`` on raw |w| (fp32 maths).
 
-    ``keep`` overrides the mask |w| > layer_tau (ST-3-sigma ranks scaled scores globally).
+    One allocation and a handful of passes: the kept share of each channel's l1 mass is
+    sum_kept |w| = sum max(|w| - t, 0) + t * (number kept), all read off the shrunk tensor.
     """
     w = weight.detach().float()
-    magnitude = w.abs()
-    shrunk = (magnitude - layer_tau).clamp_min_(0)  # zero exactly where |w| <= layer_tau
-    if keep is None:
-        keep = magnitude > layer_tau
-    else:
-        shrunk.mul_(keep)
-    rows = weight.shape[0] if weight.dim() > 1 else 1
-    per_row = magnitude.view(rows, -1)
-    kept_mean = torch.where(keep.view(rows, -1), per_row, 0.0).mean(dim=1)
-    ratio = (kept_mean + 1e-6) / (per_row.mean(dim=1) + 1e-6)
-    scale = (1.01 / (ratio + 0.01)).view(-1, *([1] * (weight.dim() - 1))) if weight.dim() > 1 else 1.01 / (ratio + 0.01)
-    return torch.copysign(shrunk, w).mul_(scale).to(weight.dtype)
+    rows = w.shape[0] if w.dim() > 1 else 1
+    shrunk = w.abs()
+    per_row = shrunk.view(rows, -1)
+    mean_magnitude = per_row.mean(dim=1)
+    shrunk.sub_(layer_tau).clamp_min_(0)  # > 0 exactly where |w| > t: the mask is implied
+    kept_count = torch.count_nonzero(per_row, dim=1)
+    kept_mean = (per_row.sum(dim=1) + layer_tau * kept_count) / per_row.shape[1]
+    ratio = (kept_mean + 1e-6) / (mean_magnitude + 1e-6)
+    scale = 1.01 / (ratio + 0.01)
+    shrunk.copysign_(w).view(rows, -1).mul_(scale.view(-1, 1))
+    return shrunk.to(weight.dtype)
 
 
 @register_method("st3")
@@ -44,7 +43,7 @@ class St3(Method):
     """ST-3: soft threshold + per-channel rescale forward, identity gradient."""
 
     def effective(self, weight: Tensor, tau: Tensor) -> Tensor:
-        return soft_threshold_rescaled(weight, tau)
+        return soft_threshold_rescaled(weight, self.layer_threshold(weight, tau))
 
 
 def shape_sum(weight: Tensor) -> int:
@@ -59,7 +58,3 @@ class St3Sigma(St3):
 
     def score_scale(self, weight: Tensor) -> float:
         return math.sqrt(shape_sum(weight))
-
-    def effective(self, weight: Tensor, tau: Tensor) -> Tensor:
-        keep = self.keep_mask(weight, tau)  # ranked on the scaled score: exact global sparsity
-        return soft_threshold_rescaled(weight, tau / self.score_scale(weight), keep)
