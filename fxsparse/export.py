@@ -18,7 +18,6 @@ Files are written to a temporary file in the target directory and renamed, never
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import math
 import os
@@ -184,7 +183,7 @@ def _scatter(values: Tensor, positions: Tensor, shape: tuple[int, ...]) -> Tenso
 # ------------------------------------------------------------------------------------------------
 # what to save
 # ------------------------------------------------------------------------------------------------
-def _sparsified_key(key: str) -> bool:
+def is_sparsified_key(key: str) -> bool:
     """A state_dict key that only a sparsified (unfolded) model has."""
     return PARAMETRIZED_KEY in key or key.startswith(THRESHOLD_NAME + ".")
 
@@ -214,7 +213,7 @@ def _folded_state(model: nn.Module) -> tuple[dict[str, Tensor], Optional[list[st
 
 def _check_state_dict(state_dict: Mapping[str, Any]) -> None:
     for key, value in state_dict.items():
-        if _sparsified_key(key):
+        if is_sparsified_key(key):
             raise ValueError(
                 f"state_dict key {key!r} belongs to a sparsified (unfolded) model: its raw weights are not the "
                 "sparse ones. Rebuild the sparsified model, load this state_dict into it and pass the model "
@@ -529,10 +528,10 @@ def load_csr_into_(model: nn.Module, path: Union[str, os.PathLike], *, strict: b
             "checkpoint holds the folded weights: load it into the plain architecture, or into "
             "fxsparse.fold(model)"
         )
-    _load_checked_(model, load_csr(path), os.fspath(path), strict)
+    load_checked_(model, load_csr(path), os.fspath(path), strict)
 
 
-def _load_checked_(model: nn.Module, state: Mapping[str, Tensor], source: str, strict: bool = True) -> None:
+def load_checked_(model: nn.Module, state: Mapping[str, Tensor], source: str, strict: bool = True) -> None:
     """model.load_state_dict(state) after checks whose errors name the tensor and the checkpoint."""
     expected = model.state_dict()
     for name, tensor in state.items():
@@ -558,94 +557,3 @@ def _load_checked_(model: nn.Module, state: Mapping[str, Tensor], source: str, s
 # ------------------------------------------------------------------------------------------------
 # model building for the command-line tools (tools/export.py, tools/flops.py)
 # ------------------------------------------------------------------------------------------------
-def create_model(spec: str, num_classes: Optional[int] = None) -> nn.Module:
-    """A timm model name ("resnet50") or "package.module:callable" (called with no arguments)."""
-    if ":" in spec:
-        module_name, _, attribute = spec.partition(":")
-        try:
-            target: Any = importlib.import_module(module_name)
-        except ImportError as exc:
-            raise ValueError(f"cannot import {module_name!r} for model {spec!r}: {exc}") from exc
-        for part in attribute.split("."):
-            if not hasattr(target, part):
-                raise ValueError(f"{module_name!r} has no attribute {attribute!r} (model {spec!r})")
-            target = getattr(target, part)
-        kwargs = {} if num_classes is None else {"num_classes": num_classes}
-        model = target if isinstance(target, nn.Module) else target(**kwargs)
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"{spec!r} gave a {type(model).__name__}, not a torch.nn.Module")
-        return model
-    import timm
-
-    if not timm.is_model(spec):
-        raise ValueError(
-            f"unknown model {spec!r}: not a timm model name (timm.list_models('*{spec}*') lists close ones) "
-            "and not 'package.module:callable'"
-        )
-    kwargs = {} if num_classes is None else {"num_classes": num_classes}
-    return timm.create_model(spec, pretrained=False, **kwargs)
-
-
-def read_state_dict(path: Union[str, os.PathLike]) -> dict[str, Tensor]:
-    """A state_dict from a CSR checkpoint, a plain safetensors file or a torch checkpoint (.pt/.pth);
-    a torch checkpoint may wrap it under "state_dict", "model" or "model_state_dict"."""
-    path = os.fspath(path)
-    with open(path, "rb") as handle:
-        head = handle.read(16)
-    if path.endswith(".safetensors") or (len(head) >= 9 and head[8:9] == b"{"):
-        try:
-            return load_csr(path)
-        except CsrFormatError as exc:
-            if "without fxsparse metadata" not in str(exc):
-                raise
-        from safetensors.torch import load_file
-
-        return load_file(path)
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("state_dict", "model", "model_state_dict"):
-        if isinstance(checkpoint, Mapping) and isinstance(checkpoint.get(key), Mapping):
-            checkpoint = checkpoint[key]
-            break
-    if not isinstance(checkpoint, Mapping):
-        raise ValueError(f"{path!r} holds a {type(checkpoint).__name__}, not a state_dict")
-    state = dict(checkpoint)
-    if state and all(k.startswith("module.") for k in state):  # saved from DistributedDataParallel
-        state = {k[len("module."):]: v for k, v in state.items()}
-    return state
-
-
-def load_model(
-    spec: str,
-    checkpoint: Optional[Union[str, os.PathLike]] = None,
-    *,
-    method: Optional[str] = None,
-    sparsity: Optional[float] = None,
-    num_classes: Optional[int] = None,
-) -> tuple[nn.Module, Optional[str]]:
-    """(plain model with the checkpoint's weights, the method when the checkpoint was sparsified).
-
-    A checkpoint of a sparsified model (keys like "conv1.parametrizations.weight.original") is loaded
-    into fxsparse.sparsify(model, method, sparsity) and folded, so the result is always a plain model.
-    """
-    model = create_model(spec, num_classes)
-    if checkpoint is None:
-        return model.eval(), None
-    state = read_state_dict(checkpoint)
-    sparsified_keys = [k for k in state if _sparsified_key(k)]
-    if sparsified_keys:
-        if method is None:
-            raise ValueError(
-                f"{os.fspath(checkpoint)!r} holds a sparsified model (keys like "
-                f"{sparsified_keys[0]!r}); "
-                "say which method it was trained with (--method st3sigma, or method=...) so it can be "
-                "rebuilt and folded"
-            )
-        from .api import sparsify
-        from .fold import fold
-
-        kwargs = {} if sparsity is None else {"sparsity": sparsity}
-        sparse = sparsify(model, method=method, **kwargs)
-        sparse.load_state_dict(state)
-        return fold(sparse).eval(), method
-    _load_checked_(model, state, os.fspath(checkpoint))
-    return model.eval(), None

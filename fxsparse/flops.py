@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .pool import THRESHOLD_NAME, get_threshold, is_sparsified, unique_entries
+from .pool import THRESHOLD_NAME, is_sparsified, refresh_threshold_
 
 META_KEY = "fxsparse.macs"
 
@@ -545,12 +545,6 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
             module.training = training
 
 
-def _refresh_threshold(model: nn.Module) -> None:
-    """Bring a sparsified model's tau up to date before its effective weights are cached."""
-    if is_sparsified(model):
-        get_threshold(model)(*[entry.original for entry in unique_entries(model)])
-
-
 def flops(model: nn.Module, example_input: Union[Tensor, Sequence[Any]]) -> FlopReport:
     """Per-layer dense and sparse MACs of one forward of ``example_input`` (see the module docstring).
 
@@ -567,7 +561,8 @@ def flops(model: nn.Module, example_input: Union[Tensor, Sequence[Any]]) -> Flop
         stack.enter_context(torch.no_grad())
         stack.enter_context(_eval_mode(model))
         stack.enter_context(_no_fused_attention())
-        _refresh_threshold(model)
+        if is_sparsified(model):
+            refresh_threshold_(model)
         stack.enter_context(parametrize.cached())
         for prefix, module in model.named_modules():  # cache the effective weights now, to name their uses
             if parametrize.is_parametrized(module):

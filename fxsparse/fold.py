@@ -13,7 +13,7 @@ import torch.fx as fx
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .pool import THRESHOLD_NAME, get_threshold, sparse_entries, unique_entries
+from .pool import THRESHOLD_NAME, get_threshold, refresh_threshold_, sparse_entries, unique_entries
 
 PRE_HOOK_ATTRIBUTE = "_fxsparse_pre_hook"  # handle of the threshold pre-hook on untraceable models
 
@@ -21,7 +21,7 @@ PRE_HOOK_ATTRIBUTE = "_fxsparse_pre_hook"  # handle of the threshold pre-hook on
 @torch.no_grad()
 def _effective_weights(model: nn.Module) -> list[tuple[nn.Parameter, torch.Tensor]]:
     """(raw parameter, its effective weight) for every distinct pooled parameter, all computed first."""
-    get_threshold(model)(*[entry.original for entry in unique_entries(model)])  # make sure tau is current
+    refresh_threshold_(model)
     return [(e.original, getattr(e.module, e.name).detach().clone()) for e in unique_entries(model)]
 
 

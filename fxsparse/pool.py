@@ -68,6 +68,12 @@ def get_threshold(model: nn.Module):
 
 
 @torch.no_grad()
+def refresh_threshold_(model: nn.Module) -> None:
+    """Bring a sparsified model's tau up to date with its current weights and step (no-op if current)."""
+    get_threshold(model)(*[entry.original for entry in unique_entries(model)])
+
+
+@torch.no_grad()
 def layer_densities(model: nn.Module) -> dict[str, tuple[int, int]]:
     """fqn -> (nonzeros, numel) of each pooled weight as the forward sees it (effective weight)."""
     out = {}

@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
-import torch
 import torch.fx as fx
 from torch import nn
 

@@ -1,3 +1,4 @@
+import importlib.util
 import os
 import sys
 
@@ -11,3 +12,17 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def load_tool():
+    """Import a script under tools/ by name (they are scripts, not a package)."""
+    tools = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools")
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(f"tool_{name}", os.path.join(tools, f"{name}.py"))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load

@@ -1,5 +1,4 @@
 """CSR checkpoints: lossless round trip, size, atomic writes and the errors a user meets."""
-import importlib.util
 import json
 import os
 
@@ -17,14 +16,13 @@ from fxsparse.export import (
     index_dtype,
     load_csr,
     load_csr_into_,
-    load_model,
     read_csr_metadata,
     save_csr,
     to_csr,
 )
+from fxsparse.loading import load_model
 from models import TiedLinear, TinyCNN
 
-TOOLS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools")
 
 
 def prune_(model: nn.Module, sparsity: float) -> None:
@@ -345,20 +343,13 @@ def test_loading_into_a_sparsified_model_is_refused(tiny):
 # ------------------------------------------------------------------------------------------------
 # tools/export.py
 # ------------------------------------------------------------------------------------------------
-def _tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", os.path.join(TOOLS, f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_cli_exports_a_sparsified_training_checkpoint(tmp_path, capsys):
+def test_cli_exports_a_sparsified_training_checkpoint(tmp_path, capsys, load_tool):
     import fxsparse
 
     sparse = fxsparse.sparsify(TinyCNN(), method="st3sigma", sparsity=0.8)
     torch.save({"state_dict": sparse.state_dict(), "epoch": 3}, tmp_path / "train.pth")
     out = tmp_path / "out.safetensors"
-    tool = _tool("export")
+    tool = load_tool("export")
     assert tool.main(["models:TinyCNN", "--checkpoint", str(tmp_path / "train.pth"), "-o", str(out)]) == 2
     assert "--method" in capsys.readouterr().err
     assert tool.main(["models:TinyCNN", "--checkpoint", str(tmp_path / "train.pth"), "--method", "st3sigma",
@@ -374,16 +365,16 @@ def tiny_cnn_3_classes() -> nn.Module:
     return TinyCNN(classes=3)
 
 
-def test_cli_exports_a_folded_checkpoint_and_reads_it_back(tmp_path, capsys):
+def test_cli_exports_a_folded_checkpoint_and_reads_it_back(tmp_path, capsys, load_tool):
     model = TinyCNN()
     prune_(model, 0.9)
     torch.save(model.state_dict(), tmp_path / "folded.pth")
     out = tmp_path / "out.safetensors"
-    assert _tool("export").main(["models:TinyCNN", "--checkpoint", str(tmp_path / "folded.pth"), "-o", str(out)]) == 0
+    assert load_tool("export").main(["models:TinyCNN", "--checkpoint", str(tmp_path / "folded.pth"), "-o", str(out)]) == 0
     loaded, method = load_model("models:TinyCNN", out)
     assert method is None
     assert_bitwise_equal(loaded.state_dict(), model.state_dict())
-    wrong = _tool("export").main(["test_export:tiny_cnn_3_classes", "--checkpoint", str(tmp_path / "folded.pth"),
+    wrong = load_tool("export").main(["test_export:tiny_cnn_3_classes", "--checkpoint", str(tmp_path / "folded.pth"),
                                   "-o", str(out)])
     assert wrong == 2 and "'fc.weight'" in capsys.readouterr().err
 

@@ -1,8 +1,6 @@
 """fxsparse.flops: per-layer dense/sparse MACs, checked against hand formulas and FlopCounterMode."""
 import copy
-import importlib.util
 import json
-import os
 from fractions import Fraction
 
 import pytest
@@ -16,7 +14,6 @@ from fxsparse.trace import trace
 from models import Opaque, TiedLinear, TinyCNN, Untraceable, WithLeaf
 
 RESNET50_MACS = 4_089_184_256  # METHODS.md sec. 4, the papers' "4089"
-TOOLS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools")
 
 
 def counter_macs(model: nn.Module, *inputs) -> int:
@@ -455,15 +452,8 @@ def test_plot_without_matplotlib_says_what_to_install(monkeypatch, tmp_path):
         report.plot(str(tmp_path / "x.png"))
 
 
-def _tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", os.path.join(TOOLS, f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_cli_table_json_and_plot(tmp_path, capsys):
-    tool = _tool("flops")
+def test_cli_table_json_and_plot(tmp_path, capsys, load_tool):
+    tool = load_tool("flops")
     out_json, out_png = tmp_path / "r.json", tmp_path / "r.png"
     code = tool.main(["models:TinyCNN", "--input-size", "1", "12", "12", "--json", str(out_json),
                       "--plot", str(out_png)])
@@ -477,8 +467,8 @@ def test_cli_table_json_and_plot(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["input_shapes"] == [[1, 1, 12, 12]]
 
 
-def test_cli_unknown_model(capsys):
-    assert _tool("flops").main(["not_a_model_name_xyz"]) == 2
+def test_cli_unknown_model(capsys, load_tool):
+    assert load_tool("flops").main(["not_a_model_name_xyz"]) == 2
     assert "unknown model" in capsys.readouterr().err
 
 

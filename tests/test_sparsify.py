@@ -1,6 +1,5 @@
 """The graph pass, exact sparsity, fold, resume and a short training loop, on tiny models."""
 import copy
-import math
 
 import pytest
 import torch

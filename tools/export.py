@@ -15,7 +15,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a source tree
 
-from fxsparse.export import load_model, save_csr  # noqa: E402
+from fxsparse.export import save_csr  # noqa: E402
+from fxsparse.loading import load_model  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import torch  # noqa: E402
 
-from fxsparse.export import load_model  # noqa: E402
+from fxsparse.loading import load_model  # noqa: E402
 from fxsparse.flops import flops  # noqa: E402
 
 
