@@ -79,9 +79,14 @@ def main(argv=None) -> dict:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="CPU threads (0: torch's default). On a shared machine, 1 avoids OpenMP stalls "
+                             "that hit the many small ops of every variant")
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     sparsify_seconds = time_sparsify(args.model, repeats=5)
     variants = make_variants(args.model, args.sparsity, device)
@@ -92,8 +97,11 @@ def main(argv=None) -> dict:
     x = torch.randn(args.batch, 3, args.size, args.size, device=device)
     y = torch.randint(0, 1000, (args.batch,), device=device)
     times = {name: [] for name in variants}
+    names = list(variants)
     for repeat in range(args.warmup + args.repeats):
-        for name, model in variants.items():  # round-robin: drifts hit every variant alike
+        order = names[repeat % len(names):] + names[:repeat % len(names)]  # rotated: no variant always first
+        for name in order:  # round-robin: drifts hit every variant alike
+            model = variants[name]
             seconds = timed_step(model.train(), optimizers[name], x, y, device)
             if repeat >= args.warmup:
                 times[name].append(seconds)
@@ -107,7 +115,7 @@ def main(argv=None) -> dict:
     if device.type == "cuda":
         machine = torch.cuda.get_device_name(device) + f", torch {torch.__version__}"
     print(f"{args.model}, batch {args.batch} at {args.size}px, sparsity {args.sparsity}, device {device} ({machine})")
-    print(f"median of {args.repeats} steps per variant after {args.warmup} warm-up, round-robin")
+    print(f"median of {args.repeats} steps per variant after {args.warmup} warm-up, round-robin in rotating order")
     print(tabulate(rows, headers=["variant", "median ms/step", "min ms/step", "vs dense"], tablefmt="github"))
     print(f"sparsify({args.model}) (deepcopy + trace + rewrite): median {sparsify_seconds * 1000:.0f} ms over 5")
     result = {
