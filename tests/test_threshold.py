@@ -148,8 +148,9 @@ def test_non_contiguous_layouts():
         assert_exact([conv, lin, strided, expanded], q, hints=(None, 0.5))
 
 
-def test_chunked_passes_window_overflow_and_radix_fallback(monkeypatch):
-    """Tiny chunks and a tiny window cap: many chunks per layer, windows that overflow, the fallback."""
+@pytest.fixture
+def radix_calls(monkeypatch):
+    """Counts the radix-selection fallbacks."""
     calls = {"radix": 0}
     radix = th._radix_select
 
@@ -158,6 +159,11 @@ def test_chunked_passes_window_overflow_and_radix_fallback(monkeypatch):
         return radix(*args)
 
     monkeypatch.setattr(th, "_radix_select", spy)
+    return calls
+
+
+def test_chunked_passes_window_overflow_and_radix_fallback(monkeypatch, radix_calls):
+    """Tiny chunks and a tiny window cap: many chunks per layer, windows that overflow, the fallback."""
     g = torch.Generator().manual_seed(6)
     tensors = [torch.randn(300, 70, generator=g), torch.randn(5000, generator=g).half(), torch.zeros(4000)]
     for chunk, cap in ((1000, 1 << 20), (777, 40)):
@@ -165,24 +171,16 @@ def test_chunked_passes_window_overflow_and_radix_fallback(monkeypatch):
         for q in (0.0, 0.1, 0.5, 0.9, 1.0):
             assert_exact(tensors, q, hints=(None, 1.5), strategies=("window",))
             assert_exact(tensors, q, _sigma_score, hints=(None, 1.5), strategies=("window", "radix"))
-    assert calls["radix"] > 0  # cap 40 overflowed
+    assert radix_calls["radix"] > 0  # cap 40 overflowed
 
 
-def test_sample_window_miss_falls_back_exactly(monkeypatch):
+def test_sample_window_miss_falls_back_exactly(monkeypatch, radix_calls):
     """Adversarial layout: every sampled position holds 0, so the sample says tau = 0."""
-    calls = {"radix": 0}
-    radix = th._radix_select
-
-    def spy(*args):
-        calls["radix"] += 1
-        return radix(*args)
-
-    monkeypatch.setattr(th, "_radix_select", spy)
     w = torch.rand(128 * 200) + 0.5
     w[:: th._sample_stride(w.numel(), 4 * w.numel())] = 0.0
     assert_exact([w], 0.5, strategies=("window",))
     # the sample window [0, 0] missed rank n/2 in each of the three window calls of assert_exact
-    assert calls["radix"] == 3
+    assert radix_calls["radix"] == 3
 
 
 def test_passes_over_the_pool_cold_warm_and_missed(monkeypatch):
