@@ -6,6 +6,10 @@ global dependency is visible in ``print(model.code)``. State lives in buffers (`
 have changed: a new step, or weights modified in place since the last computation (an optimizer step).
 ST-3 recomputes tau after each optimizer step and Feather before each training forward; both read the
 weights as they are when the next forward starts, which is when this node runs.
+
+Fused optimizers (``fused=True``) update weights without bumping their version counters: the
+step counter is what marks their updates, so call ``fxsparse.step_`` (or ``hook_optimizer``) after
+every optimizer step, also with a constant schedule.
 """
 from __future__ import annotations
 

@@ -242,3 +242,19 @@ def test_tau_is_not_recomputed_on_eval_forwards(monkeypatch):
     fxsparse.step_(model)  # step changed
     model(x)
     assert len(calls) == 3
+
+
+def test_fused_optimizer_updates_are_seen_through_the_step_counter():
+    """fused=True optimizers do not bump weight versions; step_ after each step keeps tau fresh."""
+    model = fxsparse.sparsify(TinyCNN(), "st3", 0.5)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5, fused=True)
+    fxsparse.hook_optimizer(model, optimizer)
+    x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
+    for _ in range(3):
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    threshold = fxsparse.get_threshold(model)
+    model.eval()(x)
+    weights = [model.get_parameter(p) for p in threshold.pool_paths]
+    assert torch.equal(threshold.tau, fxsparse.global_quantile(weights, 0.5))
