@@ -610,7 +610,7 @@ def finish(config: TrainConfig, model: nn.Module, loaders: dict, data, history: 
         "run": config.run_name, "run_dir": str(run_dir), "model": config.model, "dataset": data.name, "method": config.method,
         "sparsity": config.sparsity, "realized_sparsity": realized, "test_acc": test["acc"], "test_loss": test["loss"],
         "val_acc": history[-1]["val_acc"] if history else None, "epochs": config.total_epochs,
-        "train_time_s": train_time, "dense_state_bytes": dense_bytes, "config": config.to_dict(), "history": history,
+        "train_time_s": train_time, "threads": torch.get_num_threads(), "dense_state_bytes": dense_bytes, "config": config.to_dict(), "history": history,
     }
     example = torch.zeros(1, data.in_channels, data.image_size, data.image_size, device=next(folded.parameters()).device)
     if config.export:

@@ -14,13 +14,14 @@ Runs whose summary.json already holds the same settings are reused (--fresh retr
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
+import os
 import platform
 import sys
 import time
 from pathlib import Path
 
+import torch
 from tabulate import tabulate
 
 from fxsparse.data import load_data
@@ -93,6 +94,7 @@ def row_of(summary: dict) -> dict:
         "val_acc": summary["val_acc"], "realized_sparsity": summary["realized_sparsity"],
         "sparse_macs": sparse, "dense_macs": dense, "macs_pct": 100.0 * sparse / dense if dense else None,
         "csr_bytes": summary.get("csr_bytes"), "train_time_s": summary["train_time_s"], "epochs": summary["epochs"],
+        "threads": summary.get("threads"),
     }
 
 
@@ -138,7 +140,7 @@ def main(argv=None) -> int:
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:
         sys.exit(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
-    threads = set_threads(args.threads)
+    threads = set_threads(args.threads)  # for loading; run() sets them again per run
     todo = configs(args)
     json_path = Path(args.json or Path(args.runs_dir) / f"bench_{args.preset}{'_quick' if args.quick else ''}.json")
     json_path.parent.mkdir(parents=True, exist_ok=True)
@@ -155,11 +157,14 @@ def main(argv=None) -> int:
                 rows.append(row_of(saved))
                 continue
         print(f"\n[{i}/{len(todo)}] {config.run_name} ({time.time() - started:.0f}s elapsed)", flush=True)
-        rows.append(row_of(run(dataclasses.replace(config, threads=threads), data=data)))
+        rows.append(row_of(run(config, data=data)))  # threads: --threads, else the free CPUs when each run starts
         json_path.write_text(json.dumps({"preset": args.preset, "settings": PRESETS[args.preset], "quick": args.quick,
                                          "rows": rows}, indent=2))
     bars = check_bars(rows)
-    machine = f"{platform.processor() or platform.machine()}, {threads} torch threads, torch {__import__('torch').__version__}"
+    threads_used = sorted({json.loads((c.run_dir / "summary.json").read_text()).get("threads") or 0 for c in todo
+                           if (c.run_dir / "summary.json").is_file()})
+    machine = (f"{platform.machine()}, {os.cpu_count()} CPUs, torch threads {threads_used if args.threads is None else args.threads}, "
+               f"torch {torch.__version__}")
     result = {"preset": args.preset, "settings": dict(PRESETS[args.preset], **({"epochs": args.epochs} if args.epochs else {})),
               "quick": args.quick, "seed": args.seed, "machine": machine, "command": " ".join(sys.argv),
               "rows": rows, "bars": [{"bar": b, "met": ok, "numbers": n} for b, ok, n in bars],
