@@ -34,6 +34,7 @@ FASHION_MNIST_FILES = {
 FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )
+CIFAR_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}  # what torchvision extracts
 DATASETS = ("fashion-mnist", "cifar10", "cifar100", "imagefolder", "synthetic")
 
 _IDX_DTYPES = {0x08: "u1", 0x09: "i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}  # IDX is big-endian
@@ -218,8 +219,17 @@ def split_indices(count: int, val_size: int, split_seed: int) -> tuple[Tensor, T
 
 
 def _stats(images: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    x = images.float().div_(255).transpose(0, 1).reshape(images.shape[1], -1)
-    return tuple(x.mean(1).tolist()), tuple(x.std(1).tolist())
+    """Per-channel mean and std of uint8 (N, C, H, W) images in [0, 1], in chunks (no float copy of the set)."""
+    total = torch.zeros(images.shape[1], dtype=torch.float64)
+    squares = torch.zeros_like(total)
+    for chunk in images.split(2048):
+        x = chunk.transpose(0, 1).reshape(images.shape[1], -1).double().div_(255)
+        total += x.sum(1)
+        squares += x.square().sum(1)
+    count = images.numel() // images.shape[1]
+    mean = total / count
+    std = ((squares / count - mean.square()) * count / max(count - 1, 1)).clamp_min(0).sqrt()
+    return tuple(mean.tolist()), tuple(std.tolist())
 
 
 def _tensor_data(name: str, train: TensorSplit, test: TensorSplit, num_classes: int, val_size: int, split_seed: int,
@@ -269,8 +279,9 @@ def _load_cifar(name: str, data_dir: Optional[str], val_size: int, split_seed: i
     cls, classes = (datasets.CIFAR10, 10) if name == "cifar10" else (datasets.CIFAR100, 100)
     try:
         train, test = cls(root, train=True, download=download), cls(root, train=False, download=download)
-    except RuntimeError as error:  # torchvision: "Dataset not found or corrupted. You can use download=True ..."
-        raise DataError(f"{name} not usable in {root}: {error} (with a network, leave --download on)") from error
+    except (RuntimeError, OSError) as error:  # "Dataset not found or corrupted ...", or no network (URLError)
+        raise DataError(f"{name} not usable in {root}: {error} (it is downloaded with --download, the default, which "
+                        f"needs a network; or put torchvision's {CIFAR_FOLDERS[name]} folder in {root})") from error
     splits = []
     for split, ds, count in (("train", train, 50_000), ("test", test, 10_000)):
         images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()

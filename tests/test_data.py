@@ -122,3 +122,30 @@ def test_imagefolder(tmp_path):
     assert len(batches) == 2 and batches[0][0].shape == (4, 3, 16, 16)
     with pytest.raises(DataError, match="not an ImageFolder layout"):
         fxdata.load_data("imagefolder", str(tmp_path / "train"))
+
+
+def test_cifar_arrays_become_checked_tensor_splits(monkeypatch):
+    """torchvision's CIFAR classes, faked (no network here): HWC uint8 arrays -> NCHW splits, checked."""
+    import numpy as np
+    from torchvision import datasets
+
+    class FakeCifar10:
+        def __init__(self, root, train, download):
+            n = 50_000 if train else 10_000
+            self.data = np.zeros((n, 32, 32, 3), dtype=np.uint8)
+            self.data[:, 0, 0, 2] = 255
+            self.targets = [i % 10 for i in range(n)]
+
+    monkeypatch.setattr(datasets, "CIFAR10", FakeCifar10)
+    data = fxdata.load_data("cifar10", val_size=5000)
+    assert (len(data.train), len(data.val), len(data.test)) == (45_000, 5_000, 10_000)
+    assert data.train.images.shape[1:] == (3, 32, 32) and int(data.train.images[0, 2, 0, 0]) == 255
+    assert data.augment_padding == 4 and data.in_channels == 3
+
+    class Broken(FakeCifar10):
+        def __init__(self, root, train, download):
+            raise RuntimeError("Dataset not found or corrupted. You can use download=True to download it")
+
+    monkeypatch.setattr(datasets, "CIFAR10", Broken)
+    with pytest.raises(DataError, match="cifar-10-batches-py"):
+        fxdata.load_data("cifar10", "/nonexistent")
