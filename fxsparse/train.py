@@ -135,11 +135,12 @@ def config_fields() -> dict[str, dataclasses.Field]:
 # Pieces of the recipe
 # ---------------------------------------------------------------------------------------------------
 def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SetupError(f"device {name!r} asked for but CUDA is not available; use --device cpu or auto")
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SetupError(f"device {name!r} asked for but CUDA is not available; use --device cpu or auto")
+        if device.index is None:  # generators and tensors must agree on the index
+            device = torch.device("cuda", torch.cuda.current_device())
     return device
 
 
