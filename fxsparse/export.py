@@ -28,6 +28,7 @@ from typing import Any, Mapping, Optional, Union
 import torch
 from torch import Tensor, nn
 
+from .atomic import atomic_write
 from .pool import THRESHOLD_NAME, get_threshold, is_sparsified
 
 FORMAT_NAME = "fxsparse-csr"
@@ -328,43 +329,10 @@ def save_csr(
 
 
 def _atomic_save(tensors: dict[str, Tensor], metadata: dict[str, str], path: str) -> None:
-    """safetensors.save_file to a temporary file beside ``path``, fsync, then os.replace (atomic)."""
+    """safetensors.save_file through fxsparse.atomic.atomic_write (never half a checkpoint)."""
     from safetensors.torch import save_file
 
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"cannot write {path!r}: directory {directory!r} does not exist")
-    base = os.path.basename(path)
-    for attempt in range(100):
-        tmp = os.path.join(directory, f".{base}.{os.getpid()}.{attempt}.tmp")
-        try:  # O_EXCL: never clobber another writer's temporary; 0o666 and the umask give the usual mode
-            os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
-            mode = os.stat(tmp).st_mode & 0o777
-            break
-        except FileExistsError:
-            continue
-    else:
-        raise FileExistsError(f"could not create a temporary file beside {path!r}")
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.chmod(tmp, mode)  # safetensors re-creates the file as 0o600
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    try:  # make the rename itself durable
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .api import sparsify, step_
+from .atomic import atomic_write
 from .fold import fix_mask_, fold
 from .pool import get_threshold, is_sparsified, layer_densities, realized_sparsity
 from .schedule import Cubic, paper_schedule
@@ -278,19 +279,10 @@ def seed_everything(seed: int) -> None:
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """torch.save to a temporary file in the same directory, fsync, then rename: never half a checkpoint."""
+    """torch.save through fxsparse.atomic.atomic_write: never half a checkpoint."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as handle:
-            torch.save(state, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_checkpoint(path: Path, device: torch.device) -> dict[str, Any]:
@@ -616,7 +608,7 @@ def finish(config: TrainConfig, model: nn.Module, loaders: dict, data, history: 
     example = torch.zeros(1, data.in_channels, data.image_size, data.image_size, device=next(folded.parameters()).device)
     if config.export:
         summary.update(_export(folded, example, run_dir))
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    atomic_write(run_dir / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
     rows = [
         ["test accuracy", f"{test['acc']:.2f} %"],
         ["val accuracy (last epoch)", f"{summary['val_acc']:.2f} %" if summary["val_acc"] is not None else "-"],

@@ -123,8 +123,9 @@ def test_lr_schedules_and_ramp_placement():
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     path = tmp_path / "checkpoint.pt"
     save_checkpoint(path, {"epoch": 1})
-    def broken_save(obj, handle):
-        handle.write(b"partial")
+    def broken_save(obj, file):
+        with open(file, "wb") as handle:
+            handle.write(b"partial")
         raise OSError("disk full")
     monkeypatch.setattr(torch, "save", broken_save)
     with pytest.raises(OSError):
