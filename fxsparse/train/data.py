@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .errors import DataError
+
 FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_FILES = {
     "train_images": "train-images-idx3-ubyte",
@@ -36,12 +38,14 @@ FASHION_MNIST_CLASSES = (
 )
 CIFAR_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}  # what torchvision extracts
 DATASETS = ("fashion-mnist", "cifar10", "cifar100", "imagefolder", "synthetic")
+BUILTIN_SHAPES = {  # Data.shape of the built-in datasets (an imagefolder's depends on its folders)
+    "fashion-mnist": {"num_classes": 10, "in_channels": 1, "image_size": 28},
+    "cifar10": {"num_classes": 10, "in_channels": 3, "image_size": 32},
+    "cifar100": {"num_classes": 100, "in_channels": 3, "image_size": 32},
+    "synthetic": {"num_classes": 4, "in_channels": 1, "image_size": 12},
+}
 
 _IDX_DTYPES = {0x08: "u1", 0x09: "i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}  # IDX is big-endian
-
-
-class DataError(RuntimeError):
-    """A dataset is missing, incomplete or corrupt; the message says what and what to do."""
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -206,8 +210,9 @@ class Data:
     augment_flip: bool = False
 
     @property
-    def in_memory(self) -> bool:
-        return isinstance(self.train, TensorSplit)
+    def shape(self) -> dict[str, int]:
+        """What a model needs to know about the data (a training checkpoint records it for export)."""
+        return {"num_classes": self.num_classes, "in_channels": self.in_channels, "image_size": self.image_size}
 
 
 def split_indices(count: int, val_size: int, split_seed: int) -> tuple[Tensor, Tensor]:

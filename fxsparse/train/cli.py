@@ -1,26 +1,31 @@
-"""The `fxsparse` command (also `python -m fxsparse`).
+"""The `fxsparse` command (also `python -m fxsparse`): train, export, flops.
 
     fxsparse train                                   # the Fashion-MNIST CPU preset (about 10 min on 2 cores)
     fxsparse train --method feather --sparsity 0.95 --epochs 30 --model resnet20 --width 2
-    fxsparse train --config configs/st3_cifar.toml --epochs 2     # command-line values override the file
+    fxsparse train --config st3_cifar --epochs 2     # a shipped config; command-line values override the file
     fxsparse train ... --resume                      # continue an interrupted run from its last checkpoint
+    fxsparse export --checkpoint runs/NAME/checkpoint.pt -o model.safetensors   # the run's model, at its step
+    fxsparse export resnet50 --checkpoint folded.pth -o resnet50-csr.safetensors
+    fxsparse flops cnn                               # per-layer dense and sparse MACs of a fresh model
+    fxsparse flops --checkpoint runs/NAME/checkpoint.pt --json flops.json --plot flops.png
 
-Subcommands live in SUBCOMMANDS (name -> (add_arguments, handler)); add one there.
+Subcommands live in SUBCOMMANDS (name -> (help, add_arguments, handler)); add one there.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
-import typing
-from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+import torch
 
+from ..atomic import atomic_write_text
+from ..methods import METHODS
+from .config import TrainConfig, config_to_toml, resolve_config, shipped_config_names
+from .errors import CommandError, SetupError, first_line
 
-class ConfigError(ValueError):
-    """A config file or value that cannot be used; the message says what to write instead."""
+MODEL_HELP = ("cnn (small, fast), resnet20/32/44/56/110 (CIFAR-style, see --width), a timm name, "
+              "or package.module:callable")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -38,18 +43,15 @@ def _optional_int(text: str) -> Optional[int]:
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    from .methods import METHODS
-    from .train import TrainConfig
-
     d = TrainConfig()
     S = argparse.SUPPRESS  # only what is typed reaches the namespace: defaults < --config file < command line
     bool_flag = argparse.BooleanOptionalAction
     parser.add_argument("--config", default=S, metavar="FILE",
                         help="TOML file of settings (keys as the long options, with _ or -); the command line overrides "
-                             f"it; a bare name is looked up in {CONFIG_DIR.name}/ (e.g. st3_cifar, feather_cifar, fashion_mnist_cpu)")
+                             f"it; or the name of a shipped config: {', '.join(shipped_config_names())}")
 
     g = parser.add_argument_group("model and method")
-    g.add_argument("--model", default=S, help=f"cnn (small, fast), resnet20 (CIFAR-style, see --width), or a timm name (default {d.model})")
+    g.add_argument("--model", default=S, help=f"{MODEL_HELP} (default {d.model})")
     g.add_argument("--width", type=float, default=S, help=f"channel multiplier of the built-in models; Feather's ResNet-20 is 2 (default {d.width:g})")
     g.add_argument("--method", default=S, choices=sorted(METHODS) + ["dense"], help=f"sparse-training method (default {d.method})")
     g.add_argument("--sparsity", type=float, default=S, help=f"final fraction of zero weights, e.g. 0.9 (default {d.sparsity})")
@@ -100,108 +102,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--print-config", action="store_true", default=S, help="print the resolved settings as TOML and exit")
 
 
-def read_toml(path: Path) -> dict[str, Any]:
-    try:
-        import tomllib  # Python >= 3.11
-    except ModuleNotFoundError:
-        try:
-            import tomli as tomllib  # type: ignore[no-redef]
-        except ModuleNotFoundError:
-            raise ConfigError(f"reading {path} needs Python >= 3.11 (tomllib) or the tomli package on 3.10: "
-                              "pip install tomli") from None
-    try:
-        with open(path, "rb") as handle:
-            return tomllib.load(handle)
-    except tomllib.TOMLDecodeError as error:
-        raise ConfigError(f"{path} is not valid TOML: {error}") from error
-
-
-def find_config(name: str) -> Path:
-    """A path as given, or a shipped config by name (configs/NAME.toml)."""
-    path = Path(name)
-    if path.is_file():
-        return path
-    shipped = CONFIG_DIR / (name if name.endswith(".toml") else f"{name}.toml")
-    if shipped.is_file():
-        return shipped
-    available = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.toml"))) if CONFIG_DIR.is_dir() else "none"
-    raise ConfigError(f"config file {name!r} not found (shipped configs: {available})")
-
-
-def _coerce(key: str, value: Any, field: dataclasses.Field, source: str) -> Any:
-    """Check a config-file value against the TrainConfig field's type."""
-    hint = typing.get_type_hints(_train_config_class())[key]
-    optional = type(None) in typing.get_args(hint)
-    base = next((a for a in typing.get_args(hint) if a is not type(None)), hint) if optional else hint
-    origin = typing.get_origin(base) or base
-    if value is None and optional:
-        return None
-    ok = {
-        bool: lambda v: isinstance(v, bool),
-        int: lambda v: isinstance(v, int) and not isinstance(v, bool),
-        float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-        str: lambda v: isinstance(v, str),
-    }
-    if origin in ok:
-        if not ok[origin](value):
-            raise ConfigError(f"{source}: {key} = {value!r} should be a {origin.__name__}")
-        return float(value) if origin is float else value
-    if isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
-        return [float(v) for v in value]
-    raise ConfigError(f"{source}: {key} = {value!r} should be a list of numbers")
-
-
-def _train_config_class():
-    from .train import TrainConfig
-
-    return TrainConfig
-
-
-def resolve_train_config(args: argparse.Namespace):
-    """TrainConfig from defaults, then the --config file, then what was typed on the command line."""
-    from .train import TrainConfig, config_fields
-
-    fields = config_fields()
-    values: dict[str, Any] = {}
-    config_name = getattr(args, "config", None)
-    if config_name:
-        path = find_config(config_name)
-        for raw_key, value in read_toml(path).items():
-            key = raw_key.replace("-", "_")
-            if key not in fields:
-                close = [k for k in fields if k.startswith(key[:3])]
-                raise ConfigError(f"{path}: unknown setting {raw_key!r}" + (f" (did you mean {', '.join(close)}?)" if close else "")
-                                  + f"; settings are: {', '.join(fields)}")
-            values[key] = _coerce(key, value, fields[key], str(path))
-    for key, value in vars(args).items():
-        if key in fields:
-            values[key] = value
-    try:
-        return TrainConfig(**values)
-    except (TypeError, AttributeError) as error:
-        raise ConfigError(f"invalid settings: {error}") from error
-
-
-def config_to_toml(config) -> str:
-    lines = []
-    for key, value in config.to_dict().items():
-        if value is None:
-            lines.append(f"# {key} = (unset)")
-        elif isinstance(value, bool):
-            lines.append(f"{key} = {'true' if value else 'false'}")
-        elif isinstance(value, str):
-            lines.append(f'{key} = "{value}"')
-        elif isinstance(value, list):
-            lines.append(f"{key} = [{', '.join(f'{v:g}' for v in value)}]")
-        else:
-            lines.append(f"{key} = {value!r}")
-    return "\n".join(lines) + "\n"
-
-
 def run_train(args: argparse.Namespace) -> int:
-    from .train import run
+    from .job import run
 
-    config = resolve_train_config(args)
+    config = resolve_config(getattr(args, "config", None), vars(args))
     if getattr(args, "print_config", False):
         sys.stdout.write(config_to_toml(config))
         return 0
@@ -215,17 +119,102 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------
+# export, flops: a model from a name and a checkpoint (fxsparse.train.loading)
+# ---------------------------------------------------------------------------------------------------
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", nargs="?", help=f"{MODEL_HELP}; optional with a `fxsparse train` checkpoint")
+    parser.add_argument("--checkpoint", help="a `fxsparse train` checkpoint (runs/NAME/checkpoint.pt), a state_dict "
+                                             "(.pt/.pth), a CSR checkpoint or a .safetensors file; omitted: a fresh model")
+    parser.add_argument("--method", choices=sorted(METHODS),
+                        help="method of a sparsified state_dict (a `fxsparse train` checkpoint records its own)")
+    parser.add_argument("--sparsity", type=float, help="final sparsity of a sparsified state_dict (likewise)")
+    parser.add_argument("--num-classes", type=int, help="classifier size, when it differs from the model's default")
+    parser.add_argument("--width", type=float, help="channel multiplier of the built-in models (default 1)")
+
+
+def _load(args: argparse.Namespace):
+    from .loading import load_model
+
+    loaded = load_model(args.model, args.checkpoint, method=args.method, sparsity=args.sparsity,
+                        num_classes=args.num_classes, width=args.width)
+    for note in loaded.notes:
+        print(f"note: {note}", file=sys.stderr)
+    return loaded
+
+
+def add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
+    parser.add_argument("-o", "--output", required=True, help="where to write the CSR checkpoint (.safetensors)")
+    parser.add_argument("--all-tensors", action="store_true", help="list every tensor, not only the CSR ones")
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from ..export import save_csr
+
+    loaded = _load(args)
+    report = save_csr(loaded.model, args.output, method=loaded.method, architecture=loaded.name,
+                      metadata=loaded.metadata or None)
+    print(report.table(all_tensors=args.all_tensors))
+    return 0
+
+
+def add_flops_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
+    parser.add_argument("--input-size", type=int, nargs="+", metavar="N",
+                        help="one input without the batch, e.g. 3 224 224 (default: the checkpoint's data, the "
+                             "built-in model's data, timm's config, else 3 224 224)")
+    parser.add_argument("--batch-size", type=int, default=1, help="MACs are for one forward of this batch (default 1)")
+    parser.add_argument("--json", metavar="PATH", help="write the report as JSON ('-' for stdout instead of the table)")
+    parser.add_argument("--plot", metavar="PATH", help="write a PNG chart of per-layer density and MACs")
+
+
+def run_flops(args: argparse.Namespace) -> int:
+    from ..flops import flops
+
+    if args.batch_size < 1:
+        raise CommandError(f"--batch-size must be >= 1; got {args.batch_size}")
+    loaded = _load(args)
+    size = tuple(args.input_size or loaded.input_size)
+    try:
+        report = flops(loaded.model, torch.randn(args.batch_size, *size))
+    except RuntimeError as error:
+        raise CommandError(f"{loaded.name} does not run on an input of size {list(size)}: {first_line(error)} "
+                           "(give --input-size)") from error
+    if args.plot:
+        try:
+            report.plot(args.plot)
+        except ImportError as error:
+            raise SetupError(str(error)) from error
+    if args.json == "-":
+        print(report.to_json())
+        return 0
+    print(report.table())
+    if args.json:
+        atomic_write_text(args.json, report.to_json() + "\n")
+        print(f"\nwrote {args.json}")
+    if args.plot:
+        print(f"wrote {args.plot}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------
 # Entry point
 # ---------------------------------------------------------------------------------------------------
-SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
-    "train": ("train a sparse model, then fold it and write the CSR checkpoint and FLOP report", add_train_arguments, run_train),
+Handler = Callable[[argparse.Namespace], int]
+SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Handler]] = {
+    "train": ("train a sparse model, then fold it and write the CSR checkpoint and FLOP report",
+              add_train_arguments, run_train),
+    "export": ("write a model (a training run's, at its checkpoint's step) as a sparse CSR checkpoint",
+               add_export_arguments, run_export),
+    "flops": ("per-layer dense and sparse MACs of a model: table, JSON, PNG chart", add_flops_arguments, run_flops),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from .. import __version__
 
-    parser = argparse.ArgumentParser(prog="fxsparse", description="Sparse training with torch.fx: ST-3, ST-3-sigma, Feather, GMP, STE.")
+    parser = argparse.ArgumentParser(prog="fxsparse",
+                                     description="Sparse training with torch.fx: ST-3, ST-3-sigma, Feather, GMP, STE.")
     parser.add_argument("--version", action="version", version=f"fxsparse {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (help_text, add_arguments, handler) in SUBCOMMANDS.items():
@@ -236,9 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from .data import DataError
-    from .train import SetupError
-
+    """Run a subcommand; bad input is one line on stderr and exit code 2."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "handler", None):
@@ -246,9 +233,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     try:
         return int(args.handler(args) or 0)
-    except (ConfigError, DataError, SetupError, FileExistsError, FileNotFoundError, ValueError) as error:
+    except (CommandError, FileExistsError, FileNotFoundError, IsADirectoryError, PermissionError, ValueError) as error:
         print(f"fxsparse {args.command}: error: {error}", file=sys.stderr)
         return 2
+
+
+def tool_main(command: str, argv: Optional[Sequence[str]] = None) -> int:
+    """tools/export.py and tools/flops.py: ``fxsparse COMMAND`` with the script's arguments."""
+    return main([command, *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":  # pragma: no cover
