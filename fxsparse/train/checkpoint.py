@@ -78,19 +78,18 @@ def read_checkpoint(path: Union[str, os.PathLike]) -> dict[str, Any]:
     """A `fxsparse train` checkpoint, checked for everything --resume and export use."""
     saved = load_torch_file(path)
     if not isinstance(saved, Mapping) or not isinstance(saved.get("config"), Mapping):
-        raise CheckpointError(f"{os.fspath(path)} holds no run config: it was not written by `fxsparse train` "
-                              "(start the run again with --overwrite, or give the run's own checkpoint)")
+        raise CheckpointError(f"{os.fspath(path)} holds no run config: it was not written by `fxsparse train`")
     for key, kind in CHECKPOINT_KEYS.items():
         value = saved.get(key)
         if not isinstance(value, kind) or isinstance(value, bool):
             raise CheckpointError(f"{os.fspath(path)} is incomplete: its {key!r} is "
-                                  f"{'missing' if value is None else type(value).__name__}; start the run again with --overwrite")
+                                  f"{'missing' if value is None else 'a ' + type(value).__name__}")
     if saved["version"] > CHECKPOINT_VERSION:
         raise CheckpointError(f"{os.fspath(path)} is a version {saved['version']} checkpoint; this fxsparse reads up to "
                               f"version {CHECKPOINT_VERSION} (upgrade fxsparse)")
     if saved["epoch"] < 1 or len(saved["history"]) != saved["epoch"]:
         raise CheckpointError(f"{os.fspath(path)} is inconsistent: epoch {saved['epoch']} with {len(saved['history'])} "
-                              "epochs of history; start the run again with --overwrite")
+                              "epochs of history")
     return dict(saved)
 
 

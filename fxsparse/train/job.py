@@ -100,7 +100,10 @@ def check_run_dir(config: TrainConfig) -> Optional[dict[str, Any]]:
         if not checkpoint.is_file():
             raise FileNotFoundError(f"--resume: no checkpoint at {checkpoint}; start the run without --resume "
                                     "(or give the same --sname / --runs-dir as the interrupted run)")
-        saved = read_checkpoint(checkpoint)
+        try:
+            saved = read_checkpoint(checkpoint)
+        except CheckpointError as error:
+            raise CheckpointError(f"--resume: {error}; to start the run again instead, use --overwrite") from error
         check_resumable(saved["config"], config)
         return saved
     if (checkpoint.exists() or (config.run_dir / SUMMARY_NAME).exists()) and not config.overwrite:
@@ -153,8 +156,8 @@ def restore(training: Training, saved: dict[str, Any]) -> None:
         training.scheduler.load_state_dict(saved["lr_scheduler"])
         set_rng_state(saved["rng"])
     except (RuntimeError, KeyError, IndexError, TypeError, ValueError, AttributeError) as error:
-        raise CheckpointError(f"cannot resume from {path}: {first_line(error)}; start the run again with "
-                              "--overwrite") from error
+        raise CheckpointError(f"--resume: cannot restore the run from {path}: {first_line(error)}; to start the run "
+                              "again instead, use --overwrite") from error
     training.epoch, training.history, training.train_time = saved["epoch"], list(saved["history"]), float(saved["train_time"])
     log(f"resumed {path} after epoch {training.epoch}/{training.config.total_epochs}")
 
