@@ -181,3 +181,32 @@ def test_bad_checkpoint_files_for_export_and_flops(tmp_path, capsys, command):
     assert not (tmp_path / "out.safetensors").exists()
     assert_one_line_error(cli.main([command, "--checkpoint", str(tmp_path / "absent.pt"), *out]),
                           capsys.readouterr().err, "absent.pt")
+
+
+# ---------------------------------------------------------------------------------------------------
+# the shipped configs are package data: found in an installed wheel, from outside the checkout
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_wheel_install_finds_the_shipped_configs(tmp_path):
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root, source = Path(__file__).resolve().parent.parent, tmp_path / "source"  # built from a copy: no build/ left
+    shutil.copytree(root / "fxsparse", source / "fxsparse", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(root / name, source / name)
+    wheels, site = tmp_path / "wheels", tmp_path / "site"
+    pip = [sys.executable, "-m", "pip", "-q", "--disable-pip-version-check"]
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(source)], check=True,
+                   cwd=tmp_path)
+    subprocess.run([*pip, "install", "--no-deps", "--target", str(site), *map(str, wheels.glob("*.whl"))], check=True)
+    env = dict(os.environ, PYTHONPATH=str(site))
+    printed = subprocess.run([sys.executable, "-m", "fxsparse", "train", "--config", "st3_cifar", "--print-config"],
+                             cwd=tmp_path, env=env, capture_output=True, text=True, check=True).stdout
+    assert 'method = "st3"' in printed and "finetune_epochs = 10" in printed
+    where = subprocess.run([sys.executable, "-c", "import fxsparse; print(fxsparse.__file__)"], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, check=True).stdout
+    assert where.startswith(str(site))  # the wheel's copy ran, not the checkout's
