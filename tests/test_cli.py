@@ -1,4 +1,5 @@
 """The `fxsparse` command's export and flops subcommands on real tiny runs, and its one-line errors."""
+
 import argparse
 import io
 import json
@@ -9,15 +10,8 @@ import torch
 import fxsparse
 from fxsparse.export import load_csr, read_csr_metadata
 from fxsparse.train import TrainConfig, cli, run
-
-TINY = dict(dataset="synthetic", model="cnn", width=0.25, batch_size=64, lr=0.05, threads=1, progress=False,
-            export=False)
-
-
-def assert_bitwise_equal(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for key in a:
-        assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
+from test_export import assert_bitwise_equal
+from test_train import TINY
 
 
 def assert_one_line_error(code: int, err: str, *needles: str) -> None:
@@ -41,8 +35,11 @@ def bad_pickle() -> bytes:
 def ramp_run(tmp_path_factory):
     """A st3sigma run whose ramp spans both epochs, stopped after the first: its checkpoint is mid-ramp."""
     runs = tmp_path_factory.mktemp("runs")
-    config = TrainConfig(**TINY, method="st3sigma", sparsity=0.8, epochs=2, ramp_begin=0, ramp_end=2,
-                         runs_dir=str(runs), sname="ramp")
+    config = TrainConfig(
+        **dict(
+            TINY, method="st3sigma", sparsity=0.8, epochs=2, ramp_begin=0, ramp_end=2, runs_dir=str(runs), sname="ramp"
+        )
+    )
     stopped = run(config, stop_after=1)
     return config.run_dir / "checkpoint.pt", stopped["model"]
 
@@ -68,19 +65,38 @@ def test_export_of_a_mid_ramp_checkpoint_is_the_run_at_its_step(ramp_run, tmp_pa
 def test_export_refuses_flags_that_contradict_the_run(ramp_run, tmp_path, capsys):
     checkpoint, _ = ramp_run
     out = tmp_path / "out.safetensors"
-    for flags, needle in ((["--method", "st3"], "st3sigma"), (["--sparsity", "0.9"], "sparsity 0.8"),
-                          (["resnet20"], "model cnn"), (["--width", "1"], "width 0.25")):
+    for flags, needle in (
+        (["--method", "st3"], "st3sigma"),
+        (["--sparsity", "0.9"], "sparsity 0.8"),
+        (["resnet20"], "model cnn"),
+        (["--width", "1"], "width 0.25"),
+    ):
         args = ["export", *flags[-1:]] if flags == ["resnet20"] else ["export", *flags]
         code = cli.main([*args, "--checkpoint", str(checkpoint), "-o", str(out)])
         assert_one_line_error(code, capsys.readouterr().err, "contradicts", needle)
         assert not out.exists()
     # flags that repeat the run's values are fine
-    assert cli.main(["export", "cnn", "--checkpoint", str(checkpoint), "--method", "st3sigma", "--sparsity", "0.8",
-                     "-o", str(out)]) == 0
+    assert (
+        cli.main(
+            [
+                "export",
+                "cnn",
+                "--checkpoint",
+                str(checkpoint),
+                "--method",
+                "st3sigma",
+                "--sparsity",
+                "0.8",
+                "-o",
+                str(out),
+            ]
+        )
+        == 0
+    )
 
 
 def test_export_and_flops_of_a_finished_run(tmp_path, capsys, load_tool):
-    config = TrainConfig(**TINY, method="feather", sparsity=0.9, epochs=1, runs_dir=str(tmp_path), sname="done")
+    config = TrainConfig(**dict(TINY, method="feather", sparsity=0.9, epochs=1, runs_dir=str(tmp_path), sname="done"))
     summary = run(config)
     out = tmp_path / "done.safetensors"
     assert load_tool("export").main(["--checkpoint", str(config.run_dir / "checkpoint.pt"), "-o", str(out)]) == 0
@@ -98,11 +114,27 @@ def test_a_state_dict_of_a_sparsified_model_needs_method_and_sparsity(tmp_path, 
     sparse = fxsparse.sparsify(TinyCNN(), "st3", 0.5)
     torch.save(sparse.state_dict(), tmp_path / "sparse.pt")
     out = tmp_path / "out.safetensors"
-    code = cli.main(["export", "models:TinyCNN", "--checkpoint", str(tmp_path / "sparse.pt"), "--method", "st3",
-                     "-o", str(out)])
+    code = cli.main(
+        ["export", "models:TinyCNN", "--checkpoint", str(tmp_path / "sparse.pt"), "--method", "st3", "-o", str(out)]
+    )
     assert_one_line_error(code, capsys.readouterr().err, "--method st3sigma --sparsity 0.9")
-    assert cli.main(["export", "models:TinyCNN", "--checkpoint", str(tmp_path / "sparse.pt"), "--method", "st3",
-                     "--sparsity", "0.5", "-o", str(out)]) == 0
+    assert (
+        cli.main(
+            [
+                "export",
+                "models:TinyCNN",
+                "--checkpoint",
+                str(tmp_path / "sparse.pt"),
+                "--method",
+                "st3",
+                "--sparsity",
+                "0.5",
+                "-o",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert "final sparsity 0.5" in capsys.readouterr().err
 
 
@@ -128,18 +160,40 @@ def test_flops_of_the_training_default_model(capsys, load_tool):
 # one-line errors, and nothing written
 # ---------------------------------------------------------------------------------------------------
 def _train(tmp_path, *extra):
-    return cli.main(["train", "--dataset", "synthetic", "--width", "0.25", "--epochs", "1", "--batch-size", "64",
-                     "--threads", "1", "--no-progress", "--no-export", "--runs-dir", str(tmp_path / "runs"),
-                     "--sname", "r", *extra])
+    return cli.main(
+        [
+            "train",
+            "--dataset",
+            "synthetic",
+            "--width",
+            "0.25",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "64",
+            "--threads",
+            "1",
+            "--no-progress",
+            "--no-export",
+            "--runs-dir",
+            str(tmp_path / "runs"),
+            "--sname",
+            "r",
+            *extra,
+        ]
+    )
 
 
-@pytest.mark.parametrize("extra, needle", [
-    (["--sparsity", "1.5"], "--sparsity"),
-    (["--batch-size", "0"], "--batch-size"),
-    (["--device", "bogus"], "--device 'bogus'"),
-    (["--epochs", "0"], "--epochs"),
-    (["--batch-size", "5000"], "larger than the training set"),
-])
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["--sparsity", "1.5"], "--sparsity"),
+        (["--batch-size", "0"], "--batch-size"),
+        (["--device", "bogus"], "--device 'bogus'"),
+        (["--epochs", "0"], "--epochs"),
+        (["--batch-size", "5000"], "larger than the training set"),
+    ],
+)
 def test_bad_settings_are_one_line_and_create_nothing(tmp_path, capsys, extra, needle):
     assert_one_line_error(_train(tmp_path, *extra), capsys.readouterr().err, needle)
     assert not (tmp_path / "runs").exists()
@@ -169,8 +223,12 @@ def test_bad_resume_checkpoints_are_one_line_errors(tmp_path, capsys):
 @pytest.mark.parametrize("command", ["export", "flops"])
 def test_bad_checkpoint_files_for_export_and_flops(tmp_path, capsys, command):
     out = ["-o", str(tmp_path / "out.safetensors")] if command == "export" else []
-    for name, content in (("pickle.pt", bad_pickle()), ("junk.pt", b"junk" * 50),
-                          ("list.pt", None), ("junk.safetensors", b"\x10\x00\x00\x00\x00\x00\x00\x00{junk" * 3)):
+    for name, content in (
+        ("pickle.pt", bad_pickle()),
+        ("junk.pt", b"junk" * 50),
+        ("list.pt", None),
+        ("junk.safetensors", b"\x10\x00\x00\x00\x00\x00\x00\x00{junk" * 3),
+    ):
         path = tmp_path / name
         if content is None:
             torch.save([torch.zeros(2)], path)
@@ -179,8 +237,9 @@ def test_bad_checkpoint_files_for_export_and_flops(tmp_path, capsys, command):
         code = cli.main([command, "cnn", "--checkpoint", str(path), *out])
         assert_one_line_error(code, capsys.readouterr().err, name)
     assert not (tmp_path / "out.safetensors").exists()
-    assert_one_line_error(cli.main([command, "--checkpoint", str(tmp_path / "absent.pt"), *out]),
-                          capsys.readouterr().err, "absent.pt")
+    assert_one_line_error(
+        cli.main([command, "--checkpoint", str(tmp_path / "absent.pt"), *out]), capsys.readouterr().err, "absent.pt"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -200,13 +259,26 @@ def test_wheel_install_finds_the_shipped_configs(tmp_path):
         shutil.copy(root / name, source / name)
     wheels, site = tmp_path / "wheels", tmp_path / "site"
     pip = [sys.executable, "-m", "pip", "-q", "--disable-pip-version-check"]
-    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(source)], check=True,
-                   cwd=tmp_path)
+    subprocess.run(
+        [*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(source)], check=True, cwd=tmp_path
+    )
     subprocess.run([*pip, "install", "--no-deps", "--target", str(site), *map(str, wheels.glob("*.whl"))], check=True)
     env = dict(os.environ, PYTHONPATH=str(site))
-    printed = subprocess.run([sys.executable, "-m", "fxsparse", "train", "--config", "st3_cifar", "--print-config"],
-                             cwd=tmp_path, env=env, capture_output=True, text=True, check=True).stdout
+    printed = subprocess.run(
+        [sys.executable, "-m", "fxsparse", "train", "--config", "st3_cifar", "--print-config"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert 'method = "st3"' in printed and "finetune_epochs = 10" in printed
-    where = subprocess.run([sys.executable, "-c", "import fxsparse; print(fxsparse.__file__)"], cwd=tmp_path, env=env,
-                           capture_output=True, text=True, check=True).stdout
+    where = subprocess.run(
+        [sys.executable, "-c", "import fxsparse; print(fxsparse.__file__)"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert where.startswith(str(site))  # the wheel's copy ran, not the checkout's

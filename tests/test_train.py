@@ -4,7 +4,6 @@ import json
 
 import pytest
 import torch
-from torch import nn
 
 import fxsparse
 from fxsparse.train import TrainConfig, cli, run
@@ -114,7 +113,8 @@ def test_lr_schedules_and_ramp_placement():
     # ST-3's CIFAR recipe: ramp from epoch 5 to 80 of 160; Feather: from 0 to half of training
     assert sparsity_schedule(TrainConfig(method="st3", epochs=160), 10) == fxsparse.Cubic(50, 800)
     assert sparsity_schedule(TrainConfig(method="feather", epochs=160), 10) == fxsparse.Cubic(0, 800)
-    assert sparsity_schedule(TrainConfig(method="gmp", epochs=10, ramp_begin=1, ramp_end=4), 10) == fxsparse.Cubic(10, 40)
+    gmp = TrainConfig(method="gmp", epochs=10, ramp_begin=1, ramp_end=4)
+    assert sparsity_schedule(gmp, 10) == fxsparse.Cubic(10, 40)
     with pytest.raises(ValueError, match="ramp"):
         TrainConfig(method="gmp", epochs=10, ramp_end=11)
 

@@ -8,6 +8,7 @@
 
 The same as `fxsparse flops ...` (fxsparse.train.cli); `--help` lists the options.
 """
+
 import sys
 
 from fxsparse.train.cli import tool_main

@@ -14,6 +14,7 @@ The library a user imports into their own loop is `fxsparse` itself; this subpac
     loading.py    a model from a name and a checkpoint (export, flops)
     cli.py        the `fxsparse` command: train | export | flops
 """
+
 from .config import TrainConfig
 from .job import run
 

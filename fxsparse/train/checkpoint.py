@@ -6,6 +6,7 @@ the optimizer, the lr scheduler, every RNG state, the epoch, the history, the ru
 of its data. A checkpoint is untrusted input: it is loaded with ``weights_only=True`` and checked before
 use, and whatever is wrong with it is one line of CheckpointError.
 """
+
 from __future__ import annotations
 
 import os
@@ -23,8 +24,17 @@ from .errors import CheckpointError, first_line
 CHECKPOINT_NAME = "checkpoint.pt"
 CHECKPOINT_VERSION = 1
 # key -> what its value must be; "data" (the data's shape, for export) is absent from older checkpoints
-CHECKPOINT_KEYS = {"version": int, "epoch": int, "model": Mapping, "optimizer": Mapping, "lr_scheduler": Mapping,
-                   "rng": Mapping, "config": Mapping, "history": list, "train_time": (int, float)}
+CHECKPOINT_KEYS = {
+    "version": int,
+    "epoch": int,
+    "model": Mapping,
+    "optimizer": Mapping,
+    "lr_scheduler": Mapping,
+    "rng": Mapping,
+    "config": Mapping,
+    "history": list,
+    "train_time": (int, float),
+}
 
 
 def rng_state() -> dict[str, Any]:
@@ -32,8 +42,12 @@ def rng_state() -> dict[str, Any]:
     out = {
         "torch": torch.get_rng_state(),
         "python": list(random.getstate()[1]) + [random.getstate()[0]],
-        "numpy": {"keys": torch.from_numpy(state[1].astype(np.int64)), "pos": int(state[2]),
-                  "has_gauss": int(state[3]), "cached_gaussian": float(state[4])},
+        "numpy": {
+            "keys": torch.from_numpy(state[1].astype(np.int64)),
+            "pos": int(state[2]),
+            "has_gauss": int(state[3]),
+            "cached_gaussian": float(state[4]),
+        },
     }
     if torch.cuda.is_available():
         out["cuda"] = torch.cuda.get_rng_state_all()
@@ -45,8 +59,15 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
     python = state["python"]
     random.setstate((python[-1], tuple(python[:-1]), None))
     np_state = state["numpy"]
-    np.random.set_state(("MT19937", np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
-                         np_state["has_gauss"], np_state["cached_gaussian"]))
+    np.random.set_state(
+        (
+            "MT19937",
+            np_state["keys"].numpy().astype(np.uint32),
+            np_state["pos"],
+            np_state["has_gauss"],
+            np_state["cached_gaussian"],
+        )
+    )
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
@@ -65,8 +86,9 @@ def load_torch_file(path: Union[str, os.PathLike]) -> Any:
     except (FileNotFoundError, IsADirectoryError, PermissionError):
         raise
     except Exception as error:  # unpickling, zip and storage errors come in many types
-        raise CheckpointError(f"cannot read {os.fspath(path)}: it is corrupt, truncated or not a torch checkpoint "
-                              f"({first_line(error)})") from error
+        raise CheckpointError(
+            f"cannot read {os.fspath(path)}: it is corrupt, truncated or not a torch checkpoint ({first_line(error)})"
+        ) from error
 
 
 def is_training_checkpoint(obj: Any) -> bool:
@@ -82,25 +104,36 @@ def read_checkpoint(path: Union[str, os.PathLike]) -> dict[str, Any]:
     for key, kind in CHECKPOINT_KEYS.items():
         value = saved.get(key)
         if not isinstance(value, kind) or isinstance(value, bool):
-            raise CheckpointError(f"{os.fspath(path)} is incomplete: its {key!r} is "
-                                  f"{'missing' if value is None else 'a ' + type(value).__name__}")
+            raise CheckpointError(
+                f"{os.fspath(path)} is incomplete: its {key!r} is "
+                f"{'missing' if value is None else 'a ' + type(value).__name__}"
+            )
     if saved["version"] > CHECKPOINT_VERSION:
-        raise CheckpointError(f"{os.fspath(path)} is a version {saved['version']} checkpoint; this fxsparse reads up to "
-                              f"version {CHECKPOINT_VERSION} (upgrade fxsparse)")
+        raise CheckpointError(
+            f"{os.fspath(path)} is a version {saved['version']} checkpoint; this fxsparse reads up to "
+            f"version {CHECKPOINT_VERSION} (upgrade fxsparse)"
+        )
     if saved["epoch"] < 1 or len(saved["history"]) != saved["epoch"]:
-        raise CheckpointError(f"{os.fspath(path)} is inconsistent: epoch {saved['epoch']} with {len(saved['history'])} "
-                              "epochs of history")
+        raise CheckpointError(
+            f"{os.fspath(path)} is inconsistent: epoch {saved['epoch']} with {len(saved['history'])} epochs of history"
+        )
     return dict(saved)
 
 
 def check_resumable(saved: Mapping[str, Any], config: TrainConfig) -> None:
     """Refuse to resume with settings that would change the result; say which differ."""
     current = config.to_dict()
-    diffs = [f"{k}: checkpoint {saved.get(k)!r}, now {current[k]!r}" for k in current
-             if k not in NON_RESULT_KEYS and _normal(saved.get(k)) != _normal(current[k])]
+    diffs = [
+        f"{k}: checkpoint {saved.get(k)!r}, now {current[k]!r}"
+        for k in current
+        if k not in NON_RESULT_KEYS and _normal(saved.get(k)) != _normal(current[k])
+    ]
     if diffs:
-        raise ValueError("--resume needs the settings of the interrupted run; these differ:\n  " + "\n  ".join(diffs)
-                         + "\nrun the original command again with --resume (or start a new run with --sname NEW)")
+        raise ValueError(
+            "--resume needs the settings of the interrupted run; these differ:\n  "
+            + "\n  ".join(diffs)
+            + "\nrun the original command again with --resume (or start a new run with --sname NEW)"
+        )
 
 
 def _normal(value: Any) -> Any:

@@ -4,6 +4,7 @@ Precedence: the defaults below (the Fashion-MNIST CPU preset), then a TOML file 
 or the name of a config shipped in fxsparse/train/configs/), then what is typed on the command line.
 A TrainConfig is checked when it is made, so a bad value stops the run before anything is written.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -83,14 +84,18 @@ class TrainConfig:
 
     def _check(self) -> None:
         """Refuse values that cannot make a run, naming the option and what it accepts."""
+
         def need(ok: bool, key: str, what: str) -> None:
             if not ok:
                 raise ConfigError(f"--{key.replace('_', '-')} {what}; got {getattr(self, key)!r}")
 
         need(self.method in METHODS or self.method == DENSE, "method", f"is one of {', '.join(sorted(METHODS))}, dense")
         need(0.0 <= self.sparsity < 1.0, "sparsity", "is the final fraction of zero weights, in [0, 1) (e.g. 0.9)")
-        need(self.dataset.lower() in DATASETS or self.dataset.lower() in ("fashion_mnist", "fashionmnist", "fmnist"),
-             "dataset", f"is one of {', '.join(DATASETS)}")
+        need(
+            self.dataset.lower() in DATASETS or self.dataset.lower() in ("fashion_mnist", "fashionmnist", "fmnist"),
+            "dataset",
+            f"is one of {', '.join(DATASETS)}",
+        )
         need(self.lr_schedule in LR_SCHEDULES, "lr_schedule", f"is one of {', '.join(LR_SCHEDULES)}")
         for key in ("epochs", "batch_size", "eval_batch_size", "log_every", "image_size"):
             need(getattr(self, key) >= 1, key, "must be a whole number >= 1")
@@ -104,14 +109,22 @@ class TrainConfig:
             need(math.isfinite(getattr(self, key)) and getattr(self, key) >= 0, key, "must be a number >= 0")
         need(0.0 <= self.label_smoothing < 1.0, "label_smoothing", "must be in [0, 1)")
         need(self.ramp_begin is None or self.ramp_begin >= 0, "ramp_begin", "must be an epoch >= 0")
-        need(self.ramp_end is None or 0 < self.ramp_end <= self.epochs, "ramp_end", f"must be an epoch in (0, epochs = {self.epochs}]")
+        need(
+            self.ramp_end is None or 0 < self.ramp_end <= self.epochs,
+            "ramp_end",
+            f"must be an epoch in (0, epochs = {self.epochs}]",
+        )
         if self.ramp_begin is not None and self.ramp_end is not None and self.ramp_begin >= self.ramp_end:
-            raise ConfigError(f"the sparsity ramp must satisfy ramp_begin < ramp_end; got {self.ramp_begin}, {self.ramp_end}")
+            raise ConfigError(
+                f"the sparsity ramp must satisfy ramp_begin < ramp_end; got {self.ramp_begin}, {self.ramp_end}"
+            )
         if self.device != "auto":
             try:
                 torch.device(self.device)
             except (RuntimeError, ValueError):
-                raise ConfigError(f"--device {self.device!r} is not a device: use auto, cpu, cuda, cuda:N or mps") from None
+                raise ConfigError(
+                    f"--device {self.device!r} is not a device: use auto, cpu, cuda, cuda:N or mps"
+                ) from None
 
     @property
     def total_epochs(self) -> int:
@@ -135,10 +148,24 @@ class TrainConfig:
 
 
 # Settings that do not change the numbers a run produces; a resumed run may change them.
-NON_RESULT_KEYS = frozenset({
-    "data_dir", "download", "num_workers", "device", "threads", "sname", "runs_dir", "resume", "overwrite",
-    "tensorboard", "log_every", "progress", "export", "eval_batch_size",
-})
+NON_RESULT_KEYS = frozenset(
+    {
+        "data_dir",
+        "download",
+        "num_workers",
+        "device",
+        "threads",
+        "sname",
+        "runs_dir",
+        "resume",
+        "overwrite",
+        "tensorboard",
+        "log_every",
+        "progress",
+        "export",
+        "eval_batch_size",
+    }
+)
 
 
 def config_fields() -> dict[str, dataclasses.Field]:
@@ -184,7 +211,9 @@ def find_config(name: str):
         shipped = SHIPPED_CONFIGS / (name if name.endswith(".toml") else f"{name}.toml")
         if shipped.is_file():
             return shipped
-    raise ConfigError(f"config file {name!r} not found (shipped configs: {', '.join(shipped_config_names()) or 'none'})")
+    raise ConfigError(
+        f"config file {name!r} not found (shipped configs: {', '.join(shipped_config_names()) or 'none'})"
+    )
 
 
 def read_toml(path) -> dict[str, Any]:
@@ -207,8 +236,11 @@ def checked_settings(values: Mapping[str, Any], source: str) -> dict[str, Any]:
         key = raw_key.replace("-", "_")
         if key not in fields:
             close = [k for k in fields if k.startswith(key[:3])]
-            raise ConfigError(f"{source}: unknown setting {raw_key!r}" + (f" (did you mean {', '.join(close)}?)" if close else "")
-                              + f"; settings are: {', '.join(fields)}")
+            raise ConfigError(
+                f"{source}: unknown setting {raw_key!r}"
+                + (f" (did you mean {', '.join(close)}?)" if close else "")
+                + f"; settings are: {', '.join(fields)}"
+            )
         checked[key] = _coerce(key, value, source)
     return checked
 

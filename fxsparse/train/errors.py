@@ -1,4 +1,5 @@
 """The application's errors: input it cannot use. The `fxsparse` command prints each as one line and exits 2."""
+
 from __future__ import annotations
 
 

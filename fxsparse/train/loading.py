@@ -9,6 +9,7 @@ The checkpoint may be:
 - a state_dict of a sparsified model (keys like "conv1.parametrizations.weight.original"): it holds no
   schedule, so --method and --sparsity say how to rebuild it, and it is folded at its final sparsity.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -42,16 +43,27 @@ class LoadedModel:
     metadata: dict[str, Any] = dataclasses.field(default_factory=dict)  # facts for the CSR checkpoint's metadata
 
 
-def load_model(name: Optional[str] = None, checkpoint: Optional[PathLike] = None, *, method: Optional[str] = None,
-               sparsity: Optional[float] = None, num_classes: Optional[int] = None,
-               width: Optional[float] = None) -> LoadedModel:
+def load_model(
+    name: Optional[str] = None,
+    checkpoint: Optional[PathLike] = None,
+    *,
+    method: Optional[str] = None,
+    sparsity: Optional[float] = None,
+    num_classes: Optional[int] = None,
+    width: Optional[float] = None,
+) -> LoadedModel:
     """The plain model ``checkpoint`` holds (see the module docstring); without one, ``name`` freshly built."""
     if checkpoint is None:
         if name is None:
             raise CommandError("name the model (e.g. resnet50, cnn, package.module:callable) or give --checkpoint")
         model = build_model(name, num_classes, None, 1.0 if width is None else width)
-        return LoadedModel(model.eval(), name, None, default_input_size(name, model),
-                           notes=[f"no --checkpoint: the freshly initialised {name}"])
+        return LoadedModel(
+            model.eval(),
+            name,
+            None,
+            default_input_size(name, model),
+            notes=[f"no --checkpoint: the freshly initialised {name}"],
+        )
     source = os.fspath(checkpoint)
     if not _is_safetensors(source):
         saved = load_torch_file(source)
@@ -61,17 +73,23 @@ def load_model(name: Optional[str] = None, checkpoint: Optional[PathLike] = None
     else:
         state = _read_safetensors(source)
     if name is None:
-        raise CommandError(f"{source} is not a `fxsparse train` checkpoint: name its model (e.g. resnet50) before --checkpoint")
+        raise CommandError(
+            f"{source} is not a `fxsparse train` checkpoint: name its model (e.g. resnet50) before --checkpoint"
+        )
     model = build_model(name, num_classes, None, 1.0 if width is None else width)
-    loaded = LoadedModel(model, name, None, default_input_size(name, model), metadata={"source": os.path.abspath(source)})
+    loaded = LoadedModel(
+        model, name, None, default_input_size(name, model), metadata={"source": os.path.abspath(source)}
+    )
     if not any(is_sparsified_key(k) for k in state):
         load_checked_(model, state, source)
         loaded.model = model.eval()
         return loaded
     if method is None or sparsity is None:
-        raise CommandError(f"{source} holds a sparsified model (keys like {next(k for k in state if is_sparsified_key(k))!r}) "
-                           "and no run config: say which method and final sparsity it was trained with "
-                           "(--method st3sigma --sparsity 0.9) so it can be rebuilt and folded")
+        raise CommandError(
+            f"{source} holds a sparsified model (keys like {next(k for k in state if is_sparsified_key(k))!r}) "
+            "and no run config: say which method and final sparsity it was trained with "
+            "(--method st3sigma --sparsity 0.9) so it can be rebuilt and folded"
+        )
     sparse = sparsify(model, method, sparsity)
     _load_state(sparse, state, source)
     loaded.model, loaded.method = fold(sparse).eval(), method
@@ -79,13 +97,22 @@ def load_model(name: Optional[str] = None, checkpoint: Optional[PathLike] = None
     return loaded
 
 
-def _load_run(source: str, name: Optional[str], method: Optional[str], sparsity: Optional[float],
-              num_classes: Optional[int], width: Optional[float]) -> LoadedModel:
+def _load_run(
+    source: str,
+    name: Optional[str],
+    method: Optional[str],
+    sparsity: Optional[float],
+    num_classes: Optional[int],
+    width: Optional[float],
+) -> LoadedModel:
     """The model of a `fxsparse train` run, at the step its checkpoint was written."""
     saved = read_checkpoint(source)
     config = TrainConfig(**checked_settings(saved["config"], f"{source} (the run's config)"))
-    shape = dict(saved.get("data") or BUILTIN_SHAPES.get(config.dataset) or
-                 {"num_classes": num_classes, "in_channels": 3, "image_size": config.image_size})  # older imagefolder runs
+    shape = dict(
+        saved.get("data")
+        or BUILTIN_SHAPES.get(config.dataset)
+        or {"num_classes": num_classes, "in_channels": 3, "image_size": config.image_size}
+    )  # older imagefolder runs
     if shape["num_classes"] is None:
         raise CommandError(f"{source} does not record its number of classes: give --num-classes")
     _agree(source, "the model name", "model", name, config.model)
@@ -95,8 +122,12 @@ def _load_run(source: str, name: Optional[str], method: Optional[str], sparsity:
     _agree(source, "--num-classes", "classes", num_classes, shape["num_classes"])
     model = build_model(config.model, shape["num_classes"], shape["in_channels"], config.width)
     input_size = (shape["in_channels"], shape["image_size"], shape["image_size"])
-    metadata = {"source": os.path.abspath(source), "run": config.run_name, "epoch": saved["epoch"],
-                "final_sparsity": config.sparsity}
+    metadata = {
+        "source": os.path.abspath(source),
+        "run": config.run_name,
+        "epoch": saved["epoch"],
+        "final_sparsity": config.sparsity,
+    }
     if config.method == DENSE:
         load_checked_(model, saved["model"], source)
         return LoadedModel(model.eval(), config.model, None, input_size, metadata=metadata)
@@ -116,7 +147,8 @@ def _load_run(source: str, name: Optional[str], method: Optional[str], sparsity:
         loaded.notes.append(
             f"{source} is mid-ramp: epoch {saved['epoch']} of {config.total_epochs}, step {step} of the sparsity ramp "
             f"from step {ramp.begin} to {ramp.end}, target sparsity {target:.4f} of the final {config.sparsity:g}; "
-            f"exported as the run's model at step {step}")
+            f"exported as the run's model at step {step}"
+        )
     return loaded
 
 
@@ -126,8 +158,10 @@ def _agree(source: str, option: str, setting: str, given: Any, recorded: Any) ->
         return
     same = math.isclose(given, recorded, rel_tol=0, abs_tol=1e-12) if isinstance(recorded, float) else given == recorded
     if not same:
-        raise CommandError(f"{option} {given} contradicts {source}: that run was trained with {setting} {recorded}; "
-                           f"leave {option} out (the run's own value is used)")
+        raise CommandError(
+            f"{option} {given} contradicts {source}: that run was trained with {setting} {recorded}; "
+            f"leave {option} out (the run's own value is used)"
+        )
 
 
 def _step_of(state: Mapping[str, Any], source: str) -> int:
@@ -173,9 +207,11 @@ def _state_dict_of(saved: Any, source: str) -> dict[str, Tensor]:
         if isinstance(saved, Mapping) and isinstance(saved.get(key), Mapping):
             saved = saved[key]
             break
-    if not isinstance(saved, Mapping) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in saved.items()):
+    if not isinstance(saved, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, Tensor) for k, v in saved.items()
+    ):
         raise CheckpointError(f"{source} holds a {type(saved).__name__} that is not a state_dict (names to tensors)")
     state = dict(saved)
     if state and all(k.startswith("module.") for k in state):  # saved from DistributedDataParallel
-        state = {k[len("module."):]: v for k, v in state.items()}
+        state = {k[len("module.") :]: v for k, v in state.items()}
     return state

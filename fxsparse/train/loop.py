@@ -1,4 +1,5 @@
 """One training epoch and one evaluation pass: the loop `fxsparse train` runs, in plain functions."""
+
 from __future__ import annotations
 
 import sys
@@ -24,9 +25,18 @@ def current_target_sparsity(model: nn.Module) -> float:
     return get_threshold(model).target_sparsity() if is_sparsified(model) else 0.0
 
 
-def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, scheduler, *, clip: float = 3.0,
-                    label_smoothing: float = 0.0, progress: bool = False, desc: str = "train",
-                    on_step: Optional[Callable[[Tensor, Tensor, Tensor], None]] = None) -> dict[str, float]:
+def train_one_epoch(
+    model: nn.Module,
+    loader,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    *,
+    clip: float = 3.0,
+    label_smoothing: float = 0.0,
+    progress: bool = False,
+    desc: str = "train",
+    on_step: Optional[Callable[[Tensor, Tensor, Tensor], None]] = None,
+) -> dict[str, float]:
     """One pass over ``loader``: forward, loss, backward, clip, optimizer step, lr step, schedule step."""
     from tqdm import tqdm
 
@@ -56,8 +66,12 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
         if on_step is not None:
             on_step(loss, logits, y)
         if progress and (i % 10 == 0 or i == len(loader) - 1):
-            bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{100 * correct.item() / seen:.2f}",
-                            sparsity=f"{current_target_sparsity(model):.3f}", refresh=False)
+            bar.set_postfix(
+                loss=f"{loss_sum.item() / seen:.4f}",
+                acc=f"{100 * correct.item() / seen:.2f}",
+                sparsity=f"{current_target_sparsity(model):.3f}",
+                refresh=False,
+            )
     bar.close()
     return {"loss": loss_sum.item() / max(seen, 1), "acc": 100.0 * correct.item() / max(seen, 1)}
 
@@ -77,4 +91,3 @@ def evaluate(model: nn.Module, loader, *, progress: bool = False, desc: str = "e
         seen += y.shape[0]
     model.train(was_training)
     return {"loss": loss_sum / max(seen, 1), "acc": 100.0 * correct / max(seen, 1)}
-

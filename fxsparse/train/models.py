@@ -9,6 +9,7 @@ cnn: three conv-BN-ReLU-maxpool stages (32/64/128 times ``width``) and a two-lay
 two CPU cores. Its large, cheap linear layer next to expensive convs makes the MAC/sparsity trade-off
 between global magnitude ranking (st3) and ST-3-sigma's scaled ranking visible.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -80,8 +81,12 @@ class SmallCNN(nn.Module):
         hidden = max(1, round(hidden * width))
 
         def stage(cin: int, cout: int) -> nn.Sequential:
-            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout),
-                                 nn.ReLU(inplace=True), nn.MaxPool2d(2))
+            return nn.Sequential(
+                nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+                nn.BatchNorm2d(cout),
+                nn.ReLU(inplace=True),
+                nn.MaxPool2d(2),
+            )
 
         self.features = nn.Sequential(stage(in_channels, c1), stage(c1, c2), stage(c2, c3), nn.AdaptiveAvgPool2d(3))
         self.fc1 = nn.Linear(c3 * 9, hidden)
@@ -92,8 +97,9 @@ class SmallCNN(nn.Module):
         return self.fc2(self.relu(self.fc1(self.features(x).flatten(1))))
 
 
-def build_model(name: str, num_classes: Optional[int] = None, in_channels: Optional[int] = None,
-                width: float = 1.0) -> nn.Module:
+def build_model(
+    name: str, num_classes: Optional[int] = None, in_channels: Optional[int] = None, width: float = 1.0
+) -> nn.Module:
     """The model of every command (train, export, flops), with random weights.
 
     ``name``: a built-in model (cnn, resnet20/32/44/56/110; ``width`` multiplies their channels), a timm
@@ -115,8 +121,10 @@ def build_model(name: str, num_classes: Optional[int] = None, in_channels: Optio
     import timm
 
     if not timm.is_model(name):
-        raise ValueError(f"unknown model {name!r}: not built in ({', '.join(BUILTIN_MODELS)}), not a timm model "
-                         "(see timm.list_models('resnet*')) and not 'package.module:callable'")
+        raise ValueError(
+            f"unknown model {name!r}: not built in ({', '.join(BUILTIN_MODELS)}), not a timm model "
+            "(see timm.list_models('resnet*')) and not 'package.module:callable'"
+        )
     if in_channels is not None:
         kwargs["in_chans"] = in_channels
     return timm.create_model(name, pretrained=False, **kwargs)

@@ -5,6 +5,7 @@ SGD with momentum, weight decay on conv/linear weights only (after sparsify() th
 ``...parametrizations.weight.original`` tensors), a cosine or step learning-rate schedule stepped per batch,
 and the cubic sparsity ramp placed as in the method's paper (fxsparse.paper_schedule) over the main phase.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -77,8 +78,9 @@ def decayed_parameters(model: nn.Module) -> list[nn.Parameter]:
     return list(seen.values())
 
 
-def build_optimizer(model: nn.Module, lr: float, momentum: float = 0.9, weight_decay: float = 5e-4,
-                    nesterov: bool = False) -> torch.optim.SGD:
+def build_optimizer(
+    model: nn.Module, lr: float, momentum: float = 0.9, weight_decay: float = 5e-4, nesterov: bool = False
+) -> torch.optim.SGD:
     """SGD with weight decay on conv/linear weights only (no decay on norm layers and biases)."""
     decay = decayed_parameters(model)
     decay_ids = {id(p) for p in decay}
@@ -113,11 +115,23 @@ class LrLambda:
         raise ValueError(f"unknown lr_schedule {self.kind!r}; choose cosine, step or constant")
 
 
-def build_lr_scheduler(optimizer: torch.optim.Optimizer, kind: str, total_epochs: int, steps_per_epoch: int,
-                       milestones: Sequence[float] = (), gamma: float = 0.1, warmup_epochs: float = 0.0):
+def build_lr_scheduler(
+    optimizer: torch.optim.Optimizer,
+    kind: str,
+    total_epochs: int,
+    steps_per_epoch: int,
+    milestones: Sequence[float] = (),
+    gamma: float = 0.1,
+    warmup_epochs: float = 0.0,
+):
     """A per-batch LambdaLR: milestones and warm-up are given in epochs and applied at the matching step."""
-    fn = LrLambda(kind, total_epochs * steps_per_epoch, round(warmup_epochs * steps_per_epoch),
-                  tuple(round(m * steps_per_epoch) for m in milestones), gamma)
+    fn = LrLambda(
+        kind,
+        total_epochs * steps_per_epoch,
+        round(warmup_epochs * steps_per_epoch),
+        tuple(round(m * steps_per_epoch) for m in milestones),
+        gamma,
+    )
     fn(0)  # fail early on an unknown kind
     return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
 
@@ -129,8 +143,10 @@ def sparsity_schedule(config: TrainConfig, steps_per_epoch: int) -> Cubic:
     begin = schedule.begin if config.ramp_begin is None else round(config.ramp_begin * steps_per_epoch)
     end = schedule.end if config.ramp_end is None else round(config.ramp_end * steps_per_epoch)
     if not 0 <= begin < end <= main_steps:
-        raise ValueError(f"the sparsity ramp must satisfy 0 <= ramp_begin < ramp_end <= epochs ({config.epochs}); "
-                         f"got ramp_begin={config.ramp_begin}, ramp_end={config.ramp_end}")
+        raise ValueError(
+            f"the sparsity ramp must satisfy 0 <= ramp_begin < ramp_end <= epochs ({config.epochs}); "
+            f"got ramp_begin={config.ramp_begin}, ramp_end={config.ramp_end}"
+        )
     return Cubic(begin=begin, end=end)
 
 
@@ -138,5 +154,3 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-

@@ -1,4 +1,5 @@
 """The end of a run: fold the model, test it once, write what it measures next to the run, print the summary."""
+
 from __future__ import annotations
 
 import json
@@ -15,6 +16,8 @@ from ..fold import fold
 from ..pool import is_sparsified, realized_sparsity
 from .loop import evaluate, log
 
+SUMMARY_NAME = "summary.json"
+
 if TYPE_CHECKING:  # a type only: job.py imports this module
     from .job import Training
 
@@ -28,15 +31,26 @@ def finish(training: "Training") -> dict[str, Any]:
     test = evaluate(folded, training.loaders["test"], progress=training.progress, desc="test")
     history = training.history
     summary: dict[str, Any] = {
-        "run": config.run_name, "run_dir": str(run_dir), "model": config.model, "dataset": training.data.name,
-        "method": config.method, "sparsity": config.sparsity, "realized_sparsity": realized,
-        "test_acc": test["acc"], "test_loss": test["loss"], "val_acc": history[-1]["val_acc"] if history else None,
-        "epochs": config.total_epochs, "train_time_s": training.train_time, "threads": torch.get_num_threads(),
-        "dense_state_bytes": _state_bytes(folded), "config": config.to_dict(), "history": history,
+        "run": config.run_name,
+        "run_dir": str(run_dir),
+        "model": config.model,
+        "dataset": training.data.name,
+        "method": config.method,
+        "sparsity": config.sparsity,
+        "realized_sparsity": realized,
+        "test_acc": test["acc"],
+        "test_loss": test["loss"],
+        "val_acc": history[-1]["val_acc"] if history else None,
+        "epochs": config.total_epochs,
+        "train_time_s": training.train_time,
+        "threads": torch.get_num_threads(),
+        "dense_state_bytes": _state_bytes(folded),
+        "config": config.to_dict(),
+        "history": history,
     }
     if config.export:
         summary.update(measure_folded_model(folded, training))
-    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
+    atomic_write_text(run_dir / SUMMARY_NAME, json.dumps(summary, indent=2))
     log("\n" + tabulate(summary_rows(summary), tablefmt="simple_outline"))
     summary["folded_model"] = folded
     return summary
@@ -49,14 +63,21 @@ def measure_folded_model(folded: nn.Module, training: "Training") -> dict[str, A
     the returned dict, and gets its line in summary_rows().
     """
     run_dir, data = training.config.run_dir, training.data
-    example = torch.zeros(1, data.in_channels, data.image_size, data.image_size, device=next(folded.parameters()).device)
+    example = torch.zeros(
+        1, data.in_channels, data.image_size, data.image_size, device=next(folded.parameters()).device
+    )
     report = flops(folded, example)
     atomic_write_text(run_dir / "flops.json", report.to_json())
     atomic_write_text(run_dir / "flops.txt", report.table() + "\n")
     csr_path = run_dir / "model.csr.safetensors"
     save_csr(folded, csr_path)
-    return {"dense_macs": int(report.dense_macs), "sparse_macs": int(report.sparse_macs),
-            "flops_path": str(run_dir / "flops.json"), "csr_path": str(csr_path), "csr_bytes": csr_path.stat().st_size}
+    return {
+        "dense_macs": int(report.dense_macs),
+        "sparse_macs": int(report.sparse_macs),
+        "flops_path": str(run_dir / "flops.json"),
+        "csr_path": str(csr_path),
+        "csr_bytes": csr_path.stat().st_size,
+    }
 
 
 def summary_rows(summary: dict[str, Any]) -> list[list[str]]:
@@ -64,16 +85,26 @@ def summary_rows(summary: dict[str, Any]) -> list[list[str]]:
     rows = [
         ["test accuracy", f"{summary['test_acc']:.2f} %"],
         ["val accuracy (last epoch)", f"{summary['val_acc']:.2f} %" if summary["val_acc"] is not None else "-"],
-        ["realised sparsity", f"{summary['realized_sparsity']:.4f}"
-         + (f" (asked {summary['sparsity']})" if summary["method"] != "dense" else "")],
+        [
+            "realised sparsity",
+            f"{summary['realized_sparsity']:.4f}"
+            + (f" (asked {summary['sparsity']})" if summary["method"] != "dense" else ""),
+        ],
     ]
     if "dense_macs" in summary:
         share = 100 * summary["sparse_macs"] / summary["dense_macs"]
-        rows += [["dense MACs / image", f"{summary['dense_macs']:,}"],
-                 ["sparse MACs / image", f"{summary['sparse_macs']:,} ({share:.1f} % of dense)"]]
+        rows += [
+            ["dense MACs / image", f"{summary['dense_macs']:,}"],
+            ["sparse MACs / image", f"{summary['sparse_macs']:,} ({share:.1f} % of dense)"],
+        ]
     if "csr_bytes" in summary:
-        rows.append(["CSR checkpoint", f"{summary['csr_path']}  {human_bytes(summary['csr_bytes'])} "
-                                       f"(dense fp32 state {human_bytes(summary['dense_state_bytes'])})"])
+        rows.append(
+            [
+                "CSR checkpoint",
+                f"{summary['csr_path']}  {human_bytes(summary['csr_bytes'])} "
+                f"(dense fp32 state {human_bytes(summary['dense_state_bytes'])})",
+            ]
+        )
     rows += [["train time", f"{summary['train_time_s'] / 60:.1f} min"], ["outputs", summary["run_dir"]]]
     return rows
 

@@ -1,4 +1,5 @@
 """TensorBoard logging for `fxsparse train --tensorboard` (the tensorboard package is optional)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -28,7 +29,8 @@ def open_tensorboard(log_dir: Path):
 
 
 class TensorBoardLogger:
-    """Scalars every ``every`` steps (loss, accuracy, lr, target sparsity, tau) and per epoch (val, realised, per-layer)."""
+    """Scalars every ``every`` steps (loss, accuracy, lr, target sparsity, tau) and per epoch (val, realised sparsity,
+    per-layer density)."""
 
     def __init__(self, log_dir: Path, model: nn.Module, optimizer, every: int, steps_per_epoch: int):
         self.writer = open_tensorboard(log_dir)
@@ -54,10 +56,23 @@ class TensorBoardLogger:
 
     def on_epoch(self, epoch: int, record: dict[str, Any]) -> None:
         w, step = self.writer, (epoch + 1) * self.steps_per_epoch
-        for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "target_sparsity", "realized_sparsity", "tau"):
+        for key in (
+            "train_loss",
+            "train_acc",
+            "val_loss",
+            "val_acc",
+            "lr",
+            "target_sparsity",
+            "realized_sparsity",
+            "tau",
+        ):
             if record.get(key) is not None:
                 group = key.split("_", 1)
-                w.add_scalar(f"epoch/{key}" if group[0] not in ("train", "val") else f"{group[0]}/epoch_{group[1]}", record[key], step)
+                w.add_scalar(
+                    f"epoch/{key}" if group[0] not in ("train", "val") else f"{group[0]}/epoch_{group[1]}",
+                    record[key],
+                    step,
+                )
         if is_sparsified(self.model):
             for fqn, (nonzero, numel) in layer_densities(self.model).items():
                 w.add_scalar(f"density/{fqn}", nonzero / numel, step)
