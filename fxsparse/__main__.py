@@ -1,6 +1,6 @@
 """python -m fxsparse ...: the same as the `fxsparse` console script."""
 import sys
 
-from .cli import main
+from .train.cli import main
 
 sys.exit(main())

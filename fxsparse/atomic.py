@@ -54,3 +54,12 @@ def atomic_write(path: PathLike, write: Callable[[str], None]) -> None:
             os.close(fd)
     except OSError:
         pass
+
+
+def atomic_write_text(path: PathLike, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` through atomic_write."""
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(text)
+
+    atomic_write(path, write)

@@ -47,7 +47,7 @@ class Constant:
         return float(final_sparsity)
 
 
-def paper_schedule(method_name: str, total_steps: int, steps_per_epoch: int = 0) -> Cubic:
+def paper_schedule(method_name: str, total_steps: int) -> Cubic:
     """The ramp placed as in the method's paper, for a run of ``total_steps`` optimizer steps.
 
     ST-3 (CIFAR recipe): ramp from epoch 5 to epoch 80 of 160, i.e. 1/32 to 1/2 of training.

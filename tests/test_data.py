@@ -1,12 +1,12 @@
-"""fxsparse.data: IDX reading and its checks, the deterministic split, the loaders' determinism."""
+"""fxsparse.train.data: IDX reading and its checks, the deterministic split, the loaders' determinism."""
 import gzip
 from pathlib import Path
 
 import pytest
 import torch
 
-from fxsparse import data as fxdata
-from fxsparse.data import DataError, TensorLoader, load_fashion_mnist, read_idx, split_indices, write_idx
+from fxsparse.train import data as fxdata
+from fxsparse.train.data import DataError, TensorLoader, load_fashion_mnist, read_idx, split_indices, write_idx
 
 
 def _write_fashion(directory: Path, train: int = 40, test: int = 20, **overrides) -> None:

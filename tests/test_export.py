@@ -20,7 +20,7 @@ from fxsparse.export import (
     save_csr,
     to_csr,
 )
-from fxsparse.loading import load_model
+from fxsparse.train.loading import load_model
 from models import TiedLinear, TinyCNN
 
 
@@ -371,9 +371,9 @@ def test_cli_exports_a_folded_checkpoint_and_reads_it_back(tmp_path, capsys, loa
     torch.save(model.state_dict(), tmp_path / "folded.pth")
     out = tmp_path / "out.safetensors"
     assert load_tool("export").main(["models:TinyCNN", "--checkpoint", str(tmp_path / "folded.pth"), "-o", str(out)]) == 0
-    loaded, method = load_model("models:TinyCNN", out)
-    assert method is None
-    assert_bitwise_equal(loaded.state_dict(), model.state_dict())
+    loaded = load_model("models:TinyCNN", out)
+    assert loaded.method is None
+    assert_bitwise_equal(loaded.model.state_dict(), model.state_dict())
     wrong = load_tool("export").main(["test_export:tiny_cnn_3_classes", "--checkpoint", str(tmp_path / "folded.pth"),
                                   "-o", str(out)])
     assert wrong == 2 and "'fc.weight'" in capsys.readouterr().err

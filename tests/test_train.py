@@ -1,24 +1,18 @@
-"""fxsparse.train and the `fxsparse train` command on tiny synthetic runs (a few seconds each)."""
+"""fxsparse.train (the application) and the `fxsparse train` command on tiny synthetic runs (a few seconds each)."""
 import builtins
 import json
 
 import pytest
 import torch
-from torch import nn
 
 import fxsparse
-from fxsparse import cli
-from fxsparse.models import build_model
-from fxsparse.train import (
-    LrLambda,
-    SetupError,
-    TrainConfig,
-    build_optimizer,
-    open_tensorboard,
-    run,
-    save_checkpoint,
-    sparsity_schedule,
-)
+from fxsparse.train import TrainConfig, cli, run
+from fxsparse.train.checkpoint import save_checkpoint
+from fxsparse.train.config import resolve_config
+from fxsparse.train.errors import ConfigError, SetupError
+from fxsparse.train.models import build_model
+from fxsparse.train.recipe import LrLambda, build_optimizer, sparsity_schedule
+from fxsparse.train.tensorboard import open_tensorboard
 
 TINY = dict(dataset="synthetic", model="cnn", width=0.25, batch_size=64, epochs=2, lr=0.05, threads=1,
             progress=False, export=False)
@@ -69,21 +63,25 @@ def test_cli_train_end_to_end(tmp_path, capsys):
     assert code == 2 and "--resume" in capsys.readouterr().err
 
 
+def _resolve(args):
+    return resolve_config(getattr(args, "config", None), vars(args))
+
+
 def test_config_file_and_command_line_precedence(tmp_path):
     toml = tmp_path / "run.toml"
     toml.write_text('model = "resnet20"\nepochs = 7\nlr = 0.05\nmilestones = [3, 5]\nweight-decay = 1e-4\n')
     parser = cli.build_parser()
-    config = cli.resolve_train_config(parser.parse_args(["train", "--config", str(toml), "--lr", "0.2"]))
+    config = _resolve(parser.parse_args(["train", "--config", str(toml), "--lr", "0.2"]))
     assert (config.model, config.epochs, config.lr, config.weight_decay) == ("resnet20", 7, 0.2, 1e-4)
     assert config.milestones == (3.0, 5.0) and config.batch_size == TrainConfig().batch_size
-    config = cli.resolve_train_config(parser.parse_args(["train", "--config", str(toml), "--epochs", "2", "--milestones", "1,2"]))
+    config = _resolve(parser.parse_args(["train", "--config", str(toml), "--epochs", "2", "--milestones", "1,2"]))
     assert config.epochs == 2 and config.milestones == (1.0, 2.0)
     toml.write_text("epoch = 3\n")
-    with pytest.raises(cli.ConfigError, match="unknown setting 'epoch'.*did you mean epochs"):
-        cli.resolve_train_config(parser.parse_args(["train", "--config", str(toml)]))
+    with pytest.raises(ConfigError, match="unknown setting 'epoch'.*did you mean epochs"):
+        _resolve(parser.parse_args(["train", "--config", str(toml)]))
     toml.write_text('epochs = "ten"\n')
-    with pytest.raises(cli.ConfigError, match="should be a int"):
-        cli.resolve_train_config(parser.parse_args(["train", "--config", str(toml)]))
+    with pytest.raises(ConfigError, match="should be a int"):
+        _resolve(parser.parse_args(["train", "--config", str(toml)]))
     assert cli.main(["train", "--config", str(tmp_path / "absent.toml")]) == 2
 
 
@@ -115,9 +113,10 @@ def test_lr_schedules_and_ramp_placement():
     # ST-3's CIFAR recipe: ramp from epoch 5 to 80 of 160; Feather: from 0 to half of training
     assert sparsity_schedule(TrainConfig(method="st3", epochs=160), 10) == fxsparse.Cubic(50, 800)
     assert sparsity_schedule(TrainConfig(method="feather", epochs=160), 10) == fxsparse.Cubic(0, 800)
-    assert sparsity_schedule(TrainConfig(method="gmp", epochs=10, ramp_begin=1, ramp_end=4), 10) == fxsparse.Cubic(10, 40)
+    gmp = TrainConfig(method="gmp", epochs=10, ramp_begin=1, ramp_end=4)
+    assert sparsity_schedule(gmp, 10) == fxsparse.Cubic(10, 40)
     with pytest.raises(ValueError, match="ramp"):
-        sparsity_schedule(TrainConfig(method="gmp", epochs=10, ramp_end=11), 10)
+        TrainConfig(method="gmp", epochs=10, ramp_end=11)
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):

@@ -24,8 +24,10 @@ from pathlib import Path
 import torch
 from tabulate import tabulate
 
-from fxsparse.data import load_data
-from fxsparse.train import NON_RESULT_KEYS, TrainConfig, run, set_threads
+from fxsparse.train import TrainConfig, run
+from fxsparse.train.config import NON_RESULT_KEYS
+from fxsparse.train.data import load_data
+from fxsparse.train.recipe import set_threads
 
 METHODS = ("st3", "st3sigma", "feather", "gmp", "ste")
 STE_METHODS = ("st3", "st3sigma", "feather")

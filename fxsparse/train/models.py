@@ -1,4 +1,5 @@
-"""Models for `fxsparse train`: CIFAR-style ResNet-20 (both papers), a small fast CNN, or any timm name.
+"""Models for `fxsparse train | export | flops`: CIFAR-style ResNet-20 (both papers), a small fast CNN, any timm
+name, or a model of your own ("package.module:callable"); build_model is the one builder of all three.
 
 resnet20: He et al. 2016 (sec. 4.2), 3 stages of 3 basic blocks with 16/32/64 channels times ``width``
 (ST-3 uses width 1; Feather's CIFAR-100 model is width 2, i.e. 32/64/128, about 1.09M prunable weights),
@@ -8,14 +9,17 @@ cnn: three conv-BN-ReLU-maxpool stages (32/64/128 times ``width``) and a two-lay
 two CPU cores. Its large, cheap linear layer next to expensive convs makes the MAC/sparsity trade-off
 between global magnitude ranking (st3) and ST-3-sigma's scaled ranking visible.
 """
+
 from __future__ import annotations
 
-from typing import Optional
+import importlib
+from typing import Any, Optional
 
 from torch import Tensor, nn
 
 CIFAR_RESNETS = ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110")  # these names shadow no timm model
 BUILTIN_MODELS = ("cnn",) + CIFAR_RESNETS
+INPUT_SIZES = {"cnn": (1, 28), **{name: (3, 32) for name in CIFAR_RESNETS}}  # (channels, pixels): Fashion-MNIST, CIFAR
 
 
 class BasicBlock(nn.Module):
@@ -77,8 +81,12 @@ class SmallCNN(nn.Module):
         hidden = max(1, round(hidden * width))
 
         def stage(cin: int, cout: int) -> nn.Sequential:
-            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout),
-                                 nn.ReLU(inplace=True), nn.MaxPool2d(2))
+            return nn.Sequential(
+                nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+                nn.BatchNorm2d(cout),
+                nn.ReLU(inplace=True),
+                nn.MaxPool2d(2),
+            )
 
         self.features = nn.Sequential(stage(in_channels, c1), stage(c1, c2), stage(c2, c3), nn.AdaptiveAvgPool2d(3))
         self.fc1 = nn.Linear(c3 * 9, hidden)
@@ -89,21 +97,60 @@ class SmallCNN(nn.Module):
         return self.fc2(self.relu(self.fc1(self.features(x).flatten(1))))
 
 
-def build_model(name: str, num_classes: int, in_channels: int, width: float = 1.0, *, image_size: Optional[int] = None) -> nn.Module:
-    """A built-in model ("cnn", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110") or any timm model name (random init)."""
+def build_model(
+    name: str, num_classes: Optional[int] = None, in_channels: Optional[int] = None, width: float = 1.0
+) -> nn.Module:
+    """The model of every command (train, export, flops), with random weights.
+
+    ``name``: a built-in model (cnn, resnet20/32/44/56/110; ``width`` multiplies their channels), a timm
+    model name, or "package.module:callable" (a function or class, called with ``num_classes=`` when it is
+    given, else with no arguments; or an nn.Module instance). ``num_classes`` / ``in_channels`` left None
+    keep the model's own default (built-ins: 10 classes, the data each was made for; see INPUT_SIZES).
+    """
+    if width != 1.0 and name.lower() not in BUILTIN_MODELS:
+        raise ValueError(f"--width applies to the built-in models ({', '.join(BUILTIN_MODELS)}), not to {name!r}")
+    kwargs = {} if num_classes is None else {"num_classes": num_classes}
     key = name.lower()
-    if key == "cnn":
-        return SmallCNN(width, num_classes, in_channels)
-    if key in CIFAR_RESNETS:
-        return CifarResNet(int(key[6:]), width, num_classes, in_channels)
-    try:
-        import timm
-    except ImportError as error:  # pragma: no cover - timm is a dependency
-        raise ValueError(f"model {name!r} is not built in ({', '.join(BUILTIN_MODELS)}) and timm is not installed") from error
+    if key in BUILTIN_MODELS:
+        channels = INPUT_SIZES[key][0] if in_channels is None else in_channels
+        if key == "cnn":
+            return SmallCNN(width, in_channels=channels, **kwargs)
+        return CifarResNet(int(key[6:]), width, in_channels=channels, **kwargs)
+    if ":" in name:
+        return _from_callable(name, kwargs)
+    import timm
+
     if not timm.is_model(name):
-        raise ValueError(f"unknown model {name!r}: not built in ({', '.join(BUILTIN_MODELS)}) and not a timm model "
-                         "(see timm.list_models('resnet*'))")
-    if width != 1.0:
-        raise ValueError(f"--width applies to the built-in models ({', '.join(BUILTIN_MODELS)}), not to timm's {name!r}")
-    kwargs = {"num_classes": num_classes, "in_chans": in_channels}
+        raise ValueError(
+            f"unknown model {name!r}: not built in ({', '.join(BUILTIN_MODELS)}), not a timm model "
+            "(see timm.list_models('resnet*')) and not 'package.module:callable'"
+        )
+    if in_channels is not None:
+        kwargs["in_chans"] = in_channels
     return timm.create_model(name, pretrained=False, **kwargs)
+
+
+def _from_callable(spec: str, kwargs: dict) -> nn.Module:
+    module_name, _, attribute = spec.partition(":")
+    try:
+        target: Any = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(f"cannot import {module_name!r} for model {spec!r}: {exc}") from exc
+    for part in attribute.split("."):
+        if not hasattr(target, part):
+            raise ValueError(f"{module_name!r} has no attribute {attribute!r} (model {spec!r})")
+        target = getattr(target, part)
+    model = target if isinstance(target, nn.Module) else target(**kwargs)
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"{spec!r} gave a {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def default_input_size(name: str, model: nn.Module, in_channels: Optional[int] = None) -> tuple[int, ...]:
+    """One input without the batch dimension: the built-ins' data, timm's pretrained_cfg, else 3x224x224."""
+    key = name.lower()
+    if key in INPUT_SIZES:
+        channels, size = INPUT_SIZES[key]
+        return (channels if in_channels is None else in_channels, size, size)
+    size = tuple(getattr(model, "pretrained_cfg", {}).get("input_size", (3, 224, 224)))
+    return size if in_channels is None else (in_channels, *size[1:])
