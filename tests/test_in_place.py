@@ -171,3 +171,24 @@ def test_in_place_pools_weights_held_by_the_root():
     assert fxsparse.realized_sparsity(model) == pytest.approx(0.5, abs=1 / 256)
     fxsparse.fold_(model)
     assert type(model) is nn.Linear and int((model.weight == 0).sum()) == 128
+
+
+IN_PLACE_ZOO = ["resnet18", "mobilenetv3_small_050", "efficientnet_b0", "convnext_atto", "vit_tiny_patch16_224",
+                "swin_tiny_patch4_window7_224", "levit_128s", "mixer_s16_224", "coat_lite_tiny", "hgnetv2_b0"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", IN_PLACE_ZOO)
+def test_in_place_on_timm_models_matches_sparsify(name):
+    timm = pytest.importorskip("timm")
+    base = timm.create_model(name, pretrained=False).eval()
+    x = torch.randn(1, *base.pretrained_cfg.get("input_size", (3, 224, 224)))
+    graph = fxsparse.sparsify(base, "st3sigma", 0.9)
+    own = copy.deepcopy(base)
+    tree = visible_tree(own)
+    fxsparse.sparsify_(own, "st3sigma", 0.9)
+    assert visible_tree(own) == tree
+    assert fxsparse.get_threshold(own).pool_paths == fxsparse.get_threshold(graph).pool_paths
+    with torch.no_grad():
+        assert torch.equal(own(x), graph(x))
+    assert torch.equal(fxsparse.get_threshold(own).tau, fxsparse.get_threshold(graph).tau)
