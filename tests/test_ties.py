@@ -3,7 +3,10 @@
 A weight is pruned exactly when its score is at or below tau, tau the numpy-"linear" q-quantile of the
 pool's fp32 scores. With distinct scores that is floor((N-1) q) + 1 weights; every score tied with tau is
 pruned too, so pools with ties at tau (bf16/fp16 weights take few distinct values) get those extra zeros.
-The folded model and the CSR checkpoint hold the same zeros.
+The folded model and the CSR checkpoint hold the same zeros. Ties are not broken: ST-3 and Feather map
+|w| = tau to exactly 0 whatever a mask says. One more source of zeros exists only for fp16 *parameters*
+(not autocast, whose master weights are fp32): ST-3's |w| - tau of a weight within a fraction of an fp16
+ulp above tau can round to 0 (test_fp16_parameters_st3_can_round_a_weight_just_above_tau_to_zero).
 """
 import math
 
@@ -77,3 +80,18 @@ def test_fold_and_the_csr_checkpoint_hold_the_same_zeros_as_the_rule(method, tmp
     fxsparse.save_csr(model, tmp_path / "model.safetensors")
     state = fxsparse.load_csr(tmp_path / "model.safetensors")
     assert sum(int((state[w] == 0).sum()) for w in weights) == at_or_below
+
+
+def test_fp16_parameters_st3_can_round_a_weight_just_above_tau_to_zero():
+    """The documented exception: fp16 weights a, b one ulp apart, tau 0.999 of the way from a to b."""
+    a = torch.tensor(0.01, dtype=torch.float16)
+    b = torch.nextafter(a, torch.tensor(1.0, dtype=torch.float16))
+    weight = torch.cat([torch.linspace(0.001, 0.009, 899).half(), a[None], b[None],
+                        torch.linspace(0.02, 0.5, 99).half()]).reshape(10, 100)
+    tau = fxsparse.global_quantile([weight], (899 + 0.999) / (weight.numel() - 1))
+    assert a < tau < b.float()
+    at_or_below = int((weight.float().abs() <= tau).sum())
+    assert int((fxsparse.St3().effective(weight, tau) == 0).sum()) == at_or_below + 1  # b - tau < fp16's tiniest
+    for method in (fxsparse.Feather(theta=1.0), fxsparse.Ste()):
+        assert int((method.effective(weight, tau) == 0).sum()) == at_or_below
+    assert int((fxsparse.St3().effective(weight.float(), tau) == 0).sum()) == at_or_below  # fp32: exact
