@@ -5,7 +5,7 @@
     ... optimizer.step(); fxsparse.step_(model) ...
     dense = fxsparse.fold(model)
 """
-from .api import hook_optimizer, sparsify, sparsify_, step_
+from .api import hook_optimizer, refresh_, sparsify, sparsify_, step_
 from .export import CsrFormatError, CsrReport, load_csr, load_csr_into_, read_csr_metadata, save_csr
 from .flops import FlopReport, LayerMacs, flops
 from .fold import fix_mask_, fold, fold_
@@ -18,7 +18,7 @@ from .threshold import global_quantile
 __version__ = "0.1.0"
 
 __all__ = [
-    "sparsify", "sparsify_", "step_", "hook_optimizer", "fold", "fold_", "fix_mask_",
+    "sparsify", "sparsify_", "step_", "refresh_", "hook_optimizer", "fold", "fold_", "fix_mask_",
     "Cubic", "Constant", "cubic", "paper_schedule",
     "METHODS", "Method", "register_method", "get_method", "St3", "St3Sigma", "Feather", "Gmp", "Ste",
     "GlobalThreshold", "get_threshold", "is_sparsified", "layer_densities", "realized_sparsity",

@@ -1,19 +1,21 @@
 """sparsify(): the library's one verb, and the only place user strings and options are resolved."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import fnmatch
 import warnings
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Iterator, Optional, Sequence, Union
 
+import torch.fx as fx
 from torch import nn
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
-from .fold import PRE_HOOK_ATTRIBUTE
+from .attach import attach_as_pre_hook_
 from .global_threshold import GlobalThreshold
 from .methods import Method, get_method
-from .pool import THRESHOLD_NAME, get_threshold, is_sparsified
+from .pool import get_threshold, is_sparsified, recompute_threshold_
 from .rewrite import (
     LayerFilter,
     insert_threshold_node_,
@@ -27,18 +29,31 @@ from .rewrite import (
 )
 from .schedule import Constant
 from .trace import trace
+from .training_checks import check_optimizer_trains, hook_registry, watch_step
 
 ExcludeSpec = Union[None, str, Sequence[str], LayerFilter]
 
 
-def _resolve_exclude(exclude: ExcludeSpec) -> Optional[LayerFilter]:
-    """None, a glob pattern on the weight's fqn (or several), or a callable (fqn, parameter) -> bool."""
+def _resolve_exclude(exclude: ExcludeSpec) -> tuple[Optional[LayerFilter], list[str]]:
+    """(filter, its glob patterns) for None, a glob pattern on the weight's fqn (or several), or a callable."""
     if exclude is None or callable(exclude):
-        return exclude
+        return exclude, []
     patterns = [exclude] if isinstance(exclude, str) else list(exclude)
     if not all(isinstance(p, str) for p in patterns):
         raise TypeError(f"exclude must be a glob pattern, a list of them, or a callable(fqn, param); got {exclude!r}")
-    return lambda fqn, param: any(fnmatch.fnmatchcase(fqn, p) for p in patterns)
+    return (lambda fqn, param: any(fnmatch.fnmatchcase(fqn, p) for p in patterns)), patterns
+
+
+def _warn_unmatched_patterns(patterns: list[str], fqns: list[str], model_name: str) -> None:
+    unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(fqn, p) for fqn in fqns)]
+    if unmatched:
+        examples = ", ".join(repr(f) for f in fqns[:3])
+        warnings.warn(
+            f"exclude pattern(s) {unmatched} match no conv/linear weight of {model_name}, so they exclude nothing. "
+            f"Patterns are matched against weight names such as {examples}: write 'head.*' or 'head.weight', "
+            "not 'head'",
+            stacklevel=4,
+        )
 
 
 def _check_sparsity(sparsity: float) -> float:
@@ -50,9 +65,33 @@ def _check_sparsity(sparsity: float) -> float:
     return float(sparsity)
 
 
-def _threshold_pre_hook(model: nn.Module, args) -> None:
-    threshold = get_threshold(model)
-    threshold(*[model.get_parameter(path) for path in threshold.pool_paths])
+def _distinct_weights(model: nn.Module, uses: list) -> dict:
+    """The pool before parametrization: path of each distinct parameter's future ``original`` -> the parameter
+    (a tied weight once, at its first use; install_parametrizations_ keeps the same parameter objects)."""
+    pool, seen = {}, set()
+    for use in uses:
+        param = getattr(model.get_submodule(use.module_fqn), use.name)
+        if id(param) not in seen:
+            seen.add(id(param))
+            pool[original_path(use)] = param
+    return pool
+
+
+@contextlib.contextmanager
+def _attributes_kept(model: nn.Module) -> Iterator[None]:
+    """Restore every module's attributes after symbolic tracing, which runs forward on proxies: a forward
+    that assigns to ``self`` would otherwise leave proxies (or new submodules) on the user's model."""
+    registries = ("_parameters", "_buffers", "_modules")
+    saved = [(m, dict(vars(m)), [dict(getattr(m, r)) for r in registries]) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for module, attributes, contents in saved:
+            vars(module).clear()
+            vars(module).update(attributes)  # the registries are the same dict objects: refill them
+            for registry, kept in zip(registries, contents):
+                getattr(module, registry).clear()
+                getattr(module, registry).update(kept)
 
 
 def _copy_plain_attributes(source: nn.Module, target: nn.Module) -> None:
@@ -95,16 +134,21 @@ def sparsify_(
     *,
     exclude: ExcludeSpec = None,
     min_numel: int = 0,
+    trace_model: bool = True,
+    leaf_modules: tuple[type, ...] = (),
 ) -> None:
     """In place: sparsify ``model`` itself, for code that keeps training the object it holds.
 
-    The same methods, threshold and parametrizations as sparsify(), installed on the model's own
-    Conv/Linear modules (found by walking them, as for an untraceable model), with the threshold as a
-    forward pre-hook. Parameter objects are kept, so an existing optimizer stays valid; weights used
-    through F.conv*/F.linear on raw parameters are not found (there is no graph). fxsparse.fold_(model)
-    undoes it, baking the effective weights. Arguments as for sparsify().
+    The pool is the one sparsify() finds (the model is traced, on its own modules, and the trace is
+    discarded), and the parametrizations go on the model's own modules, so the forward computes what
+    sparsify()'s does, F.conv*/F.linear on a module's own parameters included. The threshold runs as a
+    forward pre-hook on ``model``; its state is in the state_dict, under the first pooled weight's
+    ``parametrizations``. Nothing else changes: no child is added, parameter objects are kept (an
+    existing optimizer stays valid). Unlike sparsify(), parameters held by the root itself are pooled
+    too, unless the root is a GraphModule. fxsparse.fold_(model) undoes it, baking the effective weights.
+    Arguments as for sparsify().
     """
-    _sparsify(model, method, sparsity, schedule, exclude, min_numel, False, (), in_place=True)
+    _sparsify(model, method, sparsity, schedule, exclude, min_numel, trace_model, leaf_modules, in_place=True)
 
 
 def _sparsify(model, method, sparsity, schedule, exclude, min_numel, trace_model, leaf_modules, *, in_place: bool):
@@ -120,14 +164,14 @@ def _sparsify(model, method, sparsity, schedule, exclude, min_numel, trace_model
     schedule = Constant() if schedule is None else schedule
     if not callable(schedule):
         raise TypeError(f"schedule must be callable (step, final_sparsity) -> sparsity, e.g. fxsparse.Cubic(0, 1000); got {schedule!r}")
-    layer_filter = _resolve_exclude(exclude)
+    layer_filter, patterns = _resolve_exclude(exclude)
 
     working = model if in_place else copy.deepcopy(model)
-    traced = trace(working, tuple(leaf_modules)) if trace_model else None
-    if traced is not None and traced.graph_module is not None:
-        target: nn.Module = traced.graph_module
-        _copy_plain_attributes(working, target)
-        candidates = weight_uses_in_graph(target)
+    with _attributes_kept(working) if in_place else contextlib.nullcontext():
+        traced = trace(working, tuple(leaf_modules)) if trace_model else None
+    graph_module = traced.graph_module if traced is not None else None
+    if graph_module is not None:
+        candidates = weight_uses_in_graph(graph_module)  # its module paths are the model's own
     else:
         reason = traced.error if traced is not None else "tracing disabled (trace_model=False)"
         if traced is not None:
@@ -135,22 +179,25 @@ def _sparsify(model, method, sparsity, schedule, exclude, min_numel, trace_model
                 f"fxsparse could not trace {type(model).__name__} with torch.fx ({reason}); sparsifying by "
                 "walking modules instead. Lost: F.linear/F.conv calls on raw parameters are not sparsified, "
                 "the threshold runs as a forward pre-hook (not a graph node), and no graph is available.",
-                stacklevel=2,
+                stacklevel=3,
             )
-        target = working
         candidates = weight_uses_in_module(working)
+    target: nn.Module = working if in_place or graph_module is None else graph_module
+    if target is graph_module:
+        _copy_plain_attributes(working, target)
+    _warn_unmatched_patterns(patterns, [use.fqn for use in candidates], type(model).__name__)
 
     uses = select_uses(target, candidates, layer_filter, min_numel)
     excluded = len(candidates) - len(uses)
     root_uses: list = []
-    if target is not working:
+    if isinstance(target, fx.GraphModule):
         uses, root_uses = split_root_uses(uses)
         if root_uses:
             warnings.warn(
                 f"fxsparse leaves {[u.fqn for u in root_uses]} dense: parameters held by the model's root "
                 "module and used through F.conv*/F.linear cannot be parametrized inside a GraphModule; "
                 "move them into a submodule to sparsify them",
-                stacklevel=2,
+                stacklevel=3,
             )
     if not uses:
         raise ValueError(
@@ -159,26 +206,57 @@ def _sparsify(model, method, sparsity, schedule, exclude, min_numel, trace_model
             + (f", {len(root_uses)} held by the root module (see the warning)" if root_uses else "")
             + "; fxsparse prunes the weights of Conv1d/2d/3d, Linear and F.conv*/F.linear calls"
         )
-    threshold = GlobalThreshold(resolved_method, sparsity, schedule, pool_size=0)
+    threshold = GlobalThreshold(resolved_method, sparsity, schedule, _distinct_weights(target, uses))
     pool = install_parametrizations_(target, uses, resolved_method, threshold)
-    threshold.pool_paths = [original_path(use) for use in pool]
-    threshold.pool_size = sum(target.get_parameter(p).numel() for p in threshold.pool_paths)
-    threshold.to(target.get_parameter(threshold.pool_paths[0]).device)  # tau beside the weights (DDP/NCCL broadcasts it)
-    if target is not working:
+    if target is graph_module:
         reroute_functional_weights_(target, uses)
         insert_threshold_node_(target, threshold, pool)
     else:
-        target.add_module(THRESHOLD_NAME, threshold)
-        setattr(target, PRE_HOOK_ATTRIBUTE, target.register_forward_pre_hook(_threshold_pre_hook))
+        attach_as_pre_hook_(target, threshold)
     return target
 
 
 def step_(model: nn.Module, steps: int = 1) -> None:
-    """Advance the sparsity schedule by ``steps`` optimizer steps (call after optimizer.step())."""
-    get_threshold(model).advance_(steps)
+    """Advance the sparsity schedule by ``steps`` optimizer steps (call after optimizer.step()).
+
+    ``steps`` is a whole number >= 0. On the first few calls it also checks that the pooled weights do
+    change between steps: if they never do although they have gradients, the optimizer is most likely
+    training another copy of them (one built before sparsify()), and a warning says so.
+    """
+    threshold = get_threshold(model)
+    threshold.advance_(steps)
+    watch_step(threshold, model)
+
+
+def refresh_(model: nn.Module) -> None:
+    """Recompute tau now, from the pooled weights as they are.
+
+    tau follows every weight update autograd can see (optimizer steps, in-place ops under no_grad,
+    load_state_dict) and every step_. Call this after writes it cannot see: through ``param.data``
+    (``w.data.copy_(pretrained)``, optimizers written with ``p.data.add_``), or by a fused optimizer
+    between two step_ calls.
+    """
+    recompute_threshold_(model)
 
 
 def hook_optimizer(model: nn.Module, optimizer: Optimizer) -> RemovableHandle:
-    """Advance the schedule automatically after every ``optimizer.step()``; returns the hook handle."""
-    get_threshold(model)
-    return optimizer.register_step_post_hook(lambda opt, args, kwargs: step_(model))
+    """Advance the schedule automatically after every ``optimizer.step()``; returns the hook handle.
+
+    The optimizer must hold the model's parameters (an optimizer built before sparsify() holds the
+    original model's: an error says so). Hooking the same optimizer and model again returns the first
+    hook, with a warning: the schedule still advances once per step.
+    """
+    threshold = get_threshold(model)
+    check_optimizer_trains(model, optimizer)
+    registry = hook_registry(optimizer)
+    handle = registry.get(threshold)
+    if handle is not None:
+        warnings.warn(
+            "hook_optimizer(model, optimizer) was already called for this model and optimizer; the schedule "
+            "advances once per optimizer.step(), through the first hook (returned again). Call it once",
+            stacklevel=2,
+        )
+        return handle
+    handle = optimizer.register_step_post_hook(lambda opt, args, kwargs: threshold.advance_(1))
+    registry.add(threshold, handle)
+    return handle

@@ -28,7 +28,7 @@ from .api import sparsify_
 from .fold import fold_
 from .global_threshold import GlobalThreshold
 from .methods import Feather
-from .pool import get_threshold, is_sparsified, layer_densities
+from .pool import get_threshold, is_sparsified, layer_densities, pooled_weights
 from .schedule import Cubic
 
 __all__ = ["Pruner"]
@@ -86,7 +86,7 @@ class Pruner:
     @property
     def step_idx(self) -> int:
         """update_thresh() calls so far (Feather's counter), kept in the model's state_dict."""
-        return self.threshold._step
+        return self.threshold.current_step
 
     def _require_sparse(self) -> None:
         if not is_sparsified(self.model):
@@ -94,8 +94,7 @@ class Pruner:
 
     @torch.no_grad()
     def _recompute(self) -> None:
-        threshold = self.threshold
-        threshold(*[self.model.get_parameter(path) for path in threshold.pool_paths])
+        self.threshold(*pooled_weights(self.model))
 
     def update_thresh(self, end_of_batch: bool = False) -> None:
         """Before each batch: move to the next schedule step and recompute T from the current weights.

@@ -7,26 +7,43 @@ Also ST-3's "fix" step (METHODS.md sec. 1): w <- w_eff, then a frozen mask for t
 from __future__ import annotations
 
 import copy
+import warnings
 
 import torch
-import torch.fx as fx
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .pool import THRESHOLD_NAME, get_threshold, refresh_threshold_, sparse_entries, unique_entries
+from .attach import detach_pre_hook_
+from .global_threshold import GlobalThreshold
+from .pool import THRESHOLD_NAME, get_threshold, recompute_threshold_, sparse_entries, tau_is_stale, unique_entries
 
-PRE_HOOK_ATTRIBUTE = "_fxsparse_pre_hook"  # handle of the threshold pre-hook on untraceable models
+STALE_TAU_WARNING = (
+    "fxsparse: tau was stale: the pooled weights were changed where autograd cannot see it (through param.data, "
+    "or by a fused optimizer without fxsparse.step_), so the model's forwards since used an old threshold. This "
+    "fold uses tau recomputed from the weights as they are; call fxsparse.refresh_(model) after such writes "
+    "(and fxsparse.step_ after each optimizer step)"
+)
+
+
+def _warn_if_stale(model: nn.Module) -> None:
+    if tau_is_stale(model):
+        warnings.warn(STALE_TAU_WARNING, stacklevel=3)
 
 
 @torch.no_grad()
 def _effective_weights(model: nn.Module) -> list[tuple[nn.Parameter, torch.Tensor]]:
-    """(raw parameter, its effective weight) for every distinct pooled parameter, all computed first."""
-    refresh_threshold_(model)
+    """(raw parameter, its effective weight) for every distinct pooled parameter, all computed first,
+    with tau recomputed from the weights as they are (one selection; folding is rare)."""
+    recompute_threshold_(model)
     return [(e.original, getattr(e.module, e.name).detach().clone()) for e in unique_entries(model)]
 
 
-def _remove_threshold_(model: nn.Module) -> None:
-    if isinstance(model, fx.GraphModule):
+def _remove_threshold_(model: nn.Module, threshold: GlobalThreshold) -> None:
+    """Detach the threshold the way it was attached (``threshold.pre_hook``): a pre-hook, or a graph node.
+
+    A pre-hook's threshold lives inside the first pooled weight's parametrization and left with it.
+    """
+    if threshold.pre_hook is None:  # a node of the model's graph
         graph = model.graph
         for node in list(graph.nodes):
             if node.op == "call_module" and node.target == THRESHOLD_NAME:
@@ -39,9 +56,7 @@ def _remove_threshold_(model: nn.Module) -> None:
         model.delete_submodule(THRESHOLD_NAME)
         model.recompile()
     else:
-        getattr(model, PRE_HOOK_ATTRIBUTE).remove()
-        delattr(model, PRE_HOOK_ATTRIBUTE)
-        delattr(model, THRESHOLD_NAME)
+        detach_pre_hook_(model, threshold)
 
 
 def _own_parametrized_class_(module: nn.Module) -> None:
@@ -58,19 +73,22 @@ def _own_parametrized_class_(module: nn.Module) -> None:
 
 @torch.no_grad()
 def fold_(model: nn.Module) -> None:
-    """In place: weights <- effective weights, parametrizations and the threshold node removed."""
+    """In place: weights <- effective weights, parametrizations and the threshold node (or pre-hook) removed."""
+    threshold = get_threshold(model)
+    _warn_if_stale(model)
     baked = _effective_weights(model)
     for entry in sparse_entries(model):
         _own_parametrized_class_(entry.module)
         parametrize.remove_parametrizations(entry.module, entry.name, leave_parametrized=False)
     for param, value in baked:
         param.copy_(value)
-    _remove_threshold_(model)
+    _remove_threshold_(model, threshold)
 
 
 def fold(model: nn.Module) -> nn.Module:
     """A folded copy of a sparsified model (the input is left untouched)."""
     get_threshold(model)
+    _warn_if_stale(model)  # checked here: the copy's threshold sees new storage and recomputes anyway
     folded = copy.deepcopy(model)
     fold_(folded)
     return folded
@@ -83,6 +101,7 @@ def fix_mask_(model: nn.Module) -> None:
     Afterwards the forward is w * mask, so pruned weights receive no gradient while the kept ones
     fine-tune. Fold as usual at the end.
     """
+    _warn_if_stale(model)
     baked = _effective_weights(model)
     masks = {id(param): value != 0 for param, value in baked}
     for param, value in baked:

@@ -1,22 +1,33 @@
-"""GlobalThreshold: the one graph node that owns the schedule state and the global tau.
+"""GlobalThreshold: the one module that owns the schedule state and the global tau.
 
-It sits at the top of the sparsified model's forward with every pooled dense weight as input, so the
-global dependency is visible in ``print(model.code)``. State lives in buffers (``step``, ``tau``,
-``frozen``), so a checkpoint is ``state_dict()`` and resume is exact. tau is recomputed only when it can
-have changed: a new step, or weights modified in place since the last computation (an optimizer step).
-ST-3 recomputes tau after each optimizer step and Feather before each training forward; both read the
-weights as they are when the next forward starts, which is when this node runs.
+It runs at the top of the sparsified model's forward with every pooled dense weight as input: as a graph
+node (``print(model.code)`` shows the global dependency) in a model sparsify() traced, or as a forward
+pre-hook on the root of a model sparsified in place or by walking its modules (``pre_hook`` holds that
+hook's handle; it is None for a graph node, and fold reads it to know what to remove). State lives in
+buffers (``step``, ``tau``, ``frozen``), so a checkpoint is ``state_dict()`` and resume is exact. tau is
+recomputed only when it can have changed: a new step, or weights modified in place since the last
+computation (an optimizer step). ST-3 recomputes tau after each optimizer step and Feather before each
+training forward; both read the weights as they are when the next forward starts, which is when this
+module runs.
 
-Fused optimizers (``fused=True``) update weights without bumping their version counters: the
-step counter is what marks their updates, so call ``fxsparse.step_`` (or ``hook_optimizer``) after
-every optimizer step, also with a constant schedule.
+What it cannot see: writes that bypass autograd's version counters. Fused optimizers (``fused=True``)
+update weights without bumping them: the step counter marks their updates, so call ``fxsparse.step_``
+(or ``hook_optimizer``) after every optimizer step, also with a constant schedule. Writes through
+``param.data`` (``w.data.copy_(...)``, old-style optimizers): call ``fxsparse.refresh_(model)`` after
+them; fold and save_csr recompute tau and warn if it was stale.
+
+tau stays fp32 whatever the model's dtype (``.half()``, ``.to(torch.bfloat16)``), and a model built on
+the meta device and materialised with ``to_empty`` gets its step and frozen flag back from the host
+state, with tau recomputed at the next forward.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+import operator
+from typing import Callable, Mapping, Optional
 
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from .distributed import any_sharded, local_pool, storage_key
 from .methods.base import Method
@@ -25,32 +36,69 @@ from .threshold import global_quantile, layer_scaled_abs
 Schedule = Callable[[int, float], float]
 
 
+def step_count(steps) -> int:
+    """``steps`` as a whole number of optimizer steps >= 0; a clear error for anything else."""
+    if isinstance(steps, bool) or (isinstance(steps, Tensor) and steps.dtype == torch.bool):
+        raise TypeError(f"steps must be a whole number of optimizer steps (an int >= 0), got the bool {steps!r}")
+    try:
+        count = operator.index(steps)
+    except TypeError:
+        raise TypeError(f"steps must be a whole number of optimizer steps (an int >= 0), got {steps!r}") from None
+    if count < 0:
+        raise ValueError(
+            f"steps must be >= 0: the schedule only moves forward, got {count}; to go back, load an earlier "
+            "checkpoint (model.load_state_dict) or sparsify the dense model again"
+        )
+    return count
+
+
 class GlobalThreshold(nn.Module):
+    """The schedule and the exact global threshold of one sparsified model.
+
+    pool: the path of each raw pooled weight from the model's root (``<module>.parametrizations.<name>.original``)
+    -> the weight, in the order the forward passes them; the buffers are created beside the first one.
+    """
+
     _is_impure = True  # it has no users in the graph; torch.fx's dead-code elimination must keep it
 
-    def __init__(self, method: Method, final_sparsity: float, schedule: Schedule, pool_size: int):
+    def __init__(self, method: Method, final_sparsity: float, schedule: Schedule, pool: Mapping[str, Tensor]):
         super().__init__()
+        if not pool:
+            raise ValueError("GlobalThreshold needs at least one pooled weight")
         self.method = method
         self.final_sparsity = float(final_sparsity)
         self.schedule = schedule
-        self.pool_size = int(pool_size)
+        self.pool_paths: list[str] = list(pool)
+        self.pool_size = sum(weight.numel() for weight in pool.values())
         self.process_group: Optional[object] = None  # set for sharded weights (see fxsparse.distributed)
-        self.register_buffer("step", torch.zeros((), dtype=torch.int64))
-        self.register_buffer("tau", torch.zeros((), dtype=torch.float32))
-        self.register_buffer("frozen", torch.zeros((), dtype=torch.bool))
+        self.pre_hook: Optional[RemovableHandle] = None  # the root's forward pre-hook that runs it; None: a graph node
+        device = next(iter(pool.values())).device  # tau beside the weights (DDP/NCCL broadcasts it)
+        self.register_buffer("step", torch.zeros((), dtype=torch.int64, device=device))
+        self.register_buffer("tau", torch.zeros((), dtype=torch.float32, device=device))
+        self.register_buffer("frozen", torch.zeros((), dtype=torch.bool, device=device))
         self._step = 0  # host mirror of ``step``: no device sync to read the schedule
         self._frozen = False
         self._computed_for: Optional[tuple] = None
         self.prunes = False  # host flag: tau > 0 was computed for a positive target sparsity
 
     # --- schedule -------------------------------------------------------------------------------
+    @property
+    def current_step(self) -> int:
+        """Optimizer steps taken so far (the ``step`` buffer, read on the host without a device sync)."""
+        return self._step
+
+    @property
+    def is_frozen(self) -> bool:
+        """True after freeze_ (fix_mask_): tau is no longer recomputed."""
+        return self._frozen
+
     def target_sparsity(self, step: Optional[int] = None) -> float:
         """The scheduled sparsity at ``step`` (default: the current step)."""
         return float(self.schedule(self._step if step is None else step, self.final_sparsity))
 
     def advance_(self, steps: int = 1) -> None:
-        """Move the schedule on by ``steps`` optimizer steps."""
-        self._step += int(steps)
+        """Move the schedule on by ``steps`` optimizer steps (a whole number >= 0)."""
+        self._step += step_count(steps)
         self.step.fill_(self._step)
 
     def freeze_(self) -> None:
@@ -76,12 +124,19 @@ class GlobalThreshold(nn.Module):
         hint = float(self.tau) if self.prunes and self.tau.device.type == "cpu" else None
         return global_quantile(weights, sparsity, score_fn=score_fn, hint=hint)
 
+    def _key(self, weights: tuple[Tensor, ...]) -> tuple:
+        return self._step, tuple(w._version for w in weights), tuple(storage_key(w) for w in weights)
+
+    def is_current(self, weights: tuple[Tensor, ...]) -> bool:
+        """True when tau was computed for this step and these weights as autograd last saw them."""
+        return self._computed_for == self._key(weights)
+
     @torch.compiler.disable  # eager under torch.compile: no guards on the step, tau reaches the graph as a buffer
     @torch.no_grad()
     def forward(self, *weights: Tensor) -> None:
         if self._frozen:
             return None
-        key = (self._step, tuple(w._version for w in weights), tuple(storage_key(w) for w in weights))
+        key = self._key(weights)
         if key != self._computed_for:
             self.tau.copy_(self.compute_tau(weights))
             self.prunes = self.target_sparsity() > 0.0
@@ -91,6 +146,28 @@ class GlobalThreshold(nn.Module):
     def invalidate_(self) -> None:
         """Force a recomputation at the next forward (after weights were replaced, not modified in place)."""
         self._computed_for = None
+
+    # --- state ----------------------------------------------------------------------------------
+    def _apply(self, fn, recurse: bool = True):
+        """Module.to/half/cuda/to_empty: tau stays fp32, and step/frozen follow the host state.
+
+        ``.half()`` or ``.to(torch.bfloat16)`` would round tau; ``to_empty`` (after a meta-device init)
+        leaves every buffer uninitialised. The host mirrors of step and frozen are the truth; a tau
+        materialised from the meta device is recomputed at the next forward.
+        """
+        tau = self.tau
+        super()._apply(fn, recurse)
+        if self.tau.is_meta:
+            return self
+        self.step.fill_(self._step)
+        self.frozen.fill_(self._frozen)
+        if tau.is_meta:  # nothing to keep: prune nothing until the next forward computes tau
+            self.tau = torch.zeros((), dtype=torch.float32, device=self.tau.device)
+            self.prunes = False
+        elif self.tau.dtype != torch.float32:
+            self.tau = tau.to(device=self.tau.device, dtype=torch.float32)  # the fp32 value, not a rounded one
+        self.invalidate_()
+        return self
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -102,5 +179,5 @@ class GlobalThreshold(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"method={self.method}, final_sparsity={self.final_sparsity}, schedule={self.schedule}, "
-            f"pool_size={self.pool_size}, step={self._step}"
+            f"pool_size={self.pool_size}, step={self._step}, runs_as={'pre-hook' if self.pre_hook else 'graph node'}"
         )

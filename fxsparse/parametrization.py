@@ -2,6 +2,10 @@
 
 It reads the global tau from the model's GlobalThreshold by reference (a plain attribute, so the
 threshold is not registered as a child of every layer) and returns the method's effective weight.
+In a model sparsified without a graph node (in place, or by walking its modules) the first pooled
+weight's SparseWeight also holds the threshold as its child ``global_threshold``: its state is then in
+the model's state_dict, under ``<module>.parametrizations.<name>.0.global_threshold``, while the module
+tree the user sees is unchanged.
 After ST-3's fix step it holds a frozen boolean ``mask`` and returns w * mask (pruned weights then
 get no gradient).
 """
@@ -21,6 +25,9 @@ class _Reference:
         self.target = target
 
 
+HOSTED_THRESHOLD_NAME = "global_threshold"
+
+
 class SparseWeight(nn.Module):
     def __init__(self, method: Method, threshold: nn.Module):
         super().__init__()
@@ -31,6 +38,10 @@ class SparseWeight(nn.Module):
     @property
     def threshold(self) -> nn.Module:
         return self._threshold.target
+
+    def host_threshold_(self) -> None:
+        """Register the threshold as this parametrization's child, so that the model's state_dict holds it."""
+        self.add_module(HOSTED_THRESHOLD_NAME, self.threshold)
 
     def forward(self, weight: Tensor) -> Tensor:
         mask: Optional[Tensor] = self.mask

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from .global_threshold import GlobalThreshold
 from .parametrization import SparseWeight
 
 THRESHOLD_NAME = "fxsparse_threshold"
@@ -25,9 +26,7 @@ class SparseEntry:
         return self.module.parametrizations[self.name].original
 
 
-def sparse_entries(model: nn.Module) -> list[SparseEntry]:
-    """Every (module, attribute) carrying a SparseWeight, in module order (tied weights appear once each use)."""
-    entries = []
+def _iter_sparse_entries(model: nn.Module) -> Iterator[SparseEntry]:
     for module_fqn, module in model.named_modules():
         if not parametrize.is_parametrized(module):
             continue
@@ -35,8 +34,12 @@ def sparse_entries(model: nn.Module) -> list[SparseEntry]:
             for p in plist:
                 if isinstance(p, SparseWeight):
                     fqn = f"{module_fqn}.{name}" if module_fqn else name
-                    entries.append(SparseEntry(fqn, module, name, p))
-    return entries
+                    yield SparseEntry(fqn, module, name, p)
+
+
+def sparse_entries(model: nn.Module) -> list[SparseEntry]:
+    """Every (module, attribute) carrying a SparseWeight, in module order (tied weights appear once each use)."""
+    return list(_iter_sparse_entries(model))
 
 
 def unique_entries(model: nn.Module) -> list[SparseEntry]:
@@ -50,27 +53,61 @@ def unique_entries(model: nn.Module) -> list[SparseEntry]:
 
 
 def is_sparsified(model: nn.Module) -> bool:
-    return any(True for _ in sparse_entries(model)) or hasattr(model, THRESHOLD_NAME)
+    return any(True for _ in _iter_sparse_entries(model)) or hasattr(model, THRESHOLD_NAME)
 
 
-def get_threshold(model: nn.Module):
-    """The model's GlobalThreshold module; a clear error for a model sparsify() did not produce."""
-    threshold: Optional[nn.Module] = getattr(model, THRESHOLD_NAME, None)
-    inner = getattr(model, "module", None)  # DistributedDataParallel / DataParallel wrap the model
-    if threshold is None and isinstance(inner, nn.Module):
-        threshold = getattr(inner, THRESHOLD_NAME, None)
+def get_threshold(model: nn.Module) -> GlobalThreshold:
+    """The model's GlobalThreshold; a clear error for a model sparsify() did not produce.
+
+    A graph node is the root's ``fxsparse_threshold``; otherwise (in place, module walk, a wrapper such
+    as DistributedDataParallel) every SparseWeight of the model references it.
+    """
+    threshold: Optional[GlobalThreshold] = getattr(model, THRESHOLD_NAME, None)
+    if threshold is None:
+        threshold = next((entry.parametrization.threshold for entry in _iter_sparse_entries(model)), None)
     if threshold is None:
         raise ValueError(
-            f"{type(model).__name__} has no {THRESHOLD_NAME!r}: it is not a sparsified model "
-            "(call fxsparse.sparsify(model, ...) first, or it was already folded)"
+            f"{type(model).__name__} has no sparse parametrization and no {THRESHOLD_NAME!r}: it is not a "
+            "sparsified model (call fxsparse.sparsify(model, ...) first, or it was already folded)"
         )
     return threshold
+
+
+def pooled_weights(model: nn.Module) -> list[Tensor]:
+    """The raw pooled weights, in the order the threshold's graph node or pre-hook passes them."""
+    threshold = get_threshold(model)
+    root = model
+    inner = getattr(model, "module", None)  # DistributedDataParallel / DataParallel wrap the model
+    if isinstance(inner, nn.Module):
+        try:
+            model.get_parameter(threshold.pool_paths[0])
+        except AttributeError:
+            root = inner
+    return [root.get_parameter(path) for path in threshold.pool_paths]
 
 
 @torch.no_grad()
 def refresh_threshold_(model: nn.Module) -> None:
     """Bring a sparsified model's tau up to date with its current weights and step (no-op if current)."""
-    get_threshold(model)(*[entry.original for entry in unique_entries(model)])
+    get_threshold(model)(*pooled_weights(model))
+
+
+@torch.no_grad()
+def recompute_threshold_(model: nn.Module) -> None:
+    """Recompute tau from the weights as they are, even if the threshold believes it current."""
+    threshold = get_threshold(model)
+    threshold.invalidate_()
+    threshold(*pooled_weights(model))
+
+
+@torch.no_grad()
+def tau_is_stale(model: nn.Module) -> bool:
+    """True when the threshold believes tau current, yet the weights give another one: they were written
+    where autograd's version counters cannot see (through ``param.data``). Pure: computes, installs nothing."""
+    threshold, weights = get_threshold(model), pooled_weights(model)
+    if threshold.is_frozen or not threshold.is_current(weights):
+        return False
+    return not torch.equal(threshold.compute_tau(weights), threshold.tau)
 
 
 @torch.no_grad()

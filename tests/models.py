@@ -107,3 +107,38 @@ class NothingToSparsify(nn.Module):
 
     def forward(self, x):
         return self.norm(x)
+
+
+class LayerStack(nn.ModuleList):
+    """A ModuleList subclass whose forward iterates itself: a child added to it would be called."""
+
+    def __init__(self):
+        super().__init__([nn.Linear(8, 16), nn.Linear(16, 16), nn.Linear(16, 4)])
+
+    def forward(self, x):
+        for layer in self:
+            x = torch.tanh(layer(x))
+        return x
+
+
+class Branches(nn.ModuleDict):
+    """A ModuleDict subclass summing its values: a child added to it would join the sum."""
+
+    def __init__(self):
+        super().__init__({"left": nn.Linear(8, 4), "right": nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))})
+
+    def forward(self, x):
+        return sum(branch(x) for branch in self.values())
+
+
+class RemembersInput(nn.Module):
+    """A forward that assigns to self: symbolic tracing would leave a Proxy there."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 4)
+        self.last_input = None
+
+    def forward(self, x):
+        self.last_input = x
+        return self.fc(x)

@@ -129,7 +129,7 @@ def test_pruner_is_sparsify_with_feather_and_the_cubic_schedule():
                 opt.step()
             fxsparse.step_(graph)
         pruner.update_thresh(end_of_batch=True)
-    assert pruner.step_idx == fxsparse.get_threshold(graph)._step == 12
+    assert pruner.step_idx == fxsparse.get_threshold(graph).current_step == 12
     pruner.desparsify()
     folded = fxsparse.fold(graph)
     for key, value in folded.state_dict().items():

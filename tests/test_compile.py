@@ -62,7 +62,7 @@ def test_compiled_outputs_and_gradients_equal_eager_and_one_graph_serves_every_p
             torch.testing.assert_close(g_c, g_e, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(fxsparse.get_threshold(model).tau, fxsparse.get_threshold(eager).tau)
         frames.append(counter.frame_count)
-    assert fxsparse.get_threshold(model)._step == 6  # the ramp ran (0 -> 0.8 over steps 0..4, then held) ...
+    assert fxsparse.get_threshold(model).current_step == 6  # the ramp ran (0 -> 0.8 over steps 0..4, then held) ...
     # ... on two graphs: the dense one before the ramp (step 0) and the pruning one that serves every later step
     assert frames == [1, 2, 2, 2, 2, 2], frames
 
@@ -101,4 +101,4 @@ def test_step_helpers_see_through_the_compiled_wrapper():
     model = fxsparse.sparsify(TinyCNN(), "feather", 0.5, fxsparse.Cubic(0, 10))
     compiled = torch.compile(model, backend="eager")
     fxsparse.step_(compiled)
-    assert fxsparse.get_threshold(model)._step == 1
+    assert fxsparse.get_threshold(model).current_step == 1

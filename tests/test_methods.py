@@ -123,3 +123,34 @@ def test_registry_rejects_duplicates_and_unknown_names():
     with pytest.raises(ValueError, match="available methods: feather, gmp, st3, st3sigma, ste"):
         fxsparse.get_method("st4")
     assert fxsparse.get_method("FEATHER") == fxsparse.Feather()
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_method_gives_the_same_values_for_any_memory_format(name):
+    """channels_last weights (and a channels_last model) give the contiguous values and gradients, bit for bit."""
+    method = fxsparse.get_method(name).resolve(0.98)  # Feather with theta 0.5: a scaled gradient too
+    weight = torch.randn(16, 8, 3, 3)
+    tau = method.score(weight).flatten().kthvalue(int(0.7 * weight.numel())).values
+    upstream = torch.randn_like(weight)
+    results = {}
+    for layout in (torch.contiguous_format, torch.channels_last):
+        w = weight.to(memory_format=layout, copy=True).requires_grad_(True)
+        out = method.apply(w, tau)
+        out.backward(upstream.to(memory_format=layout))
+        assert out.is_contiguous(memory_format=layout)  # the conv keeps its layout
+        results[layout] = (out.detach().contiguous(), w.grad.contiguous())
+    for a, b in zip(results[torch.contiguous_format], results[torch.channels_last]):
+        assert torch.equal(a, b)
+    # and through a whole sparsified conv model converted to channels_last
+    dense = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 3))
+    x = torch.randn(2, 3, 9, 9)
+    outputs, grads = [], []
+    for layout in (torch.contiguous_format, torch.channels_last):
+        model = fxsparse.sparsify(dense, name, 0.7).to(memory_format=layout)
+        out = model(x.to(memory_format=layout))
+        out.square().sum().backward()
+        outputs.append(out.detach().contiguous())
+        grads.append([p.grad.contiguous() for p in model.parameters()])
+    torch.testing.assert_close(outputs[0], outputs[1])  # the conv kernels differ by layout, not the weights
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)

@@ -98,7 +98,7 @@ def test_deepcopy_is_an_independent_working_model(method):
     reference = model.eval()(x)
     ema = copy.deepcopy(model)
     threshold = fxsparse.get_threshold(ema)
-    assert threshold is not fxsparse.get_threshold(model) and threshold._step == 2
+    assert threshold is not fxsparse.get_threshold(model) and threshold.current_step == 2
     for entry in fxsparse.pool.sparse_entries(ema):  # every layer reads the copy's tau, not the original's
         assert entry.parametrization.threshold is threshold
     torch.testing.assert_close(ema.eval()(x), reference, rtol=0, atol=0)
@@ -141,7 +141,7 @@ def test_state_dict_round_trips_through_torch_save(method):
     assert {"fxsparse_threshold.step", "fxsparse_threshold.tau"} <= set(state)
     fresh = fxsparse.sparsify(TinyCNN(), method, 0.6, fxsparse.Cubic(0, 5))
     fresh.load_state_dict(state)
-    assert fxsparse.get_threshold(fresh)._step == 3
+    assert fxsparse.get_threshold(fresh).current_step == 3
     torch.testing.assert_close(fresh.eval()(x), model.eval()(x), rtol=0, atol=0)
     torch.testing.assert_close(fxsparse.get_threshold(fresh).tau, fxsparse.get_threshold(model).tau, rtol=0, atol=0)
 

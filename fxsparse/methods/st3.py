@@ -18,12 +18,14 @@ from .base import Method, register_method
 
 
 def soft_threshold_rescaled(weight: Tensor, layer_tau: Tensor) -> Tensor:
-    """ST-3's effective weight for the threshold ``layer_tau`` on raw |w| (fp32 maths).
+    """ST-3's effective weight for the threshold ``layer_tau`` on raw |w| (fp32 maths), in w's memory format.
 
     One allocation and a handful of passes: the kept share of each channel's l1 mass is
-    sum_kept |w| = sum max(|w| - t, 0) + t * (number kept), all read off the shrunk tensor.
+    sum_kept |w| = sum max(|w| - t, 0) + t * (number kept), all read off the shrunk tensor. The
+    per-channel sums run over a contiguous copy whatever the layout (channels_last included), so every
+    memory format gives the same values, bit for bit.
     """
-    w = weight.detach().float()
+    w = weight.detach().float().contiguous()
     rows = w.shape[0] if w.dim() > 1 else 1
     shrunk = w.abs()
     per_row = shrunk.view(rows, -1)
@@ -34,7 +36,9 @@ def soft_threshold_rescaled(weight: Tensor, layer_tau: Tensor) -> Tensor:
     ratio = (kept_mean + 1e-6) / (mean_magnitude + 1e-6)
     scale = 1.01 / (ratio + 0.01)
     shrunk.copysign_(w).view(rows, -1).mul_(scale.view(-1, 1))
-    return shrunk.to(weight.dtype)
+    if weight.is_contiguous():
+        return shrunk.to(weight.dtype)
+    return torch.empty_like(weight).copy_(shrunk)  # back to the weight's layout (empty_like keeps it)
 
 
 @register_method("st3")
