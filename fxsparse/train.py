@@ -32,6 +32,7 @@ from torch.nn.utils import parametrize
 from .api import sparsify, step_
 from .atomic import atomic_write
 from .fold import fix_mask_, fold
+from .layers import prunable_weights
 from .pool import get_threshold, is_sparsified, layer_densities, realized_sparsity
 from .schedule import Cubic, paper_schedule
 
@@ -170,17 +171,16 @@ def set_threads(threads: Optional[int] = None) -> int:
 
 
 def decayed_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The conv/linear weights (the raw ``original`` behind a sparse parametrization), each once."""
+    """The prunable weights (fxsparse.layers; the raw ``original`` behind a sparse parametrization), each once."""
     seen: dict[int, nn.Parameter] = {}
     for module in model.modules():
-        if not isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
-            continue
-        if parametrize.is_parametrized(module, "weight"):
-            param = module.parametrizations["weight"].original
-        else:
-            param = module.weight
-        if isinstance(param, nn.Parameter):
-            seen[id(param)] = param
+        for name in prunable_weights(module):
+            if parametrize.is_parametrized(module, name):
+                param = module.parametrizations[name].original
+            else:
+                param = getattr(module, name)
+            if isinstance(param, nn.Parameter):
+                seen[id(param)] = param
     if is_sparsified(model):  # F.linear / F.conv uses on raw parameters are pooled too
         for path in get_threshold(model).pool_paths:
             param = model.get_parameter(path)
