@@ -70,6 +70,10 @@ class CsrFormatError(ValueError):
     """The file is not a readable fxsparse CSR checkpoint (truncated, corrupt, other format or version)."""
 
 
+class NoCsrMetadata(CsrFormatError):
+    """A well-formed safetensors file without fxsparse metadata: plain safetensors, not a CSR checkpoint."""
+
+
 # ------------------------------------------------------------------------------------------------
 # report
 # ------------------------------------------------------------------------------------------------
@@ -560,8 +564,8 @@ def _read_checkpoint(path: str) -> _Checkpoint:
     metadata = table.pop("__metadata__", None)
     raw = metadata.get(METADATA_KEY) if isinstance(metadata, dict) else None
     if raw is None:
-        _fail(path, "a safetensors file without fxsparse metadata, not a CSR checkpoint: read it with "
-                    "safetensors.torch.load_file")
+        raise NoCsrMetadata(f"{path!r} is a safetensors file without fxsparse metadata, not a CSR checkpoint: "
+                            "read it with safetensors.torch.load_file")
     if not isinstance(raw, str):
         _fail(path, "the fxsparse metadata is not a JSON string; the file is corrupt")
     try:

@@ -12,7 +12,7 @@ from typing import Any, Mapping, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from .export import CsrFormatError, is_sparsified_key, load_checked_, load_csr
+from .export import NoCsrMetadata, is_sparsified_key, load_checked_, load_csr, load_csr_into_
 
 
 def create_model(spec: str, num_classes: Optional[int] = None) -> nn.Module:
@@ -43,18 +43,21 @@ def create_model(spec: str, num_classes: Optional[int] = None) -> nn.Module:
     return timm.create_model(spec, pretrained=False, **kwargs)
 
 
+def _is_safetensors(path: str) -> bool:
+    with open(path, "rb") as handle:
+        head = handle.read(16)
+    return path.endswith(".safetensors") or (len(head) >= 9 and head[8:9] == b"{")
+
+
 def read_state_dict(path: Union[str, os.PathLike]) -> dict[str, Tensor]:
     """A state_dict from a CSR checkpoint, a plain safetensors file or a torch checkpoint (.pt/.pth);
     a torch checkpoint may wrap it under "state_dict", "model" or "model_state_dict"."""
     path = os.fspath(path)
-    with open(path, "rb") as handle:
-        head = handle.read(16)
-    if path.endswith(".safetensors") or (len(head) >= 9 and head[8:9] == b"{"):
+    if _is_safetensors(path):
         try:
             return load_csr(path)
-        except CsrFormatError as exc:
-            if "without fxsparse metadata" not in str(exc):
-                raise
+        except NoCsrMetadata:
+            pass
         from safetensors.torch import load_file
 
         return load_file(path)
@@ -87,6 +90,12 @@ def load_model(
     model = create_model(spec, num_classes)
     if checkpoint is None:
         return model.eval(), None
+    if _is_safetensors(os.fspath(checkpoint)):
+        try:  # a CSR checkpoint: its declared shapes are checked against the model before anything is allocated
+            load_csr_into_(model, checkpoint)
+            return model.eval(), None
+        except NoCsrMetadata:
+            pass
     state = read_state_dict(checkpoint)
     sparsified_keys = [k for k in state if is_sparsified_key(k)]
     if sparsified_keys:

@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fxsparse.export import CsrFormatError, load_csr, load_csr_into_, read_csr_metadata, save_csr
+from fxsparse.loading import load_model
 from models import TinyCNN
 
 class _Missing:
@@ -264,7 +265,7 @@ class OneRow(nn.Module):
         self.w = nn.Parameter(torch.zeros(1, 16))
 
 
-@pytest.mark.parametrize("load", ["into_model", "max_bytes", "default"])
+@pytest.mark.parametrize("load", ["into_model", "max_bytes", "default", "tools"])
 def test_a_small_file_declaring_a_huge_weight_is_refused_without_allocating(tmp_path, load):
     shape = (1, 2**40) if load == "default" else (1, 2**30)  # default: 4 TiB, more than this machine has
     path = declaring(tmp_path, shape)
@@ -275,6 +276,8 @@ def test_a_small_file_declaring_a_huge_weight_is_refused_without_allocating(tmp_
         with guard, pytest.raises(ValueError) as error:
             if load == "into_model":
                 load_csr_into_(OneRow(), path)
+            elif load == "tools":  # tools/export.py and tools/flops.py rebuild the model, then load
+                load_model("test_untrusted_csr:OneRow", path)
             elif load == "max_bytes":
                 load_csr(path, max_bytes=1 << 20)
             else:
@@ -283,7 +286,7 @@ def test_a_small_file_declaring_a_huge_weight_is_refused_without_allocating(tmp_
     finally:
         tracemalloc.stop()
     assert "allocation of" not in str(error.value)
-    assert ("[1, 16] in the model" in str(error.value)) if load == "into_model" else "refused before allocating" in str(
+    assert ("[1, 16] in the model" in str(error.value)) if load in ("into_model", "tools") else "refused before allocating" in str(
         error.value)
     assert guard.largest <= 1 << 20 and peak < 1 << 20, (guard.largest, peak)
 
