@@ -157,3 +157,46 @@ def test_the_format_page_reader_reads_transposed_layouts(tmp_path, monkeypatch):
         scope = {"path": path, "name": name}
         exec(snippet, scope)
         assert np.array_equal(scope["weight"], model.state_dict()[name].numpy()), name
+
+
+class ToyLM(nn.Module):
+    """Embedding -> Linear -> head tied to the embedding (traceable: the graph path)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(30, 12)
+        self.body = nn.Linear(12, 12)
+        self.head = nn.Linear(12, 30, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.body(self.embed(ids))))
+
+
+@pytest.mark.parametrize("include", [False, True])
+def test_tied_embedding_on_the_graph_path_folds_to_what_the_sparse_model_computes(include):
+    ids = torch.randint(0, 30, (4, 7))
+    if include:
+        sparse = fxsparse.sparsify(ToyLM(), "st3", 0.9, include_embedding_tied=True)
+    else:
+        with pytest.warns(UserWarning, match="head.weight: tied to the embedding embed.*include_embedding_tied=True"):
+            sparse = fxsparse.sparsify(ToyLM(), "st3", 0.9)
+    with torch.no_grad():
+        logits = sparse(ids)
+        assert torch.equal(fxsparse.fold(sparse)(ids), logits)  # old code: differ by up to several units
+    pooled = {e.fqn for e in unique_entries(sparse)}
+    assert ("embed.weight" in pooled or "head.weight" in pooled) == include and "body.weight" in pooled
+    if include:
+        assert torch.equal(sparse.embed.weight, sparse.head.weight)
+        assert fxsparse.realized_sparsity(sparse) == pytest.approx(0.9, abs=1 / 500)
+
+
+def test_a_weight_tied_to_an_excluded_use_stays_dense_with_a_warning():
+    from models import TiedLinear
+
+    x = torch.randn(3, 12)
+    with pytest.warns(UserWarning, match=r"a.weight: tied to the excluded 'b.weight'"):
+        sparse = fxsparse.sparsify(TiedLinear(), "st3", 0.5, exclude="b.*")
+    assert {e.fqn for e in unique_entries(sparse)} == {"c.weight"}
+    with torch.no_grad():
+        assert torch.equal(fxsparse.fold(sparse)(x), sparse(x))
