@@ -301,7 +301,7 @@ class _Audit:
         self.model = model
         self.rows: "OrderedDict[str, LayerMacs]" = OrderedDict()
         self.module_stack: list[str] = []
-        self.suspended = 0  # > 0 inside a Conv/Linear module, a graph-counted node or the threshold
+        self.suspended = 0  # > 0 inside a weight-layer module, a graph-counted node or the threshold
         self.node: Optional[fx.Node] = None
         self.node_macs: dict[fx.Node, dict[str, Any]] = {}
         self.storage_names: dict[int, str] = {}  # storage data_ptr -> weight fqn, for functional uses
