@@ -151,7 +151,8 @@ def weights_left_dense(model: nn.Module, uses: list[WeightUse], excluded: list[W
             by_parameter[param_id] = f"tied to the excluded {excluded_ids[param_id]!r}"
         elif len(axes[param_id]) > 1:
             by_parameter[param_id] = "shared by layers whose outputs lie along different weight dims"
-    return {use: by_parameter[id(_parameter(model, use))] for use in uses if id(_parameter(model, use)) in by_parameter}
+    reasons = {use: by_parameter.get(id(_parameter(model, use))) for use in uses}
+    return {use: reason for use, reason in reasons.items() if reason is not None}
 
 
 def tied_embedding_uses(model: nn.Module, uses: list[WeightUse]) -> list[WeightUse]:

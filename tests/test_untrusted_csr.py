@@ -286,8 +286,8 @@ def test_a_small_file_declaring_a_huge_weight_is_refused_without_allocating(tmp_
     finally:
         tracemalloc.stop()
     assert "allocation of" not in str(error.value)
-    assert ("[1, 16] in the model" in str(error.value)) if load in ("into_model", "tools") else "refused before allocating" in str(
-        error.value)
+    expected = "[1, 16] in the model" if load in ("into_model", "tools") else "refused before allocating"
+    assert expected in str(error.value)
     assert guard.largest <= 1 << 20 and peak < 1 << 20, (guard.largest, peak)
 
 
