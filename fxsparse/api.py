@@ -14,6 +14,8 @@ from torch.utils.hooks import RemovableHandle
 
 from .attach import attach_as_pre_hook_
 from .global_threshold import GlobalThreshold
+from .layers import DESCRIPTION as PRUNABLE_WEIGHTS
+from .layers import LAYERS as PRUNABLE_LAYERS
 from .methods import Method, get_method
 from .pool import get_threshold, is_sparsified, recompute_threshold_
 from .rewrite import (
@@ -24,8 +26,10 @@ from .rewrite import (
     reroute_functional_weights_,
     select_uses,
     split_root_uses,
+    tied_embedding_uses,
     weight_uses_in_graph,
     weight_uses_in_module,
+    weights_left_dense,
 )
 from .schedule import Constant
 from .trace import trace
@@ -111,6 +115,7 @@ def sparsify(
     min_numel: int = 0,
     trace_model: bool = True,
     leaf_modules: tuple[type, ...] = (),
+    include_embedding_tied: bool = False,
 ) -> nn.Module:
     """Return a sparse-training copy of ``model``; ``model`` itself is never modified.
 
@@ -122,8 +127,14 @@ def sparsify(
     exclude: glob pattern(s) on weight names ("head.*") or a callable (fqn, param) -> bool.
     min_numel: leave weights with fewer elements dense (Feather's ``pthres``).
     trace_model / leaf_modules: torch.fx tracing switch and extra module classes to keep opaque.
+    include_embedding_tied: also sparsify weights tied to an nn.Embedding (a tied LM head), in both uses:
+        the embedding then looks up the same sparse effective weight the head multiplies by. By default
+        they stay dense, with a warning.
+    Layers that stay dense (tied weights, grouped transposed convs) are named in a warning; fxsparse.flops
+    and save_csr count them dense.
     """
-    return _sparsify(model, method, sparsity, schedule, exclude, min_numel, trace_model, leaf_modules, in_place=False)
+    return _sparsify(model, method, sparsity, schedule, exclude, min_numel, trace_model, leaf_modules,
+                     include_embedding_tied, in_place=False)
 
 
 def sparsify_(
@@ -136,6 +147,7 @@ def sparsify_(
     min_numel: int = 0,
     trace_model: bool = True,
     leaf_modules: tuple[type, ...] = (),
+    include_embedding_tied: bool = False,
 ) -> None:
     """In place: sparsify ``model`` itself, for code that keeps training the object it holds.
 
@@ -148,10 +160,12 @@ def sparsify_(
     too, unless the root is a GraphModule. fxsparse.fold_(model) undoes it, baking the effective weights.
     Arguments as for sparsify().
     """
-    _sparsify(model, method, sparsity, schedule, exclude, min_numel, trace_model, leaf_modules, in_place=True)
+    _sparsify(model, method, sparsity, schedule, exclude, min_numel, trace_model, leaf_modules, include_embedding_tied,
+              in_place=True)
 
 
-def _sparsify(model, method, sparsity, schedule, exclude, min_numel, trace_model, leaf_modules, *, in_place: bool):
+def _sparsify(model, method, sparsity, schedule, exclude, min_numel, trace_model, leaf_modules,
+              include_embedding_tied, *, in_place: bool):
     if not isinstance(model, nn.Module):
         raise TypeError(f"sparsify() takes a torch.nn.Module, got {type(model).__name__}")
     if is_sparsified(model):
@@ -174,14 +188,18 @@ def _sparsify(model, method, sparsity, schedule, exclude, min_numel, trace_model
         candidates = weight_uses_in_graph(graph_module)  # its module paths are the model's own
     else:
         reason = traced.error if traced is not None else "tracing disabled (trace_model=False)"
+        candidates = weight_uses_in_module(working)
         if traced is not None:
+            expected = (" (expected: transformers >= 5 models cannot be traced by torch.fx; trace_model=False "
+                        "skips the attempt)" if type(model).__module__.startswith("transformers.") else "")
             warnings.warn(
-                f"fxsparse could not trace {type(model).__name__} with torch.fx ({reason}); sparsifying by "
-                "walking modules instead. Lost: F.linear/F.conv calls on raw parameters are not sparsified, "
-                "the threshold runs as a forward pre-hook (not a graph node), and no graph is available.",
+                f"fxsparse could not trace {type(model).__name__} with torch.fx ({reason}){expected}; sparsifying "
+                f"by walking its modules instead, which found {len(candidates)} prunable weights (of "
+                f"{PRUNABLE_LAYERS}). Lost: weights the forward uses through F.linear/F.conv*/matmul on raw "
+                "parameters stay dense (fxsparse.flops counts them dense), and the threshold runs as a forward "
+                "pre-hook, not a graph node.",
                 stacklevel=3,
             )
-        candidates = weight_uses_in_module(working)
     target: nn.Module = working if in_place or graph_module is None else graph_module
     if target is graph_module:
         _copy_plain_attributes(working, target)
@@ -189,6 +207,16 @@ def _sparsify(model, method, sparsity, schedule, exclude, min_numel, trace_model
 
     uses = select_uses(target, candidates, layer_filter, min_numel)
     excluded = len(candidates) - len(uses)
+    left_dense = weights_left_dense(target, uses, [u for u in candidates if u not in uses], include_embedding_tied)
+    if left_dense:
+        warnings.warn(
+            "fxsparse leaves these weights dense (fxsparse.flops and save_csr count them dense): "
+            + "; ".join(f"{use.fqn}: {reason}" for use, reason in left_dense.items()),
+            stacklevel=3,
+        )
+        uses = [use for use in uses if use not in left_dense]
+    if include_embedding_tied:
+        uses += tied_embedding_uses(target, uses)
     root_uses: list = []
     if isinstance(target, fx.GraphModule):
         uses, root_uses = split_root_uses(uses)
@@ -204,7 +232,8 @@ def _sparsify(model, method, sparsity, schedule, exclude, min_numel, trace_model
             f"nothing to sparsify in {type(model).__name__}: found {len(candidates)} conv/linear weights"
             + (f", {excluded} excluded by exclude=/min_numel=" if excluded else "")
             + (f", {len(root_uses)} held by the root module (see the warning)" if root_uses else "")
-            + "; fxsparse prunes the weights of Conv1d/2d/3d, Linear and F.conv*/F.linear calls"
+            + (f", {len(left_dense)} left dense (see the warning)" if left_dense else "")
+            + f"; fxsparse prunes the weights of {PRUNABLE_WEIGHTS}"
         )
     threshold = GlobalThreshold(resolved_method, sparsity, schedule, _distinct_weights(target, uses))
     pool = install_parametrizations_(target, uses, resolved_method, threshold)

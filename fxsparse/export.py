@@ -4,16 +4,20 @@ Format (docs/FORMAT.md has the full description for other tools):
   * a safetensors file; its ``__metadata__`` holds one key, "fxsparse", a JSON document with the
     format name and version, library and torch versions, method, sparsity and one entry per tensor
     of the state_dict, in state_dict order.
-  * a tensor stored sparse ("layout": "csr") is the CSR of its 2-D view (shape[0], prod(shape[1:])),
-    e.g. a conv weight (O, I/g, kh, kw) as (O, I/g*kh*kw), in three plain tensors
-    "<name>::crow_indices", "<name>::col_indices", "<name>::values"; indices in the smallest of
-    uint8, int16, int32, int64 that holds them; values in the tensor's own dtype (lossless).
+  * a tensor stored sparse ("layout": "csr") is the CSR of the (outputs, inputs) matrix its op multiplies
+    by (fxsparse.layers.MatrixLayout, recorded as "output_axis" and "groups"): a conv weight
+    (O, I/g, kh, kw) as (O, I/g*kh*kw), a transposed conv's (I, O/g, *k) and transformers' Conv1D (in, out)
+    with their output dim 1 as rows; in three plain tensors "<name>::crow_indices", "<name>::col_indices",
+    "<name>::values"; indices in the smallest of uint8, int16, int32, int64 that holds them; values in
+    the tensor's own dtype (lossless).
   * every other tensor ("layout": "dense") is stored as is under its own name: biases, norms, buffers,
     and any weight whose CSR would not be smaller than its dense bytes.
   * a CRC32 of every stored tensor's bytes, so a corrupt file is refused naming the tensor.
 
 Zeros are exact zeros (x != 0): a pruned -0.0 comes back as +0.0, which torch.equal treats as equal.
 Files are written to a temporary file in the target directory and renamed, never half-written.
+A file is untrusted input: every header and metadata field is checked against the file's own sizes
+(and, in load_csr_into_, the model's shapes) before any tensor is read or allocated.
 """
 from __future__ import annotations
 
@@ -23,16 +27,18 @@ import math
 import os
 import zlib
 from collections import OrderedDict
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Callable, Mapping, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
 from .atomic import atomic_write
+from .layers import MatrixLayout, prunable_weight_names
 from .pool import THRESHOLD_NAME, get_threshold, is_sparsified
 
 FORMAT_NAME = "fxsparse-csr"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: CSR of the (outputs, inputs) matrix, "output_axis" and "groups" per CSR entry
+READABLE_VERSIONS = (1, 2)
 METADATA_KEY = "fxsparse"
 SEPARATOR = "::"
 CSR_PARTS = ("crow_indices", "col_indices", "values")
@@ -50,10 +56,22 @@ for _name in ("float8_e4m3fn", "float8_e5m2", "uint16", "uint32", "uint64"):
     if hasattr(torch, _name):
         _DTYPE_NAMES[getattr(torch, _name)] = _name
         _DTYPES[_name] = getattr(torch, _name)
+# safetensors' dtype codes, by torch name (the header's "dtype" of each stored tensor)
+_SAFETENSORS_CODES = {
+    "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64", "int32": "I32",
+    "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL", "float8_e4m3fn": "F8_E4M3",
+    "float8_e5m2": "F8_E5M2", "uint16": "U16", "uint32": "U32", "uint64": "U64",
+}
+_TORCH_NAMES = {code: name for name, code in _SAFETENSORS_CODES.items() if name in _DTYPES}
+_INDEX_DTYPE_NAMES = ("uint8", "int16", "int32", "int64")
 
 
 class CsrFormatError(ValueError):
     """The file is not a readable fxsparse CSR checkpoint (truncated, corrupt, other format or version)."""
+
+
+class NoCsrMetadata(CsrFormatError):
+    """A well-formed safetensors file without fxsparse metadata: plain safetensors, not a CSR checkpoint."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -141,38 +159,37 @@ def _crc32(tensor: Tensor) -> int:
     return zlib.crc32(tensor.detach().reshape(-1).contiguous().view(torch.uint8).numpy())
 
 
-def _view_2d(shape: tuple[int, ...]) -> tuple[int, int]:
-    return shape[0], math.prod(shape[1:])
-
-
-def to_csr(tensor: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(crow_indices, col_indices, values) of the 2-D view (shape[0], rest) with the smallest index dtypes."""
-    rows, cols = _view_2d(tuple(tensor.shape))
-    flat = tensor.detach().reshape(rows, cols)
-    row_index, col_index = torch.nonzero(flat, as_tuple=True)  # row-major order: CSR order
-    values = flat[row_index, col_index].contiguous()
+def to_csr(tensor: Tensor, layout: MatrixLayout = MatrixLayout()) -> tuple[Tensor, Tensor, Tensor]:
+    """(crow_indices, col_indices, values) of the (outputs, inputs) matrix of ``tensor`` under ``layout``
+    (default: the 2-D view (shape[0], rest)), with the smallest index dtypes."""
+    matrix = layout.to_matrix(tensor.detach())
+    rows, cols = matrix.shape
+    row_index, col_index = torch.nonzero(matrix, as_tuple=True)  # row-major order: CSR order
+    values = matrix[row_index, col_index].contiguous()
     crow = torch.zeros(rows + 1, dtype=torch.int64)
     crow[1:] = torch.cumsum(torch.bincount(row_index, minlength=rows), 0)
     nnz = values.numel()
     return (crow.to(index_dtype(nnz)), col_index.to(index_dtype(max(cols - 1, 0))), values)
 
 
-def csr_bytes(shape: tuple[int, ...], nnz: int, value_itemsize: int) -> int:
+def csr_bytes(shape: tuple[int, ...], nnz: int, value_itemsize: int, layout: MatrixLayout = MatrixLayout()) -> int:
     """Bytes of the CSR components to_csr would produce for a tensor of ``shape`` with ``nnz`` nonzeros."""
-    rows, cols = _view_2d(shape)
+    rows, cols = layout.matrix_shape(shape)
     return ((rows + 1) * _itemsize(index_dtype(nnz)) + nnz * _itemsize(index_dtype(max(cols - 1, 0)))
             + nnz * value_itemsize)
 
 
-def from_csr(crow: Tensor, col: Tensor, values: Tensor, shape: tuple[int, ...]) -> Tensor:
-    """The dense tensor of ``shape`` whose 2-D view has these CSR components (no validation)."""
-    return _scatter(values, _flat_positions(crow, col, _view_2d(shape)[1]), shape)
+def from_csr(crow: Tensor, col: Tensor, values: Tensor, shape: tuple[int, ...],
+             layout: MatrixLayout = MatrixLayout()) -> Tensor:
+    """The dense tensor of ``shape`` whose (outputs, inputs) matrix has these CSR components (no validation)."""
+    row, col64 = _coordinates(crow, col)
+    return _scatter(values, layout.flat_index(row, col64, shape), shape)
 
 
-def _flat_positions(crow: Tensor, col: Tensor, cols: int) -> Tensor:
-    """Row-major flat index of every stored value (crow must be non-decreasing)."""
-    row_index = torch.repeat_interleave(torch.arange(crow.numel() - 1), crow.to(torch.int64).diff())
-    return row_index * cols + col.to(torch.int64)
+def _coordinates(crow: Tensor, col: Tensor) -> tuple[Tensor, Tensor]:
+    """(row, column) of every stored value, int64 (crow must be non-decreasing)."""
+    row = torch.repeat_interleave(torch.arange(crow.numel() - 1), crow.to(torch.int64).diff())
+    return row, col.to(torch.int64)
 
 
 def _scatter(values: Tensor, positions: Tensor, shape: tuple[int, ...]) -> Tensor:
@@ -184,32 +201,30 @@ def _scatter(values: Tensor, positions: Tensor, shape: tuple[int, ...]) -> Tenso
 # ------------------------------------------------------------------------------------------------
 # what to save
 # ------------------------------------------------------------------------------------------------
+SPARSITY_SCOPE = "prunable weights (Linear, Conv, ConvTranspose, Conv1D, MultiheadAttention) and pooled weights"
+
+
 def is_sparsified_key(key: str) -> bool:
     """A state_dict key that only a sparsified (unfolded) model has."""
     return PARAMETRIZED_KEY in key or key.startswith(THRESHOLD_NAME + ".")
 
 
-def _folded_state(model: nn.Module) -> tuple[dict[str, Tensor], Optional[list[str]], dict[str, Any]]:
-    """(state_dict, the conv/linear weight names, facts for the metadata) of a model ready to export."""
+def _folded_state(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, MatrixLayout], set[str], dict[str, Any]]:
+    """(state_dict, layouts of its prunable weights, the names the sparsity is measured over, facts for the
+    metadata) of a model ready to export; a sparsified model is folded on a copy."""
     facts: dict[str, Any] = {}
+    pooled: set[str] = set()
     if is_sparsified(model):
+        from .fold import fold
+        from .pool import unique_entries
+
         threshold = get_threshold(model)
         facts["method"], facts["target_sparsity"] = threshold.method.name, float(threshold.final_sparsity)
-        try:
-            from .fold import fold
-        except ImportError as exc:  # pragma: no cover - fold ships with fxsparse
-            raise ValueError(
-                "this model is still sparsified (it has parametrizations); fold it first: "
-                "folded = fxsparse.fold(model); fxsparse.save_csr(folded, path)"
-            ) from exc
+        pooled = {entry.fqn for entry in unique_entries(model)}  # F.conv*/F.linear weights too
         model = fold(model)  # a folded copy: the caller's model stays as it is
         facts["folded_on_export"] = True
-    weights = [
-        f"{name}.weight" if name else "weight"
-        for name, module in model.named_modules()
-        if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)) and isinstance(module.weight, Tensor)
-    ]
-    return model.state_dict(), weights, facts
+    layouts = prunable_weight_names(model)
+    return model.state_dict(), layouts, set(layouts) | pooled, facts
 
 
 def _check_state_dict(state_dict: Mapping[str, Any]) -> None:
@@ -249,16 +264,20 @@ def save_csr(
 ) -> CsrReport:
     """Write ``model`` (a folded or dense module, a sparsified module, or a folded state_dict) to ``path``.
 
-    A sparsified model is folded into a copy first (the model itself is untouched). ``method`` and
-    ``architecture`` (e.g. the timm name) go into the metadata, as does ``metadata`` (JSON-serialisable)
-    under "extra". Returns what was written; the file appears complete or not at all.
+    A sparsified model is folded into a copy first (the model itself is untouched). A module's prunable
+    weights (fxsparse.layers) are stored as the CSR of their (outputs, inputs) matrix; a bare state_dict's
+    tensors as that of their (shape[0], rest) view. ``method`` and ``architecture`` (e.g. the timm name) go
+    into the metadata, as does ``metadata`` (JSON-serialisable) under "extra". Returns what was written;
+    the file appears complete or not at all.
     """
     facts: dict[str, Any] = {}
     if isinstance(model, nn.Module):
-        state_dict, weight_names, facts = _folded_state(model)
-        scope = "conv/linear weights"
+        state_dict, layouts, scope_names, facts = _folded_state(model)
+        scope = SPARSITY_SCOPE
     elif isinstance(model, Mapping):
-        state_dict, weight_names = dict(model), None
+        state_dict, layouts = dict(model), {}
+        scope_names = {k for k, v in state_dict.items()
+                       if isinstance(v, Tensor) and v.is_floating_point() and v.dim() >= 2}
         scope = "floating-point tensors with 2 or more dims"
     else:
         raise TypeError(f"save_csr() takes an nn.Module or a state_dict, got {type(model).__name__}")
@@ -268,6 +287,7 @@ def save_csr(
     entries: list[TensorEntry] = []
     described: "OrderedDict[str, dict[str, Any]]" = OrderedDict()
     seen_storages: set[int] = set()
+    counted: set[tuple] = set()  # a tied weight counts once in the sparsity, as in the pool
     pool_nnz = pool_numel = 0
     for name, value in state_dict.items():
         value = value.detach().cpu()
@@ -277,22 +297,25 @@ def save_csr(
             raise TypeError(f"tensor {name!r} has dtype {value.dtype}, which safetensors cannot store")
         floating = value.is_floating_point()
         nnz = int(torch.count_nonzero(value)) if floating else value.numel()
-        in_scope = name in weight_names if weight_names is not None else (floating and value.dim() >= 2)
-        if in_scope:
+        identity = (value.data_ptr(), shape, value.stride())
+        if name in scope_names and identity not in counted:
+            counted.add(identity)
             pool_nnz += nnz
             pool_numel += value.numel()
         dense_bytes = value.numel() * value.element_size()
+        layout = layouts.get(name, MatrixLayout())
         parts = None
         if floating and value.dim() >= 2 and value.numel():
-            if csr_bytes(shape, nnz, value.element_size()) < dense_bytes:
-                parts = dict(zip(CSR_PARTS, to_csr(value)))
+            if csr_bytes(shape, nnz, value.element_size(), layout) < dense_bytes:
+                parts = dict(zip(CSR_PARTS, to_csr(value, layout)))
         if parts is not None:
             for part, tensor in parts.items():
                 tensors[f"{name}{SEPARATOR}{part}"] = tensor
             stored = sum(t.numel() * t.element_size() for t in parts.values())
             described[name] = {"layout": "csr", "shape": list(shape), "dtype": dtype, "nnz": nnz,
                                "index_dtypes": [_DTYPE_NAMES[parts["crow_indices"].dtype],
-                                                _DTYPE_NAMES[parts["col_indices"].dtype]]}
+                                                _DTYPE_NAMES[parts["col_indices"].dtype]],
+                               "output_axis": layout.output_axis, "groups": layout.groups}
         else:
             value = value.contiguous()
             storage = value.untyped_storage().data_ptr()
@@ -336,11 +359,76 @@ def _atomic_save(tensors: dict[str, Tensor], metadata: dict[str, str], path: str
 
 
 # ------------------------------------------------------------------------------------------------
-# load
+# load: every field checked against the file's own sizes before anything is read or allocated
 # ------------------------------------------------------------------------------------------------
-def _read_header(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(tensor table, fxsparse document) from the safetensors header, checking that every tensor's bytes
-    are in the file, so a truncated file is refused naming the first tensor it cut."""
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_shape(value: Any) -> bool:
+    return isinstance(value, list) and all(_is_int(d) and d >= 0 for d in value)
+
+
+def _is_fraction_or_null(value: Any) -> bool:
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value <= 1.0)
+
+
+def _is_str_or_null(value: Any) -> bool:
+    return value is None or isinstance(value, str)
+
+
+# every field of the fxsparse document besides "format" and "format_version": (check, what it must be)
+_DOCUMENT_FIELDS = {
+    "fxsparse_version": (lambda v: isinstance(v, str), "a string"),
+    "torch_version": (lambda v: isinstance(v, str), "a string"),
+    "architecture": (_is_str_or_null, "a string or null"),
+    "method": (_is_str_or_null, "a string or null"),
+    "target_sparsity": (_is_fraction_or_null, "a number in [0, 1] or null"),
+    "sparsity": (_is_fraction_or_null, "a number in [0, 1] or null"),
+    "sparsity_scope": (lambda v: isinstance(v, str), "a string"),
+    "folded_on_export": (lambda v: isinstance(v, bool), "true or false"),
+    "tensors": (lambda v: isinstance(v, dict), "an object"),
+    "crc32": (lambda v: isinstance(v, dict), "an object"),
+    "extra": (lambda v: isinstance(v, dict), "an object"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class _StoredTensor:
+    """One "tensors" entry of a checked document."""
+
+    name: str
+    layout: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    nnz: int
+    matrix: MatrixLayout
+
+    @property
+    def keys(self) -> list[str]:
+        return [f"{self.name}{SEPARATOR}{part}" for part in CSR_PARTS] if self.layout == "csr" else [self.name]
+
+    @property
+    def dense_bytes(self) -> int:
+        return math.prod(self.shape) * _itemsize(self.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Checkpoint:
+    """A CSR checkpoint's header, checked: the safetensors table, the fxsparse document, its tensors."""
+
+    path: str
+    table: dict[str, Any]
+    document: dict[str, Any]
+    tensors: list[_StoredTensor]
+
+
+def _fail(path: str, message: str) -> None:
+    raise CsrFormatError(f"{path!r}: {message}")
+
+
+def _read_json_header(path: str) -> tuple[dict[str, Any], int]:
+    """(the safetensors header, the size of the data section), checking the header fits in the file."""
     try:
         size = os.path.getsize(path)
     except OSError as exc:
@@ -348,147 +436,260 @@ def _read_header(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
     with open(path, "rb") as handle:
         head = handle.read(8)
         if len(head) < 8:
-            raise CsrFormatError(f"{path!r} has {size} bytes: too short to be a safetensors file (truncated?)")
+            _fail(path, f"{size} bytes: too short to be a safetensors file (truncated?)")
         header_size = int.from_bytes(head, "little")
         if header_size > size - 8:
-            raise CsrFormatError(
-                f"{path!r} is truncated or not a safetensors file: its header claims {header_size:,} bytes "
-                f"but the file has {size:,} bytes"
-            )
-        try:
-            table = json.loads(handle.read(header_size))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise CsrFormatError(f"{path!r}: the safetensors header is not valid JSON ({exc}); the file is corrupt") from exc
-    if not isinstance(table, dict):
-        raise CsrFormatError(f"{path!r}: the safetensors header is not a JSON object; the file is corrupt")
-    raw = (table.pop("__metadata__", None) or {}).get(METADATA_KEY)
-    if raw is None:
+            _fail(path, f"truncated or not a safetensors file: its header claims {header_size:,} bytes but the "
+                        f"file has {size:,} bytes")
+        raw = handle.read(header_size)
+    try:
+        table = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CsrFormatError(
-            f"{path!r} is a safetensors file without fxsparse metadata, not a CSR checkpoint: "
-            "read it with safetensors.torch.load_file"
-        )
+            f"{path!r}: the safetensors header is not valid JSON ({exc}); the file is corrupt") from exc
+    if not isinstance(table, dict):
+        _fail(path, "the safetensors header is not a JSON object; the file is corrupt")
+    return table, size - 8 - header_size
+
+
+def _check_table(path: str, table: dict[str, Any], data_bytes: int) -> None:
+    """Every stored tensor: a known dtype, a shape, and offsets inside the data section matching its size."""
+    for key, info in table.items():
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        if not (isinstance(info, dict) and info.get("dtype") in _TORCH_NAMES and _is_shape(info.get("shape"))
+                and isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)
+                and 0 <= offsets[0] <= offsets[1]):
+            _fail(path, f"corrupt safetensors header entry for {key!r}: {info!r}")
+    for key, info in sorted(table.items(), key=lambda item: item[1]["data_offsets"][1]):
+        begin, end = info["data_offsets"]
+        if end > data_bytes:
+            _fail(path, f"truncated: tensor {key.split(SEPARATOR)[0]!r} ({key}) needs bytes up to {end:,} of the "
+                        f"data section but the file holds {data_bytes:,}; re-export or copy the file again")
+        expected = math.prod(info["shape"]) * _itemsize(_DTYPES[_TORCH_NAMES[info["dtype"]]])
+        if end - begin != expected:
+            _fail(path, f"corrupt: stored tensor {key!r} of shape {info['shape']} and dtype {info['dtype']} takes "
+                        f"{end - begin:,} bytes, not {expected:,}")
+
+
+def _check_document(path: str, document: Any) -> int:
+    """The document's version, after checking its format and every field's type; raises CsrFormatError."""
+    if not isinstance(document, dict):
+        _fail(path, "the fxsparse metadata is not a JSON object; the file is corrupt")
+    if document.get("format") != FORMAT_NAME:
+        _fail(path, f"metadata format is {document.get('format')!r}, expected {FORMAT_NAME!r}")
+    version = document.get("format_version")
+    if not _is_int(version) or version not in READABLE_VERSIONS:
+        advice = ("Upgrade fxsparse to read it." if _is_int(version) and version > FORMAT_VERSION
+                  else "Re-export the checkpoint with this fxsparse.")
+        _fail(path, f"has CSR format version {version!r}; this fxsparse ({_version()}) reads versions "
+                    f"{', '.join(map(str, READABLE_VERSIONS))}. {advice}")
+    for field, (check, what) in _DOCUMENT_FIELDS.items():
+        if field not in document:
+            _fail(path, f"the fxsparse metadata has no {field!r}; the file is corrupt or not written by fxsparse")
+        if not check(document[field]):
+            _fail(path, f"metadata field {field!r} must be {what}, got {document[field]!r}")
+    for key, crc in document["crc32"].items():
+        if not (_is_int(crc) and 0 <= crc < 2**32):
+            _fail(path, f"the CRC32 of {key!r} must be an integer in [0, 2**32), got {crc!r}")
+    return version
+
+
+def _check_entry(path: str, name: str, entry: Any, version: int) -> _StoredTensor:
+    """One "tensors" entry, every field checked (types, ranges, consistency with its own shape)."""
+    def fail(what: str) -> None:
+        _fail(path, f"corrupt metadata for tensor {name!r}: {what}")
+
+    if SEPARATOR in name:
+        fail(f"the name contains {SEPARATOR!r}, which the format reserves")
+    if not isinstance(entry, dict):
+        fail(f"expected an object, got {entry!r}")
+    for field in ("layout", "shape", "dtype", "nnz"):
+        if field not in entry:
+            fail(f"no {field!r}")
+    layout, shape, dtype, nnz = entry["layout"], entry["shape"], entry["dtype"], entry["nnz"]
+    if layout not in ("csr", "dense"):
+        fail(f"layout must be 'csr' or 'dense', got {layout!r}")
+    if not _is_shape(shape):
+        fail(f"shape must be a list of non-negative integers, got {shape!r}")
+    if not isinstance(dtype, str) or dtype not in _DTYPES:
+        fail(f"unknown dtype {dtype!r}")
+    numel = math.prod(shape)
+    if numel * _itemsize(_DTYPES[dtype]) >= 2**63:
+        fail(f"shape {shape} of {dtype} is larger than any tensor can be")
+    if not (_is_int(nnz) and 0 <= nnz <= numel):
+        fail(f"nnz must be an integer in [0, {numel}], got {nnz!r}")
+    torch_dtype = _DTYPES[dtype]
+    matrix = MatrixLayout()
+    if layout == "csr":
+        if not torch_dtype.is_floating_point or len(shape) < 2:
+            fail(f"a CSR tensor must be floating-point with 2 or more dims, got {dtype} of shape {shape}")
+        index_dtypes = entry.get("index_dtypes")
+        if not (isinstance(index_dtypes, list) and len(index_dtypes) == 2
+                and all(isinstance(d, str) and d in _INDEX_DTYPE_NAMES for d in index_dtypes)):
+            fail(f"index_dtypes must be two of {list(_INDEX_DTYPE_NAMES)}, got {index_dtypes!r}")
+        if version >= 2:
+            axis, groups = entry.get("output_axis"), entry.get("groups")
+            if axis not in (0, 1) or not _is_int(axis):
+                fail(f"output_axis must be 0 or 1, got {axis!r}")
+            if not (_is_int(groups) and groups >= 1 and (groups == 1 if axis == 0 else shape[0] % groups == 0)):
+                fail(f"groups must be a positive integer dividing shape[0] (1 when output_axis is 0), got {groups!r}")
+            matrix = MatrixLayout(axis, groups)
+    elif not torch_dtype.is_floating_point and nnz != numel:
+        fail(f"nnz of a non-floating tensor is its numel {numel}, got {nnz}")
+    return _StoredTensor(name, layout, tuple(shape), torch_dtype, nnz, matrix)
+
+
+def _check_parts(path: str, tensor: _StoredTensor, table: dict[str, Any], index_dtypes: list[str]) -> None:
+    """The stored safetensors tensors of one entry exist with the dtypes and lengths its metadata implies."""
+    if tensor.layout == "dense":
+        expected = {tensor.name: (_DTYPE_NAMES[tensor.dtype], list(tensor.shape))}
+    else:
+        rows, _ = tensor.matrix.matrix_shape(tensor.shape)
+        crow, col, values = tensor.keys
+        expected = {crow: (index_dtypes[0], [rows + 1]), col: (index_dtypes[1], [tensor.nnz]),
+                    values: (_DTYPE_NAMES[tensor.dtype], [tensor.nnz])}
+    for key, (dtype, shape) in expected.items():
+        info = table.get(key)
+        if info is None:
+            _fail(path, f"corrupt: tensor {tensor.name!r} has no stored part {key!r}")
+        stored = (_TORCH_NAMES[info["dtype"]], info["shape"])
+        if stored != (dtype, shape):
+            _fail(path, f"corrupt: tensor {tensor.name!r}: {key!r} is stored as {stored[0]} of shape {stored[1]}, "
+                        f"its metadata implies {dtype} of shape {shape}")
+
+
+def _read_checkpoint(path: str) -> _Checkpoint:
+    """The header of a CSR checkpoint, every field checked; nothing but the header is read."""
+    table, data_bytes = _read_json_header(path)
+    metadata = table.pop("__metadata__", None)
+    raw = metadata.get(METADATA_KEY) if isinstance(metadata, dict) else None
+    if raw is None:
+        raise NoCsrMetadata(f"{path!r} is a safetensors file without fxsparse metadata, not a CSR checkpoint: "
+                            "read it with safetensors.torch.load_file")
+    if not isinstance(raw, str):
+        _fail(path, "the fxsparse metadata is not a JSON string; the file is corrupt")
     try:
         document = json.loads(raw)
     except json.JSONDecodeError as exc:
         raise CsrFormatError(f"{path!r}: the fxsparse metadata is not valid JSON ({exc}); the file is corrupt") from exc
-    if document.get("format") != FORMAT_NAME:
-        raise CsrFormatError(f"{path!r}: metadata format is {document.get('format')!r}, expected {FORMAT_NAME!r}")
-    version = document.get("format_version")
-    if version != FORMAT_VERSION:
-        raise CsrFormatError(
-            f"{path!r} has CSR format version {version!r}; this fxsparse ({_version()}) reads version "
-            f"{FORMAT_VERSION}. " + ("Upgrade fxsparse to read it." if isinstance(version, int) and version > FORMAT_VERSION
-                                     else "Re-export the checkpoint with this fxsparse.")
-        )
-    data_bytes = size - 8 - header_size
-    for key, info in sorted(table.items(), key=lambda item: item[1].get("data_offsets", [0, 0])[1]):
-        end = info.get("data_offsets", [0, 0])[1]
-        if end > data_bytes:
-            owner = key.split(SEPARATOR)[0]
-            raise CsrFormatError(
-                f"{path!r} is truncated: tensor {owner!r} ({key}) needs bytes up to {end:,} of the data section "
-                f"but the file holds {data_bytes:,}; re-export or copy the file again"
-            )
-    return table, document
+    version = _check_document(path, document)
+    _check_table(path, table, data_bytes)
+    tensors = [_check_entry(path, name, entry, version) for name, entry in document["tensors"].items()]
+    claimed: set[str] = set()
+    for tensor, entry in zip(tensors, document["tensors"].values()):
+        _check_parts(path, tensor, table, entry.get("index_dtypes", []))
+        claimed.update(tensor.keys)
+    for key in table:
+        if key not in claimed:
+            _fail(path, f"corrupt: it stores {key!r}, which its metadata does not describe")
+        if key not in document["crc32"]:
+            _fail(path, f"corrupt: stored tensor {key!r} has no CRC32 in the metadata")
+    for key in document["crc32"]:
+        if key not in table:
+            _fail(path, f"corrupt: the metadata has a CRC32 for {key!r}, which the file does not store")
+    return _Checkpoint(path, table, document, tensors)
 
 
 def read_csr_metadata(path: Union[str, os.PathLike]) -> dict[str, Any]:
-    """The fxsparse JSON document of a CSR checkpoint (versions, method, sparsity, per-tensor entries)."""
-    return _read_header(os.fspath(path))[1]
+    """The fxsparse JSON document of a CSR checkpoint (versions, method, sparsity, per-tensor entries), checked."""
+    return _read_checkpoint(os.fspath(path)).document
 
 
 def _check_crc(path: str, key: str, tensor: Tensor, document: dict[str, Any]) -> None:
-    expected = document.get("crc32", {}).get(key)
-    if expected is not None and _crc32(tensor) != expected:
+    if _crc32(tensor) != document["crc32"][key]:
         raise CsrFormatError(
             f"{path!r} is corrupt: tensor {key.split(SEPARATOR)[0]!r} ({key}) fails its CRC32 check; re-export it"
         )
 
 
-def _validated_positions(path: str, name: str, crow: Tensor, col: Tensor, values: Tensor,
-                         shape: tuple[int, ...]) -> Tensor:
-    """_flat_positions of CSR components read from ``path``, after checking they describe ``shape``."""
-    rows, cols = _view_2d(shape)
+def _validated_positions(path: str, stored: _StoredTensor, crow: Tensor, col: Tensor) -> Tensor:
+    """Flat positions in the stored tensor of every CSR value, after checking the components (whose dtypes
+    and lengths the header check fixed) describe ``stored``."""
+    rows, cols = stored.matrix.matrix_shape(stored.shape)
 
     def fail(what: str) -> None:
-        raise CsrFormatError(f"{path!r} is corrupt: tensor {name!r} of shape {list(shape)}: {what}")
+        raise CsrFormatError(f"{path!r} is corrupt: tensor {stored.name!r} of shape {list(stored.shape)}: {what}")
 
-    for part, tensor in (("crow_indices", crow), ("col_indices", col)):
-        if tensor.is_floating_point() or tensor.dtype == torch.bool or tensor.dim() != 1:
-            fail(f"{part} must be a 1-D integer tensor, got {tensor.dtype} of shape {list(tensor.shape)}")
-    if values.dim() != 1:
-        fail(f"values must be 1-D, got shape {list(values.shape)}")
-    if crow.numel() != rows + 1:
-        fail(f"crow_indices has {crow.numel()} entries, expected rows + 1 = {rows + 1}")
     crow64, col64 = crow.to(torch.int64), col.to(torch.int64)
-    nnz = values.numel()
-    if col.numel() != nnz or int(crow64[0]) != 0 or int(crow64[-1]) != nnz:
-        fail(f"crow_indices runs {int(crow64[0])}..{int(crow64[-1])} for {col.numel()} columns and {nnz} values")
+    if int(crow64[0]) != 0 or int(crow64[-1]) != stored.nnz:
+        fail(f"crow_indices runs {int(crow64[0])}..{int(crow64[-1])} for {stored.nnz} values")
     if bool((crow64.diff() < 0).any()):
         fail("crow_indices decreases")
-    if nnz and (int(col64.min()) < 0 or int(col64.max()) >= cols):
+    if stored.nnz and (int(col64.min()) < 0 or int(col64.max()) >= cols):
         fail(f"a column index is outside [0, {cols})")
-    positions = _flat_positions(crow64, col64, cols)
-    if bool((positions.diff() <= 0).any()):
+    row, col64 = _coordinates(crow64, col64)
+    if bool(((row * cols + col64).diff() <= 0).any()):
         fail("column indices are not strictly increasing within a row")
-    return positions
+    return stored.matrix.flat_index(row, col64, stored.shape)
 
 
-def load_csr(path: Union[str, os.PathLike], *, device: Union[str, torch.device] = "cpu") -> "OrderedDict[str, Tensor]":
+def _physical_memory() -> Optional[int]:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # not POSIX
+        return None
+
+
+def load_csr(path: Union[str, os.PathLike], *, device: Union[str, torch.device] = "cpu",
+             max_bytes: Optional[int] = None) -> "OrderedDict[str, Tensor]":
     """The state_dict (dense tensors, original order and dtypes) stored in a CSR checkpoint.
 
     It is bitwise equal to the folded model's state_dict (torch.equal), except that -0.0 in pruned
-    places comes back as +0.0. Truncated or corrupt files, and other format versions, raise
-    CsrFormatError naming the tensor.
+    places comes back as +0.0. Truncated or corrupt files, malformed metadata and other format versions
+    raise CsrFormatError naming the field or tensor, before anything is allocated. A CSR tensor's dense size
+    is only bounded by its declared shape: a file whose tensors would take more than ``max_bytes`` dense
+    (default: this machine's physical memory) is refused; load_csr_into_ checks the shapes against the model.
     """
+    return _load(os.fspath(path), device, max_bytes, None)
+
+
+def _load(path: str, device: Union[str, torch.device], max_bytes: Optional[int],
+          check: Optional[Callable[[dict[str, tuple[int, ...]]], None]]) -> "OrderedDict[str, Tensor]":
     from safetensors import SafetensorError, safe_open
 
-    path = os.fspath(path)
-    table, document = _read_header(path)
+    checkpoint = _read_checkpoint(path)
+    if check is not None:
+        check({t.name: t.shape for t in checkpoint.tensors})
+    limit = _physical_memory() if max_bytes is None else max_bytes
+    declared = sum(t.dense_bytes for t in checkpoint.tensors)
+    if limit is not None and declared > limit:
+        _fail(path, f"its tensors would take {declared:,} bytes dense, more than the {limit:,} allowed "
+                    f"(max_bytes{'' if max_bytes is not None else ', default: physical memory'}); refused before "
+                    "allocating. Pass a larger max_bytes if you trust the file, or load it with load_csr_into_")
     state: "OrderedDict[str, Tensor]" = OrderedDict()
     try:
         handle_context = safe_open(path, framework="pt", device="cpu")
     except SafetensorError as exc:
         raise CsrFormatError(f"{path!r} cannot be opened as safetensors ({exc}); the file is corrupt") from exc
     with handle_context as handle:
-        def read(key: str, name: str) -> Tensor:
-            if key not in table:
-                raise CsrFormatError(f"{path!r} is corrupt: tensor {name!r} has no stored part {key!r}")
+        def read(key: str) -> Tensor:
             try:
                 tensor = handle.get_tensor(key)
             except SafetensorError as exc:
-                raise CsrFormatError(f"{path!r}: tensor {name!r} ({key}) cannot be read ({exc})") from exc
-            _check_crc(path, key, tensor, document)
+                raise CsrFormatError(
+                    f"{path!r}: tensor {key.split(SEPARATOR)[0]!r} ({key}) cannot be read ({exc})") from exc
+            _check_crc(path, key, tensor, checkpoint.document)
             return tensor
 
-        for name, entry in document.get("tensors", {}).items():
-            shape = tuple(int(s) for s in entry["shape"])
-            dtype = _DTYPES.get(entry.get("dtype"))
-            if entry.get("layout") == "csr":
-                crow, col, values = (read(f"{name}{SEPARATOR}{part}", name) for part in CSR_PARTS)
-                tensor = _scatter(values, _validated_positions(path, name, crow, col, values, shape), shape)
-            elif entry.get("layout") == "dense":
-                tensor = read(name, name)
-                if tuple(tensor.shape) != shape:
-                    raise CsrFormatError(
-                        f"{path!r} is corrupt: tensor {name!r} is stored with shape {list(tensor.shape)}, "
-                        f"its metadata says {list(shape)}"
-                    )
+        for stored in checkpoint.tensors:
+            if stored.layout == "csr":
+                crow, col, values = (read(key) for key in stored.keys)
+                tensor = _scatter(values, _validated_positions(path, stored, crow, col), stored.shape)
             else:
-                raise CsrFormatError(f"{path!r}: tensor {name!r} has unknown layout {entry.get('layout')!r}")
-            if tensor.dtype != dtype:
-                raise CsrFormatError(
-                    f"{path!r} is corrupt: tensor {name!r} holds {tensor.dtype}, its metadata says {entry.get('dtype')!r}"
-                )
-            state[name] = tensor.to(device)
+                tensor = read(stored.name)
+                if tensor.is_floating_point() and int(torch.count_nonzero(tensor)) != stored.nnz:
+                    _fail(path, f"corrupt metadata for tensor {stored.name!r}: nnz {stored.nnz} but it holds "
+                                f"{int(torch.count_nonzero(tensor))} nonzeros")
+            state[stored.name] = tensor.to(device)
     return state
 
 
 def load_csr_into_(model: nn.Module, path: Union[str, os.PathLike], *, strict: bool = True) -> None:
     """Load a CSR checkpoint into ``model`` (a plain, not sparsified, instance of the architecture), in place.
 
-    Every tensor's shape is checked first, and a mismatch names the tensor. strict=False ignores
-    missing and unexpected keys, as nn.Module.load_state_dict does.
+    Every tensor's declared shape is checked against the model before anything is read or allocated, and
+    a mismatch names the tensor. strict=False ignores missing and unexpected keys, as
+    nn.Module.load_state_dict does.
     """
     if is_sparsified(model):
         raise ValueError(
@@ -496,22 +697,26 @@ def load_csr_into_(model: nn.Module, path: Union[str, os.PathLike], *, strict: b
             "checkpoint holds the folded weights: load it into the plain architecture, or into "
             "fxsparse.fold(model)"
         )
-    load_checked_(model, load_csr(path), os.fspath(path), strict)
+    path = os.fspath(path)
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    state = _load(path, "cpu", None, lambda shapes: check_shapes(model, expected, shapes, path, strict))
+    model.load_state_dict(state, strict=strict)
 
 
-def load_checked_(model: nn.Module, state: Mapping[str, Tensor], source: str, strict: bool = True) -> None:
-    """model.load_state_dict(state) after checks whose errors name the tensor and the checkpoint."""
-    expected = model.state_dict()
-    for name, tensor in state.items():
-        if name in expected and tuple(expected[name].shape) != tuple(tensor.shape):
+def check_shapes(model: nn.Module, expected: Mapping[str, tuple[int, ...]], found: Mapping[str, tuple[int, ...]],
+                 source: str, strict: bool = True) -> None:
+    """Raise a ValueError naming the tensor when a checkpoint's ``found`` shapes do not fit the model's
+    ``expected`` ones (and, when strict, when keys are missing or unexpected)."""
+    for name, shape in found.items():
+        if name in expected and tuple(expected[name]) != tuple(shape):
             raise ValueError(
-                f"tensor {name!r} has shape {list(tensor.shape)} in the checkpoint {source!r} but "
-                f"{list(expected[name].shape)} in the model; was the checkpoint made for another architecture "
+                f"tensor {name!r} has shape {list(shape)} in the checkpoint {source!r} but "
+                f"{list(expected[name])} in the model; was the checkpoint made for another architecture "
                 "(or another num_classes)?"
             )
     if strict:
-        missing = [k for k in expected if k not in state]
-        unexpected = [k for k in state if k not in expected]
+        missing = [k for k in expected if k not in found]
+        unexpected = [k for k in found if k not in expected]
         if missing or unexpected:
             raise ValueError(
                 f"the checkpoint {source!r} does not match {type(model).__name__}: "
@@ -519,9 +724,10 @@ def load_checked_(model: nn.Module, state: Mapping[str, Tensor], source: str, st
                 f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}; "
                 "was it made for another architecture? (strict=False loads what matches)"
             )
+
+
+def load_checked_(model: nn.Module, state: Mapping[str, Tensor], source: str, strict: bool = True) -> None:
+    """model.load_state_dict(state) after checks whose errors name the tensor and the checkpoint."""
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    check_shapes(model, expected, {name: tuple(t.shape) for name, t in state.items()}, source, strict)
     model.load_state_dict(state, strict=strict)
-
-
-# ------------------------------------------------------------------------------------------------
-# model building for the command-line tools (tools/export.py, tools/flops.py)
-# ------------------------------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 Conventions (the papers'; printed with every report):
   * one multiply-add = 1 MAC; FLOPs = 2 x MACs; counted for the whole ``example_input`` (batch included).
-  * weight layers (conv, linear, functional F.conv*/F.linear):
+  * weight layers (the layers of fxsparse.layers: conv, transposed conv, linear, transformers' Conv1D;
+    functional F.conv*/F.linear):
         conv   = N * C_out * (C_in / groups) * kh * kw * H_out * W_out     (transposed: H_in * W_in)
         linear = rows * in * out                                       (rows = every leading dim)
     sparse MACs = density x dense MACs per layer, density = nonzeros / numel of the weight the layer
@@ -14,7 +15,7 @@ Conventions (the papers'; printed with every report):
 
 How: the graph (``fxsparse.trace``, or the model's own graph when it is a GraphModule, e.g. a
 sparsified one) runs in a torch.fx Interpreter with ``example_input``, so every node sees real shapes.
-Conv/Linear modules are measured by forward hooks, wherever they sit (as graph nodes or inside opaque
+Weight-layer modules are measured by forward hooks, wherever they sit (as graph nodes or inside opaque
 leaf modules); F.conv*/F.linear graph nodes from their arguments, named by the parameter they read.
 Everything else that multiplies (attention inside graph nodes or inside opaque leaves) is caught at
 the aten level (mm, addmm, bmm, baddbmm, convolution, fused attention) by a TorchDispatchMode, the same
@@ -29,7 +30,7 @@ import dataclasses
 import json
 import math
 from collections import OrderedDict
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.fx as fx
@@ -38,6 +39,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from .layers import is_linear, weight_layout
 from .pool import THRESHOLD_NAME, is_sparsified, refresh_threshold_
 
 META_KEY = "fxsparse.macs"
@@ -299,7 +301,7 @@ class _Audit:
         self.model = model
         self.rows: "OrderedDict[str, LayerMacs]" = OrderedDict()
         self.module_stack: list[str] = []
-        self.suspended = 0  # > 0 inside a Conv/Linear module, a graph-counted node or the threshold
+        self.suspended = 0  # > 0 inside a weight-layer module, a graph-counted node or the threshold
         self.node: Optional[fx.Node] = None
         self.node_macs: dict[fx.Node, dict[str, Any]] = {}
         self.storage_names: dict[int, str] = {}  # storage data_ptr -> weight fqn, for functional uses
@@ -353,7 +355,7 @@ class _Audit:
         for name, module in self.model.named_modules():
             if not name:
                 continue
-            counted = isinstance(module, (nn.modules.conv._ConvNd, nn.Linear))
+            counted = weight_layout(module) is not None
             handles.append(module.register_forward_pre_hook(self._pre_hook(name, counted, name == THRESHOLD_NAME)))
             handles.append(module.register_forward_hook(self._post_hook(name, counted, name == THRESHOLD_NAME)))
         try:
@@ -382,8 +384,9 @@ class _Audit:
 
     def _module_row(self, name: str, module: nn.Module, x: Tensor, out: Tensor) -> None:
         weight = module.weight  # the effective weight on a parametrized module (cached while we run)
-        if isinstance(module, nn.Linear):
-            op, dense = "linear", linear_macs(_shape(x), _shape(weight))
+        if is_linear(module):  # nn.Linear, or transformers' Conv1D whose (in, out) weight is the matrix's transpose
+            matrix = weight_layout(module).matrix_shape(_shape(weight))
+            op, dense = "linear", linear_macs(_shape(x), matrix)
         else:
             op = ("conv_transpose" if module.transposed else "conv") + f"{weight.dim() - 2}d"
             dense = conv_macs(_shape(x), _shape(weight), _shape(out), module.transposed)
@@ -545,17 +548,48 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
             module.training = training
 
 
-def flops(model: nn.Module, example_input: Union[Tensor, Sequence[Any]]) -> FlopReport:
+def _graph_inputs(graph_module: fx.GraphModule, keywords: Mapping[str, Any]) -> list[Any]:
+    """The placeholders' values: from ``keywords`` by name, else the forward's default."""
+    values, names = [], []
+    for node in graph_module.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        name = node.target.lstrip("*")
+        names.append(name)
+        if name in keywords:
+            values.append(keywords[name])
+        elif node.args:
+            values.append(node.args[0])
+        else:
+            raise TypeError(f"flops(): the forward needs {name!r}, missing from the example input's keywords")
+    unknown = sorted(set(keywords) - set(names))
+    if unknown:
+        raise TypeError(f"flops(): the forward takes {names}, not {unknown}")
+    return values
+
+
+def flops(model: nn.Module, example_input: Union[Tensor, Sequence[Any], Mapping[str, Any]]) -> FlopReport:
     """Per-layer dense and sparse MACs of one forward of ``example_input`` (see the module docstring).
 
+    example_input: a tensor, a sequence of positional inputs, or a dict of keyword inputs, as Hugging Face
+    models are called: ``flops(model, {"input_ids": ids, "attention_mask": mask})``.
     Works on a plain dense model, a sparsified model (density from the effective weights) and a
     folded model. The model's weights, training flags and buffers are left as they were; the graph's
     nodes get ``node.meta["fxsparse.macs"]`` = {"dense_macs", "sparse_macs", "rows"}.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"flops() takes a torch.nn.Module, got {type(model).__name__}")
-    inputs = (example_input,) if isinstance(example_input, Tensor) else tuple(example_input)
+    keywords: dict[str, Any] = {}
+    if isinstance(example_input, Mapping):
+        inputs, keywords = (), dict(example_input)
+        if not all(isinstance(key, str) for key in keywords):
+            raise TypeError("flops(): a dict example input maps the forward's argument names to values")
+    elif isinstance(example_input, Tensor):
+        inputs = (example_input,)
+    else:
+        inputs = tuple(example_input)
     graph_module, note = _graph_of(model)
+    positional = _graph_inputs(graph_module, keywords) if graph_module is not None and keywords else inputs
     audit = _Audit(model)
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.no_grad())
@@ -573,11 +607,13 @@ def flops(model: nn.Module, example_input: Union[Tensor, Sequence[Any]]) -> Flop
         stack.enter_context(_Counter(audit))
         try:
             if graph_module is not None:
-                _Interpreter(graph_module, audit).run(*inputs)
+                _Interpreter(graph_module, audit).run(*positional)
             else:
-                model(*inputs)
+                model(*inputs, **keywords)
         except Exception as exc:
             shapes = [tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__ for t in inputs]
+            shapes += [f"{k}={tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__}"
+                       for k, v in keywords.items()]
             raise RuntimeError(
                 f"the forward of {type(model).__name__} on the example input {shapes} failed "
                 f"({type(exc).__name__}: {exc}); pass an input the model accepts, e.g. torch.randn(1, 3, 224, 224)"
@@ -587,5 +623,5 @@ def flops(model: nn.Module, example_input: Union[Tensor, Sequence[Any]]) -> Flop
             node.meta.pop(META_KEY, None)
         for node, meta in audit.node_macs.items():
             node.meta[META_KEY] = meta
-    input_shapes = [_shape(t) for t in inputs if isinstance(t, Tensor)]
+    input_shapes = [_shape(t) for t in (*inputs, *keywords.values()) if isinstance(t, Tensor)]
     return FlopReport(list(audit.rows.values()), input_shapes, graph_module is not None, [note] if note else [])

@@ -29,9 +29,10 @@ HOSTED_THRESHOLD_NAME = "global_threshold"
 
 
 class SparseWeight(nn.Module):
-    def __init__(self, method: Method, threshold: nn.Module):
+    def __init__(self, method: Method, threshold: nn.Module, output_axis: int = 0):
         super().__init__()
         self.method = method
+        self.output_axis = int(output_axis)
         self._threshold = _Reference(threshold)
         self.register_buffer("mask", None)
 
@@ -50,7 +51,12 @@ class SparseWeight(nn.Module):
         threshold = self._threshold.target
         if not threshold.prunes:  # before the ramp: the dense weight itself, bitwise
             return weight
-        return self.method.apply(weight, threshold.tau)
+        if self.output_axis == 0:
+            return self.method.apply(weight, threshold.tau)
+        # contiguous both ways: the methods view rows, and the folded weight is stored contiguous,
+        # so the sparsified and the folded model run the same kernels (bitwise equal outputs)
+        channels_first = weight.movedim(self.output_axis, 0).contiguous()
+        return self.method.apply(channels_first, threshold.tau).movedim(0, self.output_axis).contiguous()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # a checkpoint taken after fix_mask_ carries the mask: create the buffer so it can be loaded
@@ -59,4 +65,5 @@ class SparseWeight(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
-        return f"method={self.method.name}" + (", mask=frozen" if self.mask is not None else "")
+        axis = f", output_axis={self.output_axis}" if self.output_axis else ""
+        return f"method={self.method.name}{axis}" + (", mask=frozen" if self.mask is not None else "")

@@ -1,10 +1,10 @@
 """The sparsifying graph pass: find every conv/linear weight use, parametrize it, add the threshold node.
 
 Weight uses found (DESIGN.md "The graph pass"):
-  * call_module on Conv1d/2d/3d and Linear (and subclasses, e.g. timm's Conv2dSame),
+  * call_module on the modules fxsparse.layers defines as carrying a prunable weight (Linear, Conv,
+    ConvTranspose, transformers' Conv1D, MultiheadAttention; subclasses too, e.g. timm's Conv2dSame),
   * call_function F.conv1d/2d/3d and F.linear whose weight is a get_attr parameter,
-  * Conv/Linear (and MultiheadAttention projection weights) inside opaque leaf modules, which the
-    graph cannot see into, found by walking them.
+  * the same modules inside opaque leaf modules, which the graph cannot see into, found by walking them.
 A parameter shared by several uses (tied weights) enters the pool once.
 """
 from __future__ import annotations
@@ -19,12 +19,11 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .global_threshold import GlobalThreshold
+from .layers import EMBEDDING_TYPES, embedding_weights, prunable_weights
 from .methods.base import Method
 from .parametrization import SparseWeight
 from .pool import THRESHOLD_NAME
 
-SPARSE_MODULE_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-MHA_WEIGHTS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
 WEIGHT_FUNCTIONS = {F.linear, F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d}
 
 
@@ -43,14 +42,12 @@ def _join(prefix: str, name: str) -> str:
 
 
 def weight_uses_in_module(module: nn.Module, prefix: str = "") -> list[WeightUse]:
-    """Walk ``module`` (and its children) for conv/linear weights, as for an opaque leaf or untraceable model."""
+    """Walk ``module`` (and its children) for prunable weights (fxsparse.layers), as for an opaque leaf or
+    untraceable model."""
     uses = []
     for name, sub in module.named_modules():
         fqn = _join(prefix, name)
-        if isinstance(sub, SPARSE_MODULE_TYPES) and isinstance(getattr(sub, "weight", None), nn.Parameter):
-            uses.append(WeightUse(fqn, "weight"))
-        elif isinstance(sub, nn.MultiheadAttention):
-            uses += [WeightUse(fqn, w) for w in MHA_WEIGHTS if isinstance(getattr(sub, w, None), nn.Parameter)]
+        uses += [WeightUse(fqn, w) for w in prunable_weights(sub) if isinstance(getattr(sub, w), nn.Parameter)]
     return uses
 
 
@@ -111,13 +108,79 @@ def select_uses(
     return kept
 
 
-def install_parametrizations_(model: nn.Module, uses: list[WeightUse], method: Method, threshold: GlobalThreshold) -> list[WeightUse]:
-    """Register a SparseWeight on every use; returns one use per distinct parameter (the pool)."""
+def _parameter(model: nn.Module, use: WeightUse) -> nn.Parameter:
+    return getattr(model.get_submodule(use.module_fqn), use.name)
+
+
+def _output_axis(model: nn.Module, use: WeightUse) -> Optional[int]:
+    """The dim of the weight indexing the op's outputs (fxsparse.layers); None for a use that is not a
+    prunable layer of its own (an embedding tied to one); 0 for F.conv*/F.linear weights."""
+    layout = prunable_weights(model.get_submodule(use.module_fqn)).get(use.name)
+    if layout is not None:
+        return layout.output_axis
+    return None if isinstance(model.get_submodule(use.module_fqn), EMBEDDING_TYPES) else 0
+
+
+def weights_left_dense(model: nn.Module, uses: list[WeightUse], excluded: list[WeightUse],
+                       include_embedding_tied: bool = False) -> dict[WeightUse, str]:
+    """The uses the pool must leave dense, with the reason (sparsify names them in a warning).
+
+    * a transposed conv with groups > 1: an output channel is not one index of a weight dim, so neither
+      ST-3's per-channel rescale nor ST-3-sigma's shape sum S_l = O + I/g + k applies to the stored tensor;
+    * a weight tied to an nn.Embedding (a tied LM head), unless ``include_embedding_tied``: the lookup
+      would read the dense weight while the head multiplies by the sparse one, and fold would change both;
+    * a weight shared with an ``excluded`` use, or by layers whose outputs lie along different dims:
+      one effective weight cannot serve both uses.
+    A parameter left dense is left dense in every one of its uses.
+    """
+    embeddings = embedding_weights(model)
+    excluded_ids = {id(_parameter(model, use)): use.fqn for use in excluded}
+    axes: dict[int, set] = {}
+    for use in uses:
+        axes.setdefault(id(_parameter(model, use)), set()).add(_output_axis(model, use))
+    by_parameter: dict[int, str] = {}
+    for use in uses:
+        param_id = id(_parameter(model, use))
+        layout = prunable_weights(model.get_submodule(use.module_fqn)).get(use.name)
+        if layout is not None and not layout.channels_are_a_dim:
+            by_parameter[param_id] = f"a transposed conv with groups={layout.groups}"
+        elif param_id in embeddings and not include_embedding_tied:
+            by_parameter[param_id] = (f"tied to the embedding {', '.join(embeddings[param_id])}; "
+                                      "sparsify(..., include_embedding_tied=True) sparsifies both uses")
+        elif param_id in excluded_ids:
+            by_parameter[param_id] = f"tied to the excluded {excluded_ids[param_id]!r}"
+        elif len(axes[param_id]) > 1:
+            by_parameter[param_id] = "shared by layers whose outputs lie along different weight dims"
+    reasons = {use: by_parameter.get(id(_parameter(model, use))) for use in uses}
+    return {use: reason for use, reason in reasons.items() if reason is not None}
+
+
+def tied_embedding_uses(model: nn.Module, uses: list[WeightUse]) -> list[WeightUse]:
+    """The nn.Embedding weights that are the same parameter as one of ``uses`` (a tied LM head's input
+    embedding): parametrized too, both uses read one effective weight, which fold then bakes."""
+    pooled = {id(_parameter(model, use)) for use in uses}
+    return [WeightUse(name, "weight") for param_id, names in embedding_weights(model).items() if param_id in pooled
+            for name in names]
+
+
+def install_parametrizations_(
+    model: nn.Module, uses: list[WeightUse], method: Method, threshold: GlobalThreshold
+) -> list[WeightUse]:
+    """Register a SparseWeight on every use; returns one use per distinct parameter (the pool).
+
+    Every use of one parameter gets the output axis of its first layer use, so all read one effective weight.
+    """
+    axes: dict[int, int] = {}
+    for use in uses:
+        axis = _output_axis(model, use)
+        if axis is not None:
+            axes.setdefault(id(_parameter(model, use)), axis)
     seen, pool = set(), []
     for use in uses:
         module = model.get_submodule(use.module_fqn)
         param = getattr(module, use.name)
-        parametrize.register_parametrization(module, use.name, SparseWeight(method, threshold), unsafe=True)
+        parametrization = SparseWeight(method, threshold, output_axis=axes.get(id(param), 0))
+        parametrize.register_parametrization(module, use.name, parametrization, unsafe=True)
         if id(param) not in seen:
             seen.add(id(param))
             pool.append(use)

@@ -11,6 +11,8 @@ from typing import Optional
 import torch.fx as fx
 from torch import nn
 
+from .layers import layer_types_outside_torch
+
 
 def _timm_leaves() -> tuple[tuple[type, ...], tuple]:
     """timm's registry of modules and functions that symbolic tracing must not enter (empty without timm)."""
@@ -27,7 +29,7 @@ class LeafAwareTracer(fx.Tracer):
     def __init__(self, extra_leaf_types: tuple[type, ...] = ()):
         leaf_modules, leaf_functions = _timm_leaves()
         super().__init__(autowrap_functions=leaf_functions)
-        self.leaf_types = leaf_modules + tuple(extra_leaf_types)
+        self.leaf_types = leaf_modules + layer_types_outside_torch() + tuple(extra_leaf_types)
 
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
         if self.leaf_types and isinstance(module, self.leaf_types):

@@ -1,6 +1,7 @@
 """CSR checkpoints: lossless round trip, size, atomic writes and the errors a user meets."""
 import json
 import os
+import zlib
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from torch import nn
 
 from fxsparse.export import (
     FORMAT_VERSION,
+    SPARSITY_SCOPE,
     CsrFormatError,
     from_csr,
     index_dtype,
@@ -77,10 +79,11 @@ def test_metadata_holds_versions_shapes_method_and_sparsity(tiny):
     assert meta["torch_version"] == torch.__version__ and meta["fxsparse_version"]
     assert meta["architecture"] == "models:TinyCNN"
     assert meta["sparsity"] == pytest.approx(0.8, abs=1e-2)
-    assert meta["sparsity_scope"] == "conv/linear weights"
+    assert meta["sparsity_scope"] == SPARSITY_SCOPE
     assert meta["tensors"]["conv2.weight"] == {
         "layout": "csr", "shape": [16, 4, 3, 3], "dtype": "float32",
         "nnz": int(torch.count_nonzero(model.conv2.weight)), "index_dtypes": ["uint8", "uint8"],
+        "output_axis": 0, "groups": 1,
     }
     assert list(meta["tensors"]) == list(model.state_dict())
     assert report.metadata == meta
@@ -297,7 +300,7 @@ def test_inconsistent_csr_is_refused_naming_the_tensor(tiny):
     def break_columns(meta, tensors):
         col = tensors["conv2.weight::col_indices"]
         tensors["conv2.weight::col_indices"] = torch.full_like(col, 200)  # outside the 36 columns
-        meta["crc32"].pop("conv2.weight::col_indices")
+        meta["crc32"]["conv2.weight::col_indices"] = zlib.crc32(tensors["conv2.weight::col_indices"].numpy())
 
     _rewrite_metadata(path, break_columns)
     with pytest.raises(CsrFormatError, match=r"tensor 'conv2.weight'.*outside \[0, 36\)"):

@@ -473,6 +473,37 @@ def test_cli_unknown_model(capsys, load_tool):
 
 
 # ------------------------------------------------------------------------------------------------
+# keyword inputs, as Hugging Face models are called
+# ------------------------------------------------------------------------------------------------
+class Scaled(nn.Module):
+    """forward(x, scale=1.0): a keyword argument with a default, as HF models take attention_mask."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x, scale=1.0):
+        return self.fc(x) * scale
+
+
+class ScaledUntraceable(Scaled):
+    def forward(self, x, scale=1.0):
+        return self.fc(x) * scale if x.sum() > -1e9 else x  # data-dependent: torch.fx cannot trace it
+
+
+@pytest.mark.parametrize("cls", [Scaled, ScaledUntraceable])
+def test_keyword_inputs_as_a_dict(cls):
+    model, x = cls(), torch.randn(3, 6)
+    by_keyword = flops(model, {"x": x, "scale": torch.full((3, 4), 2.0)})
+    assert by_keyword.traced == (cls is Scaled)
+    assert by_keyword.row("fc.weight").dense_macs == 3 * 6 * 4
+    assert by_keyword.input_shapes == [(3, 6), (3, 4)]
+    assert flops(model, {"x": x}).rows == flops(model, x).rows
+    with pytest.raises(TypeError if cls is Scaled else RuntimeError, match="mask"):
+        flops(model, {"x": x, "mask": x})
+
+
+# ------------------------------------------------------------------------------------------------
 # the zoo cross-check against torch.utils.flop_counter (slow)
 # ------------------------------------------------------------------------------------------------
 ZOO = [

@@ -20,7 +20,7 @@ from typing import Any, Mapping, Optional, Union
 from torch import Tensor, nn
 
 from ..api import sparsify
-from ..export import CsrFormatError, is_sparsified_key, load_checked_, load_csr
+from ..export import NoCsrMetadata, is_sparsified_key, load_checked_, load_csr, load_csr_into_
 from ..fold import fold
 from ..pool import THRESHOLD_NAME, get_threshold
 from .checkpoint import is_training_checkpoint, load_torch_file, read_checkpoint
@@ -70,6 +70,15 @@ def load_model(
         if is_training_checkpoint(saved):
             return _load_run(source, name, method, sparsity, num_classes, width)
         state = _state_dict_of(saved, source)
+    elif name is not None:
+        model = build_model(name, num_classes, None, 1.0 if width is None else width)
+        try:  # a CSR checkpoint: its declared shapes are checked against the model before anything is allocated
+            load_csr_into_(model, source)
+            return LoadedModel(
+                model.eval(), name, None, default_input_size(name, model), metadata={"source": os.path.abspath(source)}
+            )
+        except NoCsrMetadata:
+            state = _read_safetensors(source)
     else:
         state = _read_safetensors(source)
     if name is None:
@@ -165,7 +174,8 @@ def _agree(source: str, option: str, setting: str, given: Any, recorded: Any) ->
 
 
 def _step_of(state: Mapping[str, Any], source: str) -> int:
-    step = state.get(f"{THRESHOLD_NAME}.step")
+    keys = [k for k in state if k == f"{THRESHOLD_NAME}.step" or k.endswith(".global_threshold.step")]
+    step = state.get(keys[0]) if len(keys) == 1 else None  # a traced model's node, or an in-place one's
     if not isinstance(step, Tensor) or step.numel() != 1 or step.is_floating_point() or int(step) < 0:
         raise CheckpointError(f"{source} has no valid sparsity-schedule step ({THRESHOLD_NAME}.step) in its model")
     return int(step)
@@ -189,9 +199,8 @@ def _read_safetensors(path: str) -> dict[str, Tensor]:
     """A CSR checkpoint's folded state_dict, or a plain safetensors file's tensors."""
     try:
         return load_csr(path)
-    except CsrFormatError as exc:
-        if "without fxsparse metadata" not in str(exc):
-            raise
+    except NoCsrMetadata:
+        pass
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 

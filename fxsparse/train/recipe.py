@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ..layers import prunable_weights
 from ..pool import get_threshold, is_sparsified
 from ..schedule import Cubic, paper_schedule
 from .config import TrainConfig
@@ -60,17 +61,16 @@ def set_threads(threads: Optional[int] = None) -> int:
 
 
 def decayed_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The conv/linear weights (the raw ``original`` behind a sparse parametrization), each once."""
+    """The prunable weights (fxsparse.layers; the raw ``original`` behind a sparse parametrization), each once."""
     seen: dict[int, nn.Parameter] = {}
     for module in model.modules():
-        if not isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
-            continue
-        if parametrize.is_parametrized(module, "weight"):
-            param = module.parametrizations["weight"].original
-        else:
-            param = module.weight
-        if isinstance(param, nn.Parameter):
-            seen[id(param)] = param
+        for name in prunable_weights(module):
+            if parametrize.is_parametrized(module, name):
+                param = module.parametrizations[name].original
+            else:
+                param = getattr(module, name)
+            if isinstance(param, nn.Parameter):
+                seen[id(param)] = param
     if is_sparsified(model):  # F.linear / F.conv uses on raw parameters are pooled too
         for path in get_threshold(model).pool_paths:
             param = model.get_parameter(path)
