@@ -55,7 +55,7 @@ def test_matrix_layout_is_the_matrix_the_op_multiplies_by():
 
 def test_every_reader_uses_the_one_definition(tmp_path):
     """The pass pools, flops counts, save_csr measures and the trainer decays the same weights."""
-    from fxsparse.train import decayed_parameters
+    from fxsparse.train.recipe import decayed_parameters
 
     model = Decoder().eval()
     prunable = set(prunable_weight_names(model))

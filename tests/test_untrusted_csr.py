@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fxsparse.export import CsrFormatError, load_csr, load_csr_into_, read_csr_metadata, save_csr
-from fxsparse.loading import load_model
+from fxsparse.train.loading import load_model
 from models import TinyCNN
 
 class _Missing:
