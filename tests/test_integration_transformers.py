@@ -164,13 +164,18 @@ def test_an_optimizer_built_before_the_trainer_trains_the_sparse_weights(tmp_pat
     assert abs(zeros - 0.5 * count) <= 1
 
 
-def test_a_callback_added_after_init_sparsifies_at_train_begin(tmp_path):
-    model = fresh("bert")
-    trainer = transformers.Trainer(model=model, args=arguments(tmp_path, max_steps=2), train_dataset=MODELS["bert"][1])
-    trainer.add_callback(SparsifyCallback("gmp", 0.5))
+@pytest.mark.parametrize("late", ["add_callback", "model_init"])
+def test_a_model_the_callback_did_not_see_at_init_is_sparsified_at_train_begin(late, tmp_path):
+    args, data = arguments(tmp_path, max_steps=2), MODELS["bert"][1]
+    if late == "add_callback":
+        trainer = transformers.Trainer(model=fresh("bert"), args=args, train_dataset=data)
+        trainer.add_callback(SparsifyCallback("gmp", 0.5))
+    else:  # train() replaces the model Trainer.__init__ made (and the callback sparsified) by a new one
+        trainer = transformers.Trainer(model_init=lambda: fresh("bert"), args=args, train_dataset=data,
+                                       callbacks=[SparsifyCallback("gmp", 0.5)])
     trainer.train()
-    zeros, count = pooled_zeros(model)
-    assert not fxsparse.is_sparsified(model) and abs(zeros - 0.5 * count) <= 1
+    zeros, count = pooled_zeros(trainer.model)
+    assert not fxsparse.is_sparsified(trainer.model) and abs(zeros - 0.5 * count) <= 1
 
 
 def test_bad_setups_get_clear_errors(tmp_path):

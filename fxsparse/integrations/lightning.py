@@ -58,6 +58,7 @@ class SparsifyCallback(pl.Callback):
         self._stepped_this_batch = False
         self._steps = 0  # the model's schedule step, mirrored on the host for the logging cadence
         self._metrics: dict[str, float] | None = None
+        self._fold_on_load = None  # handle of the FoldSparseCheckpoints hook left on the folded module
 
     # --- sparsify --------------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -73,6 +74,9 @@ class SparsifyCallback(pl.Callback):
                 f"{type(pl_module).__name__} has no parameters when SparsifyCallback.setup runs: Lightning calls the "
                 "callbacks' setup before LightningModule.setup and configure_model, so build the layers in __init__"
             )
+        if self._fold_on_load is not None:  # the module folded by an earlier fit is trained sparse again
+            self._fold_on_load.remove()
+            self._fold_on_load = None
         self._ramp = self.options.sparsify_(pl_module)
         self._module = weakref.ref(pl_module)
 
@@ -129,7 +133,8 @@ class SparsifyCallback(pl.Callback):
         if self.fold_at_end and self._owns(pl_module):
             fold_(pl_module)
             self._module = None
-            pl_module.register_load_state_dict_pre_hook(FoldSparseCheckpoints(self.options, self._ramp))
+            self._fold_on_load = pl_module.register_load_state_dict_pre_hook(
+                FoldSparseCheckpoints(self.options, self._ramp))
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._remove_hooks()
