@@ -9,6 +9,8 @@ Order of events in ``Trainer.fit`` and what the callback does at each:
                       configure_optimizers (Parameter objects are kept in any case);
   on_fit_start        place the "paper" ramp from ``trainer.estimated_stepping_batches``; hook every optimizer
                       that updates a sparsified weight;
+  each batch start    bring tau up to date (the step and the weights changed), also when training_step calls a
+                      submodule rather than the module's forward;
   optimizer.step()    the first step of each training batch advances the schedule by one (gradient
                       accumulation: only batches that step; several optimizers: once per batch);
   on_train_batch_end  log target sparsity, realised sparsity and tau at the logger's cadence;
@@ -27,6 +29,7 @@ import lightning.pytorch as pl
 from torch import nn
 
 from .. import fold_, is_sparsified, step_
+from ..pool import refresh_threshold_
 from .common import ExcludeSpec, PaperRamp, ScheduleSpec, SparsifyOptions, schedule_step, sparsity_metrics
 
 
@@ -100,6 +103,22 @@ class SparsifyCallback(pl.Callback):
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int):
         self._stepped_this_batch = False
+        self._refresh(pl_module)
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        self._refresh(pl_module)
+
+    def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        self._refresh(pl_module)
+
+    def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        self._refresh(pl_module)
+
+    def _refresh(self, pl_module: nn.Module) -> None:
+        """tau for the weights and step as they are now (a no-op when current). The threshold also runs before
+        the module's forward, but a training_step may call a submodule (``self.net(x)``) and never run it."""
+        if self._owns(pl_module):
+            refresh_threshold_(pl_module)
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
         """The weights and tau are those of this batch's forward: what is logged is what trained."""
