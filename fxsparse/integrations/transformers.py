@@ -1,0 +1,122 @@
+"""fxsparse in a Hugging Face ``Trainer`` run: a TrainerCallback that sparsifies the model and drives its schedule.
+
+    trainer = Trainer(model, args, train_dataset=data, callbacks=[SparsifyCallback("st3sigma", 0.9, schedule="paper")])
+    trainer.train()
+    trainer.save_model("out")     # plain weights with their zeros; from_pretrained("out") reloads them
+
+Order of events (transformers 5) and what the callback does at each:
+  Trainer.__init__ ends (on_init_end)   sparsify the model in place (``fxsparse.sparsify_``): before train()
+                                        loads a checkpoint to resume (it finds the parametrized keys and the
+                                        threshold's state) and before the optimizer is created;
+  train() builds the optimizer          (sparsify_ keeps the Parameter objects, so an optimizer passed to
+                                        Trainer(optimizers=...) is valid as well)
+  on_train_begin                        place the "paper" ramp from ``state.max_steps``; a model that was not
+                                        sparsified yet (model_init, or a callback added after __init__) is
+                                        sparsified here, and a resume into it is refused;
+  on_pre_optimizer_step                 read target sparsity, realised sparsity and tau when this step is logged;
+  on_step_end                           advance the schedule (once per optimizer step, after accumulation);
+  on_log                                add the values read to that log record;
+  on_train_end                          fold (``fxsparse.fold_``), after load_best_model_at_end.
+Checkpoints: the model's state_dict (model.safetensors) holds the schedule step, tau and masks.
+"""
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+from torch import nn
+from transformers import TrainerCallback, TrainerState, TrainingArguments
+from transformers.trainer_utils import IntervalStrategy
+
+from .. import fold_, is_sparsified, step_
+from .common import ExcludeSpec, PaperRamp, ScheduleSpec, SparsifyOptions, schedule_step, sparsity_metrics
+
+
+class SparsifyCallback(TrainerCallback):
+    """Sparse training of the Trainer's model, from ``Trainer(...)`` to a folded model.
+
+    method, sparsity, exclude, min_numel: as for ``fxsparse.sparsify_``.
+    schedule: None (the final sparsity from the first step), "paper" (the ramp placed as in the method's
+        paper over ``state.max_steps``) or a callable (step, final_sparsity) -> sparsity, in optimizer steps.
+    fold_at_end: fold the model when training ends, so that save_pretrained writes plain weights.
+    Logged (at the Trainer's logging steps, in each log record): fxsparse/target_sparsity,
+    fxsparse/realized_sparsity, fxsparse/tau. Pass it in ``Trainer(callbacks=[...])``.
+    """
+
+    def __init__(
+        self,
+        method: Any = "st3sigma",
+        sparsity: float = 0.9,
+        schedule: ScheduleSpec = None,
+        *,
+        exclude: ExcludeSpec = None,
+        min_numel: int = 0,
+        fold_at_end: bool = True,
+    ):
+        self.options = SparsifyOptions(method, sparsity, schedule, exclude, min_numel)
+        self.fold_at_end = fold_at_end
+        self._ramp: PaperRamp | None = None
+        self._model: weakref.ref | None = None  # the model this callback sparsified
+        self._metrics: dict[str, float] | None = None
+        self._metrics_step = -1
+
+    def on_init_end(self, args, state, control, model=None, **kwargs):
+        if model is not None:
+            self._sparsify(model)
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if not self._owns(model):
+            self._sparsify(model)
+        if state.global_step > 0 and schedule_step(model) != state.global_step:
+            raise ValueError(
+                f"resuming at global step {state.global_step}, but the model's sparsity schedule is at step "
+                f"{schedule_step(model)}: the checkpoint was not written by a run with SparsifyCallback, or it was "
+                "loaded before the model was sparsified (pass the callback to Trainer(callbacks=[...]) and do not "
+                "use model_init)"
+            )
+        if self._ramp is not None and self._ramp.ramp is None:
+            self._ramp.place(state.max_steps)
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        """The weights and tau are those of this step's forward: what is logged is what trained."""
+        if self._owns(model) and _logs_after_next_step(args, state):
+            self._metrics, self._metrics_step = sparsity_metrics(model), state.global_step + 1
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if self._owns(model):
+            step_(model)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self._metrics is None or self._metrics_step != state.global_step or logs is None:
+            return
+        logs.update(self._metrics)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(self._metrics)  # Trainer.log appended a copy of logs before on_log
+        self._metrics = None
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        if self.fold_at_end and self._owns(model):
+            fold_(model)
+            self._model = None
+
+    def _sparsify(self, model: nn.Module) -> None:
+        if is_sparsified(model):
+            raise ValueError(
+                f"{type(model).__name__} is already sparsified; SparsifyCallback sparsifies the dense model itself: "
+                "pass the dense model, or drop the callback and call fxsparse.step_ yourself"
+            )
+        self._ramp = self.options.sparsify_(model, trace_model=False)
+        self._model = weakref.ref(model)
+
+    def _owns(self, model: nn.Module | None) -> bool:
+        return model is not None and self._model is not None and self._model() is model and is_sparsified(model)
+
+
+def _logs_after_next_step(args: TrainingArguments, state: TrainerState) -> bool:
+    """Whether the Trainer logs after the optimizer step about to be taken (DefaultFlowCallback's rule)."""
+    step = state.global_step + 1
+    if args.logging_first_step and step == 1:
+        return True
+    if args.logging_strategy == IntervalStrategy.STEPS:
+        return state.logging_steps > 0 and step % state.logging_steps == 0
+    return args.logging_strategy == IntervalStrategy.EPOCH  # the epoch's last step is not known here: read at each

@@ -1,0 +1,191 @@
+"""fxsparse.integrations.transformers.SparsifyCallback with a real transformers Trainer.train (tiny BERT and
+Llama built from configs, random tokens, CPU)."""
+import pytest
+import torch
+from torch import nn
+
+import fxsparse
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate")  # Trainer needs it
+from fxsparse.integrations.transformers import SparsifyCallback  # noqa: E402
+
+VOCAB = 64
+
+
+def tiny_bert():
+    config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=32, max_position_embeddings=16, num_labels=3)
+    return transformers.BertForSequenceClassification(config)
+
+
+def tiny_llama():
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                      num_key_value_heads=1, intermediate_size=32, max_position_embeddings=16,
+                                      tie_word_embeddings=False)
+    return transformers.LlamaForCausalLM(config)
+
+
+class Tokens(torch.utils.data.Dataset):
+    """32 random sequences of 8 tokens; a class label (BERT) or the tokens themselves (causal LM)."""
+
+    def __init__(self, causal):
+        self.causal = causal
+
+    def __len__(self):
+        return 32
+
+    def __getitem__(self, i):
+        g = torch.Generator().manual_seed(i)
+        ids = torch.randint(0, VOCAB, (8,), generator=g)
+        return {"input_ids": ids, "labels": ids.clone() if self.causal else torch.randint(0, 3, (), generator=g)}
+
+
+MODELS = {"bert": (tiny_bert, Tokens(causal=False)), "llama": (tiny_llama, Tokens(causal=True))}
+
+
+def arguments(tmp_path, **kwargs):
+    options = dict(output_dir=str(tmp_path), use_cpu=True, report_to="none", disable_tqdm=True, save_strategy="no",
+                   per_device_train_batch_size=4, gradient_accumulation_steps=2, num_train_epochs=3,
+                   learning_rate=1e-2, logging_steps=2)
+    options.update(kwargs)
+    return transformers.TrainingArguments(**options)
+
+
+def fresh(name):
+    torch.manual_seed(0)
+    return MODELS[name][0]()
+
+
+def pooled_zeros(model):
+    weights = [m.weight for m in model.modules() if isinstance(m, nn.Linear)]
+    return sum(int((w == 0).sum()) for w in weights), sum(w.numel() for w in weights)
+
+
+class LogitsAtTrainEnd(transformers.TrainerCallback):
+    """Listed before SparsifyCallback: sees the sparse model at on_train_end, before it is folded."""
+
+    def __init__(self, inputs):
+        self.inputs, self.logits, self.sparsified = inputs, None, None
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self.sparsified = fxsparse.is_sparsified(model)
+        model.eval()
+        with torch.no_grad():
+            self.logits = model(input_ids=self.inputs).logits
+
+
+@pytest.mark.parametrize("name", ["bert", "llama"])
+def test_train_ends_folded_at_the_requested_sparsity_and_reloads(name, tmp_path):
+    """Trainer.train with the callback: exact final sparsity, logged values, a fold that computes what the sparse
+    model computed, and save_pretrained / from_pretrained round trip of the plain weights with their zeros."""
+    sparsity = 0.7
+    model, data = fresh(name), MODELS[name][1]
+    inputs = torch.stack([data[i]["input_ids"] for i in range(4)])
+    spy = LogitsAtTrainEnd(inputs)
+    trainer = transformers.Trainer(model=model, args=arguments(tmp_path), train_dataset=data,
+                                   callbacks=[spy, SparsifyCallback("st3sigma", sparsity, schedule="paper")])
+    trainer.train()
+
+    total = trainer.state.max_steps  # 3 epochs of 32 samples, batches of 4, accumulated 2 by 2
+    assert total == 12
+    ramp = fxsparse.paper_schedule("st3sigma", total)
+    records = [r for r in trainer.state.log_history if "fxsparse/target_sparsity" in r]
+    assert [r["step"] for r in records] == list(range(2, total + 1, 2))  # the Trainer's logging steps
+    for record in records:  # the values of the forward whose loss the record logs (schedule step = step - 1)
+        target = ramp(record["step"] - 1, sparsity)
+        assert record["fxsparse/target_sparsity"] == pytest.approx(target)
+        assert (record["fxsparse/tau"] > 0) == (target > 0)
+    zeros, count = pooled_zeros(model)
+    assert records[-1]["fxsparse/realized_sparsity"] == pytest.approx(sparsity, abs=1 / count)
+
+    assert spy.sparsified and not fxsparse.is_sparsified(model)
+    assert abs(zeros - sparsity * count) <= 1
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=inputs).logits, spy.logits)
+
+    trainer.save_model(str(tmp_path / "final"))
+    reloaded = type(model).from_pretrained(str(tmp_path / "final"))
+    saved, loaded = model.state_dict(), reloaded.state_dict()
+    assert sorted(saved) == sorted(loaded) == sorted(fresh(name).state_dict())
+    assert all(torch.equal(saved[k], loaded[k]) for k in saved)
+
+
+def test_resume_mid_ramp_is_bit_exact(tmp_path):
+    """Uninterrupted vs resumed from checkpoint-3 (mid-ramp; dropout on, so the Trainer's RNG restore matters)."""
+
+    def train(directory, resume=None):
+        model = fresh("bert")
+        args = arguments(directory, save_strategy="steps", save_steps=3)
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=MODELS["bert"][1],
+                                       callbacks=[SparsifyCallback("feather", 0.8, schedule="paper")])
+        trainer.train(resume_from_checkpoint=resume)
+        return model
+
+    uninterrupted = train(tmp_path / "a")
+    checkpoint = tmp_path / "a" / "checkpoint-3"
+    from safetensors.torch import load_file
+
+    state = load_file(str(checkpoint / "model.safetensors"))
+    assert any(".parametrizations.weight.original" in k for k in state)
+    assert int(next(v for k, v in state.items() if k.endswith(".step"))) == 3
+    assert 0 < fxsparse.paper_schedule("feather", 12)(3, 0.8) < 0.8  # mid-ramp
+
+    resumed = train(tmp_path / "b", resume=str(checkpoint))
+    a, b = uninterrupted.state_dict(), resumed.state_dict()
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resuming_into_a_model_the_callback_did_not_sparsify_first_is_refused(tmp_path):
+    """A dense run's checkpoint, or a callback added after Trainer(...): transformers loads the checkpoint before
+    on_train_begin and without strict keys, so the callback checks the schedule step against the global step."""
+    dense = transformers.Trainer(model=fresh("bert"), args=arguments(tmp_path, save_strategy="steps", save_steps=3,
+                                                                     max_steps=3), train_dataset=MODELS["bert"][1])
+    dense.train()
+    trainer = transformers.Trainer(model=fresh("bert"), args=arguments(tmp_path / "b"), train_dataset=MODELS["bert"][1],
+                                   callbacks=[SparsifyCallback("st3", 0.5)])
+    with pytest.raises(ValueError, match="resuming at global step 3.*schedule is at step 0"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-3"))
+
+
+def test_an_optimizer_built_before_the_trainer_trains_the_sparse_weights(tmp_path):
+    """Trainer(optimizers=...) built on the dense model: sparsify_ keeps the Parameter objects it holds."""
+    model = fresh("bert")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    trainer = transformers.Trainer(model=model, args=arguments(tmp_path, max_steps=4), train_dataset=MODELS["bert"][1],
+                                   optimizers=(optimizer, None), callbacks=[SparsifyCallback("ste", 0.5)])
+    trainer.train()
+    query = "bert.encoder.layer.0.attention.self.query.weight"
+    changed = model.get_parameter(query) != before[query]
+    assert changed.float().mean() > 0.4  # the kept weights moved (pruned ones may stay: ste passes their gradient)
+    zeros, count = pooled_zeros(model)
+    assert abs(zeros - 0.5 * count) <= 1
+
+
+@pytest.mark.parametrize("late", ["add_callback", "model_init"])
+def test_a_model_the_callback_did_not_see_at_init_is_sparsified_at_train_begin(late, tmp_path):
+    args, data = arguments(tmp_path, max_steps=2), MODELS["bert"][1]
+    if late == "add_callback":
+        trainer = transformers.Trainer(model=fresh("bert"), args=args, train_dataset=data)
+        trainer.add_callback(SparsifyCallback("gmp", 0.5))
+    else:  # train() replaces the model Trainer.__init__ made (and the callback sparsified) by a new one
+        trainer = transformers.Trainer(model_init=lambda: fresh("bert"), args=args, train_dataset=data,
+                                       callbacks=[SparsifyCallback("gmp", 0.5)])
+    trainer.train()
+    zeros, count = pooled_zeros(trainer.model)
+    assert not fxsparse.is_sparsified(trainer.model) and abs(zeros - 0.5 * count) <= 1
+
+
+def test_bad_setups_get_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="unknown sparsity method"):
+        SparsifyCallback("st4")
+    already = fresh("bert")
+    fxsparse.sparsify_(already, "st3", 0.5)
+    with pytest.raises(ValueError, match="already sparsified"):
+        transformers.Trainer(model=already, args=arguments(tmp_path), train_dataset=MODELS["bert"][1],
+                             callbacks=[SparsifyCallback("st3", 0.5)])
+    with pytest.raises(ValueError, match="sparsity"):
+        transformers.Trainer(model=fresh("bert"), args=arguments(tmp_path), train_dataset=MODELS["bert"][1],
+                             callbacks=[SparsifyCallback("st3", 90)])
