@@ -15,18 +15,20 @@ from .global_threshold import GlobalThreshold
 from .methods import Method, get_method
 from .pool import THRESHOLD_NAME, get_threshold, is_sparsified
 from .rewrite import (
+    DenseWeight,
     LayerFilter,
+    PassResult,
     insert_threshold_node_,
     install_parametrizations_,
-    original_path,
+    lift_weights_,
     reroute_functional_weights_,
     select_uses,
     split_root_uses,
-    weight_uses_in_graph,
-    weight_uses_in_module,
+    survey_graph,
+    survey_module,
 )
 from .schedule import Constant
-from .trace import trace
+from .trace import bind_original_methods_, trace
 
 ExcludeSpec = Union[None, str, Sequence[str], LayerFilter]
 
@@ -53,13 +55,6 @@ def _check_sparsity(sparsity: float) -> float:
 def _threshold_pre_hook(model: nn.Module, args) -> None:
     threshold = get_threshold(model)
     threshold(*[model.get_parameter(path) for path in threshold.pool_paths])
-
-
-def _copy_plain_attributes(source: nn.Module, target: nn.Module) -> None:
-    """Keep the model's public plain attributes (timm's pretrained_cfg, num_classes, ...) on the GraphModule."""
-    for name, value in vars(source).items():
-        if not name.startswith("_") and name != "training" and not hasattr(target, name):
-            setattr(target, name, value)
 
 
 def sparsify(
@@ -124,10 +119,10 @@ def _sparsify(model, method, sparsity, schedule, exclude, min_numel, trace_model
 
     working = model if in_place else copy.deepcopy(model)
     traced = trace(working, tuple(leaf_modules)) if trace_model else None
-    if traced is not None and traced.graph_module is not None:
-        target: nn.Module = traced.graph_module
-        _copy_plain_attributes(working, target)
-        candidates = weight_uses_in_graph(target)
+    graph_module = traced.graph_module if traced is not None else None
+    if graph_module is not None:
+        target: nn.Module = graph_module
+        survey = survey_graph(graph_module)
     else:
         reason = traced.error if traced is not None else "tracing disabled (trace_model=False)"
         if traced is not None:
@@ -135,42 +130,80 @@ def _sparsify(model, method, sparsity, schedule, exclude, min_numel, trace_model
                 f"fxsparse could not trace {type(model).__name__} with torch.fx ({reason}); sparsifying by "
                 "walking modules instead. Lost: F.linear/F.conv calls on raw parameters are not sparsified, "
                 "the threshold runs as a forward pre-hook (not a graph node), and no graph is available.",
-                stacklevel=2,
+                stacklevel=3,
             )
         target = working
-        candidates = weight_uses_in_module(working)
+        survey = survey_module(working)
 
-    uses = select_uses(target, candidates, layer_filter, min_numel)
-    excluded = len(candidates) - len(uses)
+    candidates = survey.uses + [item.use for item in survey.lifted]
+    kept = set(select_uses(target, candidates, layer_filter, min_numel))
+    uses = [use for use in survey.uses if use in kept]
+    lifted = [item for item in survey.lifted if item.use in kept]
+    excluded = [use.fqn for use in candidates if use not in kept]
+    dense = list(survey.dense)
     root_uses: list = []
-    if target is not working:
+    if graph_module is not None:
         uses, root_uses = split_root_uses(uses)
         if root_uses:
             warnings.warn(
                 f"fxsparse leaves {[u.fqn for u in root_uses]} dense: parameters held by the model's root "
                 "module and used through F.conv*/F.linear cannot be parametrized inside a GraphModule; "
                 "move them into a submodule to sparsify them",
-                stacklevel=2,
+                stacklevel=3,
             )
-    if not uses:
+            dense += [DenseWeight(u.fqn, target.get_parameter(u.fqn).numel(), "held by the model's root module")
+                      for u in root_uses]
+    _warn_dense(type(model).__name__, survey.dense)
+    if not uses and not lifted:
         raise ValueError(
             f"nothing to sparsify in {type(model).__name__}: found {len(candidates)} conv/linear weights"
-            + (f", {excluded} excluded by exclude=/min_numel=" if excluded else "")
+            + (f", {len(excluded)} excluded by exclude=/min_numel=" if excluded else "")
             + (f", {len(root_uses)} held by the root module (see the warning)" if root_uses else "")
+            + (f", {len(survey.dense)} that cannot be sparsified (see the warning)" if survey.dense else "")
             + "; fxsparse prunes the weights of Conv1d/2d/3d, Linear and F.conv*/F.linear calls"
         )
+    if lifted:
+        uses += lift_weights_(graph_module, lifted)
+        bind_original_methods_(graph_module, unavailable=(
+            "sparsify moved the weight transforms of some layers (" + ", ".join(item.use.fqn for item in lifted)
+            + ") out of their forward into the graph, so the original class's methods, which call those layers "
+            "directly, would apply them twice; call the model itself"))
     threshold = GlobalThreshold(resolved_method, sparsity, schedule, pool_size=0)
     pool = install_parametrizations_(target, uses, resolved_method, threshold)
-    threshold.pool_paths = [original_path(use) for use in pool]
-    threshold.pool_size = sum(target.get_parameter(p).numel() for p in threshold.pool_paths)
-    threshold.to(target.get_parameter(threshold.pool_paths[0]).device)  # tau beside the weights (DDP/NCCL broadcasts it)
-    if target is not working:
-        reroute_functional_weights_(target, uses)
-        insert_threshold_node_(target, threshold, pool)
+    threshold.pool_paths = [item.path for item in pool]
+    threshold.pool_size = sum(item.parametrization.chain_input().numel() for item in pool)
+    threshold.watch_chains_({i: item.parametrization for i, item in enumerate(pool)
+                             if item.parametrization.is_chained()})
+    device = target.get_parameter(threshold.pool_paths[0]).device
+    threshold.to(device)  # tau beside the weights (DDP/NCCL broadcasts it)
+    threshold.pass_result = PassResult(
+        pooled=tuple(item.use.fqn for item in pool),
+        chained=tuple(item.use.fqn for item in pool if item.parametrization.is_chained()),
+        lifted=tuple(item.use.fqn for item in lifted),
+        dense=tuple(dense),
+        excluded=tuple(excluded),
+        threshold_in_graph=graph_module is not None,
+        training_leaves=tuple(cls.__name__ for cls in traced.training_leaves) if traced is not None else (),
+        traced_through=tuple(cls.__name__ for cls in traced.traced_through) if traced is not None else (),
+    )
+    if graph_module is not None:
+        reroute_functional_weights_(graph_module, uses)
+        insert_threshold_node_(graph_module, threshold, pool)
     else:
         target.add_module(THRESHOLD_NAME, threshold)
         setattr(target, PRE_HOOK_ATTRIBUTE, target.register_forward_pre_hook(_threshold_pre_hook))
     return target
+
+
+def _warn_dense(model_name: str, dense: list) -> None:
+    """One warning naming every weight that cannot be sparsified (reports count them dense)."""
+    if dense:
+        lines = "\n".join(f"  {layer.fqn}: {layer.reason}" for layer in dense)
+        warnings.warn(
+            f"fxsparse leaves {len(dense)} weight(s) of {model_name} dense: they cannot be sparsified, and "
+            f"realized_sparsity, layer_densities, flops and save_csr count them dense:\n{lines}",
+            stacklevel=4,
+        )
 
 
 def step_(model: nn.Module, steps: int = 1) -> None:

@@ -13,13 +13,14 @@ every optimizer step, also with a constant schedule.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Mapping, Optional
 
 import torch
 from torch import Tensor, nn
 
 from .distributed import any_sharded, local_pool, storage_key
 from .methods.base import Method
+from .parametrization import SparseWeight, _Reference
 from .threshold import global_quantile, layer_scaled_abs
 
 Schedule = Callable[[int, float], float]
@@ -42,6 +43,7 @@ class GlobalThreshold(nn.Module):
         self._frozen = False
         self._computed_for: Optional[tuple] = None
         self.prunes = False  # host flag: tau > 0 was computed for a positive target sparsity
+        self._chains: dict[int, _Reference] = {}  # pool position -> SparseWeight ending a parametrization chain
 
     # --- schedule -------------------------------------------------------------------------------
     def target_sparsity(self, step: Optional[int] = None) -> float:
@@ -76,14 +78,25 @@ class GlobalThreshold(nn.Module):
         hint = float(self.tau) if self.prunes and self.tau.device.type == "cpu" else None
         return global_quantile(weights, sparsity, score_fn=score_fn, hint=hint)
 
+    def watch_chains_(self, chains: Mapping[int, SparseWeight]) -> None:
+        """The pooled weights at these positions end a parametrization chain (weight_norm, a lifted weight
+        standardization): rank the chain's value instead (``SparseWeight.chain_input``, computed only when
+        tau is), and recompute when any tensor it depends on changes, not only the weight passed in."""
+        self._chains = {index: _Reference(sparse_weight) for index, sparse_weight in chains.items()}
+
+    def _pool(self, weights: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        chains = self._chains
+        return tuple(chains[i].target.chain_input() if i in chains else w for i, w in enumerate(weights))
+
     @torch.compiler.disable  # eager under torch.compile: no guards on the step, tau reaches the graph as a buffer
     @torch.no_grad()
     def forward(self, *weights: Tensor) -> None:
         if self._frozen:
             return None
-        key = (self._step, tuple(w._version for w in weights), tuple(storage_key(w) for w in weights))
+        watched = weights + tuple(t for ref in self._chains.values() for t in ref.target.chain_sources())
+        key = (self._step, tuple(w._version for w in watched), tuple(storage_key(w) for w in watched))
         if key != self._computed_for:
-            self.tau.copy_(self.compute_tau(weights))
+            self.tau.copy_(self.compute_tau(self._pool(weights)))
             self.prunes = self.target_sparsity() > 0.0
             self._computed_for = key
         return None

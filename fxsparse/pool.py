@@ -8,7 +8,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .parametrization import SparseWeight
+from .fqn import join
+from .parametrization import SparseWeight, chain_originals
 
 THRESHOLD_NAME = "fxsparse_threshold"
 
@@ -22,7 +23,13 @@ class SparseEntry:
 
     @property
     def original(self) -> nn.Parameter:
-        return self.module.parametrizations[self.name].original
+        """The raw parameter the threshold watches (in a chain, the original of the weight's shape)."""
+        return chain_originals(self.module.parametrizations[self.name])[self.parametrization.primary]
+
+    @property
+    def chained(self) -> bool:
+        """True when parametrizations come before the SparseWeight (weight_norm, a lifted weight transform)."""
+        return len(self.module.parametrizations[self.name]) > 1
 
 
 def sparse_entries(model: nn.Module) -> list[SparseEntry]:
@@ -34,8 +41,7 @@ def sparse_entries(model: nn.Module) -> list[SparseEntry]:
         for name, plist in module.parametrizations.items():
             for p in plist:
                 if isinstance(p, SparseWeight):
-                    fqn = f"{module_fqn}.{name}" if module_fqn else name
-                    entries.append(SparseEntry(fqn, module, name, p))
+                    entries.append(SparseEntry(join(module_fqn, name), module, name, p))
     return entries
 
 
@@ -70,21 +76,40 @@ def get_threshold(model: nn.Module):
 @torch.no_grad()
 def refresh_threshold_(model: nn.Module) -> None:
     """Bring a sparsified model's tau up to date with its current weights and step (no-op if current)."""
-    get_threshold(model)(*[entry.original for entry in unique_entries(model)])
+    threshold = get_threshold(model)
+    threshold(*pooled_weights(model))
+
+
+def pooled_weights(model: nn.Module) -> list[Tensor]:
+    """The raw pooled weights, in the order the threshold node (or pre-hook) passes them."""
+    threshold = get_threshold(model)
+    inner = getattr(model, "module", None)  # DistributedDataParallel / DataParallel wrap the model
+    root = inner if not hasattr(model, THRESHOLD_NAME) and isinstance(inner, nn.Module) else model
+    return [root.get_parameter(path) for path in threshold.pool_paths]
+
+
+def dense_layers(model: nn.Module) -> dict[str, int]:
+    """fqn -> numel of the weights sparsify() had to leave dense (each named in a warning when it did):
+    every report counts them, with no zeros."""
+    result = getattr(get_threshold(model), "pass_result", None)
+    return {layer.fqn: layer.numel for layer in result.dense} if result is not None else {}
 
 
 @torch.no_grad()
 def layer_densities(model: nn.Module) -> dict[str, tuple[int, int]]:
-    """fqn -> (nonzeros, numel) of each pooled weight as the forward sees it (effective weight)."""
+    """fqn -> (nonzeros, numel) of each pooled weight as the forward sees it (effective weight), and of
+    each weight that could not be sparsified (`dense_layers`, counted as all nonzero)."""
     out = {}
     for entry in unique_entries(model):
         weight: Tensor = getattr(entry.module, entry.name)
         out[entry.fqn] = (int(torch.count_nonzero(weight)), weight.numel())
+    for fqn, numel in dense_layers(model).items():
+        out[fqn] = (numel, numel)
     return out
 
 
 def realized_sparsity(model: nn.Module) -> float:
-    """Fraction of exact zeros over the pool, in the effective weights."""
+    """Fraction of exact zeros over the pool, in the effective weights (and the `dense_layers`, no zeros)."""
     counts = layer_densities(model).values()
     total = sum(n for _, n in counts)
     return 1.0 - sum(nz for nz, _ in counts) / total if total else 0.0
