@@ -185,8 +185,9 @@ def _scatter(values: Tensor, positions: Tensor, shape: tuple[int, ...]) -> Tenso
 # what to save
 # ------------------------------------------------------------------------------------------------
 def is_sparsified_key(key: str) -> bool:
-    """A state_dict key that only a sparsified (unfolded) model has."""
-    return PARAMETRIZED_KEY in key or key.startswith(THRESHOLD_NAME + ".")
+    """A state_dict key that only a sparsified (unfolded) model has: the threshold's state (``.parametrizations.``
+    keys alone also come from a plain model's own weight_norm or spectral_norm)."""
+    return key.startswith(THRESHOLD_NAME + ".")
 
 
 def _folded_state(model: nn.Module) -> tuple[dict[str, Tensor], Optional[list[str]], dict[str, Any]]:
