@@ -19,6 +19,10 @@ from torch.overrides import TorchFunctionMode
 
 _WEIGHT_CALLS = {F.conv1d: 1, F.conv2d: 1, F.conv3d: 1, F.linear: 1}  # function -> position of its weight
 
+# Layer classes outside torch.nn whose forward multiplies ``self.weight`` as stored by design (for instance
+# a library's own linear layer): they are trusted like torch's own and never probed.
+STORED_WEIGHT_LAYERS: set[type] = set()
+
 
 def _defined_by_torch(cls: type, name: str) -> bool:
     method = getattr(cls, name, None)
@@ -26,8 +30,11 @@ def _defined_by_torch(cls: type, name: str) -> bool:
 
 
 def has_torch_forward(module: nn.Module) -> bool:
-    """True when the layer runs torch's own forward (so its op multiplies ``self.weight`` as it is)."""
+    """True when the layer runs torch's own forward, or is one of the `STORED_WEIGHT_LAYERS` (so its op
+    multiplies ``self.weight`` as it is)."""
     cls = parametrize.type_before_parametrizations(module)
+    if issubclass(cls, tuple(STORED_WEIGHT_LAYERS)):
+        return True
     return _defined_by_torch(cls, "forward") and _defined_by_torch(cls, "_conv_forward")
 
 

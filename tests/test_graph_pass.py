@@ -335,6 +335,21 @@ def test_a_layer_that_cannot_be_sparsified_is_named_and_counted_dense_everywhere
     assert conv.nnz == conv_numel
 
 
+class UntraceableMasked(WithOpaque):
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent: flops runs it eagerly, under module hooks
+            x = -x
+        return super().forward(x)
+
+
+def test_flops_counts_the_weight_a_custom_layer_multiplies():
+    torch.manual_seed(0)
+    model = UntraceableMasked()
+    report = fxsparse.flops(model, torch.randn(1, 3, 5, 5))
+    keep = model.opaque.conv.keep
+    assert not report.traced and report.row("opaque.conv.weight").density == int(keep.sum()) / keep.numel()
+
+
 def test_in_place_and_untraceable_paths_keep_transformed_weights_dense_with_a_warning():
     model = _standardized()
     with pytest.warns(UserWarning, match=r"leaves 3 weight\(s\)"):
