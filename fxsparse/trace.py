@@ -175,11 +175,16 @@ def bind_original_methods_(gm: fx.GraphModule, unavailable: Optional[str] = None
         if issubclass(fx.GraphModule, cls):  # nn.Module, object, GraphModule itself
             continue
         for name, value in vars(cls).items():
-            if name.startswith("__") or hasattr(TracedModule, name):
+            if name.startswith("__") or hasattr(TracedModule, name) or _instance_has(gm, name):
                 continue
             if reason is not None and (callable(value) or isinstance(value, (property, staticmethod, classmethod))):
                 value = _unavailable(name, reason, as_property=isinstance(value, property))
             setattr(type(gm), name, value)
+
+
+def _instance_has(gm: nn.Module, name: str) -> bool:
+    """A class attribute would shadow a submodule, parameter or buffer (nn.Module keeps them off __dict__)."""
+    return name in gm.__dict__ or name in gm._modules or name in gm._parameters or name in gm._buffers
 
 
 def _unavailable(name: str, reason: str, as_property: bool) -> Any:

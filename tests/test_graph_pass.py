@@ -438,3 +438,4 @@ def test_pickled_whole_model_keeps_its_eval_output():
     loaded = torch.load(buffer, weights_only=False)
     x = torch.randn(4, 8)
     assert torch.equal(loaded(x), folded(x))
+

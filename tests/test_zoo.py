@@ -133,3 +133,7 @@ def test_weight_standardized_timm_models_are_sparse_where_the_op_multiplies(name
         torch.testing.assert_close(folded(x), expected, rtol=1e-4, atol=1e-5)
     assert zero_fraction(weight_operands(folded, x)) == zero_fraction(operands)
     timm.create_model(name).load_state_dict(folded.state_dict())  # strict: the original keys
+    rebuilt = fxsparse.fold(fxsparse.sparsify(timm.create_model(name), "st3sigma", 0.9)).eval()
+    rebuilt.load_state_dict(folded.state_dict())  # docs/GRAPH_PASS.md: where such weights run as trained
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), folded(x))
