@@ -79,7 +79,9 @@ def sparsify(
     min_numel: leave weights with fewer elements dense (Feather's ``pthres``).
     trace_model / leaf_modules: torch.fx tracing switch and extra module classes to keep opaque.
     """
-    return _sparsify(model, method, sparsity, schedule, exclude, min_numel, trace_model, leaf_modules, in_place=False)
+    sparse, _ = _sparsify(model, method, sparsity, schedule, exclude, min_numel, trace_model, leaf_modules,
+                          in_place=False)
+    return sparse
 
 
 def sparsify_(
@@ -102,7 +104,10 @@ def sparsify_(
     _sparsify(model, method, sparsity, schedule, exclude, min_numel, False, (), in_place=True)
 
 
-def _sparsify(model, method, sparsity, schedule, exclude, min_numel, trace_model, leaf_modules, *, in_place: bool):
+def _sparsify(model, method, sparsity, schedule, exclude, min_numel, trace_model, leaf_modules, *,
+              in_place: bool) -> tuple[nn.Module, PassResult]:
+    """The pass: (the sparsified model, what it changed). The record is also kept on the threshold
+    (``get_threshold(model).pass_result``), where the reports read the layers left dense."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"sparsify() takes a torch.nn.Module, got {type(model).__name__}")
     if is_sparsified(model):
@@ -176,7 +181,7 @@ def _sparsify(model, method, sparsity, schedule, exclude, min_numel, trace_model
                              if item.parametrization.is_chained()})
     device = target.get_parameter(threshold.pool_paths[0]).device
     threshold.to(device)  # tau beside the weights (DDP/NCCL broadcasts it)
-    threshold.pass_result = PassResult(
+    threshold.pass_result = result = PassResult(
         pooled=tuple(item.use.fqn for item in pool),
         chained=tuple(item.use.fqn for item in pool if item.parametrization.is_chained()),
         lifted=tuple(item.use.fqn for item in lifted),
@@ -192,7 +197,7 @@ def _sparsify(model, method, sparsity, schedule, exclude, min_numel, trace_model
     else:
         target.add_module(THRESHOLD_NAME, threshold)
         setattr(target, PRE_HOOK_ATTRIBUTE, target.register_forward_pre_hook(_threshold_pre_hook))
-    return target
+    return target, result
 
 
 def _warn_dense(model_name: str, dense: list) -> None:

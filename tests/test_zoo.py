@@ -1,10 +1,10 @@
 """Coverage over the timm zoo (slow): every conv/linear weight is pooled and sparsity 0 is the identity."""
 import pytest
 import torch
+from aten_truth import weight_operands, zero_fraction
 from torch import nn
 
 import fxsparse
-from aten_truth import weight_operands, zero_fraction
 
 timm = pytest.importorskip("timm")
 
