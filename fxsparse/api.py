@@ -17,22 +17,25 @@ from .global_threshold import GlobalThreshold
 from .layers import DESCRIPTION as PRUNABLE_WEIGHTS
 from .layers import LAYERS as PRUNABLE_LAYERS
 from .methods import Method, get_method
+from .parametrization import SparseWeight
 from .pool import get_threshold, is_sparsified, recompute_threshold_
 from .rewrite import (
+    DenseWeight,
     LayerFilter,
+    PassResult,
     insert_threshold_node_,
     install_parametrizations_,
-    original_path,
+    lift_weights_,
     reroute_functional_weights_,
     select_uses,
     split_root_uses,
+    survey_graph,
+    survey_module,
     tied_embedding_uses,
-    weight_uses_in_graph,
-    weight_uses_in_module,
     weights_left_dense,
 )
 from .schedule import Constant
-from .trace import trace
+from .trace import bind_original_methods_, trace
 from .training_checks import check_optimizer_trains, hook_registry, watch_step
 
 ExcludeSpec = Union[None, str, Sequence[str], LayerFilter]
@@ -69,16 +72,8 @@ def _check_sparsity(sparsity: float) -> float:
     return float(sparsity)
 
 
-def _distinct_weights(model: nn.Module, uses: list) -> dict:
-    """The pool before parametrization: path of each distinct parameter's future ``original`` -> the parameter
-    (a tied weight once, at its first use; install_parametrizations_ keeps the same parameter objects)."""
-    pool, seen = {}, set()
-    for use in uses:
-        param = getattr(model.get_submodule(use.module_fqn), use.name)
-        if id(param) not in seen:
-            seen.add(id(param))
-            pool[original_path(use)] = param
-    return pool
+def _numel(model: nn.Module, use) -> int:
+    return getattr(model.get_submodule(use.module_fqn), use.name).numel()
 
 
 @contextlib.contextmanager
@@ -96,13 +91,6 @@ def _attributes_kept(model: nn.Module) -> Iterator[None]:
             for registry, kept in zip(registries, contents):
                 getattr(module, registry).clear()
                 getattr(module, registry).update(kept)
-
-
-def _copy_plain_attributes(source: nn.Module, target: nn.Module) -> None:
-    """Keep the model's public plain attributes (timm's pretrained_cfg, num_classes, ...) on the GraphModule."""
-    for name, value in vars(source).items():
-        if not name.startswith("_") and name != "training" and not hasattr(target, name):
-            setattr(target, name, value)
 
 
 def sparsify(
@@ -133,8 +121,9 @@ def sparsify(
     Layers that stay dense (tied weights, grouped transposed convs) are named in a warning; fxsparse.flops
     and save_csr count them dense.
     """
-    return _sparsify(model, method, sparsity, schedule, exclude, min_numel, trace_model, leaf_modules,
-                     include_embedding_tied, in_place=False)
+    sparse, _ = _sparsify(model, method, sparsity, schedule, exclude, min_numel, trace_model, leaf_modules,
+                          include_embedding_tied, in_place=False)
+    return sparse
 
 
 def sparsify_(
@@ -165,7 +154,9 @@ def sparsify_(
 
 
 def _sparsify(model, method, sparsity, schedule, exclude, min_numel, trace_model, leaf_modules,
-              include_embedding_tied, *, in_place: bool):
+              include_embedding_tied, *, in_place: bool) -> tuple[nn.Module, PassResult]:
+    """The pass: (the sparsified model, what it changed). The record is also kept on the threshold
+    (``get_threshold(model).pass_result``), where the reports read the layers left dense."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"sparsify() takes a torch.nn.Module, got {type(model).__name__}")
     if is_sparsified(model):
@@ -185,64 +176,97 @@ def _sparsify(model, method, sparsity, schedule, exclude, min_numel, trace_model
         traced = trace(working, tuple(leaf_modules)) if trace_model else None
     graph_module = traced.graph_module if traced is not None else None
     if graph_module is not None:
-        candidates = weight_uses_in_graph(graph_module)  # its module paths are the model's own
+        survey = survey_graph(graph_module)  # its module paths are the model's own
     else:
         reason = traced.error if traced is not None else "tracing disabled (trace_model=False)"
-        candidates = weight_uses_in_module(working)
+        survey = survey_module(working)
         if traced is not None:
             expected = (" (expected: transformers >= 5 models cannot be traced by torch.fx; trace_model=False "
                         "skips the attempt)" if type(model).__module__.startswith("transformers.") else "")
             warnings.warn(
                 f"fxsparse could not trace {type(model).__name__} with torch.fx ({reason}){expected}; sparsifying "
-                f"by walking its modules instead, which found {len(candidates)} prunable weights (of "
+                f"by walking its modules instead, which found {len(survey.uses)} prunable weights (of "
                 f"{PRUNABLE_LAYERS}). Lost: weights the forward uses through F.linear/F.conv*/matmul on raw "
                 "parameters stay dense (fxsparse.flops counts them dense), and the threshold runs as a forward "
                 "pre-hook, not a graph node.",
                 stacklevel=3,
             )
     target: nn.Module = working if in_place or graph_module is None else graph_module
-    if target is graph_module:
-        _copy_plain_attributes(working, target)
-    _warn_unmatched_patterns(patterns, [use.fqn for use in candidates], type(model).__name__)
 
-    uses = select_uses(target, candidates, layer_filter, min_numel)
-    excluded = len(candidates) - len(uses)
-    left_dense = weights_left_dense(target, uses, [u for u in candidates if u not in uses], include_embedding_tied)
-    if left_dense:
-        warnings.warn(
-            "fxsparse leaves these weights dense (fxsparse.flops and save_csr count them dense): "
-            + "; ".join(f"{use.fqn}: {reason}" for use, reason in left_dense.items()),
-            stacklevel=3,
-        )
-        uses = [use for use in uses if use not in left_dense]
+    candidates = survey.uses + [item.use for item in survey.lifted]
+    _warn_unmatched_patterns(patterns, [use.fqn for use in candidates], type(model).__name__)
+    kept = set(select_uses(target, candidates, layer_filter, min_numel))
+    uses = [use for use in survey.uses if use in kept]
+    lifted = [item for item in survey.lifted if item.use in kept]
+    excluded = [use for use in candidates if use not in kept]
+    dense = list(survey.dense)
+    if lifted and target is not graph_module:  # in place, the layer's own forward keeps its weight transform
+        dense += [DenseWeight(item.use.fqn, _numel(target, item.use),
+                              "in place, its weight transform (e.g. standardization) stays in the layer's forward "
+                              "after the sparse parametrization; fxsparse.sparsify (a copy) sparsifies the weight "
+                              "the op multiplies") for item in lifted]
+        lifted = []
+    left_dense = weights_left_dense(target, uses, excluded, include_embedding_tied)
+    dense += [DenseWeight(use.fqn, _numel(target, use), reason) for use, reason in left_dense.items()]
+    uses = [use for use in uses if use not in left_dense]
     if include_embedding_tied:
         uses += tied_embedding_uses(target, uses)
     root_uses: list = []
     if isinstance(target, fx.GraphModule):
         uses, root_uses = split_root_uses(uses)
-        if root_uses:
-            warnings.warn(
-                f"fxsparse leaves {[u.fqn for u in root_uses]} dense: parameters held by the model's root "
-                "module and used through F.conv*/F.linear cannot be parametrized inside a GraphModule; "
-                "move them into a submodule to sparsify them",
-                stacklevel=3,
-            )
-    if not uses:
+        dense += [DenseWeight(u.fqn, _numel(target, u),
+                              "a parameter of the model's root module, used through F.conv*/F.linear, cannot be "
+                              "parametrized inside a GraphModule: move it into a submodule to sparsify it")
+                  for u in root_uses]
+    _warn_dense(type(model).__name__, dense)
+    if not uses and not lifted:
         raise ValueError(
-            f"nothing to sparsify in {type(model).__name__}: found {len(candidates)} conv/linear weights"
-            + (f", {excluded} excluded by exclude=/min_numel=" if excluded else "")
-            + (f", {len(root_uses)} held by the root module (see the warning)" if root_uses else "")
-            + (f", {len(left_dense)} left dense (see the warning)" if left_dense else "")
+            f"nothing to sparsify in {type(model).__name__}: found {len(candidates)} prunable weights"
+            + (f", {len(excluded)} excluded by exclude=/min_numel=" if excluded else "")
+            + (f", {len(dense)} that cannot be sparsified (see the warning)" if dense else "")
             + f"; fxsparse prunes the weights of {PRUNABLE_WEIGHTS}"
         )
-    threshold = GlobalThreshold(resolved_method, sparsity, schedule, _distinct_weights(target, uses))
-    pool = install_parametrizations_(target, uses, resolved_method, threshold)
+    if lifted:
+        uses += lift_weights_(graph_module, lifted)
+        bind_original_methods_(graph_module, unavailable=(
+            "sparsify moved the weight transforms of some layers (" + ", ".join(item.use.fqn for item in lifted)
+            + ") out of their forward into the graph, so the original class's methods, which call those layers "
+            "directly, would apply them twice; call the model itself"))
+    pool = install_parametrizations_(target, uses, resolved_method)
+    threshold = GlobalThreshold(resolved_method, sparsity, schedule, {item.path: item.original(target) for item in pool})
+    for use in uses:
+        for sparse_weight in target.get_submodule(use.module_fqn).parametrizations[use.name]:
+            if isinstance(sparse_weight, SparseWeight):
+                sparse_weight.bind_threshold_(threshold)
+    threshold.watch_chains_({i: item.parametrization for i, item in enumerate(pool)
+                             if item.parametrization.is_chained()})
+    threshold.pass_result = result = PassResult(
+        pooled=tuple(item.use.fqn for item in pool),
+        chained=tuple(item.use.fqn for item in pool if item.parametrization.is_chained()),
+        lifted=tuple(item.use.fqn for item in lifted),
+        dense=tuple(dense),
+        excluded=tuple(use.fqn for use in excluded),
+        threshold_in_graph=target is graph_module,
+        training_leaves=tuple(cls.__name__ for cls in traced.training_leaves) if traced is not None else (),
+        traced_through=tuple(cls.__name__ for cls in traced.traced_through) if traced is not None else (),
+    )
     if target is graph_module:
-        reroute_functional_weights_(target, uses)
-        insert_threshold_node_(target, threshold, pool)
+        reroute_functional_weights_(graph_module, uses)
+        insert_threshold_node_(graph_module, threshold, pool)
     else:
         attach_as_pre_hook_(target, threshold)
-    return target
+    return target, result
+
+
+def _warn_dense(model_name: str, dense: list) -> None:
+    """One warning naming every weight that cannot be sparsified (reports count them dense)."""
+    if dense:
+        lines = "\n".join(f"  {layer.fqn}: {layer.reason}" for layer in dense)
+        warnings.warn(
+            f"fxsparse leaves {len(dense)} weight(s) of {model_name} dense: they cannot be sparsified, and "
+            f"realized_sparsity, layer_densities, flops and save_csr count them dense:\n{lines}",
+            stacklevel=4,
+        )
 
 
 def step_(model: nn.Module, steps: int = 1) -> None:

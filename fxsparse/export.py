@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from .atomic import atomic_write
 from .layers import MatrixLayout, prunable_weight_names
+from .parametrization import HOSTED_THRESHOLD_NAME
 from .pool import THRESHOLD_NAME, get_threshold, is_sparsified
 
 FORMAT_NAME = "fxsparse-csr"
@@ -205,8 +206,11 @@ SPARSITY_SCOPE = "prunable weights (Linear, Conv, ConvTranspose, Conv1D, Multihe
 
 
 def is_sparsified_key(key: str) -> bool:
-    """A state_dict key that only a sparsified (unfolded) model has."""
-    return PARAMETRIZED_KEY in key or key.startswith(THRESHOLD_NAME + ".")
+    """A state_dict key that only a sparsified (unfolded) model has: the threshold's state, as a graph node or
+    hosted by a parametrization (``.parametrizations.`` keys alone also come from a plain model's own
+    weight_norm or spectral_norm)."""
+    hosted = f".{HOSTED_THRESHOLD_NAME}."  # in place or module-walked: inside the first pooled parametrization
+    return key.startswith(THRESHOLD_NAME + ".") or (".parametrizations." in f".{key}" and hosted in key)
 
 
 def _folded_state(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, MatrixLayout], set[str], dict[str, Any]]:

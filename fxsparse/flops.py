@@ -39,6 +39,8 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from .fqn import join
+from .op_weight import has_torch_forward
 from .layers import is_linear, weight_layout
 from .pool import THRESHOLD_NAME, is_sparsified, refresh_threshold_
 
@@ -305,6 +307,7 @@ class _Audit:
         self.node: Optional[fx.Node] = None
         self.node_macs: dict[fx.Node, dict[str, Any]] = {}
         self.storage_names: dict[int, str] = {}  # storage data_ptr -> weight fqn, for functional uses
+        self.layers: list[list[Tensor]] = []  # per conv/linear module running: the weights its ops multiplied
         for name, param in model.named_parameters():
             self.name_storage(param, name)
 
@@ -369,6 +372,8 @@ class _Audit:
             self.module_stack.append(name)
             if counted or silent:
                 self.suspended += 1
+            if counted:
+                self.layers.append([])
 
         return hook
 
@@ -377,12 +382,13 @@ class _Audit:
             self.module_stack.pop()
             if counted or silent:
                 self.suspended -= 1
+            operands = self.layers.pop() if counted else []
             if counted and args and isinstance(args[0], Tensor) and isinstance(output, Tensor):
-                self._module_row(name, module, args[0], output)
+                self._module_row(name, module, args[0], output, operands)
 
         return hook
 
-    def _module_row(self, name: str, module: nn.Module, x: Tensor, out: Tensor) -> None:
+    def _module_row(self, name: str, module: nn.Module, x: Tensor, out: Tensor, operands: list[Tensor]) -> None:
         weight = module.weight  # the effective weight on a parametrized module (cached while we run)
         if is_linear(module):  # nn.Linear, or transformers' Conv1D whose (in, out) weight is the matrix's transpose
             matrix = weight_layout(module).matrix_shape(_shape(weight))
@@ -390,7 +396,10 @@ class _Audit:
         else:
             op = ("conv_transpose" if module.transposed else "conv") + f"{weight.dim() - 2}d"
             dense = conv_macs(_shape(x), _shape(weight), _shape(out), module.transposed)
-        self.add(f"{name}.weight", op, "weight", weight, _shape(out), dense)
+        # a forward of its own may multiply another tensor than the stored weight (timm's StdConv2d
+        # standardizes it): the density is that of the one weight its op multiplied, read at the aten level
+        multiplied = operands[0] if len(operands) == 1 and not has_torch_forward(module) else weight
+        self.add(join(name, "weight"), op, "weight", multiplied, _shape(out), dense, _shape(weight))
 
     # -- graph-level functional weights ---------------------------------------------------------
     def graph_weight_row(self, root: nn.Module, node: fx.Node, args, kwargs, out) -> None:
@@ -479,6 +488,10 @@ class _Counter(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         if not self.audit.suspended:
             self.audit.aten_row(func, args, out)
+        elif self.audit.layers:  # inside a conv/linear module: note the weight its op multiplies
+            found = _aten_macs(func, args, out)
+            if found is not None and found[2]:
+                self.audit.layers[-1].append(found[2][-1])
         return out
 
 
@@ -594,6 +607,8 @@ def flops(model: nn.Module, example_input: Union[Tensor, Sequence[Any], Mapping[
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.no_grad())
         stack.enter_context(_eval_mode(model))
+        if graph_module is not None and graph_module is not model:  # its own flag is read by its graph
+            stack.enter_context(_eval_mode(graph_module))
         stack.enter_context(_no_fused_attention())
         if is_sparsified(model):
             refresh_threshold_(model)
@@ -601,8 +616,7 @@ def flops(model: nn.Module, example_input: Union[Tensor, Sequence[Any], Mapping[
         for prefix, module in model.named_modules():  # cache the effective weights now, to name their uses
             if parametrize.is_parametrized(module):
                 for tensor_name in module.parametrizations:
-                    fqn = f"{prefix}.{tensor_name}" if prefix else tensor_name
-                    audit.name_storage(getattr(module, tensor_name), fqn)
+                    audit.name_storage(getattr(module, tensor_name), join(prefix, tensor_name))
         stack.enter_context(audit.hooks())
         stack.enter_context(_Counter(audit))
         try:

@@ -2,6 +2,11 @@
 
 The folded model's state_dict has the original model's keys and loads into a fresh copy of the
 architecture. Parameter objects are kept (their data is overwritten), so an optimizer stays valid.
+A weight whose SparseWeight ended a chain is baked as the weight the op multiplies: a lifted weight
+transform (timm's StdConv2d) leaves the standardized sparse weight under the layer's own key, which the
+folded graph reads as it is (docs/GRAPH_PASS.md: where such a state_dict loads); a torch parametrization
+(weight_norm, spectral_norm) is removed with it, leaving a plain parameter (a new one when the chain had
+several originals). The graph keeps its nodes that read modules' train/eval flags.
 Also ST-3's "fix" step (METHODS.md sec. 1): w <- w_eff, then a frozen mask for the fine-tune phase.
 """
 from __future__ import annotations
@@ -15,7 +20,16 @@ from torch.nn.utils import parametrize
 
 from .attach import detach_pre_hook_
 from .global_threshold import GlobalThreshold
-from .pool import THRESHOLD_NAME, get_threshold, recompute_threshold_, sparse_entries, tau_is_stale, unique_entries
+from .pool import (
+    THRESHOLD_NAME,
+    SparseEntry,
+    get_threshold,
+    recompute_threshold_,
+    sparse_entries,
+    tau_is_stale,
+    unique_entries,
+)
+from .trace import ROLE
 
 STALE_TAU_WARNING = (
     "fxsparse: tau was stale: the pooled weights were changed where autograd cannot see it (through param.data, "
@@ -31,11 +45,11 @@ def _warn_if_stale(model: nn.Module) -> None:
 
 
 @torch.no_grad()
-def _effective_weights(model: nn.Module) -> list[tuple[nn.Parameter, torch.Tensor]]:
-    """(raw parameter, its effective weight) for every distinct pooled parameter, all computed first,
-    with tau recomputed from the weights as they are (one selection; folding is rare)."""
+def _effective_weights(model: nn.Module) -> list[tuple[SparseEntry, torch.Tensor]]:
+    """(entry, its effective weight) for every distinct pooled parameter, all computed first, with tau
+    recomputed from the weights as they are (one selection; folding is rare)."""
     recompute_threshold_(model)
-    return [(e.original, getattr(e.module, e.name).detach().clone()) for e in unique_entries(model)]
+    return [(e, getattr(e.module, e.name).detach().clone()) for e in unique_entries(model)]
 
 
 def _remove_threshold_(model: nn.Module, threshold: GlobalThreshold) -> None:
@@ -46,7 +60,7 @@ def _remove_threshold_(model: nn.Module, threshold: GlobalThreshold) -> None:
     if threshold.pre_hook is None:  # a node of the model's graph
         graph = model.graph
         for node in list(graph.nodes):
-            if node.op == "call_module" and node.target == THRESHOLD_NAME:
+            if node.meta.get(ROLE) == "threshold":  # rewrite.THRESHOLD, tagged by the pass
                 inputs = list(node.all_input_nodes)
                 graph.erase_node(node)
                 for weight in inputs:
@@ -79,9 +93,13 @@ def fold_(model: nn.Module) -> None:
     baked = _effective_weights(model)
     for entry in sparse_entries(model):
         _own_parametrized_class_(entry.module)
-        parametrize.remove_parametrizations(entry.module, entry.name, leave_parametrized=False)
-    for param, value in baked:
-        param.copy_(value)
+        if entry.module.parametrizations[entry.name].is_tensor:
+            parametrize.remove_parametrizations(entry.module, entry.name, leave_parametrized=False)
+        else:  # several originals (weight_norm's g and v): a new parameter, which needs grad mode to be one
+            with torch.enable_grad():
+                parametrize.remove_parametrizations(entry.module, entry.name, leave_parametrized=True)
+    for entry, value in baked:
+        getattr(entry.module, entry.name).copy_(value)
     _remove_threshold_(model, threshold)
 
 
@@ -101,8 +119,15 @@ def fix_mask_(model: nn.Module) -> None:
     Afterwards the forward is w * mask, so pruned weights receive no gradient while the kept ones
     fine-tune. Fold as usual at the end.
     """
+    chained = [entry.fqn for entry in unique_entries(model) if entry.chained]
+    if chained:
+        raise ValueError(
+            f"fix_mask_ bakes w <- w_eff into the raw weights, but {chained} are computed from their raw "
+            "weights (weight standardization, weight_norm, ...), so the bake would change them; keep training "
+            "without fix_mask_, or exclude these layers (exclude=)"
+        )
     _warn_if_stale(model)
-    baked = _effective_weights(model)
+    baked = [(entry.original, value) for entry, value in _effective_weights(model)]
     masks = {id(param): value != 0 for param, value in baked}
     for param, value in baked:
         param.copy_(value)

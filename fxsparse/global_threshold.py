@@ -23,7 +23,7 @@ state, with tau recomputed at the next forward.
 from __future__ import annotations
 
 import operator
-from typing import Callable, Mapping, Optional
+from typing import Callable, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -31,6 +31,7 @@ from torch.utils.hooks import RemovableHandle
 
 from .distributed import any_sharded, local_pool, storage_key
 from .methods.base import Method
+from .parametrization import SparseWeight, _Reference
 from .threshold import global_quantile, layer_scaled_abs
 
 Schedule = Callable[[int, float], float]
@@ -80,6 +81,7 @@ class GlobalThreshold(nn.Module):
         self._frozen = False
         self._computed_for: Optional[tuple] = None
         self.prunes = False  # host flag: tau > 0 was computed for a positive target sparsity
+        self._chains: dict[int, _Reference] = {}  # pool position -> SparseWeight ending a parametrization chain
 
     # --- schedule -------------------------------------------------------------------------------
     @property
@@ -124,8 +126,22 @@ class GlobalThreshold(nn.Module):
         hint = float(self.tau) if self.prunes and self.tau.device.type == "cpu" else None
         return global_quantile(weights, sparsity, score_fn=score_fn, hint=hint)
 
+    def watch_chains_(self, chains: Mapping[int, SparseWeight]) -> None:
+        """The pooled weights at these positions end a parametrization chain (weight_norm, a lifted weight
+        standardization): rank the chain's value instead (``SparseWeight.chain_input``, computed only when
+        tau is), and recompute when any tensor it depends on changes, not only the weight passed in."""
+        self._chains = {index: _Reference(sparse_weight) for index, sparse_weight in chains.items()}
+
+    def pool_values(self, weights: Sequence[Tensor]) -> tuple[Tensor, ...]:
+        """What is ranked: each pooled weight, or for a chained one the value its chain computes."""
+        chains = self._chains
+        return tuple(chains[i].target.chain_input() if i in chains else w for i, w in enumerate(weights))
+
     def _key(self, weights: tuple[Tensor, ...]) -> tuple:
-        return self._step, tuple(w._version for w in weights), tuple(storage_key(w) for w in weights)
+        """What tau depends on: the step, and the versions and storages of the pooled weights and of every
+        tensor a chained weight is computed from."""
+        watched = tuple(weights) + tuple(t for ref in self._chains.values() for t in ref.target.chain_sources())
+        return self._step, tuple(w._version for w in watched), tuple(storage_key(w) for w in watched)
 
     def is_current(self, weights: tuple[Tensor, ...]) -> bool:
         """True when tau was computed for this step and these weights as autograd last saw them."""
@@ -138,7 +154,7 @@ class GlobalThreshold(nn.Module):
             return None
         key = self._key(weights)
         if key != self._computed_for:
-            self.tau.copy_(self.compute_tau(weights))
+            self.tau.copy_(self.compute_tau(self.pool_values(weights)))
             self.prunes = self.target_sparsity() > 0.0
             self._computed_for = key
         return None

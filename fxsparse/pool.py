@@ -8,8 +8,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from .fqn import join
 from .global_threshold import GlobalThreshold
-from .parametrization import SparseWeight
+from .parametrization import SparseWeight, chain_originals
 
 THRESHOLD_NAME = "fxsparse_threshold"
 
@@ -23,7 +24,13 @@ class SparseEntry:
 
     @property
     def original(self) -> nn.Parameter:
-        return self.module.parametrizations[self.name].original
+        """The raw parameter the threshold watches (in a chain, the original of the weight's shape)."""
+        return chain_originals(self.module.parametrizations[self.name])[self.parametrization.primary]
+
+    @property
+    def chained(self) -> bool:
+        """True when parametrizations come before the SparseWeight (weight_norm, a lifted weight transform)."""
+        return len(self.module.parametrizations[self.name]) > 1
 
 
 def _iter_sparse_entries(model: nn.Module) -> Iterator[SparseEntry]:
@@ -33,8 +40,7 @@ def _iter_sparse_entries(model: nn.Module) -> Iterator[SparseEntry]:
         for name, plist in module.parametrizations.items():
             for p in plist:
                 if isinstance(p, SparseWeight):
-                    fqn = f"{module_fqn}.{name}" if module_fqn else name
-                    yield SparseEntry(fqn, module, name, p)
+                    yield SparseEntry(join(module_fqn, name), module, name, p)
 
 
 def sparse_entries(model: nn.Module) -> list[SparseEntry]:
@@ -107,21 +113,31 @@ def tau_is_stale(model: nn.Module) -> bool:
     threshold, weights = get_threshold(model), pooled_weights(model)
     if threshold.is_frozen or not threshold.is_current(weights):
         return False
-    return not torch.equal(threshold.compute_tau(weights), threshold.tau)
+    return not torch.equal(threshold.compute_tau(threshold.pool_values(weights)), threshold.tau)
+
+
+def dense_layers(model: nn.Module) -> dict[str, int]:
+    """fqn -> numel of the weights sparsify() had to leave dense (each named in a warning when it did):
+    every report counts them, with no zeros."""
+    result = getattr(get_threshold(model), "pass_result", None)
+    return {layer.fqn: layer.numel for layer in result.dense} if result is not None else {}
 
 
 @torch.no_grad()
 def layer_densities(model: nn.Module) -> dict[str, tuple[int, int]]:
-    """fqn -> (nonzeros, numel) of each pooled weight as the forward sees it (effective weight)."""
+    """fqn -> (nonzeros, numel) of each pooled weight as the forward sees it (effective weight), and of
+    each weight that could not be sparsified (`dense_layers`, counted as all nonzero)."""
     out = {}
     for entry in unique_entries(model):
         weight: Tensor = getattr(entry.module, entry.name)
         out[entry.fqn] = (int(torch.count_nonzero(weight)), weight.numel())
+    for fqn, numel in dense_layers(model).items():
+        out[fqn] = (numel, numel)
     return out
 
 
 def realized_sparsity(model: nn.Module) -> float:
-    """Fraction of exact zeros over the pool, in the effective weights."""
+    """Fraction of exact zeros over the pool, in the effective weights (and the `dense_layers`, no zeros)."""
     counts = layer_densities(model).values()
     total = sum(n for _, n in counts)
     return 1.0 - sum(nz for nz, _ in counts) / total if total else 0.0

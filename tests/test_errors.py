@@ -31,7 +31,7 @@ def test_sparsity_outside_zero_one_is_refused_with_the_fix(sparsity):
 
 
 def test_model_with_nothing_to_sparsify():
-    with pytest.raises(ValueError, match="nothing to sparsify in NothingToSparsify: found 0 conv/linear weights"):
+    with pytest.raises(ValueError, match="nothing to sparsify in NothingToSparsify: found 0 prunable weights"):
         fxsparse.sparsify(NothingToSparsify())
     with pytest.raises(ValueError, match="nothing to sparsify"):
         fxsparse.sparsify_(NothingToSparsify())

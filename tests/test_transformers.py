@@ -73,7 +73,9 @@ def sparsify_quietly(model, *args, **kwargs):
 
 
 def pool_zeros(model) -> tuple[int, int]:
-    counts = fxsparse.layer_densities(model).values()
+    """(zeros, numel) over the pooled weights (layer_densities also lists the weights left dense)."""
+    dense = fxsparse.pool.dense_layers(model)
+    counts = [c for fqn, c in fxsparse.layer_densities(model).items() if fqn not in dense]
     return sum(n - nz for nz, n in counts), sum(n for _, n in counts)
 
 

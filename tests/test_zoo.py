@@ -1,6 +1,7 @@
 """Coverage over the timm zoo (slow): every conv/linear weight is pooled and sparsity 0 is the identity."""
 import pytest
 import torch
+from aten_truth import weight_operands, zero_fraction
 from torch import nn
 
 import fxsparse
@@ -83,3 +84,56 @@ def test_resnet50_graph_shows_the_threshold_and_the_fold_loads_into_timm():
         fresh = timm.create_model("resnet50").eval()
         fresh.load_state_dict(folded.state_dict())
         assert torch.equal(fresh(x), folded(x))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, extra", [("resnet18", {}), ("efficientnet_b0", {}),
+                                         ("vit_tiny_patch16_224", {"attn_drop_rate": 0.1})])
+def test_train_and_eval_modes_of_timm_models_with_drop_rates(name, extra):
+    """Sparsified (before the ramp: the identity) and folded, in eval: deterministic and equal to the
+    original's eval output; in train: dropout and drop path active, whichever mode it was traced in."""
+    torch.manual_seed(0)
+    original = timm.create_model(name, drop_rate=0.3, drop_path_rate=0.2, **extra)
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        expected = original.eval()(x)
+        for traced_in in ("train", "eval"):
+            before_the_ramp = fxsparse.Cubic(10, 20)
+            model = fxsparse.sparsify(original.train(traced_in == "train"), "st3sigma", 0.9, before_the_ramp)
+            for candidate in (model, fxsparse.fold(model)):
+                candidate.eval()
+                assert torch.equal(candidate(x), expected) and torch.equal(candidate(x), expected)
+                candidate.train()
+                assert not torch.equal(candidate(x), candidate(x))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["resnetv2_50x1_bit", "nf_resnet26", "vit_small_r26_s32_224"])
+def test_weight_standardized_timm_models_are_sparse_where_the_op_multiplies(name):
+    """BiT ResNetV2 (StdConv2d), an NFNet (ScaledStdConv2d inside NormFreeBlock leaves) and a hybrid ViT
+    (StdConv2dSame): the weights the convolutions multiply, read at the aten level, are 90% zeros, and
+    realized_sparsity, layer_densities, flops and the folded model agree with them."""
+    torch.manual_seed(0)
+    original = timm.create_model(name).eval()
+    x = torch.randn(1, 3, 224, 224)
+    model = fxsparse.sparsify(original, "st3sigma", 0.9).eval()
+    operands = weight_operands(model, x)
+    assert abs(fxsparse.realized_sparsity(model) - zero_fraction(operands)) < 1e-9
+    assert abs(zero_fraction(operands) - 0.9) < 1e-6
+    assert pooled_names(model) == conv_linear_weights(original)
+    result = fxsparse.get_threshold(model).pass_result
+    assert result.lifted and not result.dense
+    densities = fxsparse.layer_densities(model)
+    assert sorted(densities.values()) == sorted((int(torch.count_nonzero(w)), w.numel()) for w in operands)
+    report = fxsparse.flops(model, x)
+    assert {r.name: r.density for r in report.weight_rows} == {k: nz / n for k, (nz, n) in densities.items()}
+    with torch.no_grad():
+        expected = model(x)
+        folded = fxsparse.fold(model)
+        torch.testing.assert_close(folded(x), expected, rtol=1e-4, atol=1e-5)
+    assert zero_fraction(weight_operands(folded, x)) == zero_fraction(operands)
+    timm.create_model(name).load_state_dict(folded.state_dict())  # strict: the original keys
+    rebuilt = fxsparse.fold(fxsparse.sparsify(timm.create_model(name), "st3sigma", 0.9)).eval()
+    rebuilt.load_state_dict(folded.state_dict())  # docs/GRAPH_PASS.md: where such weights run as trained
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), folded(x))
