@@ -70,8 +70,22 @@ def check_forward(original: tuple[Truth, Truth], sparse: tuple[Truth, Truth]) ->
     return problems
 
 
+def _share(part: int, whole: int) -> str:
+    return f"{part / whole:.1%}" if whole else "-"
+
+
 def check_flops(report: fxsparse.FlopReport, truth: Truth) -> list[str]:
+    """Totals first (claimed vs true, sparse as a share of dense), then each disagreeing row."""
     problems = []
+    dense_claim, dense_fact = report.weight_dense_macs, truth.weight_dense_macs
+    if dense_claim != dense_fact:
+        problems.append(f"total weight dense MACs: claimed {_n(dense_claim)}, true {_n(dense_fact)}")
+    sparse_claim, sparse_fact = report.weight_sparse_macs, truth.weight_sparse_macs
+    if sparse_claim != sparse_fact:
+        problems.append(f"total weight sparse MACs: claimed {_n(sparse_claim)} ({_share(sparse_claim, dense_claim)} of "
+                        f"dense), true {_n(sparse_fact)} ({_share(sparse_fact, dense_fact)} of dense)")
+    if report.activation_macs != truth.other_macs:
+        problems.append(f"total activation MACs: claimed {_n(report.activation_macs)}, true {_n(truth.other_macs)}")
     claimed: dict[str, list] = {}
     for row in report.weight_rows:
         numel = math.prod(row.weight_shape) if row.weight_shape is not None else None
@@ -97,25 +111,22 @@ def check_flops(report: fxsparse.FlopReport, truth: Truth) -> list[str]:
             problems.append(
                 f"{rows[0].name}: claimed dense {_n(dense)} sparse {_n(sparse)} density {density:.4f}, true dense "
                 f"{_n(use.dense_macs)} sparse {_n(use.sparse_macs)} density {use.densities[0]:.4f}")
-    for what, claim, fact in (("weight dense MACs", report.weight_dense_macs, truth.weight_dense_macs),
-                              ("weight sparse MACs", report.weight_sparse_macs, truth.weight_sparse_macs),
-                              ("activation MACs", report.activation_macs, truth.other_macs)):
-        if claim != fact:
-            share = f" ({claim / fact:.3f}x the truth)" if fact else ""
-            problems.append(f"total {what}: claimed {_n(claim)}, true {_n(fact)}{share}")
     return problems
 
 
 def _mentions(text: str, names: list[str]) -> bool:
-    """A warning names a weight by its fqn or by its module's."""
+    """A warning names a weight by its fqn or by its module's (a parametrization's 'weight.original1' by
+    'weight' too)."""
     for name in names:
-        for candidate in (name, name.rpartition(".")[0]):
+        attribute = re.sub(r"\.original\d+$", "", name)
+        for candidate in (name, attribute, attribute.rpartition(".")[0]):
             if candidate and re.search(rf"(?<![\w.]){re.escape(candidate)}(?![\w])", text):
                 return True
     return False
 
 
 def check_pool(model: nn.Module, truth: Truth, train_truth: Truth, warned: str) -> list[str]:
+    """The totals first (realized sparsity, the 90%, weights left dense silently), then each disagreeing weight."""
     problems = []
     operands: dict[str, tuple[int, int]] = {}  # parameter -> (nonzeros, numel) of the operand multiplied
     for recorded in (train_truth, truth):  # eval wins; train adds train-only branches (aux heads)
@@ -141,21 +152,22 @@ def check_pool(model: nn.Module, truth: Truth, train_truth: Truth, warned: str) 
     multiplied = [operands[p] for p in pooled if p in operands]
     total = sum(n for _, n in multiplied)
     true_zeros = total - sum(nz for nz, _ in multiplied)
+    summary = []  # listed first
     realized = fxsparse.realized_sparsity(model)
     if total and abs(realized - true_zeros / total) > 1e-9:
-        problems.append(f"realized_sparsity() = {realized:.4f}, the pooled operands multiplied are "
-                        f"{true_zeros / total:.4f} zeros")
+        summary.append(f"realized_sparsity() = {realized:.4f}, the pooled operands multiplied are "
+                       f"{true_zeros / total:.4f} zeros")
     if total and abs(true_zeros - SPARSITY * total) > 1:
-        problems.append(f"the pooled operands multiplied have {_n(true_zeros)} zeros in {_n(total)} weights "
-                        f"({true_zeros / total:.4f}), {SPARSITY} x {_n(total)} = {SPARSITY * total:,.1f} requested")
+        summary.append(f"the pooled operands multiplied have {_n(true_zeros)} zeros in {_n(total)} weights "
+                       f"({true_zeros / total:.4f}), {SPARSITY} x {_n(total)} = {SPARSITY * total:,.1f} requested")
     silent = [p for p in operands if p not in pooled and not _mentions(warned, truth.names.aliases_of(p))]
     if silent:
         dense = sum(operands[p][1] for p in silent)
         everything = sum(n for _, n in operands.values())
-        problems.append(f"{len(silent)} multiplied weights ({dense / everything:.1%} of all weights multiplied) "
-                        f"stay dense without a warning naming them: {', '.join(sorted(silent)[:4])}"
-                        + (", ..." if len(silent) > 4 else ""))
-    return problems
+        summary.append(f"{len(silent)} multiplied weights ({dense / everything:.1%} of all weights multiplied) "
+                       f"stay dense without a warning naming them: {', '.join(sorted(silent)[:4])}"
+                       + (", ..." if len(silent) > 4 else ""))
+    return summary + problems
 
 
 def _output_tensors(value: Any) -> list[Tensor]:
@@ -453,7 +465,7 @@ def main(names: list[str]) -> None:
         except Exception as exc:  # a broken zoo entry (build or recording): name it and go on
             problems = {"forward": [f"the audit raised {type(exc).__name__}: {exc}"]}
         seconds = time.perf_counter() - start
-        cells = ["ok" if not problems.get(c) else "; ".join(problems[c][:2])[:160] for c in CHECKS]
+        cells = ["ok" if not problems.get(c) else problems[c][0][:120] for c in CHECKS]
         rows.append([entry.name, *cells, f"{seconds:.1f}"])
         print(entry.name, "PASS" if not failures(problems) else "FAIL\n" + failures(problems), flush=True)
     print(tabulate(rows, ["model", *CHECKS, "s"], tablefmt="github"))

@@ -195,7 +195,7 @@ ZOO: list[ZooModel] = [
         "Wav2Vec2Config", "Wav2Vec2ForCTC", lambda: {"input_values": torch.randn(2, 400)}, vocab_size=20,
         hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, conv_dim=(16, 16),
         conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2)),
-    ZooModel("hf/whisper-conv1d-tied", _hf(
+    ZooModel("hf/whisper-tied", _hf(
         "WhisperConfig", "WhisperForConditionalGeneration",
         lambda: {"input_features": torch.randn(2, 16, 32), "decoder_input_ids": _tokens(6)}, vocab_size=100,
         d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
