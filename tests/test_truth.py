@@ -1,0 +1,475 @@
+"""The truth test (issue 10): fxsparse's reports agree with what the forward actually multiplies.
+
+For a model sparsified at 90% (st3sigma, constant schedule) and for its fold, tests/truth.py records the
+weight operand of every convolution and matmul at the aten level, independently of fxsparse. Checks:
+  forward       the sparsified model runs the original's products (same MACs, same weights) and draws the
+                original's random numbers: none in eval (no dropout or DropPath), the same in train;
+  flops         fxsparse.flops(): every weight row's dense and sparse MACs and density, and the totals,
+                equal the recorded ops' (rows matched to ops by the parameter the operand comes from);
+                a weight the forward multiplies has a row, and no row claims zeros the operand lacks;
+                the activation-by-activation MACs equal the recorded non-weight products;
+  pool          layer_densities() and realized_sparsity() equal the zeros of the operands multiplied
+                (distinct weights once; eval forward, and train forward for train-only branches), the
+                pooled operands are 90% zeros, and a weight multiplied but not pooled is named in a warning;
+  fold          the folded model multiplies the same operands (same zeros), draws no random numbers in eval
+                and gives the sparsified model's eval outputs;
+  flops-folded  the flops check on the folded model.
+
+Run one model's checks and see the numbers: ``python tests/test_truth.py timm/nf_resnet26-scaledstdconv``
+(no name: the whole zoo, as a table).
+"""
+from __future__ import annotations
+
+import copy
+import math
+import re
+import sys
+import time
+import warnings
+from typing import Any, Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import fxsparse
+from truth import Truth, record
+from truth_zoo import ZOO, ZOO_BY_NAME
+
+METHOD, SPARSITY = "st3sigma", 0.9
+CHECKS = ("forward", "flops", "pool", "fold", "flops-folded")
+SHOWN = 6  # problems listed per check
+
+
+# ------------------------------------------------------------------------------------------------
+# the checks: each returns the list of disagreements, worded with the claimed and the true numbers
+# ------------------------------------------------------------------------------------------------
+def _n(value: int) -> str:
+    return f"{value:,}"
+
+
+def _signature(truth: Truth) -> list[tuple]:
+    return [(op.kind, op.dense_macs, op.weight_shape and math.prod(op.weight_shape), op.param) for op in truth.ops]
+
+
+def check_forward(original: tuple[Truth, Truth], sparse: tuple[Truth, Truth]) -> list[str]:
+    """(eval, train) recordings: the sparsified model multiplies what the original multiplies, and draws the
+    random numbers the original draws, in eval (none) and in train."""
+    problems = []
+    ours, theirs = _signature(sparse[0]), _signature(original[0])
+    if ours != theirs:
+        first = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+        problems.append(f"the sparsified model runs {len(ours)} products, the original {len(theirs)}; first "
+                        f"difference at product {first}: {ours[first] if first < len(ours) else None} vs "
+                        f"{theirs[first] if first < len(theirs) else None}")
+    for mode, a, b in (("eval", sparse[0], original[0]), ("train", sparse[1], original[1])):
+        if a.random != b.random:
+            problems.append(f"{mode} forward draws random numbers {dict(a.random)}, the original's "
+                            f"{dict(b.random)}")
+    return problems
+
+
+def _share(part: int, whole: int) -> str:
+    return f"{part / whole:.1%}" if whole else "-"
+
+
+def check_flops(report: fxsparse.FlopReport, truth: Truth) -> list[str]:
+    """Totals first (claimed vs true, sparse as a share of dense), then each disagreeing row."""
+    problems = []
+    dense_claim, dense_fact = report.weight_dense_macs, truth.weight_dense_macs
+    if dense_claim != dense_fact:
+        problems.append(f"total weight dense MACs: claimed {_n(dense_claim)}, true {_n(dense_fact)}")
+    sparse_claim, sparse_fact = report.weight_sparse_macs, truth.weight_sparse_macs
+    if sparse_claim != sparse_fact:
+        problems.append(f"total weight sparse MACs: claimed {_n(sparse_claim)} ({_share(sparse_claim, dense_claim)} of "
+                        f"dense), true {_n(sparse_fact)} ({_share(sparse_fact, dense_fact)} of dense)")
+    if report.activation_macs != truth.other_macs:
+        problems.append(f"total activation MACs: claimed {_n(report.activation_macs)}, true {_n(truth.other_macs)}")
+    claimed: dict[str, list] = {}
+    for row in report.weight_rows:
+        numel = math.prod(row.weight_shape) if row.weight_shape is not None else None
+        param = truth.names.resolve(row.name, numel)
+        if param is None:
+            problems.append(f"row {row.name!r} names no parameter of the model")
+            continue
+        claimed.setdefault(param, []).append(row)
+    true = truth.by_param()
+    for param in sorted(set(claimed) | set(true), key=lambda p: (p not in true, p)):
+        rows, use = claimed.get(param, []), true.get(param)
+        if use is None:
+            macs = sum(r.dense_macs for r in rows)
+            problems.append(f"{rows[0].name}: a weight row of {_n(macs)} MACs, but no op multiplies this weight")
+            continue
+        if not rows:
+            problems.append(f"{param}: multiplied ({use.calls} op(s), {_n(use.dense_macs)} MACs, density "
+                            f"{use.densities[0]:.4f}) but no weight row")
+            continue
+        dense, sparse = sum(r.dense_macs for r in rows), sum(r.sparse_macs for r in rows)
+        density = rows[0].density
+        if dense != use.dense_macs or sparse != use.sparse_macs or abs(density - use.densities[0]) > 1e-9:
+            problems.append(
+                f"{rows[0].name}: claimed dense {_n(dense)} sparse {_n(sparse)} density {density:.4f}, true dense "
+                f"{_n(use.dense_macs)} sparse {_n(use.sparse_macs)} density {use.densities[0]:.4f}")
+    return problems
+
+
+def _mentions(text: str, names: list[str]) -> bool:
+    """A warning names a weight by its fqn or by its module's (a parametrization's 'weight.original1' by
+    'weight' too)."""
+    for name in names:
+        attribute = re.sub(r"\.original\d+$", "", name)
+        for candidate in (name, attribute, attribute.rpartition(".")[0]):
+            if candidate and re.search(rf"(?<![\w.]){re.escape(candidate)}(?![\w])", text):
+                return True
+    return False
+
+
+def check_pool(model: nn.Module, truth: Truth, train_truth: Truth, warned: str) -> list[str]:
+    """The totals first (realized sparsity, the 90%, weights left dense silently), then each disagreeing weight."""
+    problems = []
+    operands: dict[str, tuple[int, int]] = {}  # parameter -> (nonzeros, numel) of the operand multiplied
+    for recorded in (train_truth, truth):  # eval wins; train adds train-only branches (aux heads)
+        for param, use in recorded.by_param().items():
+            operands[param] = (use.nonzeros, use.numel)
+            if len(set(use.densities)) > 1:
+                problems.append(f"{param}: its {use.calls} uses multiply operands of different densities "
+                                f"{sorted(set(use.densities))}")
+    pooled: dict[str, tuple[str, int, int]] = {}
+    for fqn, (nonzeros, numel) in fxsparse.layer_densities(model).items():
+        param = truth.names.resolve(fqn, numel)
+        if param is None:
+            problems.append(f"layer_densities names {fqn!r}, no parameter of the model")
+        else:
+            pooled[param] = (fqn, nonzeros, numel)
+    for param, (fqn, nonzeros, numel) in pooled.items():
+        if param not in operands:
+            problems.append(f"{fqn} is pooled ({numel} weights) but no op multiplies it (eval or train forward)")
+        elif (nonzeros, numel) != operands[param]:
+            true_nz, true_numel = operands[param]
+            problems.append(f"{fqn}: layer_densities says {nonzeros}/{numel} nonzero, the operand multiplied has "
+                            f"{true_nz}/{true_numel}")
+    multiplied = [operands[p] for p in pooled if p in operands]
+    total = sum(n for _, n in multiplied)
+    true_zeros = total - sum(nz for nz, _ in multiplied)
+    summary = []  # listed first
+    realized = fxsparse.realized_sparsity(model)
+    if total and abs(realized - true_zeros / total) > 1e-9:
+        summary.append(f"realized_sparsity() = {realized:.4f}, the pooled operands multiplied are "
+                       f"{true_zeros / total:.4f} zeros")
+    if total and abs(true_zeros - SPARSITY * total) > 1:
+        summary.append(f"the pooled operands multiplied have {_n(true_zeros)} zeros in {_n(total)} weights "
+                       f"({true_zeros / total:.4f}), {SPARSITY} x {_n(total)} = {SPARSITY * total:,.1f} requested")
+    silent = [p for p in operands if p not in pooled and not _mentions(warned, truth.names.aliases_of(p))]
+    if silent:
+        dense = sum(operands[p][1] for p in silent)
+        everything = sum(n for _, n in operands.values())
+        summary.append(f"{len(silent)} multiplied weights ({dense / everything:.1%} of all weights multiplied) "
+                       f"stay dense without a warning naming them: {', '.join(sorted(silent)[:4])}"
+                       + (", ..." if len(silent) > 4 else ""))
+    return summary + problems
+
+
+def _output_tensors(value: Any) -> list[Tensor]:
+    if isinstance(value, Tensor):
+        return [value]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _output_tensors(v)]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _output_tensors(v)]
+    return []
+
+
+def _outputs_differ(a: Any, b: Any) -> float:
+    """The largest absolute difference between two outputs (inf where their structure differs)."""
+    xs, ys = _output_tensors(a), _output_tensors(b)
+    if len(xs) != len(ys) or any(x.shape != y.shape for x, y in zip(xs, ys)):
+        return math.inf
+    worst = 0.0
+    for x, y in zip(xs, ys):
+        if x.is_floating_point():
+            close = torch.allclose(x, y, rtol=1e-4, atol=1e-5)
+            worst = max(worst, 0.0 if close else float((x - y).abs().max()))
+        elif not torch.equal(x, y):
+            worst = math.inf
+    return worst
+
+
+def check_fold(truth: Truth, folded: Truth, rerun: Callable[[], Any], original: Truth) -> list[str]:
+    problems = []
+    ours, theirs = truth.weight_ops, folded.weight_ops
+    if len(ours) != len(theirs):
+        problems.append(f"the folded model runs {len(theirs)} weight ops, the sparsified one {len(ours)}")
+    for a, b in zip(ours, theirs):
+        if a.weight_shape != b.weight_shape:
+            problems.append(f"weight op {a.index} ({a.param}): shape {a.weight_shape} sparsified vs "
+                            f"{b.weight_shape} folded")
+        elif not torch.equal(a.weight == 0, b.weight == 0):
+            problems.append(f"weight op {a.index} ({a.param}): {a.zeros} zeros sparsified vs {b.zeros} folded")
+        elif not torch.allclose(a.weight, b.weight, rtol=1e-5, atol=1e-6):
+            diff = float((a.weight - b.weight).abs().max())
+            problems.append(f"weight op {a.index} ({a.param}): same zeros, values differ by up to {diff:.3g}")
+    if folded.random != original.random:
+        problems.append(f"the folded model's eval forward draws random numbers {dict(folded.random)}, the "
+                        f"original's {dict(original.random)}")
+    diff = _outputs_differ(truth.output, folded.output)
+    if diff:
+        again = _outputs_differ(truth.output, rerun())
+        why = " (the sparsified model's eval forward is not deterministic: dropout in eval?)" if again else ""
+        problems.append(f"eval outputs differ by up to {diff:.3g}{why}")
+    return problems
+
+
+# ------------------------------------------------------------------------------------------------
+# one model, every check
+# ------------------------------------------------------------------------------------------------
+def _forward(model: nn.Module, inputs: Any) -> Any:
+    with torch.no_grad():
+        return model(**inputs) if isinstance(inputs, dict) else model(inputs)
+
+
+def _calibrate_batchnorm(model: nn.Module, inputs: Any) -> None:
+    """Give every batch norm the running statistics of one batch of ``inputs``.
+
+    At initialisation, running statistics are (0, 1): a network whose weights are 90% pruned then loses its
+    signal layer after layer in eval, and outputs that no longer depend on the input would hide a random
+    (dropout) or wrong (fold) eval forward."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    momenta = [m.momentum for m in norms]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # cumulative average: after one batch, that batch's statistics
+    if norms:
+        _forward(model.train(), inputs)
+    for norm, momentum in zip(norms, momenta):
+        norm.momentum = momentum
+    model.eval()
+
+
+def _guard(problems: dict[str, list[str]], check: str, run: Callable[[], list[str]]) -> None:
+    try:
+        problems[check] = run()
+    except Exception as exc:  # one check's crash must not hide the others
+        problems[check] = [f"raised {type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"]
+
+
+def audit(model: nn.Module, inputs: Any) -> dict[str, list[str]]:
+    """Sparsify ``model`` (train mode, as built) at 90% and run every check; check -> disagreements.
+
+    Inputs given as a dict are passed to fxsparse.flops() as a dict, as its API for keyword inputs will
+    take them."""
+    problems: dict[str, list[str]] = {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            sparse = fxsparse.sparsify(model, METHOD, SPARSITY, fxsparse.Constant())
+        except Exception as exc:
+            return {check: [f"sparsify raised {type(exc).__name__}: {exc}"] for check in CHECKS}
+    warned = "\n".join(str(w.message) for w in caught)
+    original = (record(model.eval(), inputs), record(copy.deepcopy(model).train(), inputs))
+    _calibrate_batchnorm(sparse, inputs)
+    truth = record(sparse, inputs, keep_weights=True)
+    train_truth = record(copy.deepcopy(sparse).train(), inputs)
+    opaque = sorted(set(truth.opaque + train_truth.opaque + original[0].opaque))
+    if opaque:
+        problems["recorder"] = [f"fused ops hide products from the recorder: {opaque}"]
+    _guard(problems, "forward", lambda: check_forward(original, (truth, train_truth)))
+    _guard(problems, "flops", lambda: check_flops(fxsparse.flops(sparse, inputs), truth))
+    _guard(problems, "pool", lambda: check_pool(sparse, truth, train_truth, warned))
+    folded: list[tuple[nn.Module, Truth]] = []
+
+    def fold() -> list[str]:
+        model = fxsparse.fold(sparse).eval()
+        folded.append((model, record(model, inputs, keep_weights=True)))
+        return check_fold(truth, folded[0][1], lambda: _forward(sparse, inputs), original[0])
+
+    _guard(problems, "fold", fold)
+    if folded:
+        _guard(problems, "flops-folded", lambda: check_flops(fxsparse.flops(folded[0][0], inputs), folded[0][1]))
+    else:
+        problems["flops-folded"] = ["not run: fold failed"]
+    return problems
+
+
+def failures(problems: dict[str, list[str]]) -> str:
+    lines = []
+    for check, found in problems.items():
+        if found:
+            lines.append(f"[{check}] " + "; ".join(found[:SHOWN]) + (f"; ... {len(found) - SHOWN} more"
+                                                                  if len(found) > SHOWN else ""))
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------
+# the zoo (slow) and tiny cases (default suite)
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("entry", ZOO, ids=str)
+def test_zoo_model_agrees_with_the_truth(entry):
+    if entry.name.startswith("hf/"):
+        pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    problems = audit(*entry.build())
+    assert not failures(problems), failures(problems)
+
+
+class _TinyConvNet(nn.Module):
+    """Conv, grouped and depthwise convs, a linear head: the plain case."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.grouped = nn.Conv2d(8, 16, 3, stride=2, padding=1, groups=2)
+        self.depthwise = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.stem(x)))
+        x = F.relu(self.depthwise(F.relu(self.grouped(x))))
+        return self.head(x.mean((2, 3)))
+
+
+class _TinyAttention(nn.Module):
+    """A pre-norm attention block on tokens: linears on 3-d inputs, q @ k^T and attn @ v, an MLP."""
+
+    def __init__(self, dim: int = 16):
+        super().__init__()
+        self.embed = nn.Linear(6, dim)
+        self.norm = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, x):
+        x = self.embed(x)
+        q, k, v = self.qkv(self.norm(x)).chunk(3, dim=-1)
+        attention = (q @ k.transpose(-2, -1) / 4.0).softmax(-1)
+        x = x + self.proj(attention @ v)
+        return x + self.mlp(self.norm(x))
+
+
+@pytest.mark.parametrize("build", [lambda: (_TinyConvNet(), torch.randn(2, 3, 12, 12)),
+                                   lambda: (_TinyAttention(), torch.randn(2, 5, 6))], ids=["convnet", "attention"])
+def test_tiny_model_agrees_with_the_truth(build):
+    problems = audit(*build())
+    assert not failures(problems), failures(problems)
+
+
+def test_zoo_has_sixty_models_across_three_libraries():
+    libraries = {entry.name.split("/")[0] for entry in ZOO}
+    assert len(ZOO) >= 60 and libraries == {"timm", "tv", "hf"}
+    assert len(ZOO_BY_NAME) == len(ZOO)
+
+
+# ------------------------------------------------------------------------------------------------
+# the recorder itself (default suite)
+# ------------------------------------------------------------------------------------------------
+def test_recorder_totals_equal_torch_flop_counter():
+    """Independent of the taint: every product is found, with FlopCounterMode's count (FLOPs = 2 x MACs)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    class Sdpa(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv, self.out = nn.Linear(8, 24), nn.ConvTranspose1d(8, 4, 3, stride=2)
+
+        def forward(self, x):
+            q, k, v = self.qkv(x).unflatten(-1, (3, 2, 4)).permute(2, 0, 3, 1, 4)
+            y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+            return self.out(y.transpose(1, 2))
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    for model, x in ((_TinyConvNet().eval(), torch.randn(2, 3, 12, 12)), (_TinyAttention(), torch.randn(2, 5, 6)),
+                     (Sdpa(), torch.randn(2, 7, 8))):
+        with sdpa_kernel(SDPBackend.MATH):  # FlopCounterMode does not count the fused CPU attention op
+            counter = FlopCounterMode(display=False)
+            with counter, torch.no_grad():
+                model(x)
+            decomposed = record(model, x)
+        assert 2 * sum(op.dense_macs for op in decomposed.ops) == counter.get_total_flops()
+        fused = record(model, x)  # the fused attention op counts what its decomposition counts
+        assert sum(op.dense_macs for op in fused.ops) == sum(op.dense_macs for op in decomposed.ops)
+    assert [op.op for op in fused.ops] == ["mm", "sdpa", "conv_transpose1d"]
+
+
+def test_recorder_names_the_operand_each_op_multiplies():
+    """A linear's W^T view, a standardized conv weight, a tied weight used twice, activations written into a
+    constant buffer, attention (activation x activation) and a product of constants."""
+
+    class Edge(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, bias=False)
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+            self.b.weight = self.a.weight
+            self.register_buffer("table", torch.arange(6.0).view(2, 3))
+
+        def forward(self, x):
+            w = self.conv.weight
+            w = (w - w.mean((1, 2, 3), keepdim=True)) / w.std((1, 2, 3), keepdim=True)  # weight standardization
+            h = F.conv2d(x, w).mean((2, 3))  # (2, 4)
+            padded = torch.zeros(2, 3, 4)
+            padded[:, :2] = torch.stack([h, h], 1)  # activations written into a constant tensor
+            tokens = self.b(self.a(padded))
+            attention = tokens @ tokens.transpose(1, 2)
+            constant = self.table @ self.table.t()
+            return attention.sum() + constant.sum()
+
+    model = Edge()
+    with torch.no_grad():
+        model.a.weight[0] = 0.0
+    truth = record(model, torch.randn(2, 3, 6, 6))
+    assert [(op.op, op.kind, op.param) for op in truth.ops] == [
+        ("conv2d", "weight", "conv.weight"), ("mm", "weight", "a.weight"), ("mm", "weight", "a.weight"),
+        ("bmm", "activation", None), ("mm", "constant", None)]
+    conv, linear = truth.ops[0], truth.ops[1]
+    assert conv.dense_macs == 2 * 4 * 3 * 9 * 16 and conv.nonzeros == 108
+    assert linear.weight_shape == (4, 4) and linear.zeros == 4 and linear.dense_macs == 6 * 4 * 4
+    assert truth.uses()["a.weight"] == 2 and truth.tied() == {"a.weight": ["a.weight", "b.weight"]}
+    assert truth.names.resolve("b.weight") == "a.weight"
+
+
+def test_checks_catch_a_report_that_lies(monkeypatch):
+    model, x = _TinyConvNet(), torch.randn(2, 3, 12, 12)
+    sparse = fxsparse.sparsify(model, METHOD, SPARSITY).eval()
+    truth = record(sparse, x)
+    report = fxsparse.flops(sparse, x)
+    assert check_flops(report, truth) == []
+    report.rows[0].sparse_macs += 1
+    del report.rows[1]
+    found = check_flops(report, truth)
+    assert any(p.startswith("stem.weight: claimed dense") for p in found)
+    assert any(p.startswith("grouped.weight: multiplied") for p in found)
+    assert any(p.startswith("total weight sparse MACs") for p in found)
+    lie = dict(fxsparse.layer_densities(sparse), **{"head.weight": (80, 80)})
+    monkeypatch.setattr(fxsparse, "layer_densities", lambda m: lie)
+    found = check_pool(sparse, truth, truth, warned="")
+    assert any(p.startswith("head.weight: layer_densities says 80/80") for p in found)
+
+
+# ------------------------------------------------------------------------------------------------
+# python tests/test_truth.py [name ...]: the per-model table
+# ------------------------------------------------------------------------------------------------
+def main(names: list[str]) -> None:
+    from tabulate import tabulate
+
+    torch.set_num_threads(1)
+    rows = []
+    for entry in [ZOO_BY_NAME[n] for n in names] if names else ZOO:
+        torch.manual_seed(0)
+        start = time.perf_counter()
+        try:
+            problems = audit(*entry.build())
+        except Exception as exc:  # a broken zoo entry (build or recording): name it and go on
+            problems = {"forward": [f"the audit raised {type(exc).__name__}: {exc}"]}
+        seconds = time.perf_counter() - start
+        cells = ["ok" if not problems.get(c) else problems[c][0][:120] for c in CHECKS]
+        rows.append([entry.name, *cells, f"{seconds:.1f}"])
+        print(entry.name, "PASS" if not failures(problems) else "FAIL\n" + failures(problems), flush=True)
+    print(tabulate(rows, ["model", *CHECKS, "s"], tablefmt="github"))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
