@@ -12,6 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from fxsparse.flops import META_KEY, FlopReport, flops
 from fxsparse.trace import trace
+
 from models import Opaque, TiedLinear, TinyCNN, Untraceable, WithLeaf
 
 RESNET50_MACS = 4_089_184_256  # METHODS.md sec. 4, the papers' "4089"
