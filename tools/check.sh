@@ -33,7 +33,7 @@ lint() {
 }
 
 wheel() {
-    rm -rf "$WORK/dist" || return
+    rm -rf "$WORK/dist" "$ROOT/build" || return  # setuptools would pack stale files left in build/ into the wheel
     "$DEV" -m pip wheel -q --no-deps -w "$WORK/dist" "$ROOT" || return
     local file
     file=$(ls "$WORK"/dist/fxsparse-*.whl) || return
