@@ -29,7 +29,7 @@ case "$WORK/" in "$ROOT"/*) say "error: FXSPARSE_CHECK_DIR must be outside the c
 LOW=$WORK/venv
 
 lint() {
-    "$DEV" -m ruff check "$ROOT"
+    "$DEV" -m ruff check --output-format concise "$ROOT"
 }
 
 wheel() {
