@@ -10,7 +10,7 @@
 # Usage: bash tools/check.sh
 # The environment is made in a temporary folder and removed at the end (about 5 GB: torch's CUDA wheels);
 # FXSPARSE_CHECK_DIR=DIR builds it in DIR and keeps it, and a later run re-uses it.
-# PYTHON=python3.12 picks its interpreter (torch 2.4, the floor, has wheels for Python 3.8 to 3.12).
+# PYTHON=python3.12 picks its interpreter: the oldest releases have no wheels for the newest Python.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -43,7 +43,8 @@ wheel() {
         "$PYTHON" -m venv "$LOW" || return
     fi
     "$LOW/bin/python" -m pip install -q --only-binary :all: -c "$WORK/lowest.txt" "$file[test]" || {
-        say "installing the lowest versions failed: a floor in pyproject.toml may have no wheel for $("$PYTHON" -V 2>&1)"
+        say "installing the lowest versions failed: a floor in pyproject.toml may have no wheel for $("$PYTHON" -V 2>&1);"
+        say "  try an older Python: PYTHON=python3.12 bash tools/check.sh"
         return 1
     }
     "$LOW/bin/python" -m pip install -q --no-deps --force-reinstall "$file" || return  # this build, if re-used
