@@ -25,7 +25,7 @@ def sdpa_flops_by_hand(query_shape, key_shape, value_shape, *args, out_shape=Non
 
 
 def counter_misses_cpu_sdpa() -> dict:
-    """FlopCounterMode's formulas this torch lacks, filled in by hand: some releases (2.14 among them)
+    """FlopCounterMode's formulas this torch lacks, filled in by hand: some releases (2.7 and 2.14.1 among them)
     count no CPU scaled_dot_product_attention (aten._scaled_dot_product_flash_attention_for_cpu)."""
     q = torch.randn(1, 2, 3, 4)
     with FlopCounterMode(display=False) as counter, torch.no_grad():
