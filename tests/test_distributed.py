@@ -213,6 +213,12 @@ def scenario_explicit_group(rank):
     return {"equal": bool(torch.equal(fxsparse.get_threshold(model).tau, fxsparse.get_threshold(reference).tau))}
 
 
+# FSDP2 needs torch.Stream.record_event on the CPU, which torch has from 2.7 on ("'Stream' object has no
+# attribute 'record_event'" before): with older torch these CPU tests cannot run FSDP2 at all.
+FSDP2_ON_CPU = torch.__version__ >= "2.7"
+needs_fsdp2_on_cpu = pytest.mark.skipif(not FSDP2_ON_CPU, reason="torch < 2.7 runs no FSDP2 on the CPU")
+
+
 def _worker(rank, init_file, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
@@ -220,6 +226,8 @@ def _worker(rank, init_file, out_dir):
     scenarios = (("ddp", scenario_ddp), ("fsdp", scenario_fsdp), ("fsdp_blocks", scenario_fsdp_blocks),
                  ("explicit", scenario_explicit_group))
     for name, fn in scenarios:
+        if name.startswith("fsdp") and not FSDP2_ON_CPU:
+            continue
         try:
             results[name] = fn(rank)
         except Exception:  # record, keep the other scenarios (and the other rank) going
@@ -255,6 +263,7 @@ def test_ddp_every_rank_has_the_same_tau_and_masks_as_one_process_on_the_global_
             assert zeros == zeros_expected(r["pool"], 0.7), method
 
 
+@needs_fsdp2_on_cpu
 def test_fsdp2_sharded_threshold_is_the_exact_global_quantile_at_every_step(results):
     for rank in range(WORLD):
         for method, r in _get(results, rank, "fsdp").items():
@@ -269,6 +278,7 @@ def test_explicit_group_on_replicated_weights_counts_each_weight_once(results):
         assert _get(results, rank, "explicit")["equal"]
 
 
+@needs_fsdp2_on_cpu
 def test_fsdp2_on_blocks_needs_them_kept_whole_in_the_graph(results):
     for rank in range(WORLD):
         r = _get(results, rank, "fsdp_blocks")

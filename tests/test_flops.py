@@ -1,6 +1,7 @@
 """fxsparse.flops: per-layer dense/sparse MACs, checked against hand formulas and FlopCounterMode."""
 import copy
 import json
+import math
 from fractions import Fraction
 
 import pytest
@@ -11,18 +12,37 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from fxsparse.flops import META_KEY, FlopReport, flops
 from fxsparse.trace import trace
+
 from models import Opaque, TiedLinear, TinyCNN, Untraceable, WithLeaf
 
 RESNET50_MACS = 4_089_184_256  # METHODS.md sec. 4, the papers' "4089"
 
 
+def sdpa_flops_by_hand(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of q @ k^T and attn @ v (docs/METHODS.md sec. 4): 2 x batch dims x t_q x t_k x (d_qk + d_v)."""
+    *batch, t_q, d_qk = query_shape
+    return 2 * math.prod(batch) * t_q * key_shape[-2] * (d_qk + value_shape[-1])
+
+
+def counter_misses_cpu_sdpa() -> dict:
+    """FlopCounterMode's formulas this torch lacks, filled in by hand: some releases (2.7 and 2.14.1 among them)
+    count no CPU scaled_dot_product_attention (aten._scaled_dot_product_flash_attention_for_cpu)."""
+    q = torch.randn(1, 2, 3, 4)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        F.scaled_dot_product_attention(q, q, q)
+    if counter.get_total_flops() == sdpa_flops_by_hand(q.shape, q.shape, q.shape):
+        return {}
+    return {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: sdpa_flops_by_hand}
+
+
 def counter_macs(model: nn.Module, *inputs) -> int:
     """torch.utils.flop_counter's count of the same ops (conv, mm, bmm, attention) / 2, with
-    nn.MultiheadAttention's fused fast path off (as in flops(): one fused op it does not count)."""
+    nn.MultiheadAttention's fused fast path off (as in flops(): one fused op it does not count), and
+    CPU attention counted by hand where this torch's counter does not count it."""
     fastpath = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
     try:
-        with FlopCounterMode(display=False) as counter, torch.no_grad():
+        with FlopCounterMode(display=False, custom_mapping=counter_misses_cpu_sdpa()) as counter, torch.no_grad():
             model(*inputs)
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
@@ -362,6 +382,7 @@ def test_scaled_dot_product_attention_row():
     report = flops(model, x)
     (sdpa,) = report.activation_rows
     assert sdpa.dense_macs == b * 4 * t * t * (4 + 4)
+    assert report.dense_macs == b * t * 16 * 48 + b * 4 * t * t * (4 + 4) + b * t * 16 * 32  # qkv, attention, fc
     assert report.dense_macs == counter_macs(model, x)
     assert report.sparse_macs == report.weight_sparse_macs + sdpa.dense_macs
 
@@ -373,6 +394,9 @@ def test_multihead_attention_functional_weights_named():
     names = {r.name for r in report.weight_rows}
     assert names == {"attn.in_proj_weight", "attn.out_proj.weight"}
     assert report.row("attn.in_proj_weight").dense_macs == 2 * 6 * 16 * 48
+    (attention,) = report.activation_rows
+    assert attention.dense_macs == 2 * 2 * 6 * 6 * (8 + 8)  # 2 heads of 8 dims
+    assert report.dense_macs == 2 * 6 * 16 * 48 + attention.dense_macs + 2 * 6 * 16 * 16  # in_proj, attention, out_proj
     assert report.dense_macs == counter_macs(model, x)
 
 
