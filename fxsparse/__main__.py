@@ -1,4 +1,5 @@
 """python -m fxsparse ...: the same as the `fxsparse` console script."""
+
 import sys
 
 from .train.cli import main

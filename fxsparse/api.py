@@ -1,11 +1,13 @@
 """sparsify(): the library's one verb, and the only place user strings and options are resolved."""
+
 from __future__ import annotations
 
 import contextlib
 import copy
 import fnmatch
 import warnings
-from typing import Callable, Iterator, Optional, Sequence, Union
+from collections.abc import Callable, Iterator, Sequence
+from typing import Union
 
 import torch.fx as fx
 from torch import nn
@@ -38,10 +40,10 @@ from .schedule import Constant
 from .trace import bind_original_methods_, trace
 from .training_checks import check_optimizer_trains, hook_registry, watch_step
 
-ExcludeSpec = Union[None, str, Sequence[str], LayerFilter]
+ExcludeSpec = Union[None, str, Sequence[str], LayerFilter]  # noqa: UP007 (a runtime alias: | needs 3.10 types)
 
 
-def _resolve_exclude(exclude: ExcludeSpec) -> tuple[Optional[LayerFilter], list[str]]:
+def _resolve_exclude(exclude: ExcludeSpec) -> tuple[LayerFilter | None, list[str]]:
     """(filter, its glob patterns) for None, a glob pattern on the weight's fqn (or several), or a callable."""
     if exclude is None or callable(exclude):
         return exclude, []
@@ -95,9 +97,9 @@ def _attributes_kept(model: nn.Module) -> Iterator[None]:
 
 def sparsify(
     model: nn.Module,
-    method: Union[str, Method] = "st3sigma",
+    method: str | Method = "st3sigma",
     sparsity: float = 0.9,
-    schedule: Optional[Callable[[int, float], float]] = None,
+    schedule: Callable[[int, float], float] | None = None,
     *,
     exclude: ExcludeSpec = None,
     min_numel: int = 0,
@@ -121,16 +123,26 @@ def sparsify(
     Layers that stay dense (tied weights, grouped transposed convs) are named in a warning; fxsparse.flops
     and save_csr count them dense.
     """
-    sparse, _ = _sparsify(model, method, sparsity, schedule, exclude, min_numel, trace_model, leaf_modules,
-                          include_embedding_tied, in_place=False)
+    sparse, _ = _sparsify(
+        model,
+        method,
+        sparsity,
+        schedule,
+        exclude,
+        min_numel,
+        trace_model,
+        leaf_modules,
+        include_embedding_tied,
+        in_place=False,
+    )
     return sparse
 
 
 def sparsify_(
     model: nn.Module,
-    method: Union[str, Method] = "st3sigma",
+    method: str | Method = "st3sigma",
     sparsity: float = 0.9,
-    schedule: Optional[Callable[[int, float], float]] = None,
+    schedule: Callable[[int, float], float] | None = None,
     *,
     exclude: ExcludeSpec = None,
     min_numel: int = 0,
@@ -149,12 +161,33 @@ def sparsify_(
     too, unless the root is a GraphModule. fxsparse.fold_(model) undoes it, baking the effective weights.
     Arguments as for sparsify().
     """
-    _sparsify(model, method, sparsity, schedule, exclude, min_numel, trace_model, leaf_modules, include_embedding_tied,
-              in_place=True)
+    _sparsify(
+        model,
+        method,
+        sparsity,
+        schedule,
+        exclude,
+        min_numel,
+        trace_model,
+        leaf_modules,
+        include_embedding_tied,
+        in_place=True,
+    )
 
 
-def _sparsify(model, method, sparsity, schedule, exclude, min_numel, trace_model, leaf_modules,
-              include_embedding_tied, *, in_place: bool) -> tuple[nn.Module, PassResult]:
+def _sparsify(
+    model,
+    method,
+    sparsity,
+    schedule,
+    exclude,
+    min_numel,
+    trace_model,
+    leaf_modules,
+    include_embedding_tied,
+    *,
+    in_place: bool,
+) -> tuple[nn.Module, PassResult]:
     """The pass: (the sparsified model, what it changed). The record is also kept on the threshold
     (``get_threshold(model).pass_result``), where the reports read the layers left dense."""
     if not isinstance(model, nn.Module):
@@ -168,7 +201,10 @@ def _sparsify(model, method, sparsity, schedule, exclude, min_numel, trace_model
     resolved_method = get_method(method).resolve(sparsity)
     schedule = Constant() if schedule is None else schedule
     if not callable(schedule):
-        raise TypeError(f"schedule must be callable (step, final_sparsity) -> sparsity, e.g. fxsparse.Cubic(0, 1000); got {schedule!r}")
+        raise TypeError(
+            "schedule must be callable (step, final_sparsity) -> sparsity, e.g. fxsparse.Cubic(0, 1000); "
+            f"got {schedule!r}"
+        )
     layer_filter, patterns = _resolve_exclude(exclude)
 
     working = model if in_place else copy.deepcopy(model)
@@ -181,8 +217,12 @@ def _sparsify(model, method, sparsity, schedule, exclude, min_numel, trace_model
         reason = traced.error if traced is not None else "tracing disabled (trace_model=False)"
         survey = survey_module(working)
         if traced is not None:
-            expected = (" (expected: transformers >= 5 models cannot be traced by torch.fx; trace_model=False "
-                        "skips the attempt)" if type(model).__module__.startswith("transformers.") else "")
+            expected = (
+                " (expected: transformers >= 5 models cannot be traced by torch.fx; trace_model=False "
+                "skips the attempt)"
+                if type(model).__module__.startswith("transformers.")
+                else ""
+            )
             warnings.warn(
                 f"fxsparse could not trace {type(model).__name__} with torch.fx ({reason}){expected}; sparsifying "
                 f"by walking its modules instead, which found {len(survey.uses)} prunable weights (of "
@@ -201,10 +241,16 @@ def _sparsify(model, method, sparsity, schedule, exclude, min_numel, trace_model
     excluded = [use for use in candidates if use not in kept]
     dense = list(survey.dense)
     if lifted and target is not graph_module:  # in place, the layer's own forward keeps its weight transform
-        dense += [DenseWeight(item.use.fqn, _numel(target, item.use),
-                              "in place, its weight transform (e.g. standardization) stays in the layer's forward "
-                              "after the sparse parametrization; fxsparse.sparsify (a copy) sparsifies the weight "
-                              "the op multiplies") for item in lifted]
+        dense += [
+            DenseWeight(
+                item.use.fqn,
+                _numel(target, item.use),
+                "in place, its weight transform (e.g. standardization) stays in the layer's forward "
+                "after the sparse parametrization; fxsparse.sparsify (a copy) sparsifies the weight "
+                "the op multiplies",
+            )
+            for item in lifted
+        ]
         lifted = []
     left_dense = weights_left_dense(target, uses, excluded, include_embedding_tied)
     dense += [DenseWeight(use.fqn, _numel(target, use), reason) for use, reason in left_dense.items()]
@@ -214,10 +260,15 @@ def _sparsify(model, method, sparsity, schedule, exclude, min_numel, trace_model
     root_uses: list = []
     if isinstance(target, fx.GraphModule):
         uses, root_uses = split_root_uses(uses)
-        dense += [DenseWeight(u.fqn, _numel(target, u),
-                              "a parameter of the model's root module, used through F.conv*/F.linear, cannot be "
-                              "parametrized inside a GraphModule: move it into a submodule to sparsify it")
-                  for u in root_uses]
+        dense += [
+            DenseWeight(
+                u.fqn,
+                _numel(target, u),
+                "a parameter of the model's root module, used through F.conv*/F.linear, cannot be "
+                "parametrized inside a GraphModule: move it into a submodule to sparsify it",
+            )
+            for u in root_uses
+        ]
     _warn_dense(type(model).__name__, dense)
     if not uses and not lifted:
         raise ValueError(
@@ -228,18 +279,26 @@ def _sparsify(model, method, sparsity, schedule, exclude, min_numel, trace_model
         )
     if lifted:
         uses += lift_weights_(graph_module, lifted)
-        bind_original_methods_(graph_module, unavailable=(
-            "sparsify moved the weight transforms of some layers (" + ", ".join(item.use.fqn for item in lifted)
-            + ") out of their forward into the graph, so the original class's methods, which call those layers "
-            "directly, would apply them twice; call the model itself"))
+        bind_original_methods_(
+            graph_module,
+            unavailable=(
+                "sparsify moved the weight transforms of some layers ("
+                + ", ".join(item.use.fqn for item in lifted)
+                + ") out of their forward into the graph, so the original class's methods, which call those layers "
+                "directly, would apply them twice; call the model itself"
+            ),
+        )
     pool = install_parametrizations_(target, uses, resolved_method)
-    threshold = GlobalThreshold(resolved_method, sparsity, schedule, {item.path: item.original(target) for item in pool})
+    threshold = GlobalThreshold(
+        resolved_method, sparsity, schedule, {item.path: item.original(target) for item in pool}
+    )
     for use in uses:
         for sparse_weight in target.get_submodule(use.module_fqn).parametrizations[use.name]:
             if isinstance(sparse_weight, SparseWeight):
                 sparse_weight.bind_threshold_(threshold)
-    threshold.watch_chains_({i: item.parametrization for i, item in enumerate(pool)
-                             if item.parametrization.is_chained()})
+    threshold.watch_chains_(
+        {i: item.parametrization for i, item in enumerate(pool) if item.parametrization.is_chained()}
+    )
     threshold.pass_result = result = PassResult(
         pooled=tuple(item.use.fqn for item in pool),
         chained=tuple(item.use.fqn for item in pool if item.parametrization.is_chained()),

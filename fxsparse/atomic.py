@@ -4,10 +4,12 @@ The data goes to a fresh temporary file beside the target, is flushed to disk, t
 target (os.replace is atomic on POSIX and Windows): a crash or an error never leaves half a file, and an
 existing file is only replaced by a complete one.
 """
+
 from __future__ import annotations
 
 import os
-from typing import Callable, Union
+from collections.abc import Callable
+from typing import Union
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -58,6 +60,7 @@ def atomic_write(path: PathLike, write: Callable[[str], None]) -> None:
 
 def atomic_write_text(path: PathLike, text: str) -> None:
     """Write ``text`` (UTF-8) to ``path`` through atomic_write."""
+
     def write(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as handle:
             handle.write(text)

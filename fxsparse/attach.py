@@ -6,6 +6,7 @@ the hook's handle is recorded on the threshold (``threshold.pre_hook``), which i
 to remove. torch.fx's GraphModule drops forward hooks when deep-copied: on a GraphModule root, a
 deepcopy hook (when this torch has them) attaches the copy's threshold to the copy.
 """
+
 from __future__ import annotations
 
 import torch.fx as fx

@@ -17,6 +17,7 @@ It is not a second implementation: the model is sparsified in place by `fxsparse
 `Feather` method (theta from the final rate), the global threshold node and the cubic schedule that
 `fxsparse.sparsify` uses; the Pruner only maps the arguments and counts the batches.
 """
+
 from __future__ import annotations
 
 import math
@@ -54,8 +55,16 @@ class Pruner:
     theta (Feather's gradient scale on pruned weights) is 0.5 if final_rate > 0.95 else 1.0, as in the paper.
     """
 
-    def __init__(self, model: nn.Module, device=None, final_rate: float = 0.9, nbatches: int = 1, epochs: int = 1,
-                 pthres: int = 0, t1: int = 0):
+    def __init__(
+        self,
+        model: nn.Module,
+        device=None,
+        final_rate: float = 0.9,
+        nbatches: int = 1,
+        epochs: int = 1,
+        pthres: int = 0,
+        t1: int = 0,
+    ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"Pruner takes the torch.nn.Module being trained, got {type(model).__name__}")
         nbatches = _positive_int("nbatches", nbatches)
@@ -124,7 +133,11 @@ class Pruner:
         zeros = total = 0
         for fqn, (nonzero, numel) in layer_densities(self.model).items():
             zeros, total = zeros + numel - nonzero, total + numel
-            print(f"{fqn}".ljust(40), f"#w: {numel}".ljust(11), f"| sparsity: {round(100.0 * (numel - nonzero) / numel, 2)}%")
+            print(
+                f"{fqn}".ljust(40),
+                f"#w: {numel}".ljust(11),
+                f"| sparsity: {round(100.0 * (numel - nonzero) / numel, 2)}%",
+            )
         return 100.0 * zeros / total if total else 0.0
 
     def desparsify(self) -> None:
@@ -134,5 +147,7 @@ class Pruner:
         fold_(self.model)
 
     def __repr__(self) -> str:
-        return (f"Pruner(final_rate={self.final_rate}, nbatches={self.nbatches}, epochs={self.epochs}, "
-                f"pthres={self.pthres}, t1={self.t1}, theta={self.theta}, step_idx={self.step_idx})")
+        return (
+            f"Pruner(final_rate={self.final_rate}, nbatches={self.nbatches}, epochs={self.epochs}, "
+            f"pthres={self.pthres}, t1={self.t1}, theta={self.theta}, step_idx={self.step_idx})"
+        )

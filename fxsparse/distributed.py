@@ -16,10 +16,11 @@ A weight that is not sharded while others are (e.g. the root module's weights, u
 before the threshold node runs) is held whole by every rank: it is counted once, by rank 0 of the
 group, so the union is still exactly the pool.
 """
+
 from __future__ import annotations
 
 import sys
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 from torch import Tensor, nn
 
@@ -64,7 +65,7 @@ def shard_group(tensor: Tensor):
 
 
 def local_pool(
-    weights: Sequence[Tensor], score: Callable[[Tensor], Tensor], group: Optional[object]
+    weights: Sequence[Tensor], score: Callable[[Tensor], Tensor], group: object | None
 ) -> tuple[list[Tensor], ScoreFn, object]:
     """The rank's part of a sharded pool, a score function that sees each weight's global shape, and the group.
 
@@ -107,7 +108,7 @@ def storage_key(tensor: Tensor):
     return tensor.data_ptr()
 
 
-def shard_pool_(model: nn.Module, group: Optional[object] = None) -> None:
+def shard_pool_(model: nn.Module, group: object | None = None) -> None:
     """Make the model's threshold reduce its counts over ``group`` (each rank holds a shard of the pool).
 
     Call it after sharding (``fully_shard``). ``group=None`` infers the group from the model's DTensor
@@ -145,8 +146,10 @@ def _check_sharded_modules_are_called(model: nn.Module) -> None:
         return  # a module-walked (untraceable) model calls its submodules as written
     called = {node.target for node in model.graph.nodes if node.op == "call_module"}
     never_called = [
-        name for name, module in model.named_modules()
-        if name and isinstance(module, FSDPModule)
+        name
+        for name, module in model.named_modules()
+        if name
+        and isinstance(module, FSDPModule)
         and not any(name == target or name.startswith(target + ".") for target in called)
     ]
     if never_called:

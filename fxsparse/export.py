@@ -19,6 +19,7 @@ Files are written to a temporary file in the target directory and renamed, never
 A file is untrusted input: every header and metadata field is checked against the file's own sizes
 (and, in load_csr_into_, the model's shapes) before any tensor is read or allocated.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -27,7 +28,8 @@ import math
 import os
 import zlib
 from collections import OrderedDict
-from typing import Any, Callable, Mapping, Optional, Union
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -48,8 +50,15 @@ PARAMETRIZED_KEY = ".parametrizations."
 # the index dtypes tried, smallest first, with the largest value each holds
 _INDEX_DTYPES = ((torch.uint8, 255), (torch.int16, 2**15 - 1), (torch.int32, 2**31 - 1), (torch.int64, 2**63 - 1))
 _DTYPE_NAMES = {
-    torch.float64: "float64", torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
-    torch.int64: "int64", torch.int32: "int32", torch.int16: "int16", torch.int8: "int8", torch.uint8: "uint8",
+    torch.float64: "float64",
+    torch.float32: "float32",
+    torch.float16: "float16",
+    torch.bfloat16: "bfloat16",
+    torch.int64: "int64",
+    torch.int32: "int32",
+    torch.int16: "int16",
+    torch.int8: "int8",
+    torch.uint8: "uint8",
     torch.bool: "bool",
 }
 _DTYPES = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
@@ -59,9 +68,21 @@ for _name in ("float8_e4m3fn", "float8_e5m2", "uint16", "uint32", "uint64"):
         _DTYPES[_name] = getattr(torch, _name)
 # safetensors' dtype codes, by torch name (the header's "dtype" of each stored tensor)
 _SAFETENSORS_CODES = {
-    "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64", "int32": "I32",
-    "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL", "float8_e4m3fn": "F8_E4M3",
-    "float8_e5m2": "F8_E5M2", "uint16": "U16", "uint32": "U32", "uint64": "U64",
+    "float64": "F64",
+    "float32": "F32",
+    "float16": "F16",
+    "bfloat16": "BF16",
+    "int64": "I64",
+    "int32": "I32",
+    "int16": "I16",
+    "int8": "I8",
+    "uint8": "U8",
+    "bool": "BOOL",
+    "float8_e4m3fn": "F8_E4M3",
+    "float8_e5m2": "F8_E5M2",
+    "uint16": "U16",
+    "uint32": "U32",
+    "uint64": "U64",
 }
 _TORCH_NAMES = {code: name for name, code in _SAFETENSORS_CODES.items() if name in _DTYPES}
 _INDEX_DTYPE_NAMES = ("uint8", "int16", "int32", "int64")
@@ -120,13 +141,26 @@ class CsrReport:
 
         shown = self.entries if all_tensors else self.csr_entries
         rows = [
-            [e.name, e.layout, "x".join(map(str, e.shape)), e.dtype, f"{e.nnz:,}", f"{1 - e.nnz / e.numel:.4f}",
-             f"{e.dense_bytes:,}", f"{e.stored_bytes:,}"]
+            [
+                e.name,
+                e.layout,
+                "x".join(map(str, e.shape)),
+                e.dtype,
+                f"{e.nnz:,}",
+                f"{1 - e.nnz / e.numel:.4f}",
+                f"{e.dense_bytes:,}",
+                f"{e.stored_bytes:,}",
+            ]
             for e in shown
         ]
         headers = ["tensor", "layout", "shape", "dtype", "nnz", "sparsity", "dense bytes", "stored bytes"]
-        table = tabulate(rows, headers, tablefmt=tablefmt, disable_numparse=True,
-                         colalign=("left", "left", "left", "left", "right", "right", "right", "right"))
+        table = tabulate(
+            rows,
+            headers,
+            tablefmt=tablefmt,
+            disable_numparse=True,
+            colalign=("left", "left", "left", "left", "right", "right", "right", "right"),
+        )
         dense_layout = len(self.entries) - len(self.csr_entries)
         sparsity = self.metadata.get("sparsity")
         summary = [
@@ -160,7 +194,10 @@ def _crc32(tensor: Tensor) -> int:
     return zlib.crc32(tensor.detach().reshape(-1).contiguous().view(torch.uint8).numpy())
 
 
-def to_csr(tensor: Tensor, layout: MatrixLayout = MatrixLayout()) -> tuple[Tensor, Tensor, Tensor]:
+ROW_MAJOR = MatrixLayout()  # the weight's 2-D view (shape[0], rest): a Linear or Conv weight
+
+
+def to_csr(tensor: Tensor, layout: MatrixLayout = ROW_MAJOR) -> tuple[Tensor, Tensor, Tensor]:
     """(crow_indices, col_indices, values) of the (outputs, inputs) matrix of ``tensor`` under ``layout``
     (default: the 2-D view (shape[0], rest)), with the smallest index dtypes."""
     matrix = layout.to_matrix(tensor.detach())
@@ -173,15 +210,17 @@ def to_csr(tensor: Tensor, layout: MatrixLayout = MatrixLayout()) -> tuple[Tenso
     return (crow.to(index_dtype(nnz)), col_index.to(index_dtype(max(cols - 1, 0))), values)
 
 
-def csr_bytes(shape: tuple[int, ...], nnz: int, value_itemsize: int, layout: MatrixLayout = MatrixLayout()) -> int:
+def csr_bytes(shape: tuple[int, ...], nnz: int, value_itemsize: int, layout: MatrixLayout = ROW_MAJOR) -> int:
     """Bytes of the CSR components to_csr would produce for a tensor of ``shape`` with ``nnz`` nonzeros."""
     rows, cols = layout.matrix_shape(shape)
-    return ((rows + 1) * _itemsize(index_dtype(nnz)) + nnz * _itemsize(index_dtype(max(cols - 1, 0)))
-            + nnz * value_itemsize)
+    return (
+        (rows + 1) * _itemsize(index_dtype(nnz)) + nnz * _itemsize(index_dtype(max(cols - 1, 0))) + nnz * value_itemsize
+    )
 
 
-def from_csr(crow: Tensor, col: Tensor, values: Tensor, shape: tuple[int, ...],
-             layout: MatrixLayout = MatrixLayout()) -> Tensor:
+def from_csr(
+    crow: Tensor, col: Tensor, values: Tensor, shape: tuple[int, ...], layout: MatrixLayout = ROW_MAJOR
+) -> Tensor:
     """The dense tensor of ``shape`` whose (outputs, inputs) matrix has these CSR components (no validation)."""
     row, col64 = _coordinates(crow, col)
     return _scatter(values, layout.flat_index(row, col64, shape), shape)
@@ -259,12 +298,12 @@ def _version() -> str:
 # save
 # ------------------------------------------------------------------------------------------------
 def save_csr(
-    model: Union[nn.Module, Mapping[str, Tensor]],
-    path: Union[str, os.PathLike],
+    model: nn.Module | Mapping[str, Tensor],
+    path: str | os.PathLike,
     *,
-    method: Optional[str] = None,
-    architecture: Optional[str] = None,
-    metadata: Optional[Mapping[str, Any]] = None,
+    method: str | None = None,
+    architecture: str | None = None,
+    metadata: Mapping[str, Any] | None = None,
 ) -> CsrReport:
     """Write ``model`` (a folded or dense module, a sparsified module, or a folded state_dict) to ``path``.
 
@@ -280,8 +319,9 @@ def save_csr(
         scope = SPARSITY_SCOPE
     elif isinstance(model, Mapping):
         state_dict, layouts = dict(model), {}
-        scope_names = {k for k, v in state_dict.items()
-                       if isinstance(v, Tensor) and v.is_floating_point() and v.dim() >= 2}
+        scope_names = {
+            k for k, v in state_dict.items() if isinstance(v, Tensor) and v.is_floating_point() and v.dim() >= 2
+        }
         scope = "floating-point tensors with 2 or more dims"
     else:
         raise TypeError(f"save_csr() takes an nn.Module or a state_dict, got {type(model).__name__}")
@@ -289,7 +329,7 @@ def save_csr(
 
     tensors: dict[str, Tensor] = {}
     entries: list[TensorEntry] = []
-    described: "OrderedDict[str, dict[str, Any]]" = OrderedDict()
+    described: OrderedDict[str, dict[str, Any]] = OrderedDict()
     seen_storages: set[int] = set()
     counted: set[tuple] = set()  # a tied weight counts once in the sparsity, as in the pool
     pool_nnz = pool_numel = 0
@@ -316,10 +356,15 @@ def save_csr(
             for part, tensor in parts.items():
                 tensors[f"{name}{SEPARATOR}{part}"] = tensor
             stored = sum(t.numel() * t.element_size() for t in parts.values())
-            described[name] = {"layout": "csr", "shape": list(shape), "dtype": dtype, "nnz": nnz,
-                               "index_dtypes": [_DTYPE_NAMES[parts["crow_indices"].dtype],
-                                                _DTYPE_NAMES[parts["col_indices"].dtype]],
-                               "output_axis": layout.output_axis, "groups": layout.groups}
+            described[name] = {
+                "layout": "csr",
+                "shape": list(shape),
+                "dtype": dtype,
+                "nnz": nnz,
+                "index_dtypes": [_DTYPE_NAMES[parts["crow_indices"].dtype], _DTYPE_NAMES[parts["col_indices"].dtype]],
+                "output_axis": layout.output_axis,
+                "groups": layout.groups,
+            }
         else:
             value = value.contiguous()
             storage = value.untyped_storage().data_ptr()
@@ -443,14 +488,18 @@ def _read_json_header(path: str) -> tuple[dict[str, Any], int]:
             _fail(path, f"{size} bytes: too short to be a safetensors file (truncated?)")
         header_size = int.from_bytes(head, "little")
         if header_size > size - 8:
-            _fail(path, f"truncated or not a safetensors file: its header claims {header_size:,} bytes but the "
-                        f"file has {size:,} bytes")
+            _fail(
+                path,
+                f"truncated or not a safetensors file: its header claims {header_size:,} bytes but the "
+                f"file has {size:,} bytes",
+            )
         raw = handle.read(header_size)
     try:
         table = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CsrFormatError(
-            f"{path!r}: the safetensors header is not valid JSON ({exc}); the file is corrupt") from exc
+            f"{path!r}: the safetensors header is not valid JSON ({exc}); the file is corrupt"
+        ) from exc
     if not isinstance(table, dict):
         _fail(path, "the safetensors header is not a JSON object; the file is corrupt")
     return table, size - 8 - header_size
@@ -460,19 +509,31 @@ def _check_table(path: str, table: dict[str, Any], data_bytes: int) -> None:
     """Every stored tensor: a known dtype, a shape, and offsets inside the data section matching its size."""
     for key, info in table.items():
         offsets = info.get("data_offsets") if isinstance(info, dict) else None
-        if not (isinstance(info, dict) and info.get("dtype") in _TORCH_NAMES and _is_shape(info.get("shape"))
-                and isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)
-                and 0 <= offsets[0] <= offsets[1]):
+        if not (
+            isinstance(info, dict)
+            and info.get("dtype") in _TORCH_NAMES
+            and _is_shape(info.get("shape"))
+            and isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(_is_int(o) for o in offsets)
+            and 0 <= offsets[0] <= offsets[1]
+        ):
             _fail(path, f"corrupt safetensors header entry for {key!r}: {info!r}")
     for key, info in sorted(table.items(), key=lambda item: item[1]["data_offsets"][1]):
         begin, end = info["data_offsets"]
         if end > data_bytes:
-            _fail(path, f"truncated: tensor {key.split(SEPARATOR)[0]!r} ({key}) needs bytes up to {end:,} of the "
-                        f"data section but the file holds {data_bytes:,}; re-export or copy the file again")
+            _fail(
+                path,
+                f"truncated: tensor {key.split(SEPARATOR)[0]!r} ({key}) needs bytes up to {end:,} of the "
+                f"data section but the file holds {data_bytes:,}; re-export or copy the file again",
+            )
         expected = math.prod(info["shape"]) * _itemsize(_DTYPES[_TORCH_NAMES[info["dtype"]]])
         if end - begin != expected:
-            _fail(path, f"corrupt: stored tensor {key!r} of shape {info['shape']} and dtype {info['dtype']} takes "
-                        f"{end - begin:,} bytes, not {expected:,}")
+            _fail(
+                path,
+                f"corrupt: stored tensor {key!r} of shape {info['shape']} and dtype {info['dtype']} takes "
+                f"{end - begin:,} bytes, not {expected:,}",
+            )
 
 
 def _check_document(path: str, document: Any) -> int:
@@ -483,10 +544,16 @@ def _check_document(path: str, document: Any) -> int:
         _fail(path, f"metadata format is {document.get('format')!r}, expected {FORMAT_NAME!r}")
     version = document.get("format_version")
     if not _is_int(version) or version not in READABLE_VERSIONS:
-        advice = ("Upgrade fxsparse to read it." if _is_int(version) and version > FORMAT_VERSION
-                  else "Re-export the checkpoint with this fxsparse.")
-        _fail(path, f"has CSR format version {version!r}; this fxsparse ({_version()}) reads versions "
-                    f"{', '.join(map(str, READABLE_VERSIONS))}. {advice}")
+        advice = (
+            "Upgrade fxsparse to read it."
+            if _is_int(version) and version > FORMAT_VERSION
+            else "Re-export the checkpoint with this fxsparse."
+        )
+        _fail(
+            path,
+            f"has CSR format version {version!r}; this fxsparse ({_version()}) reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}. {advice}",
+        )
     for field, (check, what) in _DOCUMENT_FIELDS.items():
         if field not in document:
             _fail(path, f"the fxsparse metadata has no {field!r}; the file is corrupt or not written by fxsparse")
@@ -500,6 +567,7 @@ def _check_document(path: str, document: Any) -> int:
 
 def _check_entry(path: str, name: str, entry: Any, version: int) -> _StoredTensor:
     """One "tensors" entry, every field checked (types, ranges, consistency with its own shape)."""
+
     def fail(what: str) -> None:
         _fail(path, f"corrupt metadata for tensor {name!r}: {what}")
 
@@ -528,8 +596,11 @@ def _check_entry(path: str, name: str, entry: Any, version: int) -> _StoredTenso
         if not torch_dtype.is_floating_point or len(shape) < 2:
             fail(f"a CSR tensor must be floating-point with 2 or more dims, got {dtype} of shape {shape}")
         index_dtypes = entry.get("index_dtypes")
-        if not (isinstance(index_dtypes, list) and len(index_dtypes) == 2
-                and all(isinstance(d, str) and d in _INDEX_DTYPE_NAMES for d in index_dtypes)):
+        if not (
+            isinstance(index_dtypes, list)
+            and len(index_dtypes) == 2
+            and all(isinstance(d, str) and d in _INDEX_DTYPE_NAMES for d in index_dtypes)
+        ):
             fail(f"index_dtypes must be two of {list(_INDEX_DTYPE_NAMES)}, got {index_dtypes!r}")
         if version >= 2:
             axis, groups = entry.get("output_axis"), entry.get("groups")
@@ -550,16 +621,22 @@ def _check_parts(path: str, tensor: _StoredTensor, table: dict[str, Any], index_
     else:
         rows, _ = tensor.matrix.matrix_shape(tensor.shape)
         crow, col, values = tensor.keys
-        expected = {crow: (index_dtypes[0], [rows + 1]), col: (index_dtypes[1], [tensor.nnz]),
-                    values: (_DTYPE_NAMES[tensor.dtype], [tensor.nnz])}
+        expected = {
+            crow: (index_dtypes[0], [rows + 1]),
+            col: (index_dtypes[1], [tensor.nnz]),
+            values: (_DTYPE_NAMES[tensor.dtype], [tensor.nnz]),
+        }
     for key, (dtype, shape) in expected.items():
         info = table.get(key)
         if info is None:
             _fail(path, f"corrupt: tensor {tensor.name!r} has no stored part {key!r}")
         stored = (_TORCH_NAMES[info["dtype"]], info["shape"])
         if stored != (dtype, shape):
-            _fail(path, f"corrupt: tensor {tensor.name!r}: {key!r} is stored as {stored[0]} of shape {stored[1]}, "
-                        f"its metadata implies {dtype} of shape {shape}")
+            _fail(
+                path,
+                f"corrupt: tensor {tensor.name!r}: {key!r} is stored as {stored[0]} of shape {stored[1]}, "
+                f"its metadata implies {dtype} of shape {shape}",
+            )
 
 
 def _read_checkpoint(path: str) -> _Checkpoint:
@@ -568,8 +645,10 @@ def _read_checkpoint(path: str) -> _Checkpoint:
     metadata = table.pop("__metadata__", None)
     raw = metadata.get(METADATA_KEY) if isinstance(metadata, dict) else None
     if raw is None:
-        raise NoCsrMetadata(f"{path!r} is a safetensors file without fxsparse metadata, not a CSR checkpoint: "
-                            "read it with safetensors.torch.load_file")
+        raise NoCsrMetadata(
+            f"{path!r} is a safetensors file without fxsparse metadata, not a CSR checkpoint: "
+            "read it with safetensors.torch.load_file"
+        )
     if not isinstance(raw, str):
         _fail(path, "the fxsparse metadata is not a JSON string; the file is corrupt")
     try:
@@ -594,7 +673,7 @@ def _read_checkpoint(path: str) -> _Checkpoint:
     return _Checkpoint(path, table, document, tensors)
 
 
-def read_csr_metadata(path: Union[str, os.PathLike]) -> dict[str, Any]:
+def read_csr_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """The fxsparse JSON document of a CSR checkpoint (versions, method, sparsity, per-tensor entries), checked."""
     return _read_checkpoint(os.fspath(path)).document
 
@@ -627,15 +706,16 @@ def _validated_positions(path: str, stored: _StoredTensor, crow: Tensor, col: Te
     return stored.matrix.flat_index(row, col64, stored.shape)
 
 
-def _physical_memory() -> Optional[int]:
+def _physical_memory() -> int | None:
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (AttributeError, ValueError, OSError):  # not POSIX
         return None
 
 
-def load_csr(path: Union[str, os.PathLike], *, device: Union[str, torch.device] = "cpu",
-             max_bytes: Optional[int] = None) -> "OrderedDict[str, Tensor]":
+def load_csr(
+    path: str | os.PathLike, *, device: str | torch.device = "cpu", max_bytes: int | None = None
+) -> OrderedDict[str, Tensor]:
     """The state_dict (dense tensors, original order and dtypes) stored in a CSR checkpoint.
 
     It is bitwise equal to the folded model's state_dict (torch.equal), except that -0.0 in pruned
@@ -647,8 +727,12 @@ def load_csr(path: Union[str, os.PathLike], *, device: Union[str, torch.device] 
     return _load(os.fspath(path), device, max_bytes, None)
 
 
-def _load(path: str, device: Union[str, torch.device], max_bytes: Optional[int],
-          check: Optional[Callable[[dict[str, tuple[int, ...]]], None]]) -> "OrderedDict[str, Tensor]":
+def _load(
+    path: str,
+    device: str | torch.device,
+    max_bytes: int | None,
+    check: Callable[[dict[str, tuple[int, ...]]], None] | None,
+) -> OrderedDict[str, Tensor]:
     from safetensors import SafetensorError, safe_open
 
     checkpoint = _read_checkpoint(path)
@@ -657,21 +741,26 @@ def _load(path: str, device: Union[str, torch.device], max_bytes: Optional[int],
     limit = _physical_memory() if max_bytes is None else max_bytes
     declared = sum(t.dense_bytes for t in checkpoint.tensors)
     if limit is not None and declared > limit:
-        _fail(path, f"its tensors would take {declared:,} bytes dense, more than the {limit:,} allowed "
-                    f"(max_bytes{'' if max_bytes is not None else ', default: physical memory'}); refused before "
-                    "allocating. Pass a larger max_bytes if you trust the file, or load it with load_csr_into_")
-    state: "OrderedDict[str, Tensor]" = OrderedDict()
+        _fail(
+            path,
+            f"its tensors would take {declared:,} bytes dense, more than the {limit:,} allowed "
+            f"(max_bytes{'' if max_bytes is not None else ', default: physical memory'}); refused before "
+            "allocating. Pass a larger max_bytes if you trust the file, or load it with load_csr_into_",
+        )
+    state: OrderedDict[str, Tensor] = OrderedDict()
     try:
         handle_context = safe_open(path, framework="pt", device="cpu")
     except SafetensorError as exc:
         raise CsrFormatError(f"{path!r} cannot be opened as safetensors ({exc}); the file is corrupt") from exc
     with handle_context as handle:
+
         def read(key: str) -> Tensor:
             try:
                 tensor = handle.get_tensor(key)
             except SafetensorError as exc:
                 raise CsrFormatError(
-                    f"{path!r}: tensor {key.split(SEPARATOR)[0]!r} ({key}) cannot be read ({exc})") from exc
+                    f"{path!r}: tensor {key.split(SEPARATOR)[0]!r} ({key}) cannot be read ({exc})"
+                ) from exc
             _check_crc(path, key, tensor, checkpoint.document)
             return tensor
 
@@ -682,13 +771,16 @@ def _load(path: str, device: Union[str, torch.device], max_bytes: Optional[int],
             else:
                 tensor = read(stored.name)
                 if tensor.is_floating_point() and int(torch.count_nonzero(tensor)) != stored.nnz:
-                    _fail(path, f"corrupt metadata for tensor {stored.name!r}: nnz {stored.nnz} but it holds "
-                                f"{int(torch.count_nonzero(tensor))} nonzeros")
+                    _fail(
+                        path,
+                        f"corrupt metadata for tensor {stored.name!r}: nnz {stored.nnz} but it holds "
+                        f"{int(torch.count_nonzero(tensor))} nonzeros",
+                    )
             state[stored.name] = tensor.to(device)
     return state
 
 
-def load_csr_into_(model: nn.Module, path: Union[str, os.PathLike], *, strict: bool = True) -> None:
+def load_csr_into_(model: nn.Module, path: str | os.PathLike, *, strict: bool = True) -> None:
     """Load a CSR checkpoint into ``model`` (a plain, not sparsified, instance of the architecture), in place.
 
     Every tensor's declared shape is checked against the model before anything is read or allocated, and
@@ -707,8 +799,13 @@ def load_csr_into_(model: nn.Module, path: Union[str, os.PathLike], *, strict: b
     model.load_state_dict(state, strict=strict)
 
 
-def check_shapes(model: nn.Module, expected: Mapping[str, tuple[int, ...]], found: Mapping[str, tuple[int, ...]],
-                 source: str, strict: bool = True) -> None:
+def check_shapes(
+    model: nn.Module,
+    expected: Mapping[str, tuple[int, ...]],
+    found: Mapping[str, tuple[int, ...]],
+    source: str,
+    strict: bool = True,
+) -> None:
     """Raise a ValueError naming the tensor when a checkpoint's ``found`` shapes do not fit the model's
     ``expected`` ones (and, when strict, when keys are missing or unexpected)."""
     for name, shape in found.items():

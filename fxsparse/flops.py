@@ -23,6 +23,7 @@ op set torch.utils.flop_counter counts. Each graph node gets its share in ``node
 A model torch.fx cannot trace runs eagerly under the same hooks and dispatch mode (nothing is lost but
 the node.meta annotations).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -30,7 +31,8 @@ import dataclasses
 import json
 import math
 from collections import OrderedDict
-from typing import Any, Iterator, Mapping, Optional, Sequence, Union
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -40,8 +42,8 @@ from torch.nn.utils import parametrize
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .fqn import join
-from .op_weight import has_torch_forward
 from .layers import is_linear, weight_layout
+from .op_weight import has_torch_forward
 from .pool import THRESHOLD_NAME, is_sparsified, refresh_threshold_
 
 META_KEY = "fxsparse.macs"
@@ -85,7 +87,7 @@ class LayerMacs:
     name: str  # "layer1.0.conv1.weight", or "blocks.0.attn:sdpa" for an activation matmul
     op: str  # "conv2d", "linear", "mm", "bmm", "sdpa", ...
     kind: str  # "weight" or "activation"
-    weight_shape: Optional[tuple[int, ...]]
+    weight_shape: tuple[int, ...] | None
     output_shape: tuple[int, ...]
     density: float  # nonzeros / numel of the weight; 1.0 for activation matmuls
     dense_macs: int
@@ -153,8 +155,11 @@ class FlopReport:
         for r in self.rows:
             if r.name == name:
                 return r
-        raise KeyError(f"no row {name!r} in this report; rows are keyed by weight fqn, e.g. {self.rows[0].name!r}"
-                       if self.rows else f"no row {name!r}: the report is empty")
+        raise KeyError(
+            f"no row {name!r} in this report; rows are keyed by weight fqn, e.g. {self.rows[0].name!r}"
+            if self.rows
+            else f"no row {name!r}: the report is empty"
+        )
 
     def totals(self) -> dict[str, int]:
         return {
@@ -178,7 +183,7 @@ class FlopReport:
             "totals": self.totals(),
         }
 
-    def to_json(self, indent: Optional[int] = 2) -> str:
+    def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent)
 
     def table(self, tablefmt: str = "simple") -> str:
@@ -190,27 +195,58 @@ class FlopReport:
         def line(r: LayerMacs) -> list[Any]:
             shape = "x".join(map(str, r.weight_shape)) if r.weight_shape is not None else "-"
             calls = f" (x{r.calls})" if r.calls > 1 else ""
-            return [r.name + calls, r.op, shape, "x".join(map(str, r.output_shape)), f"{r.density:.4f}",
-                    _fmt_int(r.dense_macs), _fmt_int(r.sparse_macs)]
+            return [
+                r.name + calls,
+                r.op,
+                shape,
+                "x".join(map(str, r.output_shape)),
+                f"{r.density:.4f}",
+                _fmt_int(r.dense_macs),
+                _fmt_int(r.sparse_macs),
+            ]
 
-        parts = [tabulate([line(r) for r in self.weight_rows], headers, tablefmt=tablefmt,
-                          disable_numparse=True, colalign=("left", "left", "left", "left", "right", "right", "right"))]
+        parts = [
+            tabulate(
+                [line(r) for r in self.weight_rows],
+                headers,
+                tablefmt=tablefmt,
+                disable_numparse=True,
+                colalign=("left", "left", "left", "left", "right", "right", "right"),
+            )
+        ]
         if self.activation_rows:
             parts.append("activation-by-activation matmuls (attention), density 1:")
-            parts.append(tabulate([line(r) for r in self.activation_rows], headers, tablefmt=tablefmt,
-                                  disable_numparse=True,
-                                  colalign=("left", "left", "left", "left", "right", "right", "right")))
+            parts.append(
+                tabulate(
+                    [line(r) for r in self.activation_rows],
+                    headers,
+                    tablefmt=tablefmt,
+                    disable_numparse=True,
+                    colalign=("left", "left", "left", "left", "right", "right", "right"),
+                )
+            )
         dense, sparse = self.dense_macs, self.sparse_macs
         weight_density = self.weight_sparse_macs / self.weight_dense_macs if self.weight_dense_macs else 1.0
         totals = [
-            ["weight layers", _fmt_int(self.weight_dense_macs), _fmt_int(self.weight_sparse_macs),
-             f"{weight_density:.4f}"],
+            [
+                "weight layers",
+                _fmt_int(self.weight_dense_macs),
+                _fmt_int(self.weight_sparse_macs),
+                f"{weight_density:.4f}",
+            ],
             ["activation matmuls", _fmt_int(self.activation_macs), _fmt_int(self.activation_macs), "1.0000"],
             ["total MACs", _fmt_int(dense), _fmt_int(sparse), f"{sparse / dense if dense else 1.0:.4f}"],
             ["total FLOPs (2 x MACs)", _fmt_int(2 * dense), _fmt_int(2 * sparse), ""],
         ]
-        parts.append(tabulate(totals, ["totals", "dense", "sparse", "sparse/dense"], tablefmt=tablefmt,
-                              disable_numparse=True, colalign=("left", "right", "right", "right")))
+        parts.append(
+            tabulate(
+                totals,
+                ["totals", "dense", "sparse", "sparse/dense"],
+                tablefmt=tablefmt,
+                disable_numparse=True,
+                colalign=("left", "right", "right", "right"),
+            )
+        )
         shapes = ", ".join("x".join(map(str, s)) for s in self.input_shapes)
         parts.append(f"input: {shapes}\n{CONVENTION}")
         parts += [f"note: {n}" for n in self.notes]
@@ -256,7 +292,7 @@ class FlopReport:
 def conv_macs(x_shape: Sequence[int], weight: Sequence[int], out_shape: Sequence[int], transposed: bool) -> int:
     """N * numel(weight) * output positions (transposed: input positions); unbatched input means N = 1."""
     batched = len(x_shape) == len(weight)
-    spatial = (x_shape if transposed else out_shape)[2 if batched else 1:]
+    spatial = (x_shape if transposed else out_shape)[2 if batched else 1 :]
     return (x_shape[0] if batched else 1) * math.prod(weight) * math.prod(spatial)
 
 
@@ -271,7 +307,7 @@ def _shape(t: Tensor) -> tuple[int, ...]:
     return tuple(int(s) for s in t.shape)
 
 
-def _aten_macs(func, args, out) -> Optional[tuple[str, int, tuple[Tensor, ...]]]:
+def _aten_macs(func, args, out) -> tuple[str, int, tuple[Tensor, ...]] | None:
     """(op, MACs, operands that may be weights) for the aten ops that multiply; None for the rest."""
     packet = func.overloadpacket
     if packet is _aten.mm:
@@ -301,10 +337,10 @@ def _aten_macs(func, args, out) -> Optional[tuple[str, int, tuple[Tensor, ...]]]
 class _Audit:
     def __init__(self, model: nn.Module):
         self.model = model
-        self.rows: "OrderedDict[str, LayerMacs]" = OrderedDict()
+        self.rows: OrderedDict[str, LayerMacs] = OrderedDict()
         self.module_stack: list[str] = []
         self.suspended = 0  # > 0 inside a weight-layer module, a graph-counted node or the threshold
-        self.node: Optional[fx.Node] = None
+        self.node: fx.Node | None = None
         self.node_macs: dict[fx.Node, dict[str, Any]] = {}
         self.storage_names: dict[int, str] = {}  # storage data_ptr -> weight fqn, for functional uses
         self.layers: list[list[Tensor]] = []  # per conv/linear module running: the weights its ops multiplied
@@ -317,8 +353,16 @@ class _Audit:
             self.storage_names.setdefault(key, fqn)
 
     # -- bookkeeping ----------------------------------------------------------------------------
-    def add(self, name: str, op: str, kind: str, weight: Optional[Tensor], out_shape: tuple[int, ...],
-            dense: int, weight_shape: Optional[tuple[int, ...]] = None) -> None:
+    def add(
+        self,
+        name: str,
+        op: str,
+        kind: str,
+        weight: Tensor | None,
+        out_shape: tuple[int, ...],
+        dense: int,
+        weight_shape: tuple[int, ...] | None = None,
+    ) -> None:
         if weight is not None and weight.numel():
             nonzeros = int(torch.count_nonzero(weight))
             sparse = nonzeros * (dense // weight.numel())
@@ -432,7 +476,7 @@ class _Audit:
         self.add(f"{self.scope()}:{op}", op, "activation", None, _shape(out), dense)
 
 
-def _storage_key(tensor: Tensor) -> Optional[int]:
+def _storage_key(tensor: Tensor) -> int | None:
     """The address of a tensor's storage (shared by its views); None where there is none to compare."""
     try:
         key = tensor.untyped_storage().data_ptr()
@@ -441,7 +485,7 @@ def _storage_key(tensor: Tensor) -> Optional[int]:
     return key or None
 
 
-def _parameter_source(root: nn.Module, node: Any, shape: tuple[int, ...]) -> Optional[str]:
+def _parameter_source(root: nn.Module, node: Any, shape: tuple[int, ...]) -> str | None:
     """The attribute a weight argument is computed from, when no input feeds it: the only one, or the
     only one of the weight's shape (e.g. ScaledStdConv2d's weight beside its gain).
 
@@ -521,7 +565,7 @@ class _Interpreter(fx.Interpreter):
 # ------------------------------------------------------------------------------------------------
 # entry point
 # ------------------------------------------------------------------------------------------------
-def _graph_of(model: nn.Module) -> tuple[Optional[fx.GraphModule], Optional[str]]:
+def _graph_of(model: nn.Module) -> tuple[fx.GraphModule | None, str | None]:
     if isinstance(model, fx.GraphModule):
         return model, None
     if is_sparsified(model):  # sparsified without a graph: its threshold runs as a forward pre-hook
@@ -581,7 +625,7 @@ def _graph_inputs(graph_module: fx.GraphModule, keywords: Mapping[str, Any]) -> 
     return values
 
 
-def flops(model: nn.Module, example_input: Union[Tensor, Sequence[Any], Mapping[str, Any]]) -> FlopReport:
+def flops(model: nn.Module, example_input: Tensor | Sequence[Any] | Mapping[str, Any]) -> FlopReport:
     """Per-layer dense and sparse MACs of one forward of ``example_input`` (see the module docstring).
 
     example_input: a tensor, a sequence of positional inputs, or a dict of keyword inputs, as Hugging Face
@@ -626,8 +670,9 @@ def flops(model: nn.Module, example_input: Union[Tensor, Sequence[Any], Mapping[
                 model(*inputs, **keywords)
         except Exception as exc:
             shapes = [tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__ for t in inputs]
-            shapes += [f"{k}={tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__}"
-                       for k, v in keywords.items()]
+            shapes += [
+                f"{k}={tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__}" for k, v in keywords.items()
+            ]
             raise RuntimeError(
                 f"the forward of {type(model).__name__} on the example input {shapes} failed "
                 f"({type(exc).__name__}: {exc}); pass an input the model accepts, e.g. torch.randn(1, 3, 224, 224)"

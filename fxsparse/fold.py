@@ -9,6 +9,7 @@ folded graph reads as it is (docs/GRAPH_PASS.md: where such a state_dict loads);
 several originals). The graph keeps its nodes that read modules' train/eval flags.
 Also ST-3's "fix" step (METHODS.md sec. 1): w <- w_eff, then a frozen mask for the fine-tune phase.
 """
+
 from __future__ import annotations
 
 import copy

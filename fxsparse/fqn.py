@@ -1,4 +1,5 @@
 """Fully qualified names ("layer1.0.conv1.weight"): the one way fxsparse joins them."""
+
 from __future__ import annotations
 
 

@@ -20,10 +20,11 @@ tau stays fp32 whatever the model's dtype (``.half()``, ``.to(torch.bfloat16)``)
 the meta device and materialised with ``to_empty`` gets its step and frozen flag back from the host
 state, with tau recomputed at the next forward.
 """
+
 from __future__ import annotations
 
 import operator
-from typing import Callable, Mapping, Optional, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -71,15 +72,15 @@ class GlobalThreshold(nn.Module):
         self.schedule = schedule
         self.pool_paths: list[str] = list(pool)
         self.pool_size = sum(weight.numel() for weight in pool.values())
-        self.process_group: Optional[object] = None  # set for sharded weights (see fxsparse.distributed)
-        self.pre_hook: Optional[RemovableHandle] = None  # the root's forward pre-hook that runs it; None: a graph node
+        self.process_group: object | None = None  # set for sharded weights (see fxsparse.distributed)
+        self.pre_hook: RemovableHandle | None = None  # the root's forward pre-hook that runs it; None: a graph node
         device = next(iter(pool.values())).device  # tau beside the weights (DDP/NCCL broadcasts it)
         self.register_buffer("step", torch.zeros((), dtype=torch.int64, device=device))
         self.register_buffer("tau", torch.zeros((), dtype=torch.float32, device=device))
         self.register_buffer("frozen", torch.zeros((), dtype=torch.bool, device=device))
         self._step = 0  # host mirror of ``step``: no device sync to read the schedule
         self._frozen = False
-        self._computed_for: Optional[tuple] = None
+        self._computed_for: tuple | None = None
         self.prunes = False  # host flag: tau > 0 was computed for a positive target sparsity
         self._chains: dict[int, _Reference] = {}  # pool position -> SparseWeight ending a parametrization chain
 
@@ -94,7 +95,7 @@ class GlobalThreshold(nn.Module):
         """True after freeze_ (fix_mask_): tau is no longer recomputed."""
         return self._frozen
 
-    def target_sparsity(self, step: Optional[int] = None) -> float:
+    def target_sparsity(self, step: int | None = None) -> float:
         """The scheduled sparsity at ``step`` (default: the current step)."""
         return float(self.schedule(self._step if step is None else step, self.final_sparsity))
 

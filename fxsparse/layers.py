@@ -13,12 +13,12 @@ application. A prunable weight is a weight a module multiplies its input with; t
 
 ST-3's per-output-channel rescale runs over the rows of that matrix, and the CSR checkpoint stores it.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import math
 import sys
-from typing import Optional
 
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
@@ -77,7 +77,7 @@ class MatrixLayout:
         return self.output_axis == 0 or self.groups == 1
 
 
-def _transformers_conv1d() -> Optional[type]:
+def _transformers_conv1d() -> type | None:
     """transformers' Conv1D class when transformers is imported (a model holding one has imported it)."""
     module = sys.modules.get("transformers.pytorch_utils")
     return getattr(module, "Conv1D", None)
@@ -96,7 +96,7 @@ def is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
 
 
-def weight_layout(module: nn.Module) -> Optional[MatrixLayout]:
+def weight_layout(module: nn.Module) -> MatrixLayout | None:
     """The layout of ``module.weight`` when the module's forward is one product of its input with it
     (Linear, Conv, ConvTranspose, transformers' Conv1D), else None."""
     if isinstance(module, nn.Linear) or isinstance(module, CONV_TYPES):

@@ -6,10 +6,10 @@ timm's StdConv2d and ScaledStdConv2d standardize the weight first, so pruning th
 the weight the op multiplies dense. `multiplies_stored_weight` runs such a layer once on a small input and
 watches the conv/linear calls it makes (a TorchFunctionMode, torch's public hook on function calls).
 """
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +42,7 @@ def has_torch_forward(module: nn.Module) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class Verdict:
-    stored: Optional[bool]  # True: the op multiplies the stored weight; False: another tensor; None: unknown
+    stored: bool | None  # True: the op multiplies the stored weight; False: another tensor; None: unknown
     detail: str  # why, for a warning
 
 
@@ -104,5 +104,6 @@ def multiplies_stored_weight(module: nn.Module) -> Verdict:
         return Verdict(None, "its forward makes no F.conv*/F.linear call fxsparse can see")
     if all(_same_storage(w, stored) for w in watch.operands):
         return Verdict(True, "its forward multiplies the stored weight")
-    return Verdict(False, f"its forward ({type(module).__name__}) transforms the weight before the "
-                          "convolution/linear op")
+    return Verdict(
+        False, f"its forward ({type(module).__name__}) transforms the weight before the convolution/linear op"
+    )

@@ -17,9 +17,8 @@ graph pass moved out of the forward. Then SparseWeight sparsifies the weight the
 threshold ranks the chain's value before SparseWeight (`chain_input`), watching every tensor it depends
 on (`chain_sources`).
 """
-from __future__ import annotations
 
-from typing import Optional
+from __future__ import annotations
 
 import torch
 import torch.fx as fx
@@ -39,12 +38,12 @@ HOSTED_THRESHOLD_NAME = "global_threshold"
 
 
 class SparseWeight(nn.Module):
-    def __init__(self, method: Method, threshold: Optional[nn.Module], output_axis: int = 0):
+    def __init__(self, method: Method, threshold: nn.Module | None, output_axis: int = 0):
         super().__init__()
         self.method = method
         self.output_axis = int(output_axis)
         self._threshold = _Reference(threshold)
-        self._owner: Optional[_Reference] = None  # the parametrized module, set by attach_
+        self._owner: _Reference | None = None  # the parametrized module, set by attach_
         self.tensor_name = ""
         self.primary = 0  # which original the threshold is given: the one of the weight's shape
         self.register_buffer("mask", None)
@@ -72,7 +71,7 @@ class SparseWeight(nn.Module):
             self.primary = next((i for i, t in enumerate(originals) if t.shape == shape), 0)
 
     def forward(self, weight: Tensor) -> Tensor:
-        mask: Optional[Tensor] = self.mask
+        mask: Tensor | None = self.mask
         if mask is not None:
             return weight * mask
         threshold = self._threshold.target

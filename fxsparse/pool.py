@@ -1,8 +1,9 @@
 """The pool: every weight a sparsified model thresholds globally, and what can be read off it."""
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator, Optional
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
@@ -68,7 +69,7 @@ def get_threshold(model: nn.Module) -> GlobalThreshold:
     A graph node is the root's ``fxsparse_threshold``; otherwise (in place, module walk, a wrapper such
     as DistributedDataParallel) every SparseWeight of the model references it.
     """
-    threshold: Optional[GlobalThreshold] = getattr(model, THRESHOLD_NAME, None)
+    threshold: GlobalThreshold | None = getattr(model, THRESHOLD_NAME, None)
     if threshold is None:
         threshold = next((entry.parametrization.threshold for entry in _iter_sparse_entries(model)), None)
     if threshold is None:

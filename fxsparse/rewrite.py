@@ -14,10 +14,11 @@ the end of its chain. A parameter shared by several uses (tied weights) enters t
 pass cannot sparsify stays dense and is reported with the reason (`PassResult.dense`, warned by api.py).
 Every node the pass inserts is tagged in ``node.meta["fxsparse.role"]``.
 """
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Iterable, Optional
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.fx as fx
@@ -80,7 +81,7 @@ class Survey:
     lifted: list[LiftedWeight] = dataclasses.field(default_factory=list)
     dense: list[DenseWeight] = dataclasses.field(default_factory=list)
 
-    def add(self, other: "Survey") -> None:
+    def add(self, other: Survey) -> None:
         self.uses += other.uses
         self.lifted += other.lifted
         self.dense += other.dense
@@ -110,11 +111,15 @@ def _tensor_use(module: nn.Module, fqn: str, name: str, survey: Survey) -> None:
     elif name not in module._buffers:  # a buffer is a constant (a fixed filter): nothing to prune
         value = getattr(module, name, None)
         if isinstance(value, Tensor):
-            survey.dense.append(DenseWeight(
-                join(fqn, name), value.numel(),
-                "its weight is not a parameter but a tensor recomputed before each forward (e.g. by the "
-                "deprecated torch.nn.utils.weight_norm hook; torch.nn.utils.parametrizations.weight_norm "
-                "can be sparsified)"))
+            survey.dense.append(
+                DenseWeight(
+                    join(fqn, name),
+                    value.numel(),
+                    "its weight is not a parameter but a tensor recomputed before each forward (e.g. by the "
+                    "deprecated torch.nn.utils.weight_norm hook; torch.nn.utils.parametrizations.weight_norm "
+                    "can be sparsified)",
+                )
+            )
 
 
 def survey_module(module: nn.Module, prefix: str = "") -> Survey:
@@ -152,7 +157,7 @@ def _fetch(gm: fx.GraphModule, target: str) -> object:
     return getattr(gm.get_submodule(owner), name, None)
 
 
-def _subgraph(value: fx.Node) -> Optional[tuple[list[fx.Node], list[fx.Node], list[fx.Node]]]:
+def _subgraph(value: fx.Node) -> tuple[list[fx.Node], list[fx.Node], list[fx.Node]] | None:
     """(computation nodes, get_attr inputs, module calls) that ``value`` depends on; None when it depends
     on the forward's input (a weight computed from activations is an activation product, not a weight)."""
     nodes, reads, calls, seen, todo = [], [], [], set(), [value]
@@ -195,8 +200,9 @@ def _lift_candidate(gm: fx.GraphModule, op: fx.Node, value: fx.Node, leaf_params
     name = params[0] if len(params) == 1 else f"{op.name} (computed from {', '.join(params) or 'constants'})"
 
     def dense(reason: str, numel: int = 0) -> DenseWeight:
-        return DenseWeight(name, numel, f"the weight {op.target.__name__} multiplies is computed from parameters "
-                                        f"and {reason}")
+        return DenseWeight(
+            name, numel, f"the weight {op.target.__name__} multiplies is computed from parameters and {reason}"
+        )
 
     if calls:
         return dense(f"a module call ({calls[0].target}) the pass cannot lift")
@@ -226,13 +232,23 @@ def _lift_candidate(gm: fx.GraphModule, op: fx.Node, value: fx.Node, leaf_params
     private = all(user in inside or user is op for node in nodes for user in node.users)
     private = private and sum(arg is value for arg in (*op.args, *op.kwargs.values())) == 1
     private = private and all(
-        user in inside for node in gm.graph.nodes if node.op == "get_attr" and node.target == primary
-        for user in node.users)
+        user in inside
+        for node in gm.graph.nodes
+        if node.op == "get_attr" and node.target == primary
+        for user in node.users
+    )
     if not private:
         return dense("the computation or its parameter is shared with other parts of the graph", numel)
     extras = [t for t in targets if t != primary]
-    return LiftedWeight(WeightUse(module_fqn, attribute), op, value, nodes, reads,
-                        _compute_module(gm, nodes, value, [primary] + extras), extras)
+    return LiftedWeight(
+        WeightUse(module_fqn, attribute),
+        op,
+        value,
+        nodes,
+        reads,
+        _compute_module(gm, nodes, value, [primary] + extras),
+        extras,
+    )
 
 
 def survey_graph(gm: fx.GraphModule) -> Survey:
@@ -277,8 +293,11 @@ def _drop_conflicting_lifts_(gm: fx.GraphModule, survey: Survey) -> None:
     for lifted in survey.lifted:
         param = _fetch(gm, lifted.use.fqn)
         if id(param) in plain or counts[id(param)] > 1:
-            survey.dense.append(DenseWeight(lifted.use.fqn, param.numel(),
-                                            "its transformed value and the parameter itself are both multiplied"))
+            survey.dense.append(
+                DenseWeight(
+                    lifted.use.fqn, param.numel(), "its transformed value and the parameter itself are both multiplied"
+                )
+            )
         else:
             kept.append(lifted)
     survey.lifted = kept
@@ -347,7 +366,7 @@ LayerFilter = Callable[[str, nn.Parameter], bool]
 
 
 def select_uses(
-    model: nn.Module, uses: Iterable[WeightUse], exclude: Optional[LayerFilter], min_numel: int
+    model: nn.Module, uses: Iterable[WeightUse], exclude: LayerFilter | None, min_numel: int
 ) -> list[WeightUse]:
     """Drop excluded or too-small weights (Feather's ``pthres``)."""
     kept = []
@@ -368,7 +387,7 @@ def _weight_key(model: nn.Module, use: WeightUse) -> int:
     return id(getattr(module, use.name))
 
 
-def _output_axis(model: nn.Module, use: WeightUse) -> Optional[int]:
+def _output_axis(model: nn.Module, use: WeightUse) -> int | None:
     """The dim of the weight indexing the op's outputs (fxsparse.layers); None for a use that is not a
     prunable layer of its own (an embedding tied to one); 0 for F.conv*/F.linear weights."""
     layout = prunable_weights(model.get_submodule(use.module_fqn)).get(use.name)
@@ -377,8 +396,9 @@ def _output_axis(model: nn.Module, use: WeightUse) -> Optional[int]:
     return None if isinstance(model.get_submodule(use.module_fqn), EMBEDDING_TYPES) else 0
 
 
-def weights_left_dense(model: nn.Module, uses: list[WeightUse], excluded: list[WeightUse],
-                       include_embedding_tied: bool = False) -> dict[WeightUse, str]:
+def weights_left_dense(
+    model: nn.Module, uses: list[WeightUse], excluded: list[WeightUse], include_embedding_tied: bool = False
+) -> dict[WeightUse, str]:
     """The uses the pool must leave dense, with the reason (sparsify names them in a warning).
 
     * a transposed conv with groups > 1: an output channel is not one index of a weight dim, so neither
@@ -401,8 +421,10 @@ def weights_left_dense(model: nn.Module, uses: list[WeightUse], excluded: list[W
         if layout is not None and not layout.channels_are_a_dim:
             by_parameter[param_id] = f"a transposed conv with groups={layout.groups}"
         elif param_id in embeddings and not include_embedding_tied:
-            by_parameter[param_id] = (f"tied to the embedding {', '.join(embeddings[param_id])}; "
-                                      "sparsify(..., include_embedding_tied=True) sparsifies both uses")
+            by_parameter[param_id] = (
+                f"tied to the embedding {', '.join(embeddings[param_id])}; "
+                "sparsify(..., include_embedding_tied=True) sparsifies both uses"
+            )
         elif param_id in excluded_ids:
             by_parameter[param_id] = f"tied to the excluded {excluded_ids[param_id]!r}"
         elif len(axes[param_id]) > 1:
@@ -415,8 +437,12 @@ def tied_embedding_uses(model: nn.Module, uses: list[WeightUse]) -> list[WeightU
     """The nn.Embedding weights that are the same parameter as one of ``uses`` (a tied LM head's input
     embedding): parametrized too, both uses read one effective weight, which fold then bakes."""
     pooled = {_weight_key(model, use) for use in uses}
-    return [WeightUse(name, "weight") for param_id, names in embedding_weights(model).items() if param_id in pooled
-            for name in names]
+    return [
+        WeightUse(name, "weight")
+        for param_id, names in embedding_weights(model).items()
+        if param_id in pooled
+        for name in names
+    ]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -461,7 +487,7 @@ def original_path(use: WeightUse) -> str:
     return join(use.module_fqn, f"parametrizations.{use.name}.original")
 
 
-def threshold_node(gm: fx.GraphModule) -> Optional[fx.Node]:
+def threshold_node(gm: fx.GraphModule) -> fx.Node | None:
     """The graph's GlobalThreshold call (tagged by the pass), if any."""
     return next((n for n in gm.graph.nodes if n.meta.get(ROLE) == THRESHOLD), None)
 

@@ -4,6 +4,7 @@ The cubic ramp is Zhu & Gupta (arXiv:1710.01878, eq. 1), used by ST-3 (Sec. 4) a
     s(i) = S * (1 - (1 - (i - begin) / (end - begin))^3)   for begin <= i < end,
     0 before begin and S from end on.
 """
+
 from __future__ import annotations
 
 import dataclasses

@@ -20,11 +20,12 @@ Every pass walks the pool chunk by chunk; the extra memory stays within about 8%
 (see `_budget`), plus one layer's scores when ``score_fn`` is not elementwise. The result is exact
 whichever path runs: a window only decides how much work is done, never the value.
 """
+
 from __future__ import annotations
 
 import contextlib
 import math
-from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -102,8 +103,8 @@ def global_quantile(
     tensors: Sequence[Tensor],
     q: float,
     score_fn: ScoreFn = _abs_score,
-    group: Optional[object] = None,
-    hint: Optional[float] = None,
+    group: object | None = None,
+    hint: float | None = None,
 ) -> Tensor:
     """Exact linearly interpolated q-quantile of ``score_fn(i, tensors[i])`` over all tensors, fp32 scalar.
 
@@ -133,7 +134,7 @@ _TINY = 1 << 14  # scores: below this the memory budget is a constant
 _CPU_CHUNK = 1 << 16  # scores per chunk of a CPU window pass (cache-resident)
 
 
-def _budget(pool_bytes: int, device: torch.device, strategy: str) -> Tuple[int, int]:
+def _budget(pool_bytes: int, device: torch.device, strategy: str) -> tuple[int, int]:
     """(chunk, window cap) in scores, for extra memory within ~8% of the pool's bytes: a chunk's
     temporaries (< 24 bytes per score) take <= 3% while the window is gathered (4 bytes per score,
     <= 4%); selecting in the window holds it twice (<= 8%). Tiny pools get a constant ~1 MiB."""
@@ -199,7 +200,7 @@ class _Pool:
         self.device = live[0].device if live else torch.device("cpu")
         self.chunk = _TINY
 
-    def chunks(self) -> Iterator[Tuple[int, Tensor]]:
+    def chunks(self) -> Iterator[tuple[int, Tensor]]:
         """Yield (offset of the chunk in the local pool, its 1-D fp32 scores). The scores may live in
         a buffer that the next chunk overwrites: copy what must outlive the iteration."""
         offset, step = 0, self.chunk
@@ -212,7 +213,7 @@ class _Pool:
             if self.elementwise:
                 flat = _flat(t.detach())
                 for start in range(0, n, step):
-                    piece = flat[start:start + step]
+                    piece = flat[start : start + step]
                     if into is not None and piece.device == self.device:
                         yield offset + start, into(i, piece, buffer[: piece.numel()])
                     else:
@@ -220,11 +221,11 @@ class _Pool:
             else:
                 scores = self._check(i, t, self.score_fn(i, t))
                 for start in range(0, n, step):
-                    yield offset + start, scores[start:start + step]
+                    yield offset + start, scores[start : start + step]
                 del scores
             offset += n
 
-    def sample(self, stride: int) -> Optional[Tensor]:
+    def sample(self, stride: int) -> Tensor | None:
         """Scores of every stride-th entry of the local pool, scoring nothing else: only for an
         elementwise score_fn (else None: sampling costs a pass, see `_sample_pass`)."""
         if not self.elementwise:
@@ -241,14 +242,18 @@ class _Pool:
     def _check(self, i: int, given: Tensor, scores: Tensor) -> Tensor:
         if not isinstance(scores, Tensor) or scores.numel() != given.numel():
             got = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
-            raise ValueError(f"score_fn(index={i}) returned {got} for a tensor of shape "
-                             f"{tuple(given.shape)}; it must return one score per weight")
+            raise ValueError(
+                f"score_fn(index={i}) returned {got} for a tensor of shape "
+                f"{tuple(given.shape)}; it must return one score per weight"
+            )
         if scores.dtype != torch.float32:
-            raise TypeError(f"score_fn(index={i}) returned {scores.dtype} scores; they must be "
-                            f"float32 (end the score function with .float())")
+            raise TypeError(
+                f"score_fn(index={i}) returned {scores.dtype} scores; they must be "
+                f"float32 (end the score function with .float())"
+            )
         return scores.reshape(-1)
 
-    def first_non_finite(self) -> Optional[str]:
+    def first_non_finite(self) -> str | None:
         """Describe the first local layer with a NaN/Inf score (slow: only after an alarm)."""
         for i, t in enumerate(self.tensors):
             if t.numel() == 0:
@@ -258,15 +263,18 @@ class _Pool:
             if not bool(finite.all()):
                 n_nan = int(torch.isnan(scores).sum())
                 n_inf = int((~finite).sum()) - n_nan
-                return (f"layer index {i}, shape {tuple(t.shape)}, {t.dtype}: {n_nan} NaN and "
-                        f"{n_inf} Inf scores out of {t.numel()}")
+                return (
+                    f"layer index {i}, shape {tuple(t.shape)}, {t.dtype}: {n_nan} NaN and "
+                    f"{n_inf} Inf scores out of {t.numel()}"
+                )
         return None
 
 
 def _non_finite_error(where: str) -> ValueError:
     return ValueError(
         f"non-finite weight in the sparsity pool ({where}), so the global threshold is undefined. "
-        f"The weights diverged: fix the divergence or lower the learning rate (or clip gradients).")
+        f"The weights diverged: fix the divergence or lower the learning rate (or clip gradients)."
+    )
 
 
 class _Comm:
@@ -336,10 +344,11 @@ def _raise_if_non_finite(pool: _Pool, local_alarm: bool, any_alarm: bool, comm: 
 
 # -- window selection (CPU) ---------------------------------------------------------------------
 
+
 def _sample_pass(pool: _Pool, comm: _Comm, stride: int) -> Tensor:
     """For a score_fn that needs whole layers: the finiteness check and every stride-th score."""
     total = torch.zeros((), dtype=torch.float32, device=pool.device)
-    parts: List[Tensor] = []
+    parts: list[Tensor] = []
     for offset, s in pool.chunks():
         total += s.sum()  # NaN/Inf anywhere make it non-finite
         first = (-offset) % stride
@@ -350,13 +359,21 @@ def _sample_pass(pool: _Pool, comm: _Comm, stride: int) -> Tensor:
     return comm.all_gather_cat(torch.cat(parts) if parts else _empty_scores(pool.device))
 
 
-def _window_pass(pool: _Pool, comm: _Comm, a: float, b: float, cap: int, check_finite: bool,
-                 samples: Optional[List[Tensor]] = None, stride: int = 0):
+def _window_pass(
+    pool: _Pool,
+    comm: _Comm,
+    a: float,
+    b: float,
+    cap: int,
+    check_finite: bool,
+    samples: list[Tensor] | None = None,
+    stride: int = 0,
+):
     """One pass: how many scores are < a and in [a, b] (fp32 bounds), and the scores in [a, b] when
     there are at most ``cap`` of them (else None). Global over ranks. Appends every stride-th score
     to ``samples`` if given. Reads counts on the host per chunk, so it is for CPU pools."""
     below = inside = 0
-    parts: List[Tensor] = []
+    parts: list[Tensor] = []
     overflow = False
     tie = a == b
     total = torch.zeros((), dtype=torch.float32, device=pool.device)
@@ -364,7 +381,7 @@ def _window_pass(pool: _Pool, comm: _Comm, a: float, b: float, cap: int, check_f
         if check_finite:
             total += s.sum()  # NaN/Inf anywhere make it non-finite
         if samples is not None and (-offset) % stride < s.numel():
-            samples.append(s[(-offset) % stride::stride].clone())
+            samples.append(s[(-offset) % stride :: stride].clone())
         lt = s < a
         n_lt = int(torch.count_nonzero(lt))
         below += n_lt
@@ -384,16 +401,18 @@ def _window_pass(pool: _Pool, comm: _Comm, a: float, b: float, cap: int, check_f
     rows = comm.all_gather_rows(row)
     _raise_if_non_finite(pool, alarm, bool(rows[:, 3].any()), comm)
     if not (bool((rows[:, 4] == a).all()) and bool((rows[:, 5] == b).all())):
-        raise ValueError("global_quantile: ranks passed different hints; pass the same hint (the "
-                         "previous tau) on every rank")
+        raise ValueError(
+            "global_quantile: ranks passed different hints; pass the same hint (the previous tau) on every rank"
+        )
     below, inside = int(rows[:, 0].sum()), int(rows[:, 1].sum())
     if tie or bool(rows[:, 2].any()) or inside > cap:
         return below, inside, None
     return below, inside, torch.cat(parts) if parts else _empty_scores(pool.device)
 
 
-def _select_in_window(comm: _Comm, below: int, inside: int, window: Optional[Tensor], a: float, b: float,
-                      r_lo: int, r_hi: int) -> Optional[Tuple[Tensor, Tensor]]:
+def _select_in_window(
+    comm: _Comm, below: int, inside: int, window: Tensor | None, a: float, b: float, r_lo: int, r_hi: int
+) -> tuple[Tensor, Tensor] | None:
     """The order statistics r_lo, r_hi if the window (this rank's part of it) holds them, else None.
     The decision rests on global counts, so every rank takes it alike."""
     if not (below <= r_lo and r_hi < below + inside):
@@ -411,7 +430,7 @@ def _select_in_window(comm: _Comm, below: int, inside: int, window: Optional[Ten
     return lo, torch.where(window > lo, window, math.inf).amin()  # the next larger score
 
 
-def _window_from_sample(sample: Tensor, q: float) -> Tuple[float, float]:
+def _window_from_sample(sample: Tensor, q: float) -> tuple[float, float]:
     """A window holding quantile q of the pool with overwhelming odds: the sample's order statistics
     _SIGMAS binomial standard deviations either side of q (open-ended at the extremes)."""
     m = sample.numel()
@@ -425,14 +444,15 @@ def _window_from_sample(sample: Tensor, q: float) -> Tuple[float, float]:
     return a, b
 
 
-def _window_select(pool: _Pool, comm: _Comm, n: int, nbytes: int, q: float, r_lo: int, r_hi: int,
-                   cap: int, hint: Optional[float]) -> Optional[Tuple[Tensor, Tensor]]:
+def _window_select(
+    pool: _Pool, comm: _Comm, n: int, nbytes: int, q: float, r_lo: int, r_hi: int, cap: int, hint: float | None
+) -> tuple[Tensor, Tensor] | None:
     """Warm: one pass over a window around the hint. Cold, or a missed hint: a window from a sample
     (read off the raw weights when score_fn is elementwise, else one more pass), then one pass.
     None when the window missed or overflowed: the caller falls back to radix selection."""
     check_finite = True
     stride = _sample_stride(n, nbytes)
-    samples: Optional[List[Tensor]] = None
+    samples: list[Tensor] | None = None
     if hint is not None and math.isfinite(hint):
         h = _fp32(hint)
         a, b = _fp32(h - abs(h) * _HINT_WIDTH), _fp32(h + abs(h) * _HINT_WIDTH)
@@ -459,6 +479,7 @@ def _window_select(pool: _Pool, comm: _Comm, n: int, nbytes: int, q: float, r_lo
 
 # -- radix selection (CUDA; the CPU fallback) ---------------------------------------------------
 
+
 def _keys(s: Tensor) -> Tensor:
     """int32 keys ordered like the fp32 scores: the bits, magnitude bits flipped when negative."""
     bits = s.view(torch.int32)
@@ -479,7 +500,7 @@ def _count(idx: Tensor, bins: int) -> Tensor:
     return torch.bincount(idx, minlength=bins) if idx.device.type == "cpu" else _scatter_count(idx, bins)
 
 
-def _radix_select(pool: _Pool, comm: _Comm, r_lo: int, r_hi: int) -> Tuple[Tensor, Tensor]:
+def _radix_select(pool: _Pool, comm: _Comm, r_lo: int, r_hi: int) -> tuple[Tensor, Tensor]:
     """Order statistics r_lo and r_hi (r_hi <= r_lo + 1) from two 16-bit radix histograms."""
     dev, mid = pool.device, _HALF // 2
     # level 1: the top 16 key bits (sign, exponent, 7 mantissa bits), shifted to 0..65535
@@ -488,7 +509,7 @@ def _radix_select(pool: _Pool, comm: _Comm, r_lo: int, r_hi: int) -> Tuple[Tenso
         hist += _count((_keys(s) >> 16).add_(mid), _HALF).to(dev)
     hist = comm.all_reduce(hist)
     # +-Inf and NaN keys lie beyond the largest finite magnitude 0x7F7FFFFF: bins < 128 or >= 65408
-    if bool(hist[: mid - 0x7F80].sum() + hist[mid + 0x7F80:].sum() > 0):  # the one host sync
+    if bool(hist[: mid - 0x7F80].sum() + hist[mid + 0x7F80 :].sum() > 0):  # the one host sync
         found = pool.first_non_finite()
         raise _non_finite_error(found if found is not None else "on another rank")
     cum = torch.cumsum(hist, 0)
@@ -513,7 +534,7 @@ def _radix_select(pool: _Pool, comm: _Comm, r_lo: int, r_hi: int) -> Tuple[Tenso
     return values[0], values[1]
 
 
-def _global_quantile(tensors, q, score_fn, group, hint, strategy: Optional[str] = None) -> Tensor:
+def _global_quantile(tensors, q, score_fn, group, hint, strategy: str | None = None) -> Tensor:
     """`global_quantile` with the strategy forced ("window" or "radix") for tests and benchmarks."""
     if isinstance(tensors, Tensor):
         tensors = [tensors]
@@ -529,8 +550,10 @@ def _global_quantile(tensors, q, score_fn, group, hint, strategy: Optional[str] 
         sizes = comm.all_reduce(torch.tensor([pool.numel, pool.nbytes], dtype=torch.int64))
         n, nbytes = int(sizes[0]), int(sizes[1])
         if n == 0:
-            raise ValueError("global_quantile: the sparsity pool is empty (no tensor has an element); "
-                             "check that the model has Conv/Linear weights to sparsify")
+            raise ValueError(
+                "global_quantile: the sparsity pool is empty (no tensor has an element); "
+                "check that the model has Conv/Linear weights to sparsify"
+            )
         r_lo, r_hi, frac = quantile_position(n, qf)
         if strategy is None:
             strategy = "window" if pool.device.type == "cpu" else "radix"

@@ -18,12 +18,14 @@
 * `TracedModule` keeps every parameter, buffer, submodule and public attribute of the model, and its
   class's methods.
 """
+
 from __future__ import annotations
 
 import copy
 import dataclasses
 import traceback
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import torch.fx as fx
 from torch import nn
@@ -62,7 +64,7 @@ class _BranchOnTraining(Exception):
 class _TrainingFlag:
     """Stand-in for ``module.training`` during tracing (see the module docstring)."""
 
-    def __init__(self, tracer: "LeafAwareTracer", owner: nn.Module, fqn: str):
+    def __init__(self, tracer: LeafAwareTracer, owner: nn.Module, fqn: str):
         self.tracer, self.owner, self.fqn = tracer, owner, fqn
 
     def _branch(self, *args: Any) -> Any:
@@ -79,8 +81,12 @@ class _TrainingFlag:
 class LeafAwareTracer(fx.Tracer):
     """torch.fx tracer with timm's notrace modules (and any extra classes) as leaves, and live training flags."""
 
-    def __init__(self, extra_leaf_types: tuple[type, ...] = (), traced_through: frozenset = frozenset(),
-                 opaque_helpers: tuple[Callable, ...] = ()):
+    def __init__(
+        self,
+        extra_leaf_types: tuple[type, ...] = (),
+        traced_through: frozenset = frozenset(),
+        opaque_helpers: tuple[Callable, ...] = (),
+    ):
         registry_modules, registry_functions = _timm_leaves()
         super().__init__(autowrap_functions=registry_functions + tuple(opaque_helpers))
         self.registry_types = registry_modules
@@ -134,7 +140,7 @@ class TracedModule(fx.GraphModule):
         super().__init__(root, graph, class_name)
         _keep_whole_model_(self, vars(root), type(root))
 
-    def __deepcopy__(self, memo: dict) -> "TracedModule":
+    def __deepcopy__(self, memo: dict) -> TracedModule:
         copied = super().__deepcopy__(memo)
         # GraphModule rebuilt the copy from its graph alone; the same memo returns the copies it made
         state = copy.deepcopy(self.__dict__, memo)
@@ -142,7 +148,7 @@ class TracedModule(fx.GraphModule):
         return copied
 
 
-def _keep_whole_model_(gm: fx.GraphModule, state: dict, source_class: Optional[type]) -> None:
+def _keep_whole_model_(gm: fx.GraphModule, state: dict, source_class: type | None) -> None:
     """Put back into ``gm`` what the traced module had (``state`` is its ``__dict__``), in its order."""
     for key in ("_parameters", "_buffers", "_modules"):
         kept, own = state.get(key, {}), getattr(gm, key)
@@ -163,7 +169,7 @@ def _keep_whole_model_(gm: fx.GraphModule, state: dict, source_class: Optional[t
     bind_original_methods_(gm)
 
 
-def bind_original_methods_(gm: fx.GraphModule, unavailable: Optional[str] = None) -> None:
+def bind_original_methods_(gm: fx.GraphModule, unavailable: str | None = None) -> None:
     """Give ``gm``'s own class (torch.fx makes one per instance) the traced class's methods and properties
     that GraphModule lacks; with ``unavailable`` (why), each of them raises instead."""
     if unavailable is not None:
@@ -200,8 +206,8 @@ def _unavailable(name: str, reason: str, as_property: bool) -> Any:
 # ------------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class TraceResult:
-    graph_module: Optional[TracedModule]
-    error: Optional[str] = None  # why tracing failed, when it did
+    graph_module: TracedModule | None
+    error: str | None = None  # why tracing failed, when it did
     training_leaves: list[type] = dataclasses.field(default_factory=list)  # leaves: branch on their mode
     traced_through: list[type] = dataclasses.field(default_factory=list)  # registry leaves traced through
     opaque_helpers: list[Callable] = dataclasses.field(default_factory=list)  # autowrapped for those
@@ -209,9 +215,9 @@ class TraceResult:
 
 @dataclasses.dataclass
 class _Attempt:
-    graph_module: Optional[TracedModule] = None
-    branch: Optional[tuple[nn.Module, str]] = None
-    exception: Optional[BaseException] = None
+    graph_module: TracedModule | None = None
+    branch: tuple[nn.Module, str] | None = None
+    exception: BaseException | None = None
 
 
 def _attempt(model: nn.Module, tracer: LeafAwareTracer) -> _Attempt:
@@ -253,7 +259,7 @@ def _hidden_weight_transforms(gm: fx.GraphModule, tracer: LeafAwareTracer, verdi
     return found
 
 
-def _failing_frame(exc: BaseException, classes: set[type]) -> tuple[Optional[type], Optional[Callable]]:
+def _failing_frame(exc: BaseException, classes: set[type]) -> tuple[type | None, Callable | None]:
     """(the class among ``classes`` whose forward the error went through, innermost; the module-level
     function that forward called when it failed, if any)."""
     codes = {getattr(cls.forward, "__code__", None): cls for cls in classes}
@@ -282,15 +288,17 @@ def trace(model: nn.Module, extra_leaf_types: tuple[type, ...] = ()) -> TraceRes
     untraceable: set[type] = set()
     helpers: list[Callable] = []
     verdicts: dict = {}
-    good: Optional[TraceResult] = None
+    good: TraceResult | None = None
     for _ in range(_MAX_ATTEMPTS):
         tracer = LeafAwareTracer(tuple(extra_leaf_types) + tuple(training_leaves), frozenset(through), tuple(helpers))
         attempt = _attempt(model, tracer)
         if attempt.branch is not None:
             owner, fqn = attempt.branch
             if owner is model:
-                error = (f"the forward of {type(model).__name__} itself branches on self.training (Python control "
-                         "flow), which one graph cannot follow in both modes")
+                error = (
+                    f"the forward of {type(model).__name__} itself branches on self.training (Python control "
+                    "flow), which one graph cannot follow in both modes"
+                )
                 return TraceResult(None, error, training_leaves)
             training_leaves.append(type(owner))
             through.discard(type(owner))

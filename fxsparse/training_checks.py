@@ -7,11 +7,12 @@ the pooled weights: unchanged across several steps although they have finite, no
 that no optimizer is updating them. Values are compared (a few entries per weight), not autograd
 version counters, so fused optimizers (which do not bump them) cause no false alarm.
 """
+
 from __future__ import annotations
 
 import warnings
 import weakref
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -33,8 +34,10 @@ def check_optimizer_trains(model: nn.Module, optimizer: Optimizer) -> None:
     own = {id(p) for p in model.parameters()}
     held = [p for group in optimizer.param_groups for p in group["params"]]
     if held and not any(id(p) in own for p in held):
-        raise ValueError(f"the optimizer holds none of this model's parameters, so it would train another model. "
-                         f"{BUILT_BEFORE_SPARSIFY}")
+        raise ValueError(
+            f"the optimizer holds none of this model's parameters, so it would train another model. "
+            f"{BUILT_BEFORE_SPARSIFY}"
+        )
 
 
 class _HookRegistry:
@@ -43,7 +46,7 @@ class _HookRegistry:
     def __init__(self):
         self._hooks: dict[int, tuple[weakref.ref, RemovableHandle]] = {}
 
-    def get(self, threshold: nn.Module) -> Optional[RemovableHandle]:
+    def get(self, threshold: nn.Module) -> RemovableHandle | None:
         found = self._hooks.get(id(threshold))
         if found is None or found[0]() is not threshold:
             return None
@@ -70,7 +73,7 @@ class _StepWatch:
     def __init__(self):
         self.calls = 0
         self.unchanged = 0
-        self.previous: Optional[list[Tensor]] = None
+        self.previous: list[Tensor] | None = None
 
     def done(self) -> bool:
         return self.calls >= self.WATCHED_CALLS
@@ -99,7 +102,7 @@ class _StepWatch:
             )
 
 
-_watches: "weakref.WeakKeyDictionary[nn.Module, _StepWatch]" = weakref.WeakKeyDictionary()
+_watches: weakref.WeakKeyDictionary[nn.Module, _StepWatch] = weakref.WeakKeyDictionary()
 
 
 def watch_step(threshold: nn.Module, model: nn.Module) -> None:

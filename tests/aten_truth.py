@@ -1,4 +1,5 @@
 """The weights an arithmetic actually multiplies, read at the aten level, independently of fxsparse."""
+
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 

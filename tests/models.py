@@ -1,4 +1,5 @@
 """Tiny test models; each docstring names the edge case it exercises."""
+
 import torch
 import torch.nn.functional as F
 from torch import nn

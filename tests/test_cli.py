@@ -10,6 +10,7 @@ import torch
 import fxsparse
 from fxsparse.export import load_csr, read_csr_metadata
 from fxsparse.train import TrainConfig, cli, run
+
 from test_export import assert_bitwise_equal
 from test_train import TINY
 

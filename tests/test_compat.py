@@ -1,4 +1,5 @@
 """fxsparse.compat.Pruner: Feather's documented usage, unchanged, reaches the exact final sparsity."""
+
 import copy
 import math
 
@@ -39,7 +40,7 @@ def cifar_like_loader(nbatches, batch=16, seed=0):
     data = torch.randn(nbatches * batch, 3, 16, 16, generator=g)
     with torch.no_grad():
         labels = teacher(data).argmax(1)
-    return [(data[i * batch:(i + 1) * batch], labels[i * batch:(i + 1) * batch]) for i in range(nbatches)]
+    return [(data[i * batch : (i + 1) * batch], labels[i * batch : (i + 1) * batch]) for i in range(nbatches)]
 
 
 def feather_reference_schedule(final_rate, nbatches, epochs, t1):
@@ -64,11 +65,13 @@ def test_feather_usage_sketch_reaches_the_exact_final_sparsity():
     final_rate = 0.9
     # ---- Feather's README usage, with only the import changed ----
     model = CifarNet()
-    pruner = Pruner(model, device="cpu", final_rate=final_rate, nbatches=len(train_loader), epochs=epochs, pthres=200, t1=1)
+    pruner = Pruner(
+        model, device="cpu", final_rate=final_rate, nbatches=len(train_loader), epochs=epochs, pthres=200, t1=1
+    )
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     loss_fn = nn.CrossEntropyLoss()
     rates, taus, epoch_losses = [], [], []
-    for epoch in range(epochs):
+    for _epoch in range(epochs):
         total = 0.0
         for data, target in train_loader:
             pruner.update_thresh()
@@ -110,7 +113,8 @@ def test_feather_usage_sketch_reaches_the_exact_final_sparsity():
 
 
 def test_pruner_is_sparsify_with_feather_and_the_cubic_schedule():
-    """Same training, bit for bit, as fxsparse.sparsify(model, Feather(), rate, Cubic(t1*nb, total//2), min_numel=pthres)."""
+    """Same training, bit for bit, as
+    fxsparse.sparsify(model, Feather(), rate, Cubic(t1*nb, total//2), min_numel=pthres)."""
     loader = cifar_like_loader(nbatches=3, seed=1)
     epochs, base = 4, CifarNet()
     model = copy.deepcopy(base)
@@ -119,7 +123,7 @@ def test_pruner_is_sparsify_with_feather_and_the_cubic_schedule():
     assert pruner.theta == 0.5 == fxsparse.get_threshold(graph).method.theta  # final_rate > 0.95
     opt_p = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     opt_g = torch.optim.SGD(graph.parameters(), lr=0.05, momentum=0.9)
-    for epoch in range(epochs):
+    for _epoch in range(epochs):
         for data, target in loader:
             pruner.update_thresh()
             for net, opt in ((model, opt_p), (graph, opt_g)):
@@ -137,7 +141,7 @@ def test_pruner_is_sparsify_with_feather_and_the_cubic_schedule():
 
 
 def _feather_epochs(model, pruner, optimizer, loader, epochs):
-    for epoch in range(epochs):
+    for _epoch in range(epochs):
         for data, target in loader:
             pruner.update_thresh()
             loss = F.cross_entropy(model(data), target)

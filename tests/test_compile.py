@@ -6,6 +6,7 @@ enters a compiled graph; tau reaches the graph as a buffer, whose value dynamo d
 The one host flag the layers read (``GlobalThreshold.prunes``: dense before the ramp) gives exactly
 one more graph when the ramp starts, never one per step.
 """
+
 import copy
 
 import pytest
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 
 import fxsparse
 from fxsparse.methods import METHODS
+
 from models import TinyCNN, Untraceable
 
 torch._dynamo = pytest.importorskip("torch._dynamo")
@@ -47,7 +49,9 @@ def _train_side_by_side(eager, compiled_model, compiled, steps, x, y):
 FAST = ("st3", "feather")  # identity gradient / scaled gradient with saved tensors; the rest under -m slow
 
 
-@pytest.mark.parametrize("method", [m if m in FAST else pytest.param(m, marks=pytest.mark.slow) for m in sorted(METHODS)])
+@pytest.mark.parametrize(
+    "method", [m if m in FAST else pytest.param(m, marks=pytest.mark.slow) for m in sorted(METHODS)]
+)
 def test_compiled_outputs_and_gradients_equal_eager_and_one_graph_serves_every_pruning_step(method):
     """aot_eager: dynamo + AOTAutograd (the autograd.Function with its Method argument), no codegen."""
     eager = fxsparse.sparsify(TinyCNN(), method, 0.8, fxsparse.Cubic(0, 4))

@@ -1,4 +1,5 @@
 """fxsparse.train.data: IDX reading and its checks, the deterministic split, the loaders' determinism."""
+
 import gzip
 from pathlib import Path
 
@@ -73,8 +74,10 @@ def test_fashion_mnist_missing_and_incomplete(tmp_path, monkeypatch):
         load_fashion_mnist(tmp_path / "part", download=False)
 
 
-@pytest.mark.skipif(not (fxdata.FASHION_MNIST_SYSTEM_DIR / "train-images-idx3-ubyte.gz").exists(),
-                    reason="Debian's dataset-fashion-mnist is not installed")
+@pytest.mark.skipif(
+    not (fxdata.FASHION_MNIST_SYSTEM_DIR / "train-images-idx3-ubyte.gz").exists(),
+    reason="Debian's dataset-fashion-mnist is not installed",
+)
 def test_real_fashion_mnist_split():
     data = fxdata.load_data("fashion-mnist", download=False)
     assert (len(data.train), len(data.val), len(data.test)) == (55_000, 5_000, 10_000)

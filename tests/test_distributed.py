@@ -11,6 +11,7 @@ a file and the tests below read them. Scenarios:
            they are kept as leaves (sparsify(..., leaf_modules=(Block,))).
   explicit shard_pool_ with an explicit group on replicated weights: counted once, same tau.
 """
+
 import math
 import os
 import traceback
@@ -102,8 +103,13 @@ def scenario_ddp(rank):
             assert all(torch.equal(o, flat) for o in others), f"{method}: ranks disagree on the masks at step {step}"
             same_as_single.append(abs(float(tau) - float(fxsparse.get_threshold(single).tau)))
             mask_flips += int((flat != torch.cat([m.flatten() for m in masks(single)]).to(torch.uint8)).sum())
-        out[method] = {"taus": taus, "tau_vs_single": max(same_as_single), "mask_flips": mask_flips,
-                       "sparsity": fxsparse.realized_sparsity(model), "pool": fxsparse.get_threshold(model).pool_size}
+        out[method] = {
+            "taus": taus,
+            "tau_vs_single": max(same_as_single),
+            "mask_flips": mask_flips,
+            "sparsity": fxsparse.realized_sparsity(model),
+            "pool": fxsparse.get_threshold(model).pool_size,
+        }
     return out
 
 
@@ -125,7 +131,7 @@ def scenario_fsdp(rank):
         for step in range(STEPS):
             weights = [full(model.get_parameter(p)).detach().clone() for p in threshold.pool_paths]
             kinds |= {type(model.get_parameter(p)).__name__ for p in threshold.pool_paths}
-            expected = reference_quantile(weights, threshold.target_sparsity(), lambda i, w: score(w))
+            expected = reference_quantile(weights, threshold.target_sparsity(), lambda i, w, score=score: score(w))
             x, y = global_batch(step)
             local = slice(rank * 4, rank * 4 + 4)
             loss = F.cross_entropy(model(x[local]), y[local])
@@ -138,8 +144,14 @@ def scenario_fsdp(rank):
         weights = [full(model.get_parameter(p)).detach() for p in threshold.pool_paths]
         zeros = sum(int((threshold.method.effective(w, threshold.tau) == 0).sum()) for w in weights)
         total = sum(w.numel() for w in weights)
-        out[method] = {"exact": exact, "zeros": zeros, "total": total, "q": threshold.target_sparsity(),
-                       "kinds": sorted(kinds), "tau": float(threshold.tau)}
+        out[method] = {
+            "exact": exact,
+            "zeros": zeros,
+            "total": total,
+            "q": threshold.target_sparsity(),
+            "kinds": sorted(kinds),
+            "tau": float(threshold.tau),
+        }
     return out
 
 
@@ -223,8 +235,12 @@ def _worker(rank, init_file, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     results = {}
-    scenarios = (("ddp", scenario_ddp), ("fsdp", scenario_fsdp), ("fsdp_blocks", scenario_fsdp_blocks),
-                 ("explicit", scenario_explicit_group))
+    scenarios = (
+        ("ddp", scenario_ddp),
+        ("fsdp", scenario_fsdp),
+        ("fsdp_blocks", scenario_fsdp_blocks),
+        ("explicit", scenario_explicit_group),
+    )
     for name, fn in scenarios:
         if name.startswith("fsdp") and not FSDP2_ON_CPU:
             continue

@@ -3,6 +3,7 @@
 Export errors (unwritable path, truncated, corrupt, other architecture) live in tests/test_export.py;
 this file adds only the export cases missing there (a path that is a directory or under a file).
 """
+
 import copy
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 
 import fxsparse
 from fxsparse.methods import METHODS
+
 from models import NothingToSparsify, TiedLinear, TinyCNN, Untraceable
 
 
@@ -56,8 +58,11 @@ def test_untraceable_model_falls_back_and_says_what_was_lost():
         model = fxsparse.sparsify(Untraceable(), "st3", 0.5)
     message = str(record[0].message)
     assert "could not trace Untraceable" in message and "TraceError" in message
-    for lost in ("found 2 prunable weights", "F.linear/F.conv*/matmul on raw parameters stay dense",
-                 "forward pre-hook, not a graph node"):
+    for lost in (
+        "found 2 prunable weights",
+        "F.linear/F.conv*/matmul on raw parameters stay dense",
+        "forward pre-hook, not a graph node",
+    ):
         assert lost in message
     model(torch.randn(3, 6))
     assert fxsparse.realized_sparsity(model) == pytest.approx(0.5, abs=1 / 48)
@@ -109,8 +114,11 @@ def test_schedule_ending_before_it_begins(begin, end):
 
 
 def test_step_and_hooks_on_a_model_that_is_not_sparsified():
-    for call in (lambda m: fxsparse.step_(m), lambda m: fxsparse.hook_optimizer(m, torch.optim.SGD(m.parameters(), 0.1)),
-                 lambda m: fxsparse.fold(m)):
+    for call in (
+        lambda m: fxsparse.step_(m),
+        lambda m: fxsparse.hook_optimizer(m, torch.optim.SGD(m.parameters(), 0.1)),
+        lambda m: fxsparse.fold(m),
+    ):
         with pytest.raises(ValueError, match=r"not a sparsified model.*fxsparse.sparsify\(model"):
             call(TinyCNN())
 

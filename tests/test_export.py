@@ -1,4 +1,5 @@
 """CSR checkpoints: lossless round trip, size, atomic writes and the errors a user meets."""
+
 import json
 import os
 import zlib
@@ -23,8 +24,8 @@ from fxsparse.export import (
     to_csr,
 )
 from fxsparse.train.loading import load_model
-from models import TiedLinear, TinyCNN
 
+from models import TiedLinear, TinyCNN
 
 
 def prune_(model: nn.Module, sparsity: float) -> None:
@@ -81,9 +82,13 @@ def test_metadata_holds_versions_shapes_method_and_sparsity(tiny):
     assert meta["sparsity"] == pytest.approx(0.8, abs=1e-2)
     assert meta["sparsity_scope"] == SPARSITY_SCOPE
     assert meta["tensors"]["conv2.weight"] == {
-        "layout": "csr", "shape": [16, 4, 3, 3], "dtype": "float32",
-        "nnz": int(torch.count_nonzero(model.conv2.weight)), "index_dtypes": ["uint8", "uint8"],
-        "output_axis": 0, "groups": 1,
+        "layout": "csr",
+        "shape": [16, 4, 3, 3],
+        "dtype": "float32",
+        "nnz": int(torch.count_nonzero(model.conv2.weight)),
+        "index_dtypes": ["uint8", "uint8"],
+        "output_axis": 0,
+        "groups": 1,
     }
     assert list(meta["tensors"]) == list(model.state_dict())
     assert report.metadata == meta
@@ -175,7 +180,14 @@ def test_any_tensor_round_trips_exactly(tmp_path_factory, rows, inner, density, 
 
 def test_index_dtype_is_the_smallest_that_fits():
     assert [index_dtype(v) for v in (0, 255, 256, 32767, 32768, 2**31 - 1, 2**31)] == [
-        torch.uint8, torch.uint8, torch.int16, torch.int16, torch.int32, torch.int32, torch.int64]
+        torch.uint8,
+        torch.uint8,
+        torch.int16,
+        torch.int16,
+        torch.int32,
+        torch.int32,
+        torch.int64,
+    ]
 
 
 def test_dense_fallback_and_edge_tensors(tmp_path):
@@ -190,8 +202,15 @@ def test_dense_fallback_and_edge_tensors(tmp_path):
     }
     report = save_csr(state, tmp_path / "e.safetensors")
     layouts = {e.name: e.layout for e in report.entries}
-    assert layouts == {"dense.weight": "dense", "empty.weight": "csr", "wide.weight": "csr", "scalar": "dense",
-                       "flags": "dense", "zero_size": "dense", "step": "dense"}
+    assert layouts == {
+        "dense.weight": "dense",
+        "empty.weight": "csr",
+        "wide.weight": "csr",
+        "scalar": "dense",
+        "flags": "dense",
+        "zero_size": "dense",
+        "step": "dense",
+    }
     meta = read_csr_metadata(tmp_path / "e.safetensors")
     assert meta["tensors"]["wide.weight"]["index_dtypes"] == ["uint8", "int32"]
     assert meta["sparsity_scope"].startswith("floating-point tensors")
@@ -315,8 +334,11 @@ def test_plain_safetensors_file_is_not_a_csr_checkpoint(tmp_path):
 
 def test_shape_mismatch_names_the_tensor(tiny):
     _, path, _ = tiny
-    with pytest.raises(ValueError, match=r"tensor 'fc.weight' has shape \[10, 16\] in the checkpoint .* "
-                                         r"but \[3, 16\] in the model; was the checkpoint made for another"):
+    with pytest.raises(
+        ValueError,
+        match=r"tensor 'fc.weight' has shape \[10, 16\] in the checkpoint .* "
+        r"but \[3, 16\] in the model; was the checkpoint made for another",
+    ):
         load_csr_into_(TinyCNN(classes=3), path)
 
 
@@ -355,8 +377,22 @@ def test_cli_exports_a_sparsified_training_checkpoint(tmp_path, capsys, load_too
     tool = load_tool("export")
     assert tool.main(["models:TinyCNN", "--checkpoint", str(tmp_path / "train.pth"), "-o", str(out)]) == 2
     assert "--method" in capsys.readouterr().err
-    assert tool.main(["models:TinyCNN", "--checkpoint", str(tmp_path / "train.pth"), "--method", "st3sigma",
-                      "--sparsity", "0.8", "-o", str(out)]) == 0
+    assert (
+        tool.main(
+            [
+                "models:TinyCNN",
+                "--checkpoint",
+                str(tmp_path / "train.pth"),
+                "--method",
+                "st3sigma",
+                "--sparsity",
+                "0.8",
+                "-o",
+                str(out),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "conv2.weight" in printed and "dense bytes" in printed and "file" in printed
     assert_bitwise_equal(load_csr(out), fxsparse.fold(sparse).state_dict())
@@ -373,12 +409,15 @@ def test_cli_exports_a_folded_checkpoint_and_reads_it_back(tmp_path, capsys, loa
     prune_(model, 0.9)
     torch.save(model.state_dict(), tmp_path / "folded.pth")
     out = tmp_path / "out.safetensors"
-    assert load_tool("export").main(["models:TinyCNN", "--checkpoint", str(tmp_path / "folded.pth"), "-o", str(out)]) == 0
+    assert (
+        load_tool("export").main(["models:TinyCNN", "--checkpoint", str(tmp_path / "folded.pth"), "-o", str(out)]) == 0
+    )
     loaded = load_model("models:TinyCNN", out)
     assert loaded.method is None
     assert_bitwise_equal(loaded.model.state_dict(), model.state_dict())
-    wrong = load_tool("export").main(["test_export:tiny_cnn_3_classes", "--checkpoint", str(tmp_path / "folded.pth"),
-                                  "-o", str(out)])
+    wrong = load_tool("export").main(
+        ["test_export:tiny_cnn_3_classes", "--checkpoint", str(tmp_path / "folded.pth"), "-o", str(out)]
+    )
     assert wrong == 2 and "'fc.weight'" in capsys.readouterr().err
 
 
@@ -393,8 +432,11 @@ def test_resnet50_size_sweep(tmp_path):
     dense = timm.create_model("resnet50").eval()
     save_file({k: v.contiguous() for k, v in dense.state_dict().items()}, str(tmp_path / "dense.safetensors"))
     dense_bytes = os.path.getsize(tmp_path / "dense.safetensors")
-    lines = [f"dense fp32 safetensors: {dense_bytes:,} bytes",
-             "| sparsity | measured sparsity | nnz | CSR file bytes | ratio to dense |", "|---|---|---|---|---|"]
+    lines = [
+        f"dense fp32 safetensors: {dense_bytes:,} bytes",
+        "| sparsity | measured sparsity | nnz | CSR file bytes | ratio to dense |",
+        "|---|---|---|---|---|",
+    ]
     ratios = {}
     for sparsity in (0.8, 0.9, 0.95, 0.98, 0.99):
         folded = fxsparse.fold(fxsparse.sparsify(dense, method="st3sigma", sparsity=sparsity)).eval()
@@ -402,10 +444,15 @@ def test_resnet50_size_sweep(tmp_path):
         report = save_csr(folded, path, architecture="resnet50", method="st3sigma")
         assert_bitwise_equal(load_csr(path), folded.state_dict())
         ratios[sparsity] = report.file_bytes / dense_bytes
-        nnz = sum(e.nnz for e in report.entries if e.name in {f"{n}.weight" for n, m in folded.named_modules()
-                                                               if isinstance(m, (nn.Conv2d, nn.Linear))})
-        lines.append(f"| {sparsity:.2f} | {report.metadata['sparsity']:.4f} | {nnz:,} | {report.file_bytes:,} | "
-                     f"{ratios[sparsity]:.4f} |")
+        nnz = sum(
+            e.nnz
+            for e in report.entries
+            if e.name in {f"{n}.weight" for n, m in folded.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+        )
+        lines.append(
+            f"| {sparsity:.2f} | {report.metadata['sparsity']:.4f} | {nnz:,} | {report.file_bytes:,} | "
+            f"{ratios[sparsity]:.4f} |"
+        )
     print("\n".join(lines))
     assert ratios[0.9] <= 0.16
     assert list(ratios.values()) == sorted(ratios.values(), reverse=True)

@@ -1,4 +1,5 @@
 """fxsparse.flops: per-layer dense/sparse MACs, checked against hand formulas and FlopCounterMode."""
+
 import copy
 import json
 import math
@@ -56,14 +57,18 @@ def hand_conv_linear_macs(model: nn.Module, x: torch.Tensor) -> dict[str, tuple[
     found, handles = {}, []
     for name, module in model.named_modules():
         if isinstance(module, nn.Conv2d):
+
             def hook(m, args, out, name=name):
                 kh, kw = m.kernel_size
                 macs = m.in_channels * m.out_channels * kh * kw * out.shape[2] * out.shape[3] // m.groups
                 found[f"{name}.weight"] = macs * out.shape[0]
+
             handles.append(module.register_forward_hook(hook))
         elif isinstance(module, nn.Linear):
+
             def hook(m, args, out, name=name):
                 found[f"{name}.weight"] = args[0].numel() // m.in_features * m.in_features * m.out_features
+
             handles.append(module.register_forward_hook(hook))
     with torch.no_grad():
         model(x)
@@ -479,8 +484,9 @@ def test_plot_without_matplotlib_says_what_to_install(monkeypatch, tmp_path):
 def test_cli_table_json_and_plot(tmp_path, capsys, load_tool):
     tool = load_tool("flops")
     out_json, out_png = tmp_path / "r.json", tmp_path / "r.png"
-    code = tool.main(["models:TinyCNN", "--input-size", "1", "12", "12", "--json", str(out_json),
-                      "--plot", str(out_png)])
+    code = tool.main(
+        ["models:TinyCNN", "--input-size", "1", "12", "12", "--json", str(out_json), "--plot", str(out_png)]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert "conv1.weight" in printed and "total MACs" in printed
@@ -531,12 +537,38 @@ def test_keyword_inputs_as_a_dict(cls):
 # the zoo cross-check against torch.utils.flop_counter (slow)
 # ------------------------------------------------------------------------------------------------
 ZOO = [
-    "resnet18", "resnet50", "resnext26ts", "mobilenetv2_100", "mobilenetv3_small_100", "efficientnet_b0",
-    "densenet121", "regnetx_002", "regnety_002", "ghostnet_100", "convnext_atto", "dla34",
-    "repvgg_a0", "cspresnet50", "mnasnet_100", "rexnet_100", "vgg11", "inception_v3", "res2net50_14w_8s",
-    "vit_tiny_patch16_224", "deit_tiny_patch16_224", "swin_tiny_patch4_window7_224", "mobilevit_xxs",
-    "levit_128s", "twins_pcpvt_small", "poolformer_s12", "efficientformer_l1", "coat_lite_tiny",
-    "resmlp_12_224", "mixer_s32_224", "nf_resnet26", "tiny_vit_5m_224",
+    "resnet18",
+    "resnet50",
+    "resnext26ts",
+    "mobilenetv2_100",
+    "mobilenetv3_small_100",
+    "efficientnet_b0",
+    "densenet121",
+    "regnetx_002",
+    "regnety_002",
+    "ghostnet_100",
+    "convnext_atto",
+    "dla34",
+    "repvgg_a0",
+    "cspresnet50",
+    "mnasnet_100",
+    "rexnet_100",
+    "vgg11",
+    "inception_v3",
+    "res2net50_14w_8s",
+    "vit_tiny_patch16_224",
+    "deit_tiny_patch16_224",
+    "swin_tiny_patch4_window7_224",
+    "mobilevit_xxs",
+    "levit_128s",
+    "twins_pcpvt_small",
+    "poolformer_s12",
+    "efficientformer_l1",
+    "coat_lite_tiny",
+    "resmlp_12_224",
+    "mixer_s32_224",
+    "nf_resnet26",
+    "tiny_vit_5m_224",
 ]
 
 
@@ -549,6 +581,8 @@ def test_zoo_dense_total_matches_flop_counter(name):
     x = torch.randn(1, *size)
     report = flops(model, x)
     expected = counter_macs(model, x)
-    print(f"{name}: {report.dense_macs:,} MACs (activation {report.activation_macs:,}), "
-          f"FlopCounterMode / 2 = {expected:,}, traced={report.traced}")
+    print(
+        f"{name}: {report.dense_macs:,} MACs (activation {report.activation_macs:,}), "
+        f"FlopCounterMode / 2 = {expected:,}, traced={report.traced}"
+    )
     assert report.dense_macs == expected

@@ -1,6 +1,7 @@
 """The graph pass on what models do around their weights: train/eval behaviour, weights transformed before
 the op (weight standardization, torch parametrizations), state the forward never reads, and what the pass
 reports and tags. Truth is read at the aten level (`weight_operands`), independently of fxsparse."""
+
 import copy
 import io
 import warnings
@@ -9,11 +10,12 @@ import pytest
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
-from aten_truth import weight_operands, zero_fraction
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm, weight_norm
 
 import fxsparse
+
+from aten_truth import weight_operands, zero_fraction
 
 timm = pytest.importorskip("timm")
 from timm.layers import ScaledStdConv2d, StdConv2d, StdConv2dSame  # noqa: E402
@@ -438,4 +440,3 @@ def test_pickled_whole_model_keeps_its_eval_output():
     loaded = torch.load(buffer, weights_only=False)
     x = torch.randn(4, 8)
     assert torch.equal(loaded(x), folded(x))
-

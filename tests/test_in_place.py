@@ -1,5 +1,6 @@
 """sparsify_: the user's own model, sparsified in place, computes what sparsify() computes, and its module tree
 is unchanged apart from the parametrizations on the modules that own the pooled weights."""
+
 import copy
 
 import pytest
@@ -12,6 +13,7 @@ from torch.nn.utils import parametrize
 import fxsparse
 from fxsparse.compat import Pruner
 from fxsparse.methods import METHODS
+
 from models import Branches, FunctionalWeights, LayerStack, RemembersInput, TiedLinear, TinyCNN
 
 ALL_METHODS = sorted(METHODS)
@@ -33,8 +35,11 @@ FACTORIES = {  # model, an input
 
 def visible_tree(model: nn.Module) -> list[tuple[str, type]]:
     """What the user sees: module names and classes, outside the parametrizations."""
-    return [(name, parametrize.type_before_parametrizations(m)) for name, m in model.named_modules()
-            if "parametrizations" not in name.split(".")]
+    return [
+        (name, parametrize.type_before_parametrizations(m))
+        for name, m in model.named_modules()
+        if "parametrizations" not in name.split(".")
+    ]
 
 
 @pytest.mark.parametrize("name", FACTORIES)
@@ -85,8 +90,10 @@ def test_functional_weights_of_a_submodule_are_pooled_in_place():
     """The old module walk missed F.conv1d/F.linear on a module's own parameters; tracing finds them."""
     model = FunctionalWeights()
     fxsparse.sparsify_(model, "st3", 0.5)
-    assert sorted(fxsparse.get_threshold(model).pool_paths) == ["block.parametrizations.kernel.original",
-                                                                "block.parametrizations.proj.original"]
+    assert sorted(fxsparse.get_threshold(model).pool_paths) == [
+        "block.parametrizations.kernel.original",
+        "block.parametrizations.proj.original",
+    ]
     model(torch.randn(2, 3, 7))
     assert fxsparse.realized_sparsity(model) == pytest.approx(0.5, abs=1 / 40)
 
@@ -112,8 +119,11 @@ def test_the_threshold_state_is_in_the_state_dict_and_resumes_bit_identically():
     first, optimizer = fresh()
     train(first, optimizer, data[:4])
     state = copy.deepcopy(first.state_dict())
-    assert {"0.parametrizations.weight.0.global_threshold.step", "0.parametrizations.weight.0.global_threshold.tau",
-            "0.parametrizations.weight.0.global_threshold.frozen"} <= set(state)
+    assert {
+        "0.parametrizations.weight.0.global_threshold.step",
+        "0.parametrizations.weight.0.global_threshold.tau",
+        "0.parametrizations.weight.0.global_threshold.frozen",
+    } <= set(state)
     resumed, optimizer2 = fresh()
     resumed.load_state_dict(state)
     optimizer2.load_state_dict(copy.deepcopy(optimizer.state_dict()))
@@ -173,8 +183,18 @@ def test_in_place_pools_weights_held_by_the_root():
     assert type(model) is nn.Linear and int((model.weight == 0).sum()) == 128
 
 
-IN_PLACE_ZOO = ["resnet18", "mobilenetv3_small_050", "efficientnet_b0", "convnext_atto", "vit_tiny_patch16_224",
-                "swin_tiny_patch4_window7_224", "levit_128s", "mixer_s16_224", "coat_lite_tiny", "hgnetv2_b0"]
+IN_PLACE_ZOO = [
+    "resnet18",
+    "mobilenetv3_small_050",
+    "efficientnet_b0",
+    "convnext_atto",
+    "vit_tiny_patch16_224",
+    "swin_tiny_patch4_window7_224",
+    "levit_128s",
+    "mixer_s16_224",
+    "coat_lite_tiny",
+    "hgnetv2_b0",
+]
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@
 The reference for what the callback computes is the plain loop the README shows (sparsify_, step_ after
 each optimizer step, fold_): a fit with the callback must give the same weights, bit for bit.
 """
+
 import csv
 import math
 import os
@@ -58,8 +59,15 @@ def loader():
 
 
 def trainer(callbacks, **kwargs):
-    options = dict(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                   enable_checkpointing=False, num_sanity_val_steps=0)
+    options = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+    )
     options.update(kwargs)
     return pl.Trainer(callbacks=callbacks, **options)
 
@@ -85,8 +93,9 @@ def test_fit_is_the_plain_loop_bit_for_bit_with_gradient_accumulation():
     """sparsify_ + SGD + step_ after each (accumulated) optimizer step + fold_, written by hand, vs Trainer.fit."""
     schedule, sparsity, epochs, accumulate = fxsparse.Cubic(begin=2, end=12), 0.8, 4, 2
     fitted = fresh_net()
-    trainer([SparsifyCallback("st3sigma", sparsity, schedule)], max_epochs=epochs,
-            accumulate_grad_batches=accumulate).fit(fitted, loader())
+    trainer(
+        [SparsifyCallback("st3sigma", sparsity, schedule)], max_epochs=epochs, accumulate_grad_batches=accumulate
+    ).fit(fitted, loader())
 
     reference = fresh_net()
     fxsparse.sparsify_(reference, "st3sigma", sparsity, schedule)
@@ -136,10 +145,15 @@ def test_resume_mid_ramp_is_bit_exact(tmp_path):
 
     def fit(directory, ckpt_path=None):
         module = fresh_net()
-        checkpoints = pl.callbacks.ModelCheckpoint(dirpath=str(directory), every_n_epochs=1, save_top_k=-1,
-                                                   filename="{epoch}")
-        trainer([SparsifyCallback("st3", 0.8, schedule="paper"), checkpoints], max_epochs=4,
-                accumulate_grad_batches=2, enable_checkpointing=True).fit(module, loader(), ckpt_path=ckpt_path)
+        checkpoints = pl.callbacks.ModelCheckpoint(
+            dirpath=str(directory), every_n_epochs=1, save_top_k=-1, filename="{epoch}"
+        )
+        trainer(
+            [SparsifyCallback("st3", 0.8, schedule="paper"), checkpoints],
+            max_epochs=4,
+            accumulate_grad_batches=2,
+            enable_checkpointing=True,
+        ).fit(module, loader(), ckpt_path=ckpt_path)
         return module
 
     uninterrupted = fit(tmp_path / "a")
@@ -162,17 +176,20 @@ def test_resume_with_other_options_is_refused(tmp_path):
     first = trainer([SparsifyCallback("st3", 0.8), checkpoints], max_epochs=1, enable_checkpointing=True)
     first.fit(fresh_net(), loader())
     with pytest.raises(ValueError, match="sparsity=0.8.*sparsity=0.5"):
-        trainer([SparsifyCallback("st3", 0.5)], max_epochs=2).fit(fresh_net(), loader(),
-                                                                 ckpt_path=str(tmp_path / "last.ckpt"))
+        trainer([SparsifyCallback("st3", 0.5)], max_epochs=2).fit(
+            fresh_net(), loader(), ckpt_path=str(tmp_path / "last.ckpt")
+        )
 
 
 def test_a_sparse_checkpoint_loads_into_the_folded_module(tmp_path):
     """trainer.test(ckpt_path=...) after fit: the checkpoint's weights are folded on the way in."""
-    checkpoints = pl.callbacks.ModelCheckpoint(dirpath=str(tmp_path), every_n_epochs=1, save_top_k=-1,
-                                               filename="{epoch}")
+    checkpoints = pl.callbacks.ModelCheckpoint(
+        dirpath=str(tmp_path), every_n_epochs=1, save_top_k=-1, filename="{epoch}"
+    )
     module = fresh_net()
-    fit = trainer([SparsifyCallback("st3sigma", 0.8, schedule="paper"), checkpoints], max_epochs=3,
-                  enable_checkpointing=True)
+    fit = trainer(
+        [SparsifyCallback("st3sigma", 0.8, schedule="paper"), checkpoints], max_epochs=3, enable_checkpointing=True
+    )
     fit.fit(module, loader())
     middle = str(tmp_path / "epoch=0.ckpt")  # step 8 of 24: mid-ramp
 

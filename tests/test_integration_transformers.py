@@ -1,5 +1,6 @@
 """fxsparse.integrations.transformers.SparsifyCallback with a real transformers Trainer.train (tiny BERT and
 Llama built from configs, random tokens, CPU)."""
+
 import pytest
 import torch
 from torch import nn
@@ -14,15 +15,29 @@ VOCAB = 64
 
 
 def tiny_bert():
-    config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=32, max_position_embeddings=16, num_labels=3)
+    config = transformers.BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=16,
+        num_labels=3,
+    )
     return transformers.BertForSequenceClassification(config)
 
 
 def tiny_llama():
-    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                                      num_key_value_heads=1, intermediate_size=32, max_position_embeddings=16,
-                                      tie_word_embeddings=False)
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        intermediate_size=32,
+        max_position_embeddings=16,
+        tie_word_embeddings=False,
+    )
     return transformers.LlamaForCausalLM(config)
 
 
@@ -45,9 +60,18 @@ MODELS = {"bert": (tiny_bert, Tokens(causal=False)), "llama": (tiny_llama, Token
 
 
 def arguments(tmp_path, **kwargs):
-    options = dict(output_dir=str(tmp_path), use_cpu=True, report_to="none", disable_tqdm=True, save_strategy="no",
-                   per_device_train_batch_size=4, gradient_accumulation_steps=2, num_train_epochs=3,
-                   learning_rate=1e-2, logging_steps=2)
+    options = dict(
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        report_to="none",
+        disable_tqdm=True,
+        save_strategy="no",
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        num_train_epochs=3,
+        learning_rate=1e-2,
+        logging_steps=2,
+    )
     options.update(kwargs)
     return transformers.TrainingArguments(**options)
 
@@ -83,8 +107,12 @@ def test_train_ends_folded_at_the_requested_sparsity_and_reloads(name, tmp_path)
     model, data = fresh(name), MODELS[name][1]
     inputs = torch.stack([data[i]["input_ids"] for i in range(4)])
     spy = LogitsAtTrainEnd(inputs)
-    trainer = transformers.Trainer(model=model, args=arguments(tmp_path), train_dataset=data,
-                                   callbacks=[spy, SparsifyCallback("st3sigma", sparsity, schedule="paper")])
+    trainer = transformers.Trainer(
+        model=model,
+        args=arguments(tmp_path),
+        train_dataset=data,
+        callbacks=[spy, SparsifyCallback("st3sigma", sparsity, schedule="paper")],
+    )
     trainer.train()
 
     total = trainer.state.max_steps  # 3 epochs of 32 samples, batches of 4, accumulated 2 by 2
@@ -118,8 +146,12 @@ def test_resume_mid_ramp_is_bit_exact(tmp_path):
     def train(directory, resume=None):
         model = fresh("bert")
         args = arguments(directory, save_strategy="steps", save_steps=3)
-        trainer = transformers.Trainer(model=model, args=args, train_dataset=MODELS["bert"][1],
-                                       callbacks=[SparsifyCallback("feather", 0.8, schedule="paper")])
+        trainer = transformers.Trainer(
+            model=model,
+            args=args,
+            train_dataset=MODELS["bert"][1],
+            callbacks=[SparsifyCallback("feather", 0.8, schedule="paper")],
+        )
         trainer.train(resume_from_checkpoint=resume)
         return model
 
@@ -140,11 +172,18 @@ def test_resume_mid_ramp_is_bit_exact(tmp_path):
 def test_resuming_into_a_model_the_callback_did_not_sparsify_first_is_refused(tmp_path):
     """A dense run's checkpoint, or a callback added after Trainer(...): transformers loads the checkpoint before
     on_train_begin and without strict keys, so the callback checks the schedule step against the global step."""
-    dense = transformers.Trainer(model=fresh("bert"), args=arguments(tmp_path, save_strategy="steps", save_steps=3,
-                                                                     max_steps=3), train_dataset=MODELS["bert"][1])
+    dense = transformers.Trainer(
+        model=fresh("bert"),
+        args=arguments(tmp_path, save_strategy="steps", save_steps=3, max_steps=3),
+        train_dataset=MODELS["bert"][1],
+    )
     dense.train()
-    trainer = transformers.Trainer(model=fresh("bert"), args=arguments(tmp_path / "b"), train_dataset=MODELS["bert"][1],
-                                   callbacks=[SparsifyCallback("st3", 0.5)])
+    trainer = transformers.Trainer(
+        model=fresh("bert"),
+        args=arguments(tmp_path / "b"),
+        train_dataset=MODELS["bert"][1],
+        callbacks=[SparsifyCallback("st3", 0.5)],
+    )
     with pytest.raises(ValueError, match="resuming at global step 3.*schedule is at step 0"):
         trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-3"))
 
@@ -154,8 +193,13 @@ def test_an_optimizer_built_before_the_trainer_trains_the_sparse_weights(tmp_pat
     model = fresh("bert")
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    trainer = transformers.Trainer(model=model, args=arguments(tmp_path, max_steps=4), train_dataset=MODELS["bert"][1],
-                                   optimizers=(optimizer, None), callbacks=[SparsifyCallback("ste", 0.5)])
+    trainer = transformers.Trainer(
+        model=model,
+        args=arguments(tmp_path, max_steps=4),
+        train_dataset=MODELS["bert"][1],
+        optimizers=(optimizer, None),
+        callbacks=[SparsifyCallback("ste", 0.5)],
+    )
     trainer.train()
     query = "bert.encoder.layer.0.attention.self.query.weight"
     changed = model.get_parameter(query) != before[query]
@@ -171,8 +215,9 @@ def test_a_model_the_callback_did_not_see_at_init_is_sparsified_at_train_begin(l
         trainer = transformers.Trainer(model=fresh("bert"), args=args, train_dataset=data)
         trainer.add_callback(SparsifyCallback("gmp", 0.5))
     else:  # train() replaces the model Trainer.__init__ made (and the callback sparsified) by a new one
-        trainer = transformers.Trainer(model_init=lambda: fresh("bert"), args=args, train_dataset=data,
-                                       callbacks=[SparsifyCallback("gmp", 0.5)])
+        trainer = transformers.Trainer(
+            model_init=lambda: fresh("bert"), args=args, train_dataset=data, callbacks=[SparsifyCallback("gmp", 0.5)]
+        )
     trainer.train()
     zeros, count = pooled_zeros(trainer.model)
     assert not fxsparse.is_sparsified(trainer.model) and abs(zeros - 0.5 * count) <= 1
@@ -184,8 +229,16 @@ def test_bad_setups_get_clear_errors(tmp_path):
     already = fresh("bert")
     fxsparse.sparsify_(already, "st3", 0.5)
     with pytest.raises(ValueError, match="already sparsified"):
-        transformers.Trainer(model=already, args=arguments(tmp_path), train_dataset=MODELS["bert"][1],
-                             callbacks=[SparsifyCallback("st3", 0.5)])
+        transformers.Trainer(
+            model=already,
+            args=arguments(tmp_path),
+            train_dataset=MODELS["bert"][1],
+            callbacks=[SparsifyCallback("st3", 0.5)],
+        )
     with pytest.raises(ValueError, match="sparsity"):
-        transformers.Trainer(model=fresh("bert"), args=arguments(tmp_path), train_dataset=MODELS["bert"][1],
-                             callbacks=[SparsifyCallback("st3", 90)])
+        transformers.Trainer(
+            model=fresh("bert"),
+            args=arguments(tmp_path),
+            train_dataset=MODELS["bert"][1],
+            callbacks=[SparsifyCallback("st3", 90)],
+        )

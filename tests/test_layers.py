@@ -1,5 +1,6 @@
 """One definition of a prunable weight (fxsparse.layers), read alike by the pass, flops, save_csr and the
 training application; ConvTranspose layers, whose output channels are dim 1."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -43,8 +44,13 @@ def test_matrix_layout_is_the_matrix_the_op_multiplies_by():
     assert torch.allclose(by_matrix, up(x), atol=1e-6)
 
     # every layout: to_matrix and flat_index agree entry by entry
-    for shape, layout in [((4, 6), MatrixLayout()), ((8, 3, 3, 3), MatrixLayout()), ((6, 4, 3), MatrixLayout(1, 2)),
-                          ((6, 4, 2, 2), MatrixLayout(1, 3)), ((5, 7), MatrixLayout(1))]:
+    for shape, layout in [
+        ((4, 6), MatrixLayout()),
+        ((8, 3, 3, 3), MatrixLayout()),
+        ((6, 4, 3), MatrixLayout(1, 2)),
+        ((6, 4, 2, 2), MatrixLayout(1, 3)),
+        ((5, 7), MatrixLayout(1)),
+    ]:
         weight = torch.randn(shape)
         matrix = layout.to_matrix(weight)
         rows, cols = layout.matrix_shape(shape)
@@ -134,7 +140,7 @@ def test_the_format_page_reader_reads_transposed_layouts(tmp_path, monkeypatch):
             values, col, crow = parts
             self.dense = np.zeros(shape, dtype=values.dtype)
             for row in range(shape[0]):
-                self.dense[row, col[crow[row]:crow[row + 1]]] = values[crow[row]:crow[row + 1]]
+                self.dense[row, col[crow[row] : crow[row + 1]]] = values[crow[row] : crow[row + 1]]
 
         def toarray(self):
             return self.dense

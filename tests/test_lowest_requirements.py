@@ -13,12 +13,21 @@ def project(dependencies, **extras):
 
 
 def test_each_floor_becomes_a_pin_with_its_marker(lowest):
-    pins = lowest(project(
-        ["torch>=2.6", "timm >= 1.0.3", "numpy>=1.24,<3", "tomli>=2; python_version < '3.11'", "packaging"],
-        hf=["transformers[torch]>=5.0"], test=["pytest>=7", "fxsparse[hf]", "ruff==0.17.6"],
-    ))
-    assert pins == ["numpy==1.24", "pytest==7", "timm==1.0.3", "tomli==2; python_version < '3.11'",
-                    "torch==2.6", "transformers==5.0"]  # no floor (packaging, ==), own extra: pip's choice
+    pins = lowest(
+        project(
+            ["torch>=2.6", "timm >= 1.0.3", "numpy>=1.24,<3", "tomli>=2; python_version < '3.11'", "packaging"],
+            hf=["transformers[torch]>=5.0"],
+            test=["pytest>=7", "fxsparse[hf]", "ruff==0.17.6"],
+        )
+    )
+    assert pins == [
+        "numpy==1.24",
+        "pytest==7",
+        "timm==1.0.3",
+        "tomli==2; python_version < '3.11'",
+        "torch==2.6",
+        "transformers==5.0",
+    ]  # no floor (packaging, ==), own extra: pip's choice
 
 
 def test_two_floors_for_one_package_are_refused(lowest):

@@ -1,5 +1,6 @@
 """Each method's forward and gradient against a hand-written reference of METHODS.md, plus a contract
 test that runs over every registered method."""
+
 import math
 
 import numpy as np
@@ -28,7 +29,7 @@ def feather_reference(w: np.ndarray, threshold: float, p: float = 3.0) -> np.nda
     out = np.zeros_like(w, dtype=np.float64)
     for index, value in np.ndenumerate(w.astype(np.float64)):
         if abs(value) > threshold:
-            out[index] = math.copysign((abs(value) ** p - threshold ** p) ** (1 / p), value)
+            out[index] = math.copysign((abs(value) ** p - threshold**p) ** (1 / p), value)
     return out if threshold > 0 else w.astype(np.float64)
 
 
@@ -74,7 +75,9 @@ def test_feather_forward_is_p3_threshold_and_gradient_is_theta_scaled_below_thre
     threshold = float(weight.abs().flatten().quantile(0.8))
     upstream = torch.randn_like(weight)
     out, grad = run(method, weight, threshold, upstream)
-    torch.testing.assert_close(out.double(), torch.from_numpy(feather_reference(weight.numpy(), threshold)), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        out.double(), torch.from_numpy(feather_reference(weight.numpy(), threshold)), rtol=1e-5, atol=1e-6
+    )
     expected_grad = torch.where(weight.abs() > threshold, upstream, upstream * theta)
     torch.testing.assert_close(grad, expected_grad)
     assert not torch.isnan(out).any() and not torch.isnan(grad).any()

@@ -1,5 +1,6 @@
 """Mixed and low precision: scores and tau in fp32, Feather's p=3 operator in fp32, exact sparsity under autocast;
 deepcopy (EMA/SWA) and state_dict round trips of a sparsified model."""
+
 import contextlib
 import copy
 import io
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 
 import fxsparse
 from fxsparse.methods import METHODS, Feather
+
 from models import TinyCNN, Untraceable
 
 ALL_METHODS = sorted(METHODS)
@@ -34,7 +36,8 @@ def expected_zeros(total, q):
 
 
 AUTOCAST_CASES = [(m, torch.bfloat16) for m in ALL_METHODS] + [
-    ("feather", torch.float16), ("st3sigma", torch.float16),  # CPU fp16 convolutions are slow: two methods suffice
+    ("feather", torch.float16),
+    ("st3sigma", torch.float16),  # CPU fp16 convolutions are slow: two methods suffice
 ]
 
 

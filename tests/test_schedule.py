@@ -7,8 +7,8 @@ from fxsparse.schedule import cubic
 def test_cubic_matches_zhu_gupta():
     assert cubic(0, 0.9, 10, 20) == 0.0 and cubic(9, 0.9, 10, 20) == 0.0
     assert cubic(10, 0.9, 10, 20) == 0.0
-    assert cubic(15, 0.9, 10, 20) == pytest.approx(0.9 * (1 - 0.5 ** 3))
-    assert cubic(20, 0.9, 10, 20) == 0.9 and cubic(10 ** 6, 0.9, 10, 20) == 0.9
+    assert cubic(15, 0.9, 10, 20) == pytest.approx(0.9 * (1 - 0.5**3))
+    assert cubic(20, 0.9, 10, 20) == 0.9 and cubic(10**6, 0.9, 10, 20) == 0.9
     values = [cubic(i, 0.9, 10, 20) for i in range(25)]
     assert values == sorted(values)
 

@@ -54,29 +54,38 @@ def run_setup(tmp_path: Path, *args: str, uid: int = 0, without: tuple = (), **e
     log = tmp_path / "calls.log"
     log.write_text("")
     environment = {"PATH": str(stubs), "STUB_LOG": str(log), "STUB_UID": str(uid), **env}
-    done = subprocess.run([BASH, str(checkout / "tools" / "setup.sh"), *args], env=environment,
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [BASH, str(checkout / "tools" / "setup.sh"), *args], env=environment, capture_output=True, text=True, timeout=60
+    )
     calls = [line for line in log.read_text().splitlines() if not line.startswith(("id", "dpkg-query"))]
     return done.returncode, done.stdout + done.stderr, calls
 
 
-PIP = 'venv-python -m pip install -e .[test]'
+PIP = "venv-python -m pip install -e .[test]"
 
 
 def test_as_root_installs_the_data_then_the_venv(tmp_path):
     code, out, calls = run_setup(tmp_path, uid=0)
     assert code == 0, out
-    assert calls == ["apt-get update -q", "apt-get install -y -q dataset-fashion-mnist",
-                     "python3 -c import sys; sys.exit(sys.version_info < (3, 10))", "python3 -V",
-                     "python3 -m venv .venv", PIP]
+    assert calls == [
+        "apt-get update -q",
+        "apt-get install -y -q dataset-fashion-mnist",
+        "python3 -c import sys; sys.exit(sys.version_info < (3, 10))",
+        "python3 -V",
+        "python3 -m venv .venv",
+        PIP,
+    ]
 
 
 def test_as_a_user_goes_through_sudo(tmp_path):
     code, out, calls = run_setup(tmp_path, uid=1000)
     assert code == 0, out
-    assert calls[:4] == ["sudo apt-get update -q", "apt-get update -q",
-                         "sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q dataset-fashion-mnist",
-                         "apt-get install -y -q dataset-fashion-mnist"]
+    assert calls[:4] == [
+        "sudo apt-get update -q",
+        "apt-get update -q",
+        "sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q dataset-fashion-mnist",
+        "apt-get install -y -q dataset-fashion-mnist",
+    ]
     assert calls[-1] == PIP
 
 
@@ -122,7 +131,7 @@ def test_too_old_python_is_named(tmp_path):
     stubs = tmp_path / "bin"
     run_setup(tmp_path, "--no-data")  # lays out the stubs
     old = stubs / "python3.8"
-    old.write_text(f"#!{BASH}\n[ \"$1\" = -V ] && echo 'Python 3.8.10'; [ \"$1\" = -c ] && exit 1; exit 0\n")
+    old.write_text(f'#!{BASH}\n[ "$1" = -V ] && echo \'Python 3.8.10\'; [ "$1" = -c ] && exit 1; exit 0\n')
     old.chmod(0o755)
     code, out, _ = run_setup(tmp_path, "--no-data", PYTHON="python3.8")
     assert code == 1 and "needs Python >= 3.10; python3.8 is Python 3.8.10" in out

@@ -1,4 +1,5 @@
 """The graph pass, exact sparsity, fold, resume and a short training loop, on tiny models."""
+
 import copy
 
 import pytest
@@ -9,7 +10,17 @@ from torch import nn
 
 import fxsparse
 from fxsparse.methods import METHODS
-from models import FunctionalBlock, FunctionalWeights, NothingToSparsify, TiedLinear, TinyCNN, Untraceable, WithLeaf, Opaque
+
+from models import (
+    FunctionalBlock,
+    FunctionalWeights,
+    NothingToSparsify,
+    Opaque,
+    TiedLinear,
+    TinyCNN,
+    Untraceable,
+    WithLeaf,
+)
 
 ALL_METHODS = sorted(METHODS)
 
@@ -50,8 +61,10 @@ def test_input_model_is_never_mutated():
 def test_sparsity_zero_and_before_the_ramp_equal_the_original(method):
     original = TinyCNN().eval()
     x = torch.randn(3, 1, 8, 8)
-    for model in (fxsparse.sparsify(original, method, sparsity=0.0),
-                  fxsparse.sparsify(original, method, 0.9, fxsparse.Cubic(begin=5, end=10))):
+    for model in (
+        fxsparse.sparsify(original, method, sparsity=0.0),
+        fxsparse.sparsify(original, method, 0.9, fxsparse.Cubic(begin=5, end=10)),
+    ):
         assert torch.equal(model.eval()(x), original(x))
 
 
@@ -61,7 +74,10 @@ def test_folded_sparsity_is_exact_on_tiny_models(method, sparsity):
     for factory in (TinyCNN, FunctionalWeights, TiedLinear):
         model = fxsparse.sparsify(factory(), method, sparsity, fxsparse.Cubic(0, 3))
         fxsparse.step_(model, 3)  # end of the ramp
-        fqns = [p.replace("parametrizations.", "").replace(".original", "") for p in fxsparse.get_threshold(model).pool_paths]
+        fqns = [
+            p.replace("parametrizations.", "").replace(".original", "")
+            for p in fxsparse.get_threshold(model).pool_paths
+        ]
         folded = fxsparse.fold(model)
         zeros, total = folded_zeros(folded, fqns)
         assert abs(zeros - sparsity * total) <= 1, (factory.__name__, zeros, total)
@@ -80,7 +96,10 @@ def test_tied_weight_enters_the_pool_once_and_folds_once():
 
 def test_functional_weights_and_opaque_leaves_are_pooled():
     model = fxsparse.sparsify(FunctionalWeights(), "st3", 0.5)
-    assert sorted(fxsparse.get_threshold(model).pool_paths) == ["block.parametrizations.kernel.original", "block.parametrizations.proj.original"]
+    assert sorted(fxsparse.get_threshold(model).pool_paths) == [
+        "block.parametrizations.kernel.original",
+        "block.parametrizations.proj.original",
+    ]
     x = torch.randn(2, 3, 7)
     copied = copy.deepcopy(model)
     with torch.no_grad():
@@ -91,7 +110,10 @@ def test_functional_weights_and_opaque_leaves_are_pooled():
             fxsparse.sparsify(FunctionalBlock(), "st3")
     model = fxsparse.sparsify(WithLeaf(), "st3", leaf_modules=(Opaque,))
     assert "leaf" in [n.target for n in model.graph.nodes if n.op == "call_module"]
-    assert sorted(fxsparse.get_threshold(model).pool_paths) == ["leaf.inner.parametrizations.weight.original", "out.parametrizations.weight.original"]
+    assert sorted(fxsparse.get_threshold(model).pool_paths) == [
+        "leaf.inner.parametrizations.weight.original",
+        "out.parametrizations.weight.original",
+    ]
 
 
 def test_untraceable_model_falls_back_with_a_warning_and_still_reaches_the_sparsity():
@@ -212,7 +234,7 @@ def test_short_training_reaches_the_scheduled_sparsity_and_loss_goes_down(method
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     fxsparse.hook_optimizer(model, optimizer)
     losses = []
-    for step in range(80):
+    for _step in range(80):
         index = torch.randint(0, 256, (32,))
         loss = F.cross_entropy(model(inputs[index]), labels[index])
         optimizer.zero_grad()

@@ -1,5 +1,6 @@
 """The state a user owns: the threshold's buffers through meta init, dtype casts and .data writes; the optimizer
 and schedule calls (issue 10 item 6). Each misuse gets a clear error or a warning that says what to do."""
+
 import copy
 import warnings
 
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 import fxsparse
 from fxsparse import GlobalThreshold
 from fxsparse.pool import pooled_weights
+
 from models import TinyCNN
 
 
@@ -120,11 +122,14 @@ def test_step_warns_when_the_optimizer_trains_the_original_model():
         train_steps(model, optimizer, 3)
 
 
-@pytest.mark.parametrize("make", [
-    lambda p: torch.optim.SGD(p, lr=0.1, fused=True),  # no version bumps
-    lambda p: torch.optim.Adam(p, lr=1e-3, foreach=True),
-    lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda p: torch.optim.SGD(p, lr=0.1, fused=True),  # no version bumps
+        lambda p: torch.optim.Adam(p, lr=1e-3, foreach=True),
+        lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
+    ],
+)
 def test_no_false_alarm_for_optimizers_that_do_train_the_model(make):
     model = fxsparse.sparsify(TinyCNN(), "st3", 0.5)
     optimizer = make(model.parameters())
@@ -171,8 +176,18 @@ def test_hook_optimizer_twice_steps_once_and_says_so():
         fxsparse.hook_optimizer(ema, torch.optim.SGD(ema.parameters(), lr=0.1))
 
 
-@pytest.mark.parametrize("bad,error", [(-1, ValueError), (0.5, TypeError), (1.0, TypeError), (True, TypeError),
-                                       ("1", TypeError), (None, TypeError), (torch.tensor(True), TypeError)])
+@pytest.mark.parametrize(
+    "bad,error",
+    [
+        (-1, ValueError),
+        (0.5, TypeError),
+        (1.0, TypeError),
+        (True, TypeError),
+        ("1", TypeError),
+        (None, TypeError),
+        (torch.tensor(True), TypeError),
+    ],
+)
 def test_step_refuses_negative_fractional_and_bool_steps(bad, error):
     model = fxsparse.sparsify(TinyCNN(), "st3", 0.5, fxsparse.Cubic(0, 10))
     with pytest.raises(error, match="whole number of optimizer steps|must be >= 0"):
@@ -190,23 +205,30 @@ def test_step_accepts_integers_of_any_kind():
 @pytest.mark.parametrize("in_place", [False, True])
 def test_exclude_patterns_that_match_nothing_are_named(in_place):
     model = TinyCNN()
-    with pytest.warns(UserWarning, match=r"exclude pattern\(s\) \['fc', 'head\.\*'\] match no conv/linear weight.*"
-                                         r"'conv1\.weight'.*'head\.weight'"):
+    with pytest.warns(
+        UserWarning,
+        match=r"exclude pattern\(s\) \['fc', 'head\.\*'\] match no conv/linear weight.*"
+        r"'conv1\.weight'.*'head\.weight'",
+    ):
         if in_place:
             fxsparse.sparsify_(model, "st3", 0.5, exclude=["fc", "conv1.*", "head.*"])
         else:
             model = fxsparse.sparsify(model, "st3", 0.5, exclude=["fc", "conv1.*", "head.*"])
-    assert fxsparse.get_threshold(model).pool_paths == ["conv2.parametrizations.weight.original",
-                                                        "depthwise.parametrizations.weight.original",
-                                                        "fc.parametrizations.weight.original"]
+    assert fxsparse.get_threshold(model).pool_paths == [
+        "conv2.parametrizations.weight.original",
+        "depthwise.parametrizations.weight.original",
+        "fc.parametrizations.weight.original",
+    ]
 
 
 # --- GlobalThreshold, built complete ------------------------------------------------------------------
 
 
 def test_global_threshold_is_built_complete_with_a_public_step():
-    weights = {"a.parametrizations.weight.original": torch.randn(4, 3),
-               "b.parametrizations.weight.original": torch.randn(5)}
+    weights = {
+        "a.parametrizations.weight.original": torch.randn(4, 3),
+        "b.parametrizations.weight.original": torch.randn(5),
+    }
     threshold = GlobalThreshold(fxsparse.St3(), 0.5, fxsparse.Cubic(0, 4), weights)
     assert threshold.pool_paths == list(weights) and threshold.pool_size == 17
     assert threshold.current_step == 0 and threshold.target_sparsity() == 0.0

@@ -5,6 +5,7 @@ numpy >= 2 computes the quantile of an fp32 array at a Python-float q in fp32, w
 gamma = (n-1)q - floor((n-1)q) rounded to fp32 and the same upper-end form for gamma >= 0.5 as
 lerp_like_numpy, so no ulp of difference is expected (and none is allowed here).
 """
+
 from __future__ import annotations
 
 import math
@@ -200,8 +201,14 @@ def test_passes_over_the_pool_cold_warm_and_missed(monkeypatch):
     monkeypatch.setattr(th._Pool, "chunks", spy)
     ref = reference_quantile(stepped, 0.9)
     absolute = th._abs_score  # elementwise
-    cases = ((absolute, None, 1), (absolute, tau, 1), (absolute, 2 * tau, 2),
-             (_abs, None, 2), (_abs, tau, 1), (_abs, -1.0, 2))  # the same |w|, whole-layer
+    cases = (
+        (absolute, None, 1),
+        (absolute, tau, 1),
+        (absolute, 2 * tau, 2),
+        (_abs, None, 2),
+        (_abs, tau, 1),
+        (_abs, -1.0, 2),
+    )  # the same |w|, whole-layer
     for score_fn, hint, expected in cases:
         passes["n"] = 0
         got = global_quantile(stepped, 0.9, score_fn, hint=hint)
@@ -393,8 +400,12 @@ def test_two_gloo_ranks_match_the_union(tmp_path):
     script.write_text(_WORKER)
     init = tmp_path / "init"
     procs = [
-        subprocess.Popen([sys.executable, str(script), str(rank), "2", str(init), th.__file__],
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        subprocess.Popen(
+            [sys.executable, str(script), str(rank), "2", str(init), th.__file__],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         for rank in range(2)
     ]
     outputs = []

@@ -8,6 +8,7 @@ The folded model and the CSR checkpoint hold the same zeros. Ties are not broken
 (not autocast, whose master weights are fp32): ST-3's |w| - tau of a weight within a fraction of an fp16
 ulp above tau can round to 0 (test_fp16_parameters_st3_can_round_a_weight_just_above_tau_to_zero).
 """
+
 import math
 
 import numpy as np
@@ -86,8 +87,9 @@ def test_fp16_parameters_st3_can_round_a_weight_just_above_tau_to_zero():
     """The documented exception: fp16 weights a, b one ulp apart, tau 0.999 of the way from a to b."""
     a = torch.tensor(0.01, dtype=torch.float16)
     b = torch.nextafter(a, torch.tensor(1.0, dtype=torch.float16))
-    weight = torch.cat([torch.linspace(0.001, 0.009, 899).half(), a[None], b[None],
-                        torch.linspace(0.02, 0.5, 99).half()]).reshape(10, 100)
+    weight = torch.cat(
+        [torch.linspace(0.001, 0.009, 899).half(), a[None], b[None], torch.linspace(0.02, 0.5, 99).half()]
+    ).reshape(10, 100)
     tau = fxsparse.global_quantile([weight], (899 + 0.999) / (weight.numel() - 1))
     assert a < tau < b.float()
     at_or_below = int((weight.float().abs() <= tau).sum())

@@ -1,4 +1,5 @@
 """fxsparse.train (the application) and the `fxsparse train` command on tiny synthetic runs (a few seconds each)."""
+
 import builtins
 import json
 
@@ -14,8 +15,17 @@ from fxsparse.train.models import build_model
 from fxsparse.train.recipe import LrLambda, build_optimizer, sparsity_schedule
 from fxsparse.train.tensorboard import open_tensorboard
 
-TINY = dict(dataset="synthetic", model="cnn", width=0.25, batch_size=64, epochs=2, lr=0.05, threads=1,
-            progress=False, export=False)
+TINY = dict(
+    dataset="synthetic",
+    model="cnn",
+    width=0.25,
+    batch_size=64,
+    epochs=2,
+    lr=0.05,
+    threads=1,
+    progress=False,
+    export=False,
+)
 
 
 def _state(model):
@@ -31,7 +41,10 @@ def test_resume_is_bit_identical(tmp_path):
     resumed = run(TrainConfig(**common, sname="split", resume=True))
     a, b = _state(full["folded_model"]), _state(resumed["folded_model"])
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    strip = lambda history: [{k: v for k, v in r.items() if k != "seconds"} for r in history]
+
+    def strip(history):
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in history]
+
     assert strip(full["history"]) == strip(resumed["history"])
     assert full["test_acc"] == resumed["test_acc"]
     assert abs(resumed["realized_sparsity"] - 0.8) < 1e-3
@@ -49,9 +62,32 @@ def test_resume_refuses_other_settings_and_missing_checkpoint(tmp_path):
 
 
 def test_cli_train_end_to_end(tmp_path, capsys):
-    code = cli.main(["train", "--dataset", "synthetic", "--model", "cnn", "--width", "0.25", "--epochs", "1",
-                     "--batch-size", "64", "--method", "feather", "--sparsity", "0.9", "--threads", "1",
-                     "--runs-dir", str(tmp_path), "--sname", "cli", "--no-progress"])
+    code = cli.main(
+        [
+            "train",
+            "--dataset",
+            "synthetic",
+            "--model",
+            "cnn",
+            "--width",
+            "0.25",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "64",
+            "--method",
+            "feather",
+            "--sparsity",
+            "0.9",
+            "--threads",
+            "1",
+            "--runs-dir",
+            str(tmp_path),
+            "--sname",
+            "cli",
+            "--no-progress",
+        ]
+    )
     assert code == 0
     summary = json.loads((tmp_path / "cli" / "summary.json").read_text())
     assert summary["method"] == "feather" and abs(summary["realized_sparsity"] - 0.9) < 1e-3
@@ -122,10 +158,12 @@ def test_lr_schedules_and_ramp_placement():
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     path = tmp_path / "checkpoint.pt"
     save_checkpoint(path, {"epoch": 1})
+
     def broken_save(obj, file):
         with open(file, "wb") as handle:
             handle.write(b"partial")
         raise OSError("disk full")
+
     monkeypatch.setattr(torch, "save", broken_save)
     with pytest.raises(OSError):
         save_checkpoint(path, {"epoch": 2})
@@ -136,10 +174,12 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
 
 def test_tensorboard_missing_gives_a_clear_message(tmp_path, monkeypatch):
     real_import = builtins.__import__
+
     def no_tensorboard(name, *args, **kwargs):
         if name.startswith("torch.utils.tensorboard") or name.startswith("tensorboard"):
             raise ModuleNotFoundError("No module named 'tensorboard'")
         return real_import(name, *args, **kwargs)
+
     monkeypatch.setattr(builtins, "__import__", no_tensorboard)
     with pytest.raises(SetupError, match="pip install tensorboard"):
         open_tensorboard(tmp_path)
@@ -147,13 +187,32 @@ def test_tensorboard_missing_gives_a_clear_message(tmp_path, monkeypatch):
 
 def test_tensorboard_logging(tmp_path):
     pytest.importorskip("tensorboard")
-    summary = run(TrainConfig(**dict(TINY, epochs=1, method="st3sigma", sparsity=0.5, tensorboard=True, log_every=2,
-                                     runs_dir=str(tmp_path), sname="tb")))
+    summary = run(
+        TrainConfig(
+            **dict(
+                TINY,
+                epochs=1,
+                method="st3sigma",
+                sparsity=0.5,
+                tensorboard=True,
+                log_every=2,
+                runs_dir=str(tmp_path),
+                sname="tb",
+            )
+        )
+    )
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(tmp_path / "tb")).Reload()
     tags = set(events.Tags()["scalars"])
-    assert {"train/loss", "train/acc", "train/lr", "sparsity/target", "sparsity/tau", "val/epoch_acc",
-            "epoch/realized_sparsity"} <= tags
+    assert {
+        "train/loss",
+        "train/acc",
+        "train/lr",
+        "sparsity/target",
+        "sparsity/tau",
+        "val/epoch_acc",
+        "epoch/realized_sparsity",
+    } <= tags
     assert any(t.startswith("density/") for t in tags)
     assert summary["realized_sparsity"] > 0.49

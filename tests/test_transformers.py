@@ -1,5 +1,6 @@
 """Hugging Face models (built from tiny configs, nothing downloaded) through the module walk: transformers >= 5
 cannot be traced by torch.fx. GPT-2's Conv1D is a linear layer with an (in, out) weight; tied LM heads."""
+
 import warnings
 
 import pytest
@@ -17,33 +18,79 @@ VOCAB, TOKENS = 40, 6
 
 
 def gpt2(tie: bool = True) -> nn.Module:
-    config = transformers.GPT2Config(n_embd=16, n_layer=2, n_head=2, vocab_size=VOCAB, n_positions=16,
-                                     bos_token_id=0, eos_token_id=0, tie_word_embeddings=tie)
+    config = transformers.GPT2Config(
+        n_embd=16,
+        n_layer=2,
+        n_head=2,
+        vocab_size=VOCAB,
+        n_positions=16,
+        bos_token_id=0,
+        eos_token_id=0,
+        tie_word_embeddings=tie,
+    )
     return transformers.GPT2LMHeadModel(config)
 
 
 def bert() -> nn.Module:
-    return transformers.BertModel(transformers.BertConfig(
-        hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, vocab_size=VOCAB,
-        max_position_embeddings=16))
+    return transformers.BertModel(
+        transformers.BertConfig(
+            hidden_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=32,
+            vocab_size=VOCAB,
+            max_position_embeddings=16,
+        )
+    )
 
 
 def llama() -> nn.Module:
-    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        hidden_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, intermediate_size=32,
-        vocab_size=VOCAB, max_position_embeddings=16, tie_word_embeddings=True, bos_token_id=0, eos_token_id=0))
+    return transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            hidden_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            intermediate_size=32,
+            vocab_size=VOCAB,
+            max_position_embeddings=16,
+            tie_word_embeddings=True,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
+    )
 
 
 def t5() -> nn.Module:
-    return transformers.T5ForConditionalGeneration(transformers.T5Config(
-        d_model=16, d_ff=32, num_layers=1, num_decoder_layers=1, num_heads=2, d_kv=8, vocab_size=VOCAB,
-        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))
+    return transformers.T5ForConditionalGeneration(
+        transformers.T5Config(
+            d_model=16,
+            d_ff=32,
+            num_layers=1,
+            num_decoder_layers=1,
+            num_heads=2,
+            d_kv=8,
+            vocab_size=VOCAB,
+            decoder_start_token_id=0,
+            pad_token_id=0,
+            eos_token_id=1,
+        )
+    )
 
 
 def vit() -> nn.Module:
-    return transformers.ViTForImageClassification(transformers.ViTConfig(
-        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, image_size=8,
-        patch_size=4, num_channels=3, num_labels=3))
+    return transformers.ViTForImageClassification(
+        transformers.ViTConfig(
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+            image_size=8,
+            patch_size=4,
+            num_channels=3,
+            num_labels=3,
+        )
+    )
 
 
 def inputs_of(name: str) -> dict:
@@ -86,8 +133,12 @@ def test_hf_model_sparsify_train_fold_flops_and_csr(name, tmp_path):
     sparse, messages = sparsify_quietly(model, "st3", 0.9)
     assert any("could not trace" in m and "transformers >= 5" in m for m in messages), messages
     prunable = prunable_weight_names(model)
-    tied = {n for n, m in model.named_modules() if isinstance(m, nn.Linear) and
-            any(m.weight is e.weight for e in model.modules() if isinstance(e, nn.Embedding))}
+    tied = {
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear)
+        and any(m.weight is e.weight for e in model.modules() if isinstance(e, nn.Embedding))
+    }
     pooled = {e.fqn for e in fxsparse.pool.unique_entries(sparse)}
     assert pooled == set(prunable) - {f"{n}.weight" for n in tied}  # every linear/Conv1D, tied heads left dense
     if tied:
@@ -157,11 +208,13 @@ def test_gpt2_conv1d_is_pooled_counted_and_exported_as_its_out_in_matrix(tmp_pat
     stored = load_file(str(path))
     weight = fxsparse.fold(sparse).transformer.h[0].mlp.c_fc.weight.detach()
     key = "transformer.h.0.mlp.c_fc.weight::"
-    crow, col, values = (stored[key + part].long() if part != "values" else stored[key + part]
-                         for part in ("crow_indices", "col_indices", "values"))
+    crow, col, values = (
+        stored[key + part].long() if part != "values" else stored[key + part]
+        for part in ("crow_indices", "col_indices", "values")
+    )
     matrix = torch.zeros(64, 16)
     for row in range(64):
-        matrix[row, col[crow[row]:crow[row + 1]]] = values[crow[row]:crow[row + 1]]
+        matrix[row, col[crow[row] : crow[row + 1]]] = values[crow[row] : crow[row + 1]]
     assert torch.equal(matrix, weight.T)  # the CSR of the (out, in) matrix
 
 
@@ -199,8 +252,12 @@ def test_conv1d_sparsifies_exactly_as_the_linear_layer_it_is(method):
     for name in ("a", "b"):
         assert torch.equal(getattr(sparse_conv, name).weight, getattr(sparse_linear, name).weight.T), name
     if method == "st3":  # by hand: ST-3's rescale over the rows (output channels) of the (out, in) matrix
-        torch.testing.assert_close(sparse_conv.a.weight, st3_by_hand(conv.a.weight.T, fxsparse.get_threshold(
-            sparse_conv).tau).T, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(
+            sparse_conv.a.weight,
+            st3_by_hand(conv.a.weight.T, fxsparse.get_threshold(sparse_conv).tau).T,
+            rtol=1e-6,
+            atol=1e-7,
+        )
 
 
 def st3_by_hand(matrix: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
@@ -216,8 +273,11 @@ def st3_by_hand(matrix: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
 def test_tied_lm_head_default_is_dense_and_fold_computes_what_the_sparse_model_does():
     model = gpt2().eval()
     ids = inputs_of("gpt2")
-    with pytest.warns(UserWarning, match=r"lm_head.weight: tied to the embedding transformer.wte.*"
-                                         r"include_embedding_tied=True"):
+    with pytest.warns(
+        UserWarning,
+        match=r"lm_head.weight: tied to the embedding transformer.wte.*"
+        r"include_embedding_tied=True",
+    ):
         sparse = fxsparse.sparsify(model, "st3", 0.9, trace_model=False)
     assert not torch.nn.utils.parametrize.is_parametrized(sparse.lm_head)
     with torch.no_grad():

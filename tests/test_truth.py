@@ -18,6 +18,7 @@ weight operand of every convolution and matmul at the aten level, independently 
 Run one model's checks and see the numbers: ``python tests/test_truth.py timm/nf_resnet26-scaledstdconv``
 (no name: the whole zoo, as a table).
 """
+
 from __future__ import annotations
 
 import copy
@@ -26,7 +27,8 @@ import re
 import sys
 import time
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -34,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import fxsparse
+
 from truth import Truth, record
 from truth_zoo import ZOO, ZOO_BY_NAME
 
@@ -60,13 +63,14 @@ def check_forward(original: tuple[Truth, Truth], sparse: tuple[Truth, Truth]) ->
     ours, theirs = _signature(sparse[0]), _signature(original[0])
     if ours != theirs:
         first = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
-        problems.append(f"the sparsified model runs {len(ours)} products, the original {len(theirs)}; first "
-                        f"difference at product {first}: {ours[first] if first < len(ours) else None} vs "
-                        f"{theirs[first] if first < len(theirs) else None}")
+        problems.append(
+            f"the sparsified model runs {len(ours)} products, the original {len(theirs)}; first "
+            f"difference at product {first}: {ours[first] if first < len(ours) else None} vs "
+            f"{theirs[first] if first < len(theirs) else None}"
+        )
     for mode, a, b in (("eval", sparse[0], original[0]), ("train", sparse[1], original[1])):
         if a.random != b.random:
-            problems.append(f"{mode} forward draws random numbers {dict(a.random)}, the original's "
-                            f"{dict(b.random)}")
+            problems.append(f"{mode} forward draws random numbers {dict(a.random)}, the original's {dict(b.random)}")
     return problems
 
 
@@ -82,8 +86,10 @@ def check_flops(report: fxsparse.FlopReport, truth: Truth) -> list[str]:
         problems.append(f"total weight dense MACs: claimed {_n(dense_claim)}, true {_n(dense_fact)}")
     sparse_claim, sparse_fact = report.weight_sparse_macs, truth.weight_sparse_macs
     if sparse_claim != sparse_fact:
-        problems.append(f"total weight sparse MACs: claimed {_n(sparse_claim)} ({_share(sparse_claim, dense_claim)} of "
-                        f"dense), true {_n(sparse_fact)} ({_share(sparse_fact, dense_fact)} of dense)")
+        problems.append(
+            f"total weight sparse MACs: claimed {_n(sparse_claim)} ({_share(sparse_claim, dense_claim)} of "
+            f"dense), true {_n(sparse_fact)} ({_share(sparse_fact, dense_fact)} of dense)"
+        )
     if report.activation_macs != truth.other_macs:
         problems.append(f"total activation MACs: claimed {_n(report.activation_macs)}, true {_n(truth.other_macs)}")
     claimed: dict[str, list] = {}
@@ -102,15 +108,18 @@ def check_flops(report: fxsparse.FlopReport, truth: Truth) -> list[str]:
             problems.append(f"{rows[0].name}: a weight row of {_n(macs)} MACs, but no op multiplies this weight")
             continue
         if not rows:
-            problems.append(f"{param}: multiplied ({use.calls} op(s), {_n(use.dense_macs)} MACs, density "
-                            f"{use.densities[0]:.4f}) but no weight row")
+            problems.append(
+                f"{param}: multiplied ({use.calls} op(s), {_n(use.dense_macs)} MACs, density "
+                f"{use.densities[0]:.4f}) but no weight row"
+            )
             continue
         dense, sparse = sum(r.dense_macs for r in rows), sum(r.sparse_macs for r in rows)
         density = rows[0].density
         if dense != use.dense_macs or sparse != use.sparse_macs or abs(density - use.densities[0]) > 1e-9:
             problems.append(
                 f"{rows[0].name}: claimed dense {_n(dense)} sparse {_n(sparse)} density {density:.4f}, true dense "
-                f"{_n(use.dense_macs)} sparse {_n(use.sparse_macs)} density {use.densities[0]:.4f}")
+                f"{_n(use.dense_macs)} sparse {_n(use.sparse_macs)} density {use.densities[0]:.4f}"
+            )
     return problems
 
 
@@ -133,8 +142,10 @@ def check_pool(model: nn.Module, truth: Truth, train_truth: Truth, warned: str) 
         for param, use in recorded.by_param().items():
             operands[param] = (use.nonzeros, use.numel)
             if len(set(use.densities)) > 1:
-                problems.append(f"{param}: its {use.calls} uses multiply operands of different densities "
-                                f"{sorted(set(use.densities))}")
+                problems.append(
+                    f"{param}: its {use.calls} uses multiply operands of different densities "
+                    f"{sorted(set(use.densities))}"
+                )
     pooled: dict[str, tuple[str, int, int]] = {}
     for fqn, (nonzeros, numel) in fxsparse.layer_densities(model).items():
         param = truth.names.resolve(fqn, numel)
@@ -147,26 +158,33 @@ def check_pool(model: nn.Module, truth: Truth, train_truth: Truth, warned: str) 
             problems.append(f"{fqn} is pooled ({numel} weights) but no op multiplies it (eval or train forward)")
         elif (nonzeros, numel) != operands[param]:
             true_nz, true_numel = operands[param]
-            problems.append(f"{fqn}: layer_densities says {nonzeros}/{numel} nonzero, the operand multiplied has "
-                            f"{true_nz}/{true_numel}")
+            problems.append(
+                f"{fqn}: layer_densities says {nonzeros}/{numel} nonzero, the operand multiplied has "
+                f"{true_nz}/{true_numel}"
+            )
     multiplied = [operands[p] for p in pooled if p in operands]
     total = sum(n for _, n in multiplied)
     true_zeros = total - sum(nz for nz, _ in multiplied)
     summary = []  # listed first
     realized = fxsparse.realized_sparsity(model)
     if total and abs(realized - true_zeros / total) > 1e-9:
-        summary.append(f"realized_sparsity() = {realized:.4f}, the pooled operands multiplied are "
-                       f"{true_zeros / total:.4f} zeros")
+        summary.append(
+            f"realized_sparsity() = {realized:.4f}, the pooled operands multiplied are {true_zeros / total:.4f} zeros"
+        )
     if total and abs(true_zeros - SPARSITY * total) > 1:
-        summary.append(f"the pooled operands multiplied have {_n(true_zeros)} zeros in {_n(total)} weights "
-                       f"({true_zeros / total:.4f}), {SPARSITY} x {_n(total)} = {SPARSITY * total:,.1f} requested")
+        summary.append(
+            f"the pooled operands multiplied have {_n(true_zeros)} zeros in {_n(total)} weights "
+            f"({true_zeros / total:.4f}), {SPARSITY} x {_n(total)} = {SPARSITY * total:,.1f} requested"
+        )
     silent = [p for p in operands if p not in pooled and not _mentions(warned, truth.names.aliases_of(p))]
     if silent:
         dense = sum(operands[p][1] for p in silent)
         everything = sum(n for _, n in operands.values())
-        summary.append(f"{len(silent)} multiplied weights ({dense / everything:.1%} of all weights multiplied) "
-                       f"stay dense without a warning naming them: {', '.join(sorted(silent)[:4])}"
-                       + (", ..." if len(silent) > 4 else ""))
+        summary.append(
+            f"{len(silent)} multiplied weights ({dense / everything:.1%} of all weights multiplied) "
+            f"stay dense without a warning naming them: {', '.join(sorted(silent)[:4])}"
+            + (", ..." if len(silent) > 4 else "")
+        )
     return summary + problems
 
 
@@ -202,16 +220,19 @@ def check_fold(truth: Truth, folded: Truth, rerun: Callable[[], Any], original: 
         problems.append(f"the folded model runs {len(theirs)} weight ops, the sparsified one {len(ours)}")
     for a, b in zip(ours, theirs):
         if a.weight_shape != b.weight_shape:
-            problems.append(f"weight op {a.index} ({a.param}): shape {a.weight_shape} sparsified vs "
-                            f"{b.weight_shape} folded")
+            problems.append(
+                f"weight op {a.index} ({a.param}): shape {a.weight_shape} sparsified vs {b.weight_shape} folded"
+            )
         elif not torch.equal(a.weight == 0, b.weight == 0):
             problems.append(f"weight op {a.index} ({a.param}): {a.zeros} zeros sparsified vs {b.zeros} folded")
         elif not torch.allclose(a.weight, b.weight, rtol=1e-5, atol=1e-6):
             diff = float((a.weight - b.weight).abs().max())
             problems.append(f"weight op {a.index} ({a.param}): same zeros, values differ by up to {diff:.3g}")
     if folded.random != original.random:
-        problems.append(f"the folded model's eval forward draws random numbers {dict(folded.random)}, the "
-                        f"original's {dict(original.random)}")
+        problems.append(
+            f"the folded model's eval forward draws random numbers {dict(folded.random)}, the "
+            f"original's {dict(original.random)}"
+        )
     diff = _outputs_differ(truth.output, folded.output)
     if diff:
         again = _outputs_differ(truth.output, rerun())
@@ -295,8 +316,11 @@ def failures(problems: dict[str, list[str]]) -> str:
     lines = []
     for check, found in problems.items():
         if found:
-            lines.append(f"[{check}] " + "; ".join(found[:SHOWN]) + (f"; ... {len(found) - SHOWN} more"
-                                                                  if len(found) > SHOWN else ""))
+            lines.append(
+                f"[{check}] "
+                + "; ".join(found[:SHOWN])
+                + (f"; ... {len(found) - SHOWN} more" if len(found) > SHOWN else "")
+            )
     return "\n".join(lines)
 
 
@@ -349,8 +373,11 @@ class _TinyAttention(nn.Module):
         return x + self.mlp(self.norm(x))
 
 
-@pytest.mark.parametrize("build", [lambda: (_TinyConvNet(), torch.randn(2, 3, 12, 12)),
-                                   lambda: (_TinyAttention(), torch.randn(2, 5, 6))], ids=["convnet", "attention"])
+@pytest.mark.parametrize(
+    "build",
+    [lambda: (_TinyConvNet(), torch.randn(2, 3, 12, 12)), lambda: (_TinyAttention(), torch.randn(2, 5, 6))],
+    ids=["convnet", "attention"],
+)
 def test_tiny_model_agrees_with_the_truth(build):
     problems = audit(*build())
     assert not failures(problems), failures(problems)
@@ -381,8 +408,11 @@ def test_recorder_totals_equal_torch_flop_counter():
 
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    for model, x in ((_TinyConvNet().eval(), torch.randn(2, 3, 12, 12)), (_TinyAttention(), torch.randn(2, 5, 6)),
-                     (Sdpa(), torch.randn(2, 7, 8))):
+    for model, x in (
+        (_TinyConvNet().eval(), torch.randn(2, 3, 12, 12)),
+        (_TinyAttention(), torch.randn(2, 5, 6)),
+        (Sdpa(), torch.randn(2, 7, 8)),
+    ):
         with sdpa_kernel(SDPBackend.MATH):  # FlopCounterMode does not count the fused CPU attention op
             counter = FlopCounterMode(display=False)
             with counter, torch.no_grad():
@@ -422,8 +452,12 @@ def test_recorder_names_the_operand_each_op_multiplies():
         model.a.weight[0] = 0.0
     truth = record(model, torch.randn(2, 3, 6, 6))
     assert [(op.op, op.kind, op.param) for op in truth.ops] == [
-        ("conv2d", "weight", "conv.weight"), ("mm", "weight", "a.weight"), ("mm", "weight", "a.weight"),
-        ("bmm", "activation", None), ("mm", "constant", None)]
+        ("conv2d", "weight", "conv.weight"),
+        ("mm", "weight", "a.weight"),
+        ("mm", "weight", "a.weight"),
+        ("bmm", "activation", None),
+        ("mm", "constant", None),
+    ]
     conv, linear = truth.ops[0], truth.ops[1]
     assert conv.dense_macs == 2 * 4 * 3 * 9 * 16 and conv.nonzeros == 108
     assert linear.weight_shape == (4, 4) and linear.zeros == 4 and linear.dense_macs == 6 * 4 * 4

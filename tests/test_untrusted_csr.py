@@ -1,5 +1,6 @@
 """A CSR checkpoint is untrusted input: every malformed header or metadata field is a CsrFormatError, raised
 before anything the file declares is allocated (docs/FORMAT.md, "Reading untrusted files")."""
+
 import json
 import tracemalloc
 import zlib
@@ -12,7 +13,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from fxsparse.export import CsrFormatError, load_csr, load_csr_into_, read_csr_metadata, save_csr
 from fxsparse.train.loading import load_model
+
 from models import TinyCNN
+
 
 class _Missing:
     def __repr__(self) -> str:
@@ -49,9 +52,9 @@ def good_file(tmp_path_factory):
 def split(data: bytes) -> tuple[dict, dict, bytes]:
     """(safetensors header without __metadata__, fxsparse document, data section) of a file's bytes."""
     size = int.from_bytes(data[:8], "little")
-    table = json.loads(data[8:8 + size])
+    table = json.loads(data[8 : 8 + size])
     document = json.loads(table.pop("__metadata__")["fxsparse"])
-    return table, document, data[8 + size:]
+    return table, document, data[8 + size :]
 
 
 def join(table: dict, document, data: bytes, metadata=MISSING) -> bytes:
@@ -89,12 +92,27 @@ def field_cases():
     csr_entry = {  # conv2.weight: (16, 4, 3, 3), CSR of its (16, 36) matrix
         None: ["x", None, []],
         "layout": [MISSING, "coo", 1, "dense"],
-        "shape": [MISSING, "16x36", 16, [16, 4, 3, True], [16, -4, 3, 3], [16, 4, 3, HUGE], [16.0, 4, 3, 3],
-                  [17, 4, 3, 3]],  # (a reshape with other columns, e.g. [16, 36, 1, 2], is caught against the model)
+        "shape": [
+            MISSING,
+            "16x36",
+            16,
+            [16, 4, 3, True],
+            [16, -4, 3, 3],
+            [16, 4, 3, HUGE],
+            [16.0, 4, 3, 3],
+            [17, 4, 3, 3],
+        ],  # (a reshape with other columns, e.g. [16, 36, 1, 2], is caught against the model)
         "dtype": [MISSING, 3, "float33", "int64", "float16", True],
         "nnz": [MISSING, "9", True, -1, HUGE, Change("nnz+1", lambda n: n + 1), Change("nnz-1", lambda n: n - 1), 1.5],
-        "index_dtypes": [MISSING, "uint8", ["uint8"], ["float32", "uint8"], ["int16", "uint8"], [True, "uint8"],
-                         ["uint8", "uint8", "uint8"]],
+        "index_dtypes": [
+            MISSING,
+            "uint8",
+            ["uint8"],
+            ["float32", "uint8"],
+            ["int16", "uint8"],
+            [True, "uint8"],
+            ["uint8", "uint8", "uint8"],
+        ],
         "output_axis": [MISSING, True, -1, 2, "0", 1, HUGE],
         "groups": [MISSING, True, 0, -1, 2, HUGE, "1"],
     }
@@ -106,22 +124,34 @@ def field_cases():
         "nnz": [MISSING, -1, True, HUGE, Change("nnz-1", lambda n: n - 1), "8"],
     }
     integer_entry = {"nnz": [Change("numel-1", lambda n: n - 1)]}  # bn1.num_batches_tracked: an integer's nnz is numel
-    crc = {"conv2.weight::values": [MISSING, "1", True, -1, 2**32, HUGE, Change("other crc", lambda c: c ^ 1)],
-           "ghost::values": [123]}
+    crc = {
+        "conv2.weight::values": [MISSING, "1", True, -1, 2**32, HUGE, Change("other crc", lambda c: c ^ 1)],
+        "ghost::values": [123],
+    }
     stored = {  # the safetensors header entry of conv2.weight::values
         None: ["x", None],
         "dtype": [MISSING, "F33", 5, "F64", "I32"],
         "shape": [MISSING, [-1], [True], [2**40], "9", Change("length+1", lambda s: [s[0] + 1])],
-        "data_offsets": [MISSING, [0], Change("reversed", lambda o: [o[1], o[0]] if o[1] > o[0] else [1, 0]),
-                         [-4, 0], [0, 2**62], Change("str begin", lambda o: [str(o[0]), o[1]]),
-                         Change("end+4", lambda o: [o[0], o[1] + 4]), [True, 4],
-                         Change("float begin", lambda o: [o[0] + 0.0, o[1]])],
+        "data_offsets": [
+            MISSING,
+            [0],
+            Change("reversed", lambda o: [o[1], o[0]] if o[1] > o[0] else [1, 0]),
+            [-4, 0],
+            [0, 2**62],
+            Change("str begin", lambda o: [str(o[0]), o[1]]),
+            Change("end+4", lambda o: [o[0], o[1] + 4]),
+            [True, 4],
+            Change("float begin", lambda o: [o[0] + 0.0, o[1]]),
+        ],
     }
     for key, values in document.items():
         for value in values:
             yield f"document.{key}={value!r:.20}", ("document",), key, value
-    for where, fields in (("conv2.weight", csr_entry), ("bn1.running_mean", dense_entry),
-                          ("bn1.num_batches_tracked", integer_entry)):
+    for where, fields in (
+        ("conv2.weight", csr_entry),
+        ("bn1.running_mean", dense_entry),
+        ("bn1.num_batches_tracked", integer_entry),
+    ):
         for key, values in fields.items():
             for value in values:
                 yield f"{where}.{key}={value!r:.20}", ("document", "tensors", where), key, value
@@ -163,8 +193,9 @@ def test_the_rewriting_helper_keeps_a_good_file_good(good_file, tmp_path):
     load_csr_into_(TinyCNN(), path)
 
 
-@pytest.mark.parametrize("metadata", [None, [], {"fxsparse": 5}, {"fxsparse": "[1, 2]"}, {"fxsparse": "{"},
-                                      {"other": "x"}])
+@pytest.mark.parametrize(
+    "metadata", [None, [], {"fxsparse": 5}, {"fxsparse": "[1, 2]"}, {"fxsparse": "{"}, {"other": "x"}]
+)
 def test_malformed_metadata_container(good_file, tmp_path, metadata):
     table, document, data = split(good_file)
     path = tmp_path / "bad.safetensors"
@@ -225,14 +256,34 @@ def load_csr_from_bytes(data: bytes, tmp_path):
 # ------------------------------------------------------------------------------------------------
 def declaring(tmp_path, shape) -> str:
     """A file of under 1 KB, consistent with itself, declaring one all-zero CSR weight of ``shape``."""
-    parts = {"w::crow_indices": torch.zeros(shape[0] + 1, dtype=torch.uint8),
-             "w::col_indices": torch.zeros(0, dtype=torch.uint8), "w::values": torch.zeros(0)}
+    parts = {
+        "w::crow_indices": torch.zeros(shape[0] + 1, dtype=torch.uint8),
+        "w::col_indices": torch.zeros(0, dtype=torch.uint8),
+        "w::values": torch.zeros(0),
+    }
     document = {
-        "format": "fxsparse-csr", "format_version": 2, "fxsparse_version": "0", "torch_version": "0",
-        "architecture": None, "method": None, "target_sparsity": None, "sparsity": 1.0, "sparsity_scope": "",
-        "folded_on_export": False, "extra": {},
-        "tensors": {"w": {"layout": "csr", "shape": list(shape), "dtype": "float32", "nnz": 0,
-                          "index_dtypes": ["uint8", "uint8"], "output_axis": 0, "groups": 1}},
+        "format": "fxsparse-csr",
+        "format_version": 2,
+        "fxsparse_version": "0",
+        "torch_version": "0",
+        "architecture": None,
+        "method": None,
+        "target_sparsity": None,
+        "sparsity": 1.0,
+        "sparsity_scope": "",
+        "folded_on_export": False,
+        "extra": {},
+        "tensors": {
+            "w": {
+                "layout": "csr",
+                "shape": list(shape),
+                "dtype": "float32",
+                "nnz": 0,
+                "index_dtypes": ["uint8", "uint8"],
+                "output_axis": 0,
+                "groups": 1,
+            }
+        },
         "crc32": {key: zlib.crc32(t.numpy().tobytes()) for key, t in parts.items()},
     }
     path = tmp_path / "bomb.safetensors"
@@ -249,8 +300,13 @@ class AllocationGuard(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func.overloadpacket in (torch.ops.aten.zeros, torch.ops.aten.empty, torch.ops.aten.full,
-                                   torch.ops.aten.new_zeros, torch.ops.aten.new_empty):
+        if func.overloadpacket in (
+            torch.ops.aten.zeros,
+            torch.ops.aten.empty,
+            torch.ops.aten.full,
+            torch.ops.aten.new_zeros,
+            torch.ops.aten.new_empty,
+        ):
             size = args[1] if func.overloadpacket in (torch.ops.aten.new_zeros, torch.ops.aten.new_empty) else args[0]
             dtype = kwargs.get("dtype") or torch.get_default_dtype()
             requested = torch.Size(size).numel() * torch.empty((), dtype=dtype).element_size()

@@ -1,25 +1,61 @@
 """Coverage over the timm zoo (slow): every conv/linear weight is pooled and sparsity 0 is the identity."""
+
 import pytest
 import torch
-from aten_truth import weight_operands, zero_fraction
 from torch import nn
 
 import fxsparse
+
+from aten_truth import weight_operands, zero_fraction
 
 timm = pytest.importorskip("timm")
 
 ZOO = [
     # CNNs
-    "resnet18", "resnet50", "resnext26ts", "seresnext26d_32x4d", "densenet121", "mobilenetv2_050",
-    "mobilenetv3_small_050", "efficientnet_b0", "ghostnet_050", "regnetx_002", "dla34", "vgg11",
-    "convnext_atto", "repvgg_a0", "dpn48b", "hrnet_w18_small", "cspresnet50", "inception_v3",
-    "res2net50_14w_8s", "ese_vovnet19b_dw", "rexnet_100", "mnasnet_050", "fastvit_t8", "hgnetv2_b0",
+    "resnet18",
+    "resnet50",
+    "resnext26ts",
+    "seresnext26d_32x4d",
+    "densenet121",
+    "mobilenetv2_050",
+    "mobilenetv3_small_050",
+    "efficientnet_b0",
+    "ghostnet_050",
+    "regnetx_002",
+    "dla34",
+    "vgg11",
+    "convnext_atto",
+    "repvgg_a0",
+    "dpn48b",
+    "hrnet_w18_small",
+    "cspresnet50",
+    "inception_v3",
+    "res2net50_14w_8s",
+    "ese_vovnet19b_dw",
+    "rexnet_100",
+    "mnasnet_050",
+    "fastvit_t8",
+    "hgnetv2_b0",
     # ViTs and hybrids
-    "vit_tiny_patch16_224", "deit_tiny_patch16_224", "swin_tiny_patch4_window7_224", "pit_ti_224",
-    "levit_128s", "mobilevit_xxs", "efficientformer_l1", "poolformer_s12", "caformer_s18", "xcit_nano_12_p16_224",
-    "tiny_vit_5m_224", "edgenext_xx_small", "coat_lite_tiny", "crossvit_tiny_240", "efficientvit_b0",
+    "vit_tiny_patch16_224",
+    "deit_tiny_patch16_224",
+    "swin_tiny_patch4_window7_224",
+    "pit_ti_224",
+    "levit_128s",
+    "mobilevit_xxs",
+    "efficientformer_l1",
+    "poolformer_s12",
+    "caformer_s18",
+    "xcit_nano_12_p16_224",
+    "tiny_vit_5m_224",
+    "edgenext_xx_small",
+    "coat_lite_tiny",
+    "crossvit_tiny_240",
+    "efficientvit_b0",
     # MLP-mixers
-    "mixer_s16_224", "resmlp_12_224", "gmlp_ti16_224",
+    "mixer_s16_224",
+    "resmlp_12_224",
+    "gmlp_ti16_224",
 ]
 
 
@@ -38,7 +74,9 @@ def conv_linear_weights(model: nn.Module) -> set[str]:
 
 
 def pooled_names(model: nn.Module) -> set[str]:
-    return {p.replace("parametrizations.", "").replace(".original", "") for p in fxsparse.get_threshold(model).pool_paths}
+    return {
+        p.replace("parametrizations.", "").replace(".original", "") for p in fxsparse.get_threshold(model).pool_paths
+    }
 
 
 @pytest.mark.slow
@@ -87,8 +125,9 @@ def test_resnet50_graph_shows_the_threshold_and_the_fold_loads_into_timm():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name, extra", [("resnet18", {}), ("efficientnet_b0", {}),
-                                         ("vit_tiny_patch16_224", {"attn_drop_rate": 0.1})])
+@pytest.mark.parametrize(
+    "name, extra", [("resnet18", {}), ("efficientnet_b0", {}), ("vit_tiny_patch16_224", {"attn_drop_rate": 0.1})]
+)
 def test_train_and_eval_modes_of_timm_models_with_drop_rates(name, extra):
     """Sparsified (before the ramp: the identity) and folded, in eval: deterministic and equal to the
     original's eval output; in train: dropout and drop path active, whichever mode it was traced in."""

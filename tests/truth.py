@@ -25,13 +25,14 @@ MACs (one multiply-add = 1):
   fused attention = prod(q.shape[:-1]) * S * (E + Ev)   (q @ k^T and attn @ v).
 The sparse MACs of a weight op are nonzeros(operand) * dense / numel(operand).
 """
+
 from __future__ import annotations
 
 import dataclasses
 import math
 import re
 from collections import Counter, defaultdict
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
@@ -42,16 +43,53 @@ _aten = torch.ops.aten
 
 # fused ops that would hide weight products from the recorder (they must not run; record() disables
 # the nn.MultiheadAttention fast path, which is what produces the first two)
-_OPAQUE = {"_native_multi_head_attention", "_transformer_encoder_layer_fwd", "lstm", "gru", "rnn_tanh",
-           "rnn_relu", "mkldnn_rnn_layer", "_thnn_fused_lstm_cell", "_thnn_fused_gru_cell", "mkldnn_linear",
-           "_int_mm", "_weight_int8pack_mm", "_weight_int4pack_mm", "linear", "matmul", "einsum"}
+_OPAQUE = {
+    "_native_multi_head_attention",
+    "_transformer_encoder_layer_fwd",
+    "lstm",
+    "gru",
+    "rnn_tanh",
+    "rnn_relu",
+    "mkldnn_rnn_layer",
+    "_thnn_fused_lstm_cell",
+    "_thnn_fused_gru_cell",
+    "mkldnn_linear",
+    "_int_mm",
+    "_weight_int8pack_mm",
+    "_weight_int4pack_mm",
+    "linear",
+    "matmul",
+    "einsum",
+}
 # ops that draw random numbers: an eval forward of a model draws none (dropout and DropPath are off)
-_RANDOM = {"bernoulli", "bernoulli_", "native_dropout", "rand", "rand_like", "randn", "randn_like", "randint",
-           "randint_like", "randperm", "uniform_", "normal_", "normal", "exponential_", "multinomial", "geometric_",
-           "cauchy_", "log_normal_", "random_"}
-_FUSED_ATTENTION = {"_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
-                    "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
-                    "_scaled_dot_product_fused_attention_overrideable"}
+_RANDOM = {
+    "bernoulli",
+    "bernoulli_",
+    "native_dropout",
+    "rand",
+    "rand_like",
+    "randn",
+    "randn_like",
+    "randint",
+    "randint_like",
+    "randperm",
+    "uniform_",
+    "normal_",
+    "normal",
+    "exponential_",
+    "multinomial",
+    "geometric_",
+    "cauchy_",
+    "log_normal_",
+    "random_",
+}
+_FUSED_ATTENTION = {
+    "_scaled_dot_product_flash_attention_for_cpu",
+    "_scaled_dot_product_flash_attention",
+    "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_cudnn_attention",
+    "_scaled_dot_product_fused_attention_overrideable",
+}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -94,7 +132,7 @@ class ParamNames:
         index = self._by_alias.get(name)
         return list(self.aliases[index]) if index is not None else [name]
 
-    def resolve(self, fqn: str, numel: Optional[int] = None) -> Optional[str]:
+    def resolve(self, fqn: str, numel: int | None = None) -> str | None:
         """The canonical name of the parameter another tool calls ``fqn``: any alias, the plain or raw name
         of a parametrized tensor, or the only parameter of that numel on the module ``fqn`` names."""
         fqn = plain_name(fqn)
@@ -134,12 +172,12 @@ class MulOp:
     kind: str  # "weight", "activation" (activation x activation), "parameter" (weight x weight), "constant"
     dense_macs: int
     out_shape: tuple[int, ...]
-    weight_shape: Optional[tuple[int, ...]] = None  # the operand as multiplied (a linear's is W^T), without
+    weight_shape: tuple[int, ...] | None = None  # the operand as multiplied (a linear's is W^T), without
     # broadcast dims: an expanded weight's elements count once
     numel: int = 0
     nonzeros: int = 0
-    param: Optional[str] = None  # canonical name of the parameter the weight operand is computed from
-    weight: Optional[Tensor] = None  # a copy of the operand, when record(keep_weights=True)
+    param: str | None = None  # canonical name of the parameter the weight operand is computed from
+    weight: Tensor | None = None  # a copy of the operand, when record(keep_weights=True)
 
     @property
     def zeros(self) -> int:
@@ -199,9 +237,18 @@ class Truth:
         groups: dict[str, list[MulOp]] = defaultdict(list)
         for op in self.weight_ops:
             groups[op.param or "?"].append(op)
-        return {name: WeightUse(name, len(ops), sum(o.dense_macs for o in ops), sum(o.sparse_macs for o in ops),
-                                ops[0].numel, ops[0].nonzeros, tuple(o.density for o in ops))
-                for name, ops in groups.items()}
+        return {
+            name: WeightUse(
+                name,
+                len(ops),
+                sum(o.dense_macs for o in ops),
+                sum(o.sparse_macs for o in ops),
+                ops[0].numel,
+                ops[0].nonzeros,
+                tuple(o.density for o in ops),
+            )
+            for name, ops in groups.items()
+        }
 
     def uses(self) -> Counter:
         """How many weight ops each parameter feeds (a tied weight used twice counts 2)."""
@@ -219,7 +266,7 @@ def conv_dense_macs(x: tuple[int, ...], w: tuple[int, ...], out: tuple[int, ...]
     """N * C_out * C_in/groups * prod(kernel) * prod(out spatial); transposed: every input position."""
     batched = len(x) == len(w)
     n = x[0] if batched else 1
-    spatial = (x if transposed else out)[2 if batched else 1:]
+    spatial = (x if transposed else out)[2 if batched else 1 :]
     return n * math.prod(w) * math.prod(spatial)  # w = (C_out, C_in/groups, *k) or (C_in, C_out/groups, *k)
 
 
@@ -227,7 +274,7 @@ def _shape(t: Tensor) -> tuple[int, ...]:
     return tuple(int(s) for s in t.shape)
 
 
-def _products(func, args, out) -> Optional[tuple[str, list[Tensor], int]]:
+def _products(func, args, out) -> tuple[str, list[Tensor], int] | None:
     """(op name, the two multiplied operands, dense MACs) of a multiplying aten op; None for the rest."""
     name = func.overloadpacket.__name__
     if name in ("mm", "addmm", "_addmm_activation"):
@@ -264,7 +311,7 @@ class _Taint:
 _CONSTANT = _Taint()
 
 
-def _storage_key(t: Tensor) -> Optional[int]:
+def _storage_key(t: Tensor) -> int | None:
     try:
         key = t.untyped_storage().data_ptr()
     except (RuntimeError, NotImplementedError, TypeError):
@@ -331,8 +378,7 @@ class _Recorder(TorchDispatchMode):
         roles = [self._role(t) for t in operands]
         index = len(self.ops)
         if op == "sdpa" or roles.count("weight") != 1:
-            kind = ("parameter" if roles.count("weight") == 2 else "activation" if "activation" in roles
-                    else "constant")
+            kind = "parameter" if roles.count("weight") == 2 else "activation" if "activation" in roles else "constant"
             self.ops.append(MulOp(index, op, "activation" if op == "sdpa" else kind, dense, _shape(out)))
             return
         weight = _distinct(operands[roles.index("weight")])
@@ -340,9 +386,20 @@ class _Recorder(TorchDispatchMode):
         param = "+".join(self.names.name(i) for i in ids) if ids else None
         if len(ids) > 1:
             param = "?" + param
-        self.ops.append(MulOp(index, op, "weight", dense, _shape(out), _shape(weight), weight.numel(),
-                              int(torch.count_nonzero(weight)), param,
-                              weight.detach().clone() if self.keep_weights else None))
+        self.ops.append(
+            MulOp(
+                index,
+                op,
+                "weight",
+                dense,
+                _shape(out),
+                _shape(weight),
+                weight.numel(),
+                int(torch.count_nonzero(weight)),
+                param,
+                weight.detach().clone() if self.keep_weights else None,
+            )
+        )
 
     def _propagate(self, func, args, kwargs, inputs: list[Tensor], taints: list[_Taint], out: Any) -> None:
         """Outputs (and arguments written in place) take the union of the inputs' taints; storages an

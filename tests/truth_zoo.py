@@ -5,10 +5,12 @@ downloaded: Hugging Face models come from small configs), and an input of batch 
 norm needs more than one value per channel). Inputs are a tensor, or a dict of keyword inputs for the
 Hugging Face models.
 """
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -50,14 +52,36 @@ def _tv_vit() -> tuple[nn.Module, Any]:
     """vit_b_16's architecture (nn.MultiheadAttention blocks, conv patchify), small: 64 px, 2 layers."""
     from torchvision.models import VisionTransformer
 
-    return VisionTransformer(image_size=64, patch_size=16, num_layers=2, num_heads=2, hidden_dim=64,
-                             mlp_dim=128, dropout=0.1, attention_dropout=0.1), _image(64)
+    return VisionTransformer(
+        image_size=64,
+        patch_size=16,
+        num_layers=2,
+        num_heads=2,
+        hidden_dim=64,
+        mlp_dim=128,
+        dropout=0.1,
+        attention_dropout=0.1,
+    ), _image(64)
 
 
-_TEXT = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-             max_position_embeddings=64)
-_DECODER = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                intermediate_size=64, max_position_embeddings=64, use_cache=False)
+_TEXT = dict(
+    vocab_size=100,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=64,
+    max_position_embeddings=64,
+)
+_DECODER = dict(
+    vocab_size=100,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=64,
+    max_position_embeddings=64,
+    use_cache=False,
+)
 
 
 def _tokens(seq: int = 8) -> torch.Tensor:
@@ -80,8 +104,11 @@ def _text() -> dict[str, Any]:
 
 
 def _seq2seq() -> dict[str, Any]:
-    return {"input_ids": _tokens(), "attention_mask": torch.ones(2, 8, dtype=torch.long),
-            "decoder_input_ids": _tokens(6)}
+    return {
+        "input_ids": _tokens(),
+        "attention_mask": torch.ones(2, 8, dtype=torch.long),
+        "decoder_input_ids": _tokens(6),
+    }
 
 
 def _pixels(size: int = 64) -> Callable[[], dict[str, Any]]:
@@ -113,8 +140,10 @@ ZOO: list[ZooModel] = [
     ZooModel("timm/eca_nfnet_l0-scaledstdconv", _timm("eca_nfnet_l0")),
     ZooModel("timm/vit_small_r26_s32_224-hybrid-stdconv", _timm("vit_small_r26_s32_224", img_size=64)),
     # --- timm: ViTs and hybrids -------------------------------------------------------------------
-    ZooModel("timm/vit_tiny_patch16_224-drop_path",
-             _timm("vit_tiny_patch16_224", img_size=64, drop_rate=0.1, drop_path_rate=0.1)),
+    ZooModel(
+        "timm/vit_tiny_patch16_224-drop_path",
+        _timm("vit_tiny_patch16_224", img_size=64, drop_rate=0.1, drop_path_rate=0.1),
+    ),
     ZooModel("timm/deit_tiny_distilled_patch16_224", _timm("deit_tiny_distilled_patch16_224", img_size=64)),
     ZooModel("timm/cait_xxs24_224-talking_heads", _timm("cait_xxs24_224", img_size=64)),
     ZooModel("timm/eva02_tiny_patch14_224-rope", _timm("eva02_tiny_patch14_224", size=56, img_size=56)),
@@ -151,57 +180,224 @@ ZOO: list[ZooModel] = [
     ZooModel("tv/lraspp_mobilenet_v3_large", _tv("lraspp_mobilenet_v3_large", weights_backbone=None, num_classes=4)),
     # --- transformers, from small configs --------------------------------------------------------
     ZooModel("hf/bert", _hf("BertConfig", "BertForSequenceClassification", _text, **_TEXT)),
-    ZooModel("hf/gpt2-conv1d-tied", _hf("GPT2Config", "GPT2LMHeadModel", _text, vocab_size=100, n_positions=64,
-                                         n_embd=32, n_layer=2, n_head=2, bos_token_id=1, eos_token_id=2,
-                                         use_cache=False)),
+    ZooModel(
+        "hf/gpt2-conv1d-tied",
+        _hf(
+            "GPT2Config",
+            "GPT2LMHeadModel",
+            _text,
+            vocab_size=100,
+            n_positions=64,
+            n_embd=32,
+            n_layer=2,
+            n_head=2,
+            bos_token_id=1,
+            eos_token_id=2,
+            use_cache=False,
+        ),
+    ),
     ZooModel("hf/llama", _hf("LlamaConfig", "LlamaForCausalLM", _text, **_DECODER)),
     ZooModel("hf/llama-tied", _hf("LlamaConfig", "LlamaForCausalLM", _text, tie_word_embeddings=True, **_DECODER)),
     ZooModel("hf/mistral", _hf("MistralConfig", "MistralForCausalLM", _text, **_DECODER)),
     ZooModel("hf/qwen2-tied", _hf("Qwen2Config", "Qwen2ForCausalLM", _text, tie_word_embeddings=True, **_DECODER)),
-    ZooModel("hf/t5-tied", _hf("T5Config", "T5ForConditionalGeneration", _seq2seq, vocab_size=100, d_model=32,
-                               d_kv=16, d_ff=64, num_layers=2, num_heads=2, decoder_start_token_id=0,
-                               use_cache=False)),
-    ZooModel("hf/bart-tied", _hf("BartConfig", "BartForConditionalGeneration", _seq2seq, vocab_size=100, d_model=32,
-                                 encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
-                                 decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
-                                 max_position_embeddings=64, use_cache=False)),
-    ZooModel("hf/distilbert-tied", _hf("DistilBertConfig", "DistilBertForMaskedLM", _text, vocab_size=100, dim=32,
-                                       n_layers=2, n_heads=2, hidden_dim=64, max_position_embeddings=64)),
+    ZooModel(
+        "hf/t5-tied",
+        _hf(
+            "T5Config",
+            "T5ForConditionalGeneration",
+            _seq2seq,
+            vocab_size=100,
+            d_model=32,
+            d_kv=16,
+            d_ff=64,
+            num_layers=2,
+            num_heads=2,
+            decoder_start_token_id=0,
+            use_cache=False,
+        ),
+    ),
+    ZooModel(
+        "hf/bart-tied",
+        _hf(
+            "BartConfig",
+            "BartForConditionalGeneration",
+            _seq2seq,
+            vocab_size=100,
+            d_model=32,
+            encoder_layers=1,
+            decoder_layers=1,
+            encoder_attention_heads=2,
+            decoder_attention_heads=2,
+            encoder_ffn_dim=64,
+            decoder_ffn_dim=64,
+            max_position_embeddings=64,
+            use_cache=False,
+        ),
+    ),
+    ZooModel(
+        "hf/distilbert-tied",
+        _hf(
+            "DistilBertConfig",
+            "DistilBertForMaskedLM",
+            _text,
+            vocab_size=100,
+            dim=32,
+            n_layers=2,
+            n_heads=2,
+            hidden_dim=64,
+            max_position_embeddings=64,
+        ),
+    ),
     ZooModel("hf/roberta-tied", _hf("RobertaConfig", "RobertaForMaskedLM", _text, **_TEXT)),
     ZooModel("hf/albert-shared-layers", _hf("AlbertConfig", "AlbertForMaskedLM", _text, embedding_size=16, **_TEXT)),
     ZooModel("hf/electra", _hf("ElectraConfig", "ElectraForPreTraining", _text, embedding_size=16, **_TEXT)),
     ZooModel("hf/deberta_v2", _hf("DebertaV2Config", "DebertaV2ForSequenceClassification", _text, **_TEXT)),
-    ZooModel("hf/opt-tied", _hf("OPTConfig", "OPTForCausalLM", _text, vocab_size=100, hidden_size=32,
-                                num_hidden_layers=2, ffn_dim=64, num_attention_heads=2, max_position_embeddings=64,
-                                word_embed_proj_dim=32, use_cache=False)),
+    ZooModel(
+        "hf/opt-tied",
+        _hf(
+            "OPTConfig",
+            "OPTForCausalLM",
+            _text,
+            vocab_size=100,
+            hidden_size=32,
+            num_hidden_layers=2,
+            ffn_dim=64,
+            num_attention_heads=2,
+            max_position_embeddings=64,
+            word_embed_proj_dim=32,
+            use_cache=False,
+        ),
+    ),
     ZooModel("hf/gpt_neox", _hf("GPTNeoXConfig", "GPTNeoXForCausalLM", _text, use_cache=False, **_TEXT)),
-    ZooModel("hf/bloom", _hf("BloomConfig", "BloomForCausalLM", _text, vocab_size=100, hidden_size=32, n_layer=2,
-                             n_head=2, use_cache=False)),
-    ZooModel("hf/gpt_bigcode-mqa", _hf("GPTBigCodeConfig", "GPTBigCodeForCausalLM", _text, vocab_size=100,
-                                       n_positions=64, n_embd=32, n_layer=2, n_head=2, bos_token_id=1, eos_token_id=2,
-                                       use_cache=False)),
+    ZooModel(
+        "hf/bloom",
+        _hf(
+            "BloomConfig",
+            "BloomForCausalLM",
+            _text,
+            vocab_size=100,
+            hidden_size=32,
+            n_layer=2,
+            n_head=2,
+            use_cache=False,
+        ),
+    ),
+    ZooModel(
+        "hf/gpt_bigcode-mqa",
+        _hf(
+            "GPTBigCodeConfig",
+            "GPTBigCodeForCausalLM",
+            _text,
+            vocab_size=100,
+            n_positions=64,
+            n_embd=32,
+            n_layer=2,
+            n_head=2,
+            bos_token_id=1,
+            eos_token_id=2,
+            use_cache=False,
+        ),
+    ),
     ZooModel("hf/phi", _hf("PhiConfig", "PhiForCausalLM", _text, use_cache=False, **_TEXT)),
-    ZooModel("hf/vit", _hf("ViTConfig", "ViTForImageClassification", _pixels(), image_size=64, patch_size=16,
-                           hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)),
-    ZooModel("hf/swin", _hf("SwinConfig", "SwinForImageClassification", _pixels(), image_size=64, patch_size=4,
-                            embed_dim=16, depths=[1, 1], num_heads=[1, 2], window_size=4)),
-    ZooModel("hf/convnext", _hf("ConvNextConfig", "ConvNextForImageClassification", _pixels(),
-                                hidden_sizes=[8, 16, 32, 64], depths=[1, 1, 1, 1], drop_path_rate=0.1)),
-    ZooModel("hf/segformer", _hf("SegformerConfig", "SegformerForSemanticSegmentation", _pixels(),
-                                 num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[16, 32],
-                                 num_attention_heads=[1, 2], patch_sizes=[7, 3], strides=[4, 2], mlp_ratios=[2, 2],
-                                 decoder_hidden_size=32, num_labels=3)),
-    ZooModel("hf/wav2vec2-weight_norm", _hf(
-        "Wav2Vec2Config", "Wav2Vec2ForCTC", lambda: {"input_values": torch.randn(2, 400)}, vocab_size=20,
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, conv_dim=(16, 16),
-        conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2)),
-    ZooModel("hf/whisper-tied", _hf(
-        "WhisperConfig", "WhisperForConditionalGeneration",
-        lambda: {"input_features": torch.randn(2, 16, 32), "decoder_input_ids": _tokens(6)}, vocab_size=100,
-        d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
-        encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=16, max_source_positions=16,
-        max_target_positions=32, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1,
-        use_cache=False)),
+    ZooModel(
+        "hf/vit",
+        _hf(
+            "ViTConfig",
+            "ViTForImageClassification",
+            _pixels(),
+            image_size=64,
+            patch_size=16,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+        ),
+    ),
+    ZooModel(
+        "hf/swin",
+        _hf(
+            "SwinConfig",
+            "SwinForImageClassification",
+            _pixels(),
+            image_size=64,
+            patch_size=4,
+            embed_dim=16,
+            depths=[1, 1],
+            num_heads=[1, 2],
+            window_size=4,
+        ),
+    ),
+    ZooModel(
+        "hf/convnext",
+        _hf(
+            "ConvNextConfig",
+            "ConvNextForImageClassification",
+            _pixels(),
+            hidden_sizes=[8, 16, 32, 64],
+            depths=[1, 1, 1, 1],
+            drop_path_rate=0.1,
+        ),
+    ),
+    ZooModel(
+        "hf/segformer",
+        _hf(
+            "SegformerConfig",
+            "SegformerForSemanticSegmentation",
+            _pixels(),
+            num_encoder_blocks=2,
+            depths=[1, 1],
+            sr_ratios=[2, 1],
+            hidden_sizes=[16, 32],
+            num_attention_heads=[1, 2],
+            patch_sizes=[7, 3],
+            strides=[4, 2],
+            mlp_ratios=[2, 2],
+            decoder_hidden_size=32,
+            num_labels=3,
+        ),
+    ),
+    ZooModel(
+        "hf/wav2vec2-weight_norm",
+        _hf(
+            "Wav2Vec2Config",
+            "Wav2Vec2ForCTC",
+            lambda: {"input_values": torch.randn(2, 400)},
+            vocab_size=20,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            conv_dim=(16, 16),
+            conv_stride=(5, 2),
+            conv_kernel=(10, 3),
+            num_conv_pos_embeddings=16,
+            num_conv_pos_embedding_groups=2,
+        ),
+    ),
+    ZooModel(
+        "hf/whisper-tied",
+        _hf(
+            "WhisperConfig",
+            "WhisperForConditionalGeneration",
+            lambda: {"input_features": torch.randn(2, 16, 32), "decoder_input_ids": _tokens(6)},
+            vocab_size=100,
+            d_model=32,
+            encoder_layers=1,
+            decoder_layers=1,
+            encoder_attention_heads=2,
+            decoder_attention_heads=2,
+            encoder_ffn_dim=64,
+            decoder_ffn_dim=64,
+            num_mel_bins=16,
+            max_source_positions=16,
+            max_target_positions=32,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+            decoder_start_token_id=1,
+            use_cache=False,
+        ),
+    ),
 ]
 
 ZOO_BY_NAME = {entry.name: entry for entry in ZOO}

@@ -8,6 +8,7 @@ median over --repeats steps, and ratios are against dense. Also times sparsify()
 
     python tools/bench_step.py --model resnet50 --batch 16 --repeats 7
 """
+
 from __future__ import annotations
 
 import argparse
@@ -79,9 +80,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="CPU threads (0: torch's default). On a shared machine, 1 avoids OpenMP stalls "
-                             "that hit the many small ops of every variant")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="CPU threads (0: torch's default). On a shared machine, 1 avoids OpenMP stalls "
+        "that hit the many small ops of every variant",
+    )
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -99,7 +104,7 @@ def main(argv=None) -> dict:
     times = {name: [] for name in variants}
     names = list(variants)
     for repeat in range(args.warmup + args.repeats):
-        order = names[repeat % len(names):] + names[:repeat % len(names)]  # rotated: no variant always first
+        order = names[repeat % len(names) :] + names[: repeat % len(names)]  # rotated: no variant always first
         for name in order:  # round-robin: drifts hit every variant alike
             model = variants[name]
             seconds = timed_step(model.train(), optimizers[name], x, y, device)
@@ -111,7 +116,9 @@ def main(argv=None) -> dict:
     for name, samples in times.items():
         median = statistics.median(samples)
         rows.append([name, f"{median * 1000:.1f}", f"{min(samples) * 1000:.1f}", f"{median / dense:.3f}x"])
-    machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    machine = (
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    )
     if device.type == "cuda":
         machine = torch.cuda.get_device_name(device) + f", torch {torch.__version__}"
     print(f"{args.model}, batch {args.batch} at {args.size}px, sparsity {args.sparsity}, device {device} ({machine})")
@@ -119,7 +126,10 @@ def main(argv=None) -> dict:
     print(tabulate(rows, headers=["variant", "median ms/step", "min ms/step", "vs dense"], tablefmt="github"))
     print(f"sparsify({args.model}) (deepcopy + trace + rewrite): median {sparsify_seconds * 1000:.0f} ms over 5")
     result = {
-        "model": args.model, "batch": args.batch, "device": str(device), "machine": machine,
+        "model": args.model,
+        "batch": args.batch,
+        "device": str(device),
+        "machine": machine,
         "median_seconds": {k: statistics.median(v) for k, v in times.items()},
         "ratio_vs_dense": {k: statistics.median(v) / dense for k, v in times.items()},
         "sparsify_seconds": sparsify_seconds,

@@ -19,6 +19,7 @@ its peak RSS (/proc/self/clear_refs) and reports VmHWM minus the RSS before the 
 to mmap every allocation >= 64 KiB (MALLOC_MMAP_THRESHOLD_) so that freed blocks are not reused
 unseen; on CUDA, torch.cuda.max_memory_allocated() minus the memory allocated before the call.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -63,6 +64,7 @@ th = load_threshold()
 
 # -- pools ---------------------------------------------------------------------------------------
 
+
 def resnet50_pool() -> list[torch.Tensor]:
     import timm
 
@@ -90,6 +92,7 @@ def training_step_(pool: list[torch.Tensor], seed: int) -> None:
 
 
 # -- methods -------------------------------------------------------------------------------------
+
 
 def kthvalue_on_cat(pool: list[torch.Tensor], q: float) -> torch.Tensor:
     scores = torch.cat([th._abs_score(i, w).reshape(-1) for i, w in enumerate(pool)])
@@ -159,6 +162,7 @@ def sync(device: str) -> None:
 
 # -- peak extra memory ---------------------------------------------------------------------------
 
+
 def _status_kib(field: str) -> int:
     return int(re.search(rf"{field}:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1))
 
@@ -187,7 +191,11 @@ def peak_extra_bytes(method: str, pool, q: float, hint: float, device: str, work
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS=str(torch.get_num_threads()))
     out = subprocess.run(
         [sys.executable, __file__, "--_memory-child", method, str(pool_file), repr(q), repr(hint)],
-        env=env, capture_output=True, text=True, timeout=900)
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     if out.returncode != 0:
         print(f"  memory child for {method!r} failed:\n{out.stderr[-2000:]}", file=sys.stderr)
         return None
@@ -195,6 +203,7 @@ def peak_extra_bytes(method: str, pool, q: float, hint: float, device: str, work
 
 
 # -- benchmark -----------------------------------------------------------------------------------
+
 
 def bench_pool(label: str, pool, q: float, repeats: int, device: str, memory: bool) -> list[list]:
     pool = [w.to(device) for w in pool]
@@ -205,7 +214,7 @@ def bench_pool(label: str, pool, q: float, repeats: int, device: str, memory: bo
     times = {m: [] for m in METHODS}
     values = {}
     for r in range(repeats):
-        order = METHODS[r % len(METHODS):] + METHODS[: r % len(METHODS)]
+        order = METHODS[r % len(METHODS) :] + METHODS[: r % len(METHODS)]
         for method in order:
             sync(device)
             start = time.perf_counter()
@@ -224,20 +233,25 @@ def bench_pool(label: str, pool, q: float, repeats: int, device: str, memory: bo
     rows = []
     for method in METHODS:
         mem = extra.get(method)
-        rows.append([
-            label if method == METHODS[0] else "",
-            method,
-            f"{median[method] * 1e3:.1f}",
-            f"{min(times[method]) * 1e3:.1f}",
-            f"{median['sort-and-interpolate'] / median[method]:.1f}x",
-            f"{median['kthvalue on the cat'] / median[method]:.1f}x",
-            passes.get(method, "-"),
-            "-" if mem is None else f"{mem / 2**20:.1f}",
-            "-" if mem is None else f"{100.0 * mem / pool_bytes:.1f}%",
-            torch.equal(values[method], reference),
-        ])
-    print(f"  {label}: {len(pool)} tensors, {numel:,} weights ({pool_bytes / 2**20:.0f} MiB), q={q}, "
-          f"tau={reference.item():.9g}, hint={hint:.9g}", flush=True)
+        rows.append(
+            [
+                label if method == METHODS[0] else "",
+                method,
+                f"{median[method] * 1e3:.1f}",
+                f"{min(times[method]) * 1e3:.1f}",
+                f"{median['sort-and-interpolate'] / median[method]:.1f}x",
+                f"{median['kthvalue on the cat'] / median[method]:.1f}x",
+                passes.get(method, "-"),
+                "-" if mem is None else f"{mem / 2**20:.1f}",
+                "-" if mem is None else f"{100.0 * mem / pool_bytes:.1f}%",
+                torch.equal(values[method], reference),
+            ]
+        )
+    print(
+        f"  {label}: {len(pool)} tensors, {numel:,} weights ({pool_bytes / 2**20:.0f} MiB), q={q}, "
+        f"tau={reference.item():.9g}, hint={hint:.9g}",
+        flush=True,
+    )
     return rows
 
 
@@ -246,8 +260,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per method (median reported)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--q", type=float, default=0.9, help="quantile (the sparsity)")
-    parser.add_argument("--blocks", type=int, default=8,
-                        help="transformer blocks of the large pool (12.6M weights each)")
+    parser.add_argument(
+        "--blocks", type=int, default=8, help="transformer blocks of the large pool (12.6M weights each)"
+    )
     parser.add_argument("--quick", action="store_true", help="tiny pools, 2 repeats: a smoke run")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     parser.add_argument("--_memory-child", nargs=4, help=argparse.SUPPRESS)
@@ -261,22 +276,38 @@ def main() -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: CUDA is not available")
     load = os.getloadavg()
-    print(f"torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} intra-op threads, "
-          f"{os.cpu_count()} CPUs, load average at start {load[0]:.1f}")
+    print(
+        f"torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} intra-op threads, "
+        f"{os.cpu_count()} CPUs, load average at start {load[0]:.1f}"
+    )
     if args.quick:
         repeats = min(args.repeats, 2)
-        pools = [("small ViT-like (2 blocks, width 256)", transformer_pool(2, 256)),
-                 ("small ViT-like (4 blocks, width 256)", transformer_pool(4, 256, seed=1))]
+        pools = [
+            ("small ViT-like (2 blocks, width 256)", transformer_pool(2, 256)),
+            ("small ViT-like (4 blocks, width 256)", transformer_pool(4, 256, seed=1)),
+        ]
     else:
         repeats = args.repeats
-        pools = [("timm resnet50", resnet50_pool()),
-                 (f"ViT-L-like, {args.blocks} blocks", transformer_pool(args.blocks, 1024))]
+        pools = [
+            ("timm resnet50", resnet50_pool()),
+            (f"ViT-L-like, {args.blocks} blocks", transformer_pool(args.blocks, 1024)),
+        ]
     rows = []
     for label, pool in pools:
         rows += bench_pool(label, pool, args.q, repeats, args.device, not args.no_memory)
         del pool
-    headers = ["pool", "method", "median ms", "min ms", "vs sort", "vs kthvalue", "passes",
-               "peak extra MiB", "of pool", "identical"]
+    headers = [
+        "pool",
+        "method",
+        "median ms",
+        "min ms",
+        "vs sort",
+        "vs kthvalue",
+        "passes",
+        "peak extra MiB",
+        "of pool",
+        "identical",
+    ]
     print()
     print(tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True))
     load = os.getloadavg()
@@ -286,8 +317,7 @@ def main() -> None:
         method = "torch.cuda.max_memory_allocated() growth during one call."
     else:
         method = "VmHWM - VmRSS of one call in a fresh process (clear_refs reset, MALLOC_MMAP_THRESHOLD_=65536)."
-    print(f"\nmedian of {repeats} interleaved repeats; load average at end {load[0]:.1f}. "
-          f"Peak extra memory: {method}")
+    print(f"\nmedian of {repeats} interleaved repeats; load average at end {load[0]:.1f}. Peak extra memory: {method}")
 
 
 if __name__ == "__main__":

@@ -15,8 +15,11 @@ import tempfile
 from pathlib import Path
 
 CHECKOUT = Path(__file__).resolve().parent.parent
-SHIPPED_CONFIGS = {"st3_cifar": 'method = "st3"', "feather_cifar": 'method = "feather"',
-                   "fashion_mnist_cpu": 'dataset = "fashion-mnist"'}
+SHIPPED_CONFIGS = {
+    "st3_cifar": 'method = "st3"',
+    "feather_cifar": 'method = "feather"',
+    "fashion_mnist_cpu": 'dataset = "fashion-mnist"',
+}
 
 
 def check(condition: bool, message: str) -> None:
@@ -40,8 +43,9 @@ def main() -> int:
     print(f"smoke test: fxsparse {fxsparse.__version__} from {where.parent}, torch {torch.__version__}")
 
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3), torch.nn.ReLU(), torch.nn.Flatten(),
-                                torch.nn.Linear(8 * 6 * 6, 3))
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 8, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(8 * 6 * 6, 3)
+    )
     sparse = fxsparse.sparsify(model, method="st3sigma", sparsity=0.75, schedule=fxsparse.Constant())
     sparse(torch.randn(2, 1, 8, 8)).sum().backward()
     dense = fxsparse.fold(sparse)

@@ -1,5 +1,6 @@
 """What the Lightning and Hugging Face callbacks share: the sparsify options, the paper ramp placed from the
 trainer's own step count, and the values they log."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -69,7 +70,9 @@ class SparsifyOptions:
     def method_name(self) -> str:
         return get_method(self.method).name
 
-    def sparsify_(self, model: nn.Module, ramp: PaperRamp | None = None, *, trace_model: bool = True) -> PaperRamp | None:
+    def sparsify_(
+        self, model: nn.Module, ramp: PaperRamp | None = None, *, trace_model: bool = True
+    ) -> PaperRamp | None:
         """Sparsify ``model`` in place; returns the ramp to place when the schedule is "paper" (a new one, or
         ``ramp``, already placed, for a second model trained in the same run). ``trace_model=False`` skips
         the torch.fx attempt (transformers >= 5 models cannot be traced: their weights are found by walking)."""
@@ -78,8 +81,15 @@ class SparsifyOptions:
         else:
             ramp = None
         schedule = ramp if ramp is not None else self.schedule
-        sparsify_(model, self.method, self.sparsity, schedule, exclude=self.exclude, min_numel=self.min_numel,
-                  trace_model=trace_model)
+        sparsify_(
+            model,
+            self.method,
+            self.sparsity,
+            schedule,
+            exclude=self.exclude,
+            min_numel=self.min_numel,
+            trace_model=trace_model,
+        )
         return ramp
 
     def identity(self) -> dict[str, Any]:

@@ -18,6 +18,7 @@ Order of events in ``Trainer.fit`` and what the callback does at each:
                       the method and sparsity, and a resume with other ones is refused;
   on_fit_end          fold (``fxsparse.fold_``): plain weights, the original state_dict keys.
 """
+
 from __future__ import annotations
 
 import copy
@@ -153,7 +154,8 @@ class SparsifyCallback(pl.Callback):
             fold_(pl_module)
             self._module = None
             self._fold_on_load = pl_module.register_load_state_dict_pre_hook(
-                FoldSparseCheckpoints(self.options, self._ramp))
+                FoldSparseCheckpoints(self.options, self._ramp)
+            )
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._remove_hooks()

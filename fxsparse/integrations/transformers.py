@@ -19,6 +19,7 @@ Order of events (transformers 5) and what the callback does at each:
   on_train_end                          fold (``fxsparse.fold_``), after load_best_model_at_end.
 Checkpoints: the model's state_dict (model.safetensors) holds the schedule step, tau and masks.
 """
+
 from __future__ import annotations
 
 import weakref

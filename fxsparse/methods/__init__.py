@@ -1,4 +1,5 @@
 """Sparse training methods; importing this package fills the registry (one import line per method)."""
+
 from .base import METHODS, Method, get_method, register_method
 from .baselines import Gmp, Ste
 from .feather import Feather

@@ -7,15 +7,17 @@ A method says three things about one weight tensor w given the global threshold 
 effective() is only called with tau > 0: before the ramp (tau <= 0, "prune nothing") the
 parametrization returns w itself, decided on the host without touching the weights.
 """
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, ClassVar
+from collections.abc import Callable
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
-METHODS: dict[str, type["Method"]] = {}
+METHODS: dict[str, type[Method]] = {}
 
 
 def register_method(name: str) -> Callable[[type], type]:
@@ -31,7 +33,7 @@ def register_method(name: str) -> Callable[[type], type]:
     return decorate
 
 
-def get_method(method: "str | Method") -> "Method":
+def get_method(method: str | Method) -> Method:
     """Resolve a method name or instance; unknown names list what is available."""
     if isinstance(method, Method):
         return method
@@ -45,7 +47,7 @@ class _SparseWeightFunction(torch.autograd.Function):
     """Forward: method.effective(w, tau). Backward: dL/dw = dL/dw_eff * method.gradient_scale(w, tau)."""
 
     @staticmethod
-    def forward(ctx, weight: Tensor, tau: Tensor, method: "Method") -> Tensor:
+    def forward(ctx, weight: Tensor, tau: Tensor, method: Method) -> Tensor:
         ctx.method = method
         if method.scales_gradient:
             ctx.save_for_backward(weight, tau)
@@ -96,13 +98,12 @@ class Method:
         """dL/dw from dL/dw_eff; only called when ``scales_gradient``."""
         return grad
 
-    def resolve(self, final_sparsity: float) -> "Method":
+    def resolve(self, final_sparsity: float) -> Method:
         """Fill in settings that depend on the run (e.g. Feather's theta); default: unchanged."""
         return self
 
     def apply(self, weight: Tensor, tau: Tensor) -> Tensor:
         return _SparseWeightFunction.apply(weight, tau, self)
-
 
 
 def magnitude_threshold(tau: Tensor, scale: float) -> Tensor:

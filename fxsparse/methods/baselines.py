@@ -3,6 +3,7 @@
 gmp: gradual magnitude pruning (Zhu & Gupta, arXiv:1710.01878): w_eff = w * m, pruned weights get no gradient.
 ste: hard-threshold straight-through estimator: w_eff = w * m, identity gradient to every weight.
 """
+
 from __future__ import annotations
 
 import dataclasses

@@ -4,10 +4,10 @@ Forward (METHODS.md sec. 2, p = 3): w_eff = sign(w) (|w|^p - T^p)^(1/p) where |w
 computed in fp32 outside autograd. Backward: dL/dw = dL/dw_eff * (1 where |w| > T, theta elsewhere),
 theta = 0.5 when the final sparsity exceeds 0.95, else 1 (then the backward is the plain identity).
 """
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -20,10 +20,10 @@ from .base import Method, register_method
 class Feather(Method):
     """Feather's p-norm thresholding with a theta-scaled straight-through gradient."""
 
-    theta: Optional[float] = None  # None: the paper's rule, resolved from the final sparsity
+    theta: float | None = None  # None: the paper's rule, resolved from the final sparsity
     p: float = 3.0
 
-    def resolve(self, final_sparsity: float) -> "Feather":
+    def resolve(self, final_sparsity: float) -> Feather:
         if self.theta is not None:
             return self
         return dataclasses.replace(self, theta=0.5 if final_sparsity > 0.95 else 1.0)

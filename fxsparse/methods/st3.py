@@ -6,6 +6,7 @@ r_c = (mean_j |w_cj| m_cj + 1e-6) / (mean_j |w_cj| + 1e-6). Backward: plain stra
 ST-3-sigma ranks |w| sqrt(S_l), S_l the sum of the weight's shape dims, and thresholds layer l at
 tau / sqrt(S_l) on raw |w| (made exact: see Method.layer_threshold).
 """
+
 from __future__ import annotations
 
 import dataclasses

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -72,14 +73,14 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
-def save_checkpoint(path: Union[str, os.PathLike], state: Mapping[str, Any]) -> None:
+def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any]) -> None:
     """torch.save through fxsparse.atomic.atomic_write: never half a checkpoint."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda tmp: torch.save(dict(state), tmp))
 
 
-def load_torch_file(path: Union[str, os.PathLike]) -> Any:
+def load_torch_file(path: str | os.PathLike) -> Any:
     """torch.load(weights_only=True) onto the CPU; an unreadable file is one line of CheckpointError."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -96,7 +97,7 @@ def is_training_checkpoint(obj: Any) -> bool:
     return isinstance(obj, Mapping) and isinstance(obj.get("config"), Mapping) and isinstance(obj.get("model"), Mapping)
 
 
-def read_checkpoint(path: Union[str, os.PathLike]) -> dict[str, Any]:
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """A `fxsparse train` checkpoint, checked for everything --resume and export use."""
     saved = load_torch_file(path)
     if not isinstance(saved, Mapping) or not isinstance(saved.get("config"), Mapping):

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -40,7 +40,7 @@ def _float_list(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected numbers separated by commas, e.g. 80,120; got {text!r}") from None
 
 
-def _optional_int(text: str) -> Optional[int]:
+def _optional_int(text: str) -> int | None:
     return None if text.lower() in ("none", "auto", "") else int(text)
 
 
@@ -343,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Run a subcommand; bad input is one line on stderr and exit code 2."""
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -357,7 +357,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
 
 
-def tool_main(command: str, argv: Optional[Sequence[str]] = None) -> int:
+def tool_main(command: str, argv: Sequence[str] | None = None) -> int:
     """tools/export.py and tools/flops.py: ``fxsparse COMMAND`` with the script's arguments."""
     return main([command, *(sys.argv[1:] if argv is None else argv)])
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import typing
+from collections.abc import Mapping, Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any
 
 import torch
 
@@ -36,15 +37,15 @@ class TrainConfig:
     sparsity: float = 0.9
     # data
     dataset: str = "fashion-mnist"  # fashion-mnist, cifar10, cifar100, imagefolder, synthetic
-    data_dir: Optional[str] = None
+    data_dir: str | None = None
     download: bool = True
     val_size: int = 5000
     split_seed: int = 0
     augment: bool = True
     image_size: int = 224  # imagefolder only
     num_workers: int = 4  # imagefolder only
-    limit_train: Optional[int] = None  # first N training examples only (smoke runs)
-    limit_eval: Optional[int] = None  # first N val/test examples only (smoke runs)
+    limit_train: int | None = None  # first N training examples only (smoke runs)
+    limit_eval: int | None = None  # first N val/test examples only (smoke runs)
     # recipe
     epochs: int = 20  # main phase (the sparsity ramp is placed inside it)
     finetune_epochs: int = 0  # fixed-mask fine-tune after the main phase (ST-3's recipe: 10)
@@ -60,19 +61,19 @@ class TrainConfig:
     warmup_epochs: float = 0.0
     label_smoothing: float = 0.0
     clip_grad_norm: float = 3.0  # 0 disables
-    ramp_begin: Optional[float] = None  # epoch where the cubic ramp starts; None: as in the method's paper
-    ramp_end: Optional[float] = None  # epoch where it reaches the final sparsity; None: as in the paper
+    ramp_begin: float | None = None  # epoch where the cubic ramp starts; None: as in the method's paper
+    ramp_end: float | None = None  # epoch where it reaches the final sparsity; None: as in the paper
     # run
     seed: int = 0
     device: str = "auto"  # auto (cuda when present), cpu, cuda, cuda:1, mps
-    threads: Optional[int] = None  # torch CPU threads; None: the free CPUs this process may use
-    sname: Optional[str] = None  # run name; outputs go to <runs_dir>/<sname>
+    threads: int | None = None  # torch CPU threads; None: the free CPUs this process may use
+    sname: str | None = None  # run name; outputs go to <runs_dir>/<sname>
     runs_dir: str = "runs"
     resume: bool = False
     overwrite: bool = False
     tensorboard: bool = False
     log_every: int = 50  # steps between TensorBoard points
-    progress: Optional[bool] = None  # progress bars; None: when stderr is a terminal
+    progress: bool | None = None  # progress bars; None: when stderr is a terminal
     export: bool = True  # write the CSR checkpoint and the FLOP report at the end
 
     def __post_init__(self) -> None:
@@ -245,7 +246,7 @@ def checked_settings(values: Mapping[str, Any], source: str) -> dict[str, Any]:
     return checked
 
 
-def resolve_config(config_name: Optional[str], overrides: Mapping[str, Any]) -> TrainConfig:
+def resolve_config(config_name: str | None, overrides: Mapping[str, Any]) -> TrainConfig:
     """TrainConfig from the defaults, then the config file (if any), then ``overrides`` (the command line)."""
     values: dict[str, Any] = {}
     if config_name:

@@ -18,8 +18,8 @@ import gzip
 import math
 import struct
 import zlib
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -73,7 +73,7 @@ def _read_bytes(path: Path) -> bytes:
         ) from error
 
 
-def read_idx(path: Union[str, Path]) -> Tensor:
+def read_idx(path: str | Path) -> Tensor:
     """Read one IDX file (optionally .gz) into a tensor, checking magic, shape and length."""
     path = Path(path)
     raw = _read_bytes(path)
@@ -94,7 +94,7 @@ def read_idx(path: Union[str, Path]) -> Tensor:
     return tensor.reshape(shape)
 
 
-def write_idx(path: Union[str, Path], tensor: Tensor) -> None:
+def write_idx(path: str | Path, tensor: Tensor) -> None:
     """Write a uint8 tensor as an IDX file (gzip when the name ends in .gz); for tests and tools."""
     path = Path(path)
     tensor = tensor.to(torch.uint8).contiguous()
@@ -106,7 +106,7 @@ def write_idx(path: Union[str, Path], tensor: Tensor) -> None:
         handle.write(payload)
 
 
-def _find_idx(directory: Path, stem: str) -> Optional[Path]:
+def _find_idx(directory: Path, stem: str) -> Path | None:
     for candidate in (
         directory / f"{stem}.gz",
         directory / stem,
@@ -123,7 +123,7 @@ def check_labelled_images(
     labels: Tensor,
     *,
     name: str,
-    count: Optional[int],
+    count: int | None,
     height: int,
     width: int,
     num_classes: int,
@@ -150,7 +150,7 @@ def check_labelled_images(
             )
 
 
-def _fashion_mnist_dirs(data_dir: Optional[Union[str, Path]]) -> list[Path]:
+def _fashion_mnist_dirs(data_dir: str | Path | None) -> list[Path]:
     dirs = []
     if data_dir is not None:
         dirs += [Path(data_dir), Path(data_dir) / "fashion-mnist"]
@@ -159,7 +159,7 @@ def _fashion_mnist_dirs(data_dir: Optional[Union[str, Path]]) -> list[Path]:
 
 
 def load_fashion_mnist(
-    data_dir: Optional[Union[str, Path]] = None, download: bool = True, expected: tuple[int, int] = (60_000, 10_000)
+    data_dir: str | Path | None = None, download: bool = True, expected: tuple[int, int] = (60_000, 10_000)
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(train_images, train_labels, test_images, test_labels) as uint8 (N, 28, 28) / int64 (N,), checked.
 
@@ -168,7 +168,7 @@ def load_fashion_mnist(
     torchvision's downloader into ``data_dir`` (default ./data).
     """
     searched = _fashion_mnist_dirs(data_dir)
-    found: Optional[dict[str, Path]] = None
+    found: dict[str, Path] | None = None
     for directory in searched:
         paths = {key: _find_idx(directory, stem) for key, stem in FASHION_MNIST_FILES.items()}
         if all(paths.values()):
@@ -238,7 +238,7 @@ class TensorSplit:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
-    def subset(self, index: Tensor) -> "TensorSplit":
+    def subset(self, index: Tensor) -> TensorSplit:
         return TensorSplit(self.images[index], self.labels[index])
 
 
@@ -327,7 +327,7 @@ def _synthetic(count: int, seed: int, num_classes: int = 4, size: int = 12) -> T
 
 def load_data(
     name: str = "fashion-mnist",
-    data_dir: Optional[str] = None,
+    data_dir: str | None = None,
     *,
     val_size: int = 5000,
     split_seed: int = 0,
@@ -367,9 +367,7 @@ def load_data(
     raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)} (imagefolder needs --data-dir)")
 
 
-def _load_cifar(
-    name: str, data_dir: Optional[str], val_size: int, split_seed: int, download: bool, augment: bool
-) -> Data:
+def _load_cifar(name: str, data_dir: str | None, val_size: int, split_seed: int, download: bool, augment: bool) -> Data:
     from torchvision import datasets
 
     root = data_dir or "data"
@@ -401,7 +399,7 @@ def _load_cifar(
     )
 
 
-def _load_imagefolder(data_dir: Optional[str], val_size: int, split_seed: int, image_size: int, augment: bool) -> Data:
+def _load_imagefolder(data_dir: str | None, val_size: int, split_seed: int, image_size: int, augment: bool) -> Data:
     from torch.utils.data import Subset
     from torchvision import datasets, transforms
 
@@ -472,8 +470,8 @@ class TensorLoader:
         *,
         train: bool,
         seed: int = 0,
-        device: Union[str, torch.device] = "cpu",
-        drop_last: Optional[bool] = None,
+        device: str | torch.device = "cpu",
+        drop_last: bool | None = None,
     ):
         self.device = torch.device(device)
         self.images = split.images.to(self.device)
@@ -537,7 +535,7 @@ class DatasetLoader:
         train: bool,
         seed: int = 0,
         num_workers: int = 4,
-        device: Union[str, torch.device] = "cpu",
+        device: str | torch.device = "cpu",
     ):
         self.dataset, self.batch_size, self.train, self.seed = dataset, batch_size, train, seed
         self.num_workers = num_workers
@@ -574,9 +572,9 @@ def make_loader(
     batch_size: int,
     *,
     seed: int = 0,
-    device: Union[str, torch.device] = "cpu",
+    device: str | torch.device = "cpu",
     num_workers: int = 4,
-    limit: Optional[int] = None,
+    limit: int | None = None,
 ):
     """A loader over data.train / data.val / data.test (``limit``: only the first N examples, for smoke runs)."""
     dataset = getattr(data, split)

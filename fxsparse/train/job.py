@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -67,7 +67,7 @@ class Training:
         return len(self.loaders["train"])
 
 
-def run(config: TrainConfig, *, stop_after: Optional[int] = None, data: Optional[Data] = None) -> dict[str, Any]:
+def run(config: TrainConfig, *, stop_after: int | None = None, data: Data | None = None) -> dict[str, Any]:
     """Train, evaluate, fold, export; return the summary (also written to <run_dir>/summary.json).
 
     ``stop_after``: stop after this many epochs in total, as if interrupted (for tests of --resume).
@@ -90,7 +90,7 @@ def run(config: TrainConfig, *, stop_after: Optional[int] = None, data: Optional
 # ---------------------------------------------------------------------------------------------------
 # The steps
 # ---------------------------------------------------------------------------------------------------
-def check_run_dir(config: TrainConfig) -> Optional[dict[str, Any]]:
+def check_run_dir(config: TrainConfig) -> dict[str, Any] | None:
     """Refuse to start over a finished or interrupted run (unless --overwrite); with --resume, read its checkpoint."""
     if config.tensorboard:
         require_tensorboard()
@@ -115,7 +115,7 @@ def check_run_dir(config: TrainConfig) -> Optional[dict[str, Any]]:
     return None
 
 
-def build_training(config: TrainConfig, data: Optional[Data], saved: Optional[dict[str, Any]]) -> Training:
+def build_training(config: TrainConfig, data: Data | None, saved: dict[str, Any] | None) -> Training:
     """Device, threads, data, model, optimizer and lr scheduler, as the config says."""
     device = resolve_device(config.device)
     threads = config.threads
@@ -193,7 +193,7 @@ def restore(training: Training, saved: dict[str, Any]) -> None:
     log(f"resumed {path} after epoch {training.epoch}/{training.config.total_epochs}")
 
 
-def examples(data: Data, split: str, limit: Optional[int]) -> int:
+def examples(data: Data, split: str, limit: int | None) -> int:
     """How many examples of ``split`` the run uses (--limit-train / --limit-eval)."""
     size = len(getattr(data, split))
     return size if limit is None else min(size, limit)
@@ -268,7 +268,7 @@ def train_epochs(training: Training, end_epoch: int) -> None:
             board.close()
 
 
-def train_epoch(training: Training, epoch: int, board: Optional[TensorBoardLogger]) -> dict[str, Any]:
+def train_epoch(training: Training, epoch: int, board: TensorBoardLogger | None) -> dict[str, Any]:
     """Train one epoch and validate; the epoch's record is appended to the history and returned."""
     config, model = training.config, training.model
     tick = time.perf_counter()

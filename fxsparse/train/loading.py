@@ -15,7 +15,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from typing import Any, Mapping, Optional, Union
+from collections.abc import Mapping
+from typing import Any, Union
 
 from torch import Tensor, nn
 
@@ -37,20 +38,20 @@ PathLike = Union[str, "os.PathLike[str]"]
 class LoadedModel:
     model: nn.Module  # a plain (folded) model in eval mode
     name: str  # what it was built from: a built-in, timm or "package.module:callable" name
-    method: Optional[str]  # the sparse-training method, when the checkpoint was sparsified
+    method: str | None  # the sparse-training method, when the checkpoint was sparsified
     input_size: tuple[int, ...]  # one input without the batch dimension
     notes: list[str] = dataclasses.field(default_factory=list)  # what the user should know (mid-ramp, fresh weights)
     metadata: dict[str, Any] = dataclasses.field(default_factory=dict)  # facts for the CSR checkpoint's metadata
 
 
 def load_model(
-    name: Optional[str] = None,
-    checkpoint: Optional[PathLike] = None,
+    name: str | None = None,
+    checkpoint: PathLike | None = None,
     *,
-    method: Optional[str] = None,
-    sparsity: Optional[float] = None,
-    num_classes: Optional[int] = None,
-    width: Optional[float] = None,
+    method: str | None = None,
+    sparsity: float | None = None,
+    num_classes: int | None = None,
+    width: float | None = None,
 ) -> LoadedModel:
     """The plain model ``checkpoint`` holds (see the module docstring); without one, ``name`` freshly built."""
     if checkpoint is None:
@@ -108,11 +109,11 @@ def load_model(
 
 def _load_run(
     source: str,
-    name: Optional[str],
-    method: Optional[str],
-    sparsity: Optional[float],
-    num_classes: Optional[int],
-    width: Optional[float],
+    name: str | None,
+    method: str | None,
+    sparsity: float | None,
+    num_classes: int | None,
+    width: float | None,
 ) -> LoadedModel:
     """The model of a `fxsparse train` run, at the step its checkpoint was written."""
     saved = read_checkpoint(source)

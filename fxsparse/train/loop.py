@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +35,7 @@ def train_one_epoch(
     label_smoothing: float = 0.0,
     progress: bool = False,
     desc: str = "train",
-    on_step: Optional[Callable[[Tensor, Tensor, Tensor], None]] = None,
+    on_step: Callable[[Tensor, Tensor, Tensor], None] | None = None,
 ) -> dict[str, float]:
     """One pass over ``loader``: forward, loss, backward, clip, optimizer step, lr step, schedule step."""
     from tqdm import tqdm

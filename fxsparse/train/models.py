@@ -13,7 +13,7 @@ between global magnitude ranking (st3) and ST-3-sigma's scaled ranking visible.
 from __future__ import annotations
 
 import importlib
-from typing import Any, Optional
+from typing import Any
 
 from torch import Tensor, nn
 
@@ -98,7 +98,7 @@ class SmallCNN(nn.Module):
 
 
 def build_model(
-    name: str, num_classes: Optional[int] = None, in_channels: Optional[int] = None, width: float = 1.0
+    name: str, num_classes: int | None = None, in_channels: int | None = None, width: float = 1.0
 ) -> nn.Module:
     """The model of every command (train, export, flops), with random weights.
 
@@ -146,7 +146,7 @@ def _from_callable(spec: str, kwargs: dict) -> nn.Module:
     return model
 
 
-def default_input_size(name: str, model: nn.Module, in_channels: Optional[int] = None) -> tuple[int, ...]:
+def default_input_size(name: str, model: nn.Module, in_channels: int | None = None) -> tuple[int, ...]:
     """One input without the batch dimension: the built-ins' data, timm's pretrained_cfg, else 3x224x224."""
     key = name.lower()
     if key in INPUT_SIZES:

@@ -12,7 +12,7 @@ import dataclasses
 import math
 import os
 import random
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -53,7 +53,7 @@ def default_threads() -> int:
     return max(1, min(cpus, round(cpus - busy)))
 
 
-def set_threads(threads: Optional[int] = None) -> int:
+def set_threads(threads: int | None = None) -> int:
     """Use ``threads`` torch CPU threads (default: default_threads()); returns the number set."""
     threads = default_threads() if threads is None else max(1, int(threads))
     torch.set_num_threads(threads)

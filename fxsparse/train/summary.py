@@ -22,7 +22,7 @@ if TYPE_CHECKING:  # a type only: job.py imports this module
     from .job import Training
 
 
-def finish(training: "Training") -> dict[str, Any]:
+def finish(training: Training) -> dict[str, Any]:
     """Fold, evaluate on the test set, measure the folded model, write summary.json and print the summary table."""
     config, model, run_dir = training.config, training.model, training.config.run_dir
     sparse = is_sparsified(model)
@@ -56,7 +56,7 @@ def finish(training: "Training") -> dict[str, Any]:
     return summary
 
 
-def measure_folded_model(folded: nn.Module, training: "Training") -> dict[str, Any]:
+def measure_folded_model(folded: nn.Module, training: Training) -> dict[str, Any]:
     """Figures of the folded model, each written next to the run and returned as summary keys.
 
     The one place for them: a new figure (a measured inference speed-up, say) is computed here, as keys of
