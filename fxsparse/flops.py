@@ -1,4 +1,4 @@
-"""Per-layer dense and sparse MACs of a model, from its torch.fx graph with real shapes (METHODS.md sec. 4).
+"""Per-layer dense and sparse MACs of a model, from its torch.fx graph with real shapes (docs/METHODS.md sec. 4).
 
 Conventions (the papers'; printed with every report):
   * one multiply-add = 1 MAC; FLOPs = 2 x MACs; counted for the whole ``example_input`` (batch included).

@@ -7,7 +7,7 @@ transform (timm's StdConv2d) leaves the standardized sparse weight under the lay
 folded graph reads as it is (docs/GRAPH_PASS.md: where such a state_dict loads); a torch parametrization
 (weight_norm, spectral_norm) is removed with it, leaving a plain parameter (a new one when the chain had
 several originals). The graph keeps its nodes that read modules' train/eval flags.
-Also ST-3's "fix" step (METHODS.md sec. 1): w <- w_eff, then a frozen mask for the fine-tune phase.
+Also ST-3's "fix" step (docs/METHODS.md sec. 1): w <- w_eff, then a frozen mask for the fine-tune phase.
 """
 
 from __future__ import annotations

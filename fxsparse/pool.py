@@ -11,6 +11,7 @@ from torch.nn.utils import parametrize
 
 from .fqn import join
 from .global_threshold import GlobalThreshold
+from .layers import prunable_weights
 from .parametrization import SparseWeight, chain_originals
 
 THRESHOLD_NAME = "fxsparse_threshold"
@@ -119,26 +120,48 @@ def tau_is_stale(model: nn.Module) -> bool:
 
 def dense_layers(model: nn.Module) -> dict[str, int]:
     """fqn -> numel of the weights sparsify() had to leave dense (each named in a warning when it did):
-    every report counts them, with no zeros."""
+    every report counts them as they are, not sparsified."""
     result = getattr(get_threshold(model), "pass_result", None)
     return {layer.fqn: layer.numel for layer in result.dense} if result is not None else {}
 
 
+def _nonzeros(model: nn.Module, fqn: str, numel: int) -> int:
+    """Nonzeros of the tensor ``fqn`` of ``model`` as it is; ``numel`` when the name is not a tensor of the
+    model (a weight computed inside the forward)."""
+    module_fqn, _, name = fqn.rpartition(".")
+    try:
+        value = getattr(model.get_submodule(module_fqn), name)
+    except AttributeError:
+        return numel
+    return int(torch.count_nonzero(value)) if isinstance(value, Tensor) and value.numel() == numel else numel
+
+
 @torch.no_grad()
 def layer_densities(model: nn.Module) -> dict[str, tuple[int, int]]:
-    """fqn -> (nonzeros, numel) of each pooled weight as the forward sees it (effective weight), and of
-    each weight that could not be sparsified (`dense_layers`, counted as all nonzero)."""
+    """fqn -> (nonzeros, numel) of each pooled weight as the next forward sees it (effective weight, tau
+    brought up to date first), and of each weight that could not be sparsified (`dense_layers`: its own
+    zeros, such as an embedding's padding row, and nothing more). For a plain (e.g. folded) model: every
+    prunable weight (fxsparse.layers) as it is."""
+    if not is_sparsified(model):
+        weights = {
+            join(prefix, name): getattr(module, name)
+            for prefix, module in model.named_modules()
+            for name in prunable_weights(module)
+        }
+        return {fqn: (int(torch.count_nonzero(w)), w.numel()) for fqn, w in weights.items() if isinstance(w, Tensor)}
+    refresh_threshold_(model)
     out = {}
     for entry in unique_entries(model):
         weight: Tensor = getattr(entry.module, entry.name)
         out[entry.fqn] = (int(torch.count_nonzero(weight)), weight.numel())
     for fqn, numel in dense_layers(model).items():
-        out[fqn] = (numel, numel)
+        out[fqn] = (_nonzeros(model, fqn, numel), numel)
     return out
 
 
 def realized_sparsity(model: nn.Module) -> float:
-    """Fraction of exact zeros over the pool, in the effective weights (and the `dense_layers`, no zeros)."""
+    """Fraction of exact zeros over the pooled weights as the next forward multiplies them, and over the
+    weights left dense (`dense_layers`, with their own zeros)."""
     counts = layer_densities(model).values()
     total = sum(n for _, n in counts)
     return 1.0 - sum(nz for nz, _ in counts) / total if total else 0.0

@@ -266,6 +266,8 @@ def survey_graph(gm: fx.GraphModule) -> Survey:
             weight = _weight_argument(node)
             if isinstance(weight, fx.Node):
                 functional.append((node, weight))
+        elif node.op == "get_attr":
+            survey.uses += _passed_to_opaque_function(gm, node)
     for node, weight in functional:
         if weight.op == "get_attr":
             if isinstance(_fetch(gm, weight.target), nn.Parameter):
@@ -280,6 +282,28 @@ def survey_graph(gm: fx.GraphModule) -> Survey:
     survey.uses = list(dict.fromkeys(survey.uses))  # a module called twice is one use
     _drop_conflicting_lifts_(gm, survey)
     return survey
+
+
+def _is_opaque_function(target: object) -> bool:
+    """A Python function the tracer called without entering it (torch.fx.wrap, timm's notrace registry), as
+    opposed to a torch op or a Python builtin whose effect on its arguments is known."""
+    package = (getattr(target, "__module__", None) or "").partition(".")[0]
+    return callable(target) and package not in ("torch", "_operator", "operator", "builtins", "math", "")
+
+
+def _passed_to_opaque_function(gm: fx.GraphModule, read: fx.Node) -> list[WeightUse]:
+    """The prunable weight of a layer (fxsparse.layers) that the graph hands to an opaque function
+    (torchvision's shifted_window_attention receives qkv.weight and proj.weight): that function multiplies
+    it, so it is pooled, and the function then reads the sparse weight through the parametrization."""
+    module_fqn, _, name = read.target.rpartition(".")
+    try:
+        owner = gm.get_submodule(module_fqn)
+    except AttributeError:
+        return []
+    if name not in prunable_weights(owner) or not isinstance(owner._parameters.get(name), nn.Parameter):
+        return []
+    opaque = any(user.op == "call_function" and _is_opaque_function(user.target) for user in read.users)
+    return [WeightUse(module_fqn, name)] if opaque else []
 
 
 def _drop_conflicting_lifts_(gm: fx.GraphModule, survey: Survey) -> None:

@@ -16,7 +16,7 @@ from fxsparse.trace import trace
 
 from models import Opaque, TiedLinear, TinyCNN, Untraceable, WithLeaf
 
-RESNET50_MACS = 4_089_184_256  # METHODS.md sec. 4, the papers' "4089"
+RESNET50_MACS = 4_089_184_256  # docs/METHODS.md sec. 4, the papers' "4089"
 
 
 def sdpa_flops_by_hand(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
@@ -51,7 +51,7 @@ def counter_macs(model: nn.Module, *inputs) -> int:
 
 
 def hand_conv_linear_macs(model: nn.Module, x: torch.Tensor) -> dict[str, tuple[int, int]]:
-    """Independent reference, weight fqn -> dense MACs, from METHODS.md's formulas and output shapes
+    """Independent reference, weight fqn -> dense MACs, from docs/METHODS.md's formulas and output shapes
     captured by forward hooks: conv = C_in * C_out * kh * kw * H_out * W_out / groups, linear = rows * in * out.
     """
     found, handles = {}, []

@@ -1,4 +1,4 @@
-"""Each method's forward and gradient against a hand-written reference of METHODS.md, plus a contract
+"""Each method's forward and gradient against a hand-written reference of docs/METHODS.md, plus a contract
 test that runs over every registered method."""
 
 import math
@@ -12,7 +12,7 @@ from fxsparse.methods import METHODS
 
 
 def st3_reference(w: np.ndarray, tau: float) -> np.ndarray:
-    """ST-3 forward, entry by entry and channel by channel (METHODS.md sec. 1), float64."""
+    """ST-3 forward, entry by entry and channel by channel (docs/METHODS.md sec. 1), float64."""
     if tau <= 0:
         return w.copy()
     out = np.zeros_like(w, dtype=np.float64)

@@ -280,3 +280,83 @@ def test_fused_optimizer_updates_are_seen_through_the_step_counter():
     model.eval()(x)
     weights = [model.get_parameter(p) for p in threshold.pool_paths]
     assert torch.equal(threshold.tau, fxsparse.global_quantile(weights, 0.5))
+
+
+@fx.wrap
+def _attention_like(x: torch.Tensor, qkv_weight: torch.Tensor, proj_weight: torch.Tensor) -> torch.Tensor:
+    """A function the tracer keeps opaque (as torchvision's shifted_window_attention) that multiplies weights."""
+    q, k, v = F.linear(x, qkv_weight).chunk(3, dim=-1)
+    return F.linear(torch.softmax(q @ k.transpose(-1, -2), dim=-1) @ v, proj_weight)
+
+
+class WeightsIntoAFunction(nn.Module):
+    """Edge case: Linear layers never called as modules; their weights are handed to an opaque function."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.proj, self.head = nn.Linear(16, 48, bias=False), nn.Linear(16, 16, bias=False), nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.head(_attention_like(x, self.qkv.weight, self.proj.weight))
+
+
+def test_weights_handed_to_an_opaque_function_are_pooled_and_multiplied_sparse():
+    torch.manual_seed(0)
+    model = WeightsIntoAFunction()
+    sparse = fxsparse.sparsify(model, "st3", 0.75)
+    assert {"qkv.weight", "proj.weight", "head.weight"} == set(fxsparse.get_threshold(sparse).pass_result.pooled)
+    seen = []
+    real_linear = F.linear
+
+    def spy(x, weight, bias=None):
+        seen.append(int(torch.count_nonzero(weight)))
+        return real_linear(x, weight, bias)
+
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        expected = sparse(x)
+        F.linear = spy  # the opaque function looks F.linear up at call time
+        try:
+            out = sparse(x)
+        finally:
+            F.linear = real_linear
+    assert torch.equal(out, expected)
+    densities = fxsparse.layer_densities(sparse)
+    assert seen[:2] == [densities["qkv.weight"][0], densities["proj.weight"][0]]  # the function multiplies the zeros
+    assert sum(n - nz for nz, n in densities.values()) == round(0.75 * (48 * 16 + 16 * 16 + 4 * 16))
+
+
+def test_reports_see_the_threshold_the_next_forward_uses():
+    """After an optimizer step and before the next forward, layer_densities/realized_sparsity refresh tau first."""
+    torch.manual_seed(0)
+    model = fxsparse.sparsify(TinyCNN(), "feather", 0.5)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
+    F.cross_entropy(model(x), y).backward()
+    optimizer.step()
+    reported = fxsparse.realized_sparsity(model)
+    assert reported == fxsparse.realized_sparsity(fxsparse.fold(model))
+    assert abs(reported - 0.5) < 1e-3
+
+
+def test_a_weight_left_dense_reports_its_own_zeros():
+    """A tied embedding/head left dense is not sparsified, but its real zeros (a padding row) are counted."""
+    torch.manual_seed(0)
+
+    class TiedLM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(10, 8, padding_idx=0)
+            self.body = nn.Linear(8, 8)
+            self.head = nn.Linear(8, 10, bias=False)
+            self.head.weight = self.embed.weight
+
+        def forward(self, ids):
+            return self.head(torch.relu(self.body(self.embed(ids))))
+
+    with pytest.warns(UserWarning, match="include_embedding_tied=True"):
+        sparse = fxsparse.sparsify(TiedLM(), "st3", 0.5)
+    densities = fxsparse.layer_densities(sparse)
+    assert densities["head.weight"] == (72, 80)  # the padding row's 8 zeros, nothing pruned
+    assert densities["body.weight"] == (32, 64)
+    assert fxsparse.realized_sparsity(sparse) == (8 + 32) / (80 + 64)

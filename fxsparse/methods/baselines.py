@@ -1,4 +1,4 @@
-"""Baselines in the same harness (METHODS.md sec. 3).
+"""Baselines in the same harness (docs/METHODS.md sec. 3).
 
 gmp: gradual magnitude pruning (Zhu & Gupta, arXiv:1710.01878): w_eff = w * m, pruned weights get no gradient.
 ste: hard-threshold straight-through estimator: w_eff = w * m, identity gradient to every weight.

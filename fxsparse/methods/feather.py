@@ -1,6 +1,6 @@
 """Feather (Glentis Georgoulakis, Retsinas & Maragos, BMVC 2023, arXiv:2310.02448).
 
-Forward (METHODS.md sec. 2, p = 3): w_eff = sign(w) (|w|^p - T^p)^(1/p) where |w| > T, else 0,
+Forward (docs/METHODS.md sec. 2, p = 3): w_eff = sign(w) (|w|^p - T^p)^(1/p) where |w| > T, else 0,
 computed in fp32 outside autograd. Backward: dL/dw = dL/dw_eff * (1 where |w| > T, theta elsewhere),
 theta = 0.5 when the final sparsity exceeds 0.95, else 1 (then the backward is the plain identity).
 """

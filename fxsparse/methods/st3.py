@@ -1,6 +1,6 @@
 """ST-3 and ST-3-sigma (Vanderschueren & De Vleeschouwer, WACV 2023, arXiv:2212.01076).
 
-Forward (METHODS.md sec. 1): soft threshold u = sign(w) max(|w| - tau, 0) of the kept entries
+Forward (docs/METHODS.md sec. 1): soft threshold u = sign(w) max(|w| - tau, 0) of the kept entries
 (m = |w| > tau), rescaled per output channel c by s_c = 1.01 / (r_c + 0.01) with
 r_c = (mean_j |w_cj| m_cj + 1e-6) / (mean_j |w_cj| + 1e-6). Backward: plain straight-through.
 ST-3-sigma ranks |w| sqrt(S_l), S_l the sum of the weight's shape dims, and thresholds layer l at
