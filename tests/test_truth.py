@@ -150,8 +150,8 @@ def rule_scores(operand: Tensor, shape: tuple[int, ...], method: str = METHOD) -
 
 
 def _operands(truths: tuple[Truth, Truth]) -> dict[str, MulOp]:
-    """parameter -> its first layer product (the weight times an activation), from the (eval, train)
-    recordings: eval wins; train adds train-only branches (aux heads)."""
+    """parameter -> its first layer product (`Truth.layer_ops`), from the (eval, train) recordings: eval wins;
+    train adds train-only branches (aux heads)."""
     first: dict[str, MulOp] = {}
     for recorded in truths:
         for op in recorded.layer_ops:

@@ -226,9 +226,11 @@ class Truth:
 
     @property
     def layer_ops(self) -> list[MulOp]:
-        """The weight ops that multiply an activation: a layer's product, not arithmetic on parameters and
-        buffers alone (e.g. spectral_norm's power iteration)."""
-        return [o for o in self.weight_ops if o.times == "activation"]
+        """The layers' products: a parameter's weight ops that multiply an activation, leaving out its arithmetic
+        with buffers alone (spectral_norm's power iteration); all weight ops of a parameter that never
+        multiplies an activation (a conv on a positional encoding computed from constants)."""
+        by_activation = {o.param for o in self.weight_ops if o.times == "activation"}
+        return [o for o in self.weight_ops if o.times == "activation" or (o.param and o.param not in by_activation)]
 
     @property
     def weight_dense_macs(self) -> int:
