@@ -1,6 +1,7 @@
 """The graph pass on what models do around their weights: train/eval behaviour, weights transformed before
 the op (weight standardization, torch parametrizations), state the forward never reads, and what the pass
-reports and tags. Truth is read at the aten level (`weight_operands`), independently of fxsparse."""
+reports and tags. Truth is read at the aten level (`layer_operands`, tests/truth.py), independently of
+fxsparse."""
 
 import copy
 import io
@@ -15,7 +16,7 @@ from torch.nn.utils.parametrizations import spectral_norm, weight_norm
 
 import fxsparse
 
-from aten_truth import weight_operands, zero_fraction
+from truth import layer_operands, zero_fraction
 
 timm = pytest.importorskip("timm")
 from timm.layers import ScaledStdConv2d, StdConv2d, StdConv2dSame  # noqa: E402
@@ -183,7 +184,7 @@ def test_standardized_convs_are_sparse_where_the_op_multiplies(method):
     result = fxsparse.get_threshold(model).pass_result
     assert result.lifted == ("std.weight", "scaled.weight", "same.weight") and not result.dense
     assert result.traced_through == ("StdConv2dSame",)
-    operands = weight_operands(model, x)
+    operands = layer_operands(model, x)
     assert len(operands) == 4 and abs(zero_fraction(operands) - 0.8) < 1e-3  # the truth
     assert abs(fxsparse.realized_sparsity(model) - zero_fraction(operands)) < 1e-12
     report = fxsparse.flops(model, x)
@@ -194,7 +195,7 @@ def test_standardized_convs_are_sparse_where_the_op_multiplies(method):
     folded = fxsparse.fold(model)
     torch.testing.assert_close(folded(x), expected)
     assert "batch_norm" not in folded.code  # the folded graph multiplies the stored weights as they are
-    assert zero_fraction(weight_operands(folded, x)) == zero_fraction(operands)
+    assert zero_fraction(layer_operands(folded, x)) == zero_fraction(operands)
     assert set(folded.state_dict()) == set(Standardized().state_dict())
 
 
@@ -271,7 +272,7 @@ def test_weight_norm_and_spectral_norm_get_sparse_weight_at_the_end_of_their_cha
     assert threshold.pool_paths[0] == "a.parametrizations.weight.original1"  # weight_norm's v, not g
     assert threshold.pool_size == 8 * 3 * 9 + 8 * 8 * 9 + 4 * 8
     expected = model(x)
-    operands = weight_operands(model, x)
+    operands = layer_operands(model, x)
     assert abs(zero_fraction(operands) - 0.7) < 1e-3
     assert fxsparse.realized_sparsity(model) == pytest.approx(zero_fraction(operands), abs=1e-12)
     calls = []

@@ -6,7 +6,7 @@ from torch import nn
 
 import fxsparse
 
-from aten_truth import weight_operands, zero_fraction
+from truth import layer_operands, zero_fraction
 
 timm = pytest.importorskip("timm")
 
@@ -156,7 +156,7 @@ def test_weight_standardized_timm_models_are_sparse_where_the_op_multiplies(name
     original = timm.create_model(name).eval()
     x = torch.randn(1, 3, 224, 224)
     model = fxsparse.sparsify(original, "st3sigma", 0.9).eval()
-    operands = weight_operands(model, x)
+    operands = layer_operands(model, x)
     assert abs(fxsparse.realized_sparsity(model) - zero_fraction(operands)) < 1e-9
     assert abs(zero_fraction(operands) - 0.9) < 1e-6
     assert pooled_names(model) == conv_linear_weights(original)
@@ -170,7 +170,7 @@ def test_weight_standardized_timm_models_are_sparse_where_the_op_multiplies(name
         expected = model(x)
         folded = fxsparse.fold(model)
         torch.testing.assert_close(folded(x), expected, rtol=1e-4, atol=1e-5)
-    assert zero_fraction(weight_operands(folded, x)) == zero_fraction(operands)
+    assert zero_fraction(layer_operands(folded, x)) == zero_fraction(operands)
     timm.create_model(name).load_state_dict(folded.state_dict())  # strict: the original keys
     rebuilt = fxsparse.fold(fxsparse.sparsify(timm.create_model(name), "st3sigma", 0.9)).eval()
     rebuilt.load_state_dict(folded.state_dict())  # docs/GRAPH_PASS.md: where such weights run as trained

@@ -127,6 +127,10 @@ class ParamNames:
         """The canonical name: the first one named_parameters gives."""
         return self.aliases[index][0]
 
+    def parameter(self, name: str) -> nn.Parameter:
+        """The parameter whose canonical name (or any alias) is ``name``."""
+        return self.params[self._by_alias[name]]
+
     def aliases_of(self, name: str) -> list[str]:
         """Every name of the parameter whose canonical name is ``name`` ([name] for an unknown one)."""
         index = self._by_alias.get(name)
@@ -178,6 +182,7 @@ class MulOp:
     nonzeros: int = 0
     param: str | None = None  # canonical name of the parameter the weight operand is computed from
     weight: Tensor | None = None  # a copy of the operand, when record(keep_weights=True)
+    times: str | None = None  # a weight op's other operand: "activation" (a layer's product) or "constant"
 
     @property
     def zeros(self) -> int:
@@ -218,6 +223,14 @@ class Truth:
     @property
     def weight_ops(self) -> list[MulOp]:
         return [o for o in self.ops if o.kind == "weight"]
+
+    @property
+    def layer_ops(self) -> list[MulOp]:
+        """The layers' products: a parameter's weight ops that multiply an activation, leaving out its arithmetic
+        with buffers alone (spectral_norm's power iteration); all weight ops of a parameter that never
+        multiplies an activation (a conv on a positional encoding computed from constants)."""
+        by_activation = {o.param for o in self.weight_ops if o.times == "activation"}
+        return [o for o in self.weight_ops if o.times == "activation" or (o.param and o.param not in by_activation)]
 
     @property
     def weight_dense_macs(self) -> int:
@@ -382,6 +395,7 @@ class _Recorder(TorchDispatchMode):
             self.ops.append(MulOp(index, op, "activation" if op == "sdpa" else kind, dense, _shape(out)))
             return
         weight = _distinct(operands[roles.index("weight")])
+        other = roles[1 - roles.index("weight")]
         ids = sorted(self.taint(weight).ids)
         param = "+".join(self.names.name(i) for i in ids) if ids else None
         if len(ids) > 1:
@@ -398,6 +412,7 @@ class _Recorder(TorchDispatchMode):
                 int(torch.count_nonzero(weight)),
                 param,
                 weight.detach().clone() if self.keep_weights else None,
+                other,
             )
         )
 
@@ -453,3 +468,13 @@ def record(model: nn.Module, inputs: Any, keep_weights: bool = False) -> Truth:
         if mha is not None:
             mha.set_fastpath_enabled(fast_path)
     return Truth(recorder.ops, names, output, sorted(set(recorder.opaque)), recorder.random)
+
+
+def layer_operands(model: nn.Module, inputs: Any) -> list[Tensor]:
+    """The weight operand of every layer product (a weight times an activation) of one forward, in order."""
+    return [op.weight for op in record(model, inputs, keep_weights=True).layer_ops]
+
+
+def zero_fraction(tensors: list[Tensor]) -> float:
+    """Exact zeros over all elements of ``tensors``."""
+    return sum(int((t == 0).sum()) for t in tensors) / sum(t.numel() for t in tensors)
