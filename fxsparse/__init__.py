@@ -10,6 +10,7 @@ from .export import CsrFormatError, CsrReport, load_csr, load_csr_into_, read_cs
 from .flops import FlopReport, LayerMacs, flops
 from .fold import fix_mask_, fold, fold_
 from .global_threshold import GlobalThreshold
+from .inference import accelerate, accelerate_checkpoint, measure_speedup
 from .methods import METHODS, Feather, Gmp, Method, St3, St3Sigma, Ste, get_method, register_method
 from .pool import get_threshold, is_sparsified, layer_densities, realized_sparsity
 from .schedule import Constant, Cubic, cubic, paper_schedule
@@ -23,5 +24,6 @@ __all__ = [
     "METHODS", "Method", "register_method", "get_method", "St3", "St3Sigma", "Feather", "Gmp", "Ste",
     "GlobalThreshold", "get_threshold", "is_sparsified", "layer_densities", "realized_sparsity",
     "global_quantile", "save_csr", "load_csr", "load_csr_into_", "read_csr_metadata", "CsrFormatError",
-    "CsrReport", "flops", "FlopReport", "LayerMacs", "__version__",
+    "CsrReport", "flops", "FlopReport", "LayerMacs", "accelerate", "accelerate_checkpoint", "measure_speedup",
+    "__version__",
 ]

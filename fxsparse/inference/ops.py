@@ -1,0 +1,269 @@
+"""The sparse CPU kernels: one CSR product per conv or linear layer, as torch.library custom ops.
+
+Every kernel computes ``out[b] = sum_e weights[e] * table[indices[e]]`` over the entries e of bag b
+(``offsets`` are the CSR row pointers of the bags), with one of torch's two CPU CSR products:
+
+* ``"ebag"``: ``F.embedding_bag(mode="sum", per_sample_weights=...)``, which torch runs with FBGEMM's
+  SpMDM kernels (JIT-compiled, vectorised, prefetching);
+* ``"mkl"``: ``torch.sparse_csr_tensor(offsets, indices, weights) @ table`` (MKL's sparse BLAS).
+
+The table is built from the input with one strided copy, never a full F.unfold, and always ends with a
+row of ones whose entry in each bag is the bias (so the bias costs no extra pass):
+
+* linear: ``table = [x^T; 1]`` of shape (in + 1, tokens); one bag per output feature.
+* conv, layout ``"im2col"``: rows (c, i, j) of the kernel taps, columns (n, y, x) of the output,
+  shape (C kh kw + 1, N Ho Wo); one bag per output channel.
+* conv, layout ``"rows"``: only the kw horizontally shifted copies of the input, rows (c, j, r) for input
+  row r, columns (n, x), shape (C kw H + 1, N Wo); one bag per (output channel, output row y) whose
+  entries point at input row r = y*stride + i*dilation - pad of each tap (taps in the vertical padding are
+  dropped when the bags are built). Three times the input instead of nine for a 3x3 conv.
+
+Grouped convs use the same tables: a weight's column is mapped to the global input channel of its group.
+The bag arrays are built once per layer by :func:`dense_bags`, :func:`im2col_bags` and :func:`rows_bags`
+(rows bags depend on the input height). The ops take them as plain tensors (sparse tensors break
+torch.compile and torch.export) and have fake kernels, so compiled and exported models keep one opaque
+node per layer.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+KERNELS = ("ebag", "mkl")
+CONV_LAYOUTS = ("im2col", "rows")
+
+_LIBRARY = torch.library.Library("fxsparse", "DEF")
+_LIBRARY.define(
+    "conv2d(Tensor x, Tensor indices, Tensor offsets, Tensor weights, int out_channels, int[2] kernel_size, "
+    "int[2] stride, int[4] padding, int[2] dilation, int[2] input_size, str layout, str kernel) -> Tensor"
+)
+_LIBRARY.define("linear(Tensor x, Tensor indices, Tensor offsets, Tensor weights, int out_features, str kernel) -> Tensor")
+
+
+# ------------------------------------------------------------------------------------------------
+# geometry
+# ------------------------------------------------------------------------------------------------
+def conv_output_size(size: Sequence[int], kernel_size: Sequence[int], stride: Sequence[int],
+                     padding: Sequence[int], dilation: Sequence[int]) -> tuple[int, int]:
+    """(Ho, Wo) of a conv over an (H, W) input; padding is (top, bottom, left, right)."""
+    (h, w), (kh, kw), (sh, sw), (pt, pb, pl, pr), (dh, dw) = size, kernel_size, stride, padding, dilation
+    return (h + pt + pb - dh * (kh - 1) - 1) // sh + 1, (w + pl + pr - dw * (kw - 1) - 1) // sw + 1
+
+
+# ------------------------------------------------------------------------------------------------
+# tables (the dense operand of the CSR product)
+# ------------------------------------------------------------------------------------------------
+def _with_ones_row(rows: int, columns: int, like: Tensor) -> Tensor:
+    table = torch.empty(rows + 1, columns, dtype=like.dtype, device=like.device)
+    table[rows].fill_(1)
+    return table
+
+
+def linear_table(x2d: Tensor) -> Tensor:
+    """[x^T; 1]: (in + 1, tokens) for x2d of shape (tokens, in)."""
+    tokens, features = x2d.shape
+    table = _with_ones_row(features, tokens, x2d)
+    table[:features].copy_(x2d.t())
+    return table
+
+
+def im2col_table(x: Tensor, kernel_size: Sequence[int], stride: Sequence[int], padding: Sequence[int],
+                 dilation: Sequence[int]) -> Tensor:
+    """(C kh kw + 1, N Ho Wo): every kernel tap of every output position, then the row of ones."""
+    n, c, h, w = x.shape
+    (kh, kw), (sh, sw), (pt, pb, pl, pr), (dh, dw) = kernel_size, stride, padding, dilation
+    ho, wo = conv_output_size((h, w), kernel_size, stride, padding, dilation)
+    if pt or pb or pl or pr:
+        x = F.pad(x, (pl, pr, pt, pb))
+    s_n, s_c, s_h, s_w = x.stride()
+    taps = x.as_strided((c, kh, kw, n, ho, wo), (s_c, dh * s_h, dw * s_w, s_n, sh * s_h, sw * s_w), x.storage_offset())
+    table = _with_ones_row(c * kh * kw, n * ho * wo, x)
+    table[:-1].view(c, kh, kw, n, ho, wo).copy_(taps)
+    return table
+
+
+def rows_table(x: Tensor, kernel_size: Sequence[int], stride: Sequence[int], padding: Sequence[int],
+               dilation: Sequence[int]) -> Tensor:
+    """(C kw H + 1, N Wo): each input row seen through each horizontal tap, then the row of ones."""
+    n, c, h, w = x.shape
+    (_, kw), (_, sw), (_, _, pl, pr), (_, dw) = kernel_size, stride, padding, dilation
+    wo = conv_output_size((h, w), kernel_size, stride, padding, dilation)[1]
+    if pl or pr:
+        x = F.pad(x, (pl, pr))
+    s_n, s_c, s_h, s_w = x.stride()
+    shifted = x.as_strided((c, kw, h, n, wo), (s_c, dw * s_w, s_h, s_n, sw * s_w), x.storage_offset())
+    table = _with_ones_row(c * kw * h, n * wo, x)
+    table[:-1].view(c, kw, h, n, wo).copy_(shifted)
+    return table
+
+
+# ------------------------------------------------------------------------------------------------
+# the product
+# ------------------------------------------------------------------------------------------------
+_csr_warning_silenced = False
+
+
+def _csr_matrix(offsets: Tensor, indices: Tensor, weights: Tensor, size: tuple[int, int]) -> Tensor:
+    global _csr_warning_silenced
+    if not _csr_warning_silenced:  # torch warns once per process that sparse CSR is in beta
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.sparse_csr_tensor(offsets[:1], indices[:0], weights[:0], (0, 0), check_invariants=False)
+        _csr_warning_silenced = True
+    return torch.sparse_csr_tensor(offsets, indices, weights, size, check_invariants=False)
+
+
+def bag_product(table: Tensor, indices: Tensor, offsets: Tensor, weights: Tensor, kernel: str) -> Tensor:
+    """(bags, table columns): bag b is sum_e weights[e] * table[indices[e]] for e in offsets[b]:offsets[b+1]."""
+    if kernel == "ebag":
+        return F.embedding_bag(indices, table, offsets, mode="sum", per_sample_weights=weights, include_last_offset=True)
+    if kernel == "mkl":
+        return torch.mm(_csr_matrix(offsets, indices, weights, (offsets.numel() - 1, table.shape[0])), table)
+    raise ValueError(f"unknown sparse kernel {kernel!r}; expected one of {KERNELS}")
+
+
+# ------------------------------------------------------------------------------------------------
+# the ops
+# ------------------------------------------------------------------------------------------------
+def _conv2d(x: Tensor, indices: Tensor, offsets: Tensor, weights: Tensor, out_channels: int, kernel_size: list[int],
+            stride: list[int], padding: list[int], dilation: list[int], input_size: list[int], layout: str,
+            kernel: str) -> Tensor:
+    n, _, h, w = x.shape
+    ho, wo = conv_output_size((h, w), kernel_size, stride, padding, dilation)
+    if layout == "im2col":
+        out = bag_product(im2col_table(x, kernel_size, stride, padding, dilation), indices, offsets, weights, kernel)
+        out = out.view(out_channels, n, ho, wo)
+        return out.view(1, out_channels, ho, wo) if n == 1 else out.permute(1, 0, 2, 3).contiguous()
+    if layout == "rows":
+        if [h, w] != list(input_size):
+            raise ValueError(f"fxsparse::conv2d: the row bags were built for {list(input_size)} inputs, got {[h, w]}")
+        out = bag_product(rows_table(x, kernel_size, stride, padding, dilation), indices, offsets, weights, kernel)
+        out = out.view(out_channels, ho, n, wo)
+        return out.view(1, out_channels, ho, wo) if n == 1 else out.permute(2, 0, 1, 3).contiguous()
+    raise ValueError(f"unknown conv layout {layout!r}; expected one of {CONV_LAYOUTS}")
+
+
+def _linear(x: Tensor, indices: Tensor, offsets: Tensor, weights: Tensor, out_features: int, kernel: str) -> Tensor:
+    x2d = x.reshape(-1, x.shape[-1])
+    out = bag_product(linear_table(x2d), indices, offsets, weights, kernel)  # (out_features, tokens)
+    out = out.view(out_features, 1) if x2d.shape[0] == 1 else out
+    return (out.view(1, out_features) if x2d.shape[0] == 1 else out.t().contiguous()).view(*x.shape[:-1], out_features)
+
+
+def _conv2d_fake(x, indices, offsets, weights, out_channels, kernel_size, stride, padding, dilation, input_size,
+                 layout, kernel):
+    ho, wo = conv_output_size(x.shape[-2:], kernel_size, stride, padding, dilation)
+    return x.new_empty((x.shape[0], out_channels, ho, wo))
+
+
+def _linear_fake(x, indices, offsets, weights, out_features, kernel):
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+_LIBRARY.impl("conv2d", _conv2d, "CPU")
+_LIBRARY.impl("linear", _linear, "CPU")
+torch.library.register_fake("fxsparse::conv2d", _conv2d_fake, lib=_LIBRARY)
+torch.library.register_fake("fxsparse::linear", _linear_fake, lib=_LIBRARY)
+
+
+# ------------------------------------------------------------------------------------------------
+# bags: the CSR of each layout, built once per layer from the weight's CSR
+# ------------------------------------------------------------------------------------------------
+def _index_dtype(*bounds: int) -> torch.dtype:
+    """int32 when every index and offset fits (what MKL's LP64 interface takes), else int64."""
+    return torch.int32 if max(bounds) < 2**31 else torch.int64
+
+
+def _bags(bag: Tensor, index: Tensor, weight: Tensor, num_bags: int, table_rows: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(indices, offsets, weights) of the entries grouped by bag, each bag's entries by increasing index."""
+    order = torch.argsort(bag * table_rows + index)
+    counts = torch.bincount(bag, minlength=num_bags)
+    offsets = torch.zeros(num_bags + 1, dtype=torch.int64)
+    torch.cumsum(counts, 0, out=offsets[1:])
+    dtype = _index_dtype(table_rows, index.numel())
+    return index[order].to(dtype), offsets.to(dtype), weight[order].contiguous()
+
+
+def _with_bias(rows: Tensor, index: Tensor, weight: Tensor, bias: Optional[Tensor], num_rows: int,
+               ones_row: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The entries plus one per row pointing at the table's row of ones, weighted by the bias (if any)."""
+    if bias is None:
+        return rows, index, weight
+    every = torch.arange(num_rows)
+    return (torch.cat([rows, every]), torch.cat([index, torch.full((num_rows,), ones_row)]),
+            torch.cat([weight, bias.detach().to(weight.dtype)]))
+
+
+def csr_rows(crow: Tensor) -> Tensor:
+    """The row of every stored entry of a CSR matrix."""
+    crow = crow.to(torch.int64)
+    return torch.repeat_interleave(torch.arange(crow.numel() - 1), crow.diff())
+
+
+def _conv_taps(crow: Tensor, col: Tensor, in_channels: int, groups: int, kernel_size: Sequence[int]):
+    """(row, global input channel, tap row i, tap column j) of every stored entry of a conv weight's
+    (O, C/groups * kh * kw) CSR view."""
+    kh, kw = kernel_size
+    rows = csr_rows(crow)
+    col = col.to(torch.int64)
+    out_channels = crow.numel() - 1
+    channel = col // (kh * kw) + (rows // (out_channels // groups)) * (in_channels // groups)
+    tap = col % (kh * kw)
+    return rows, channel, tap // kw, tap % kw
+
+
+def dense_bags(crow: Tensor, col: Tensor, values: Tensor, bias: Optional[Tensor],
+               columns: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Bags of a linear layer's (out, columns) CSR weight over linear_table: one per output feature."""
+    out = crow.numel() - 1
+    rows, index, weight = _with_bias(csr_rows(crow), col.to(torch.int64), values, bias, out, columns)
+    return _bags(rows, index, weight, out, columns + 1)
+
+
+def im2col_bags(crow: Tensor, col: Tensor, values: Tensor, bias: Optional[Tensor], in_channels: int, groups: int,
+                kernel_size: Sequence[int]) -> tuple[Tensor, Tensor, Tensor]:
+    """Bags of a conv weight over im2col_table: one per output channel."""
+    kh, kw = kernel_size
+    rows, channel, i, j = _conv_taps(crow, col, in_channels, groups, kernel_size)
+    ones_row = in_channels * kh * kw
+    rows, index, weight = _with_bias(rows, (channel * kh + i) * kw + j, values, bias, crow.numel() - 1, ones_row)
+    return _bags(rows, index, weight, crow.numel() - 1, ones_row + 1)
+
+
+def rows_bags(crow: Tensor, col: Tensor, values: Tensor, bias: Optional[Tensor], in_channels: int, groups: int,
+              kernel_size: Sequence[int], stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
+              input_size: Sequence[int]) -> tuple[Tensor, Tensor, Tensor]:
+    """Bags of a conv weight over rows_table for (H, W) inputs: one per (output channel, output row)."""
+    (kh, kw), (h, w) = kernel_size, input_size
+    ho = conv_output_size(input_size, kernel_size, stride, padding, dilation)[0]
+    out_channels = crow.numel() - 1
+    rows, channel, i, j = _conv_taps(crow, col, in_channels, groups, kernel_size)
+    y = torch.arange(ho)
+    source_row = y[None, :] * stride[0] + (i * dilation[0] - padding[0])[:, None]  # (entries, Ho)
+    inside = (source_row >= 0) & (source_row < h)
+    entry, out_row = inside.nonzero(as_tuple=True)
+    index = (channel[entry] * kw + j[entry]) * h + source_row[entry, out_row]
+    bag = rows[entry] * ho + out_row
+    weight = values[entry]
+    ones_row = in_channels * kw * h
+    if bias is not None:
+        every = torch.arange(out_channels * ho)
+        bag = torch.cat([bag, every])
+        index = torch.cat([index, torch.full_like(every, ones_row)])
+        weight = torch.cat([weight, bias.detach().to(values.dtype).repeat_interleave(ho)])
+    return _bags(bag, index, weight, out_channels * ho, ones_row + 1)
+
+
+def rows_bag_entries(nnz: int, output_height: int) -> int:
+    """An upper bound on the entries rows_bags builds (its memory is ~8 bytes per entry)."""
+    return nnz * output_height
+
+
+__all__ = [
+    "KERNELS", "CONV_LAYOUTS", "conv_output_size", "linear_table", "im2col_table", "rows_table", "bag_product",
+    "dense_bags", "im2col_bags", "rows_bags", "csr_rows", "rows_bag_entries",
+]
