@@ -415,3 +415,43 @@ def test_accelerate_checkpoint_refuses_bad_csr_parts(tmp_path):
         plain = nn.Sequential(nn.Linear(6, 4))
     with pytest.raises(CsrFormatError, match="'0.weight'.*column index"):
         fxsparse.accelerate_checkpoint(file, plain, torch.randn(1, 6))
+
+
+# ------------------------------------------------------------------------------------------------
+# chained linears pass feature-first activations
+# ------------------------------------------------------------------------------------------------
+class Mlp(nn.Module):
+    """fc1 -> GELU -> dropout -> fc2 (a transformer MLP), then fc3 after a residual (not chainable)."""
+
+    def __init__(self, bias: bool = True):
+        super().__init__()
+        self.fc1, self.act, self.drop = nn.Linear(8, 16, bias=bias), nn.GELU(), nn.Dropout(0.1)
+        self.fc2 = nn.Linear(16, 8, bias=bias)
+        self.fc3, self.fc4 = nn.Linear(8, 8), nn.Linear(8, 6)
+
+    def forward(self, x):
+        x = x + self.fc2(self.drop(self.act(self.fc1(x))))
+        y = F.relu(self.fc3(x))
+        return self.fc4(y) + y.sum(-1, keepdim=True)  # y has two users: fc3 -> fc4 must not chain
+
+
+@pytest.mark.parametrize("path", LINEAR_PATHS)
+@pytest.mark.parametrize("shape", [(1, 8), (5, 8), (2, 3, 8), (1, 1, 8)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_chained_linears_equal_folded(path, shape, bias):
+    model = prune_(Mlp(bias))
+    x = torch.randn(*shape)
+    fast = fxsparse.accelerate(model, x, timer=prefer(path))
+    assert fast.fxsparse_plan.chained_linears == [("fc1", "fc2")]
+    assert fast.fc1.features_first_out and fast.fc2.features_first_in and not fast.fc3.features_first_out
+    assert_close(run(fast, x), run(model, x))
+
+
+def test_three_linears_chain_through_relu_and_silu():
+    model = prune_(nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 10), nn.SiLU(), nn.Linear(10, 4)))
+    x = torch.randn(2, 7, 6)
+    fast = fxsparse.accelerate(model, x, timer=prefer("ebag"))
+    assert fast.fxsparse_plan.chained_linears == [("0", "2"), ("2", "4")]
+    assert_close(run(fast, x), run(model, x))
+    program = torch.export.export(fast, (x,))
+    assert_close(program.module()(x), run(model, x))

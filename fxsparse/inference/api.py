@@ -21,6 +21,7 @@ from torch import nn
 from ..fold import fold
 from ..pool import is_sparsified
 from .batchnorm import fold_batchnorms_
+from .chain import chain_linears_
 from .checkpoint import CsrCheckpoint, skeleton
 from .layers import DENSE, LayerPlan, Planner, SparseConv2d, SparseLinear, density_of
 from .timing import Timer, default_timer, interleaved_medians
@@ -37,6 +38,7 @@ class AccelerationPlan:
     threads: int
     example_shape: Optional[tuple[int, ...]]
     folded_batchnorms: list[str]
+    chained_linears: list[tuple[str, str]] = dataclasses.field(default_factory=list)
 
     @property
     def sparse_layers(self) -> list[LayerPlan]:
@@ -64,7 +66,8 @@ class AccelerationPlan:
 
     def to_dict(self) -> dict[str, Any]:
         return {"threads": self.threads, "example_shape": self.example_shape,
-                "folded_batchnorms": self.folded_batchnorms, "layers": [p.to_dict() for p in self.layers]}
+                "folded_batchnorms": self.folded_batchnorms, "chained_linears": self.chained_linears,
+                "layers": [p.to_dict() for p in self.layers]}
 
 
 def call_model(model: nn.Module, example_input: Any) -> Any:
@@ -187,9 +190,16 @@ def _plan_(model: nn.Module, example_input: Any, kept_dense: list[LayerPlan], pr
         plans.append(layer.plan)
         if layer.path == DENSE:
             _replace_submodule_(model, name, layer.plain_module())
+    model, chains = chain_linears_(model)
+    for producer, consumer in chains:
+        for plan in plans:
+            if plan.name in (producer, consumer):
+                side = "output to " + consumer if plan.name == producer else "input from " + producer
+                plan.reason = (plan.reason + "; " if plan.reason else "") + f"feature-first {side}"
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     plans.sort(key=lambda p: order.get(p.name, len(order)))
-    setattr(model, PLAN_ATTRIBUTE, AccelerationPlan(plans, torch.get_num_threads(), _example_shape(example_input), fused))
+    setattr(model, PLAN_ATTRIBUTE, AccelerationPlan(plans, torch.get_num_threads(), _example_shape(example_input), fused,
+                                                    chains))
     return model.eval()
 
 

@@ -87,13 +87,14 @@ class _SparseLayer(nn.Module):
                  dense_weight: Optional[Tensor]):
         super().__init__()
         self.weight_shape = tuple(int(s) for s in weight_shape)
-        self.register_buffer("crow", crow.to(torch.int64))
-        self.register_buffer("col", col.to(torch.int64))
+        self.register_buffer("crow", crow)
+        self.register_buffer("col", col)
         self.register_buffer("values", values.detach())
         self.register_buffer("bias", None if bias is None else bias.detach())
         for name in ("indices", "offsets", "weights"):  # the bags of the chosen path, after planning
             self.register_buffer(name, None)
         self.nnz = int(values.numel())
+        self.has_bias = bias is not None
         self.dense_weight = None if dense_weight is None else dense_weight.detach()
         self.path: Optional[str] = None
         self.planner: Optional[Planner] = None
@@ -126,6 +127,7 @@ class _SparseLayer(nn.Module):
         scale, shift = scale.detach().to(self.values.dtype), shift.detach().to(self.values.dtype)
         self.values = self.values * scale[ops.csr_rows(self.crow)]
         self.bias = shift.clone() if self.bias is None else self.bias * scale + shift
+        self.has_bias = True
         if self.dense_weight is not None:
             self.dense_weight = self.dense_weight * scale.view(-1, *([1] * (self.dense_weight.dim() - 1)))
 
@@ -318,6 +320,8 @@ class SparseLinear(_SparseLayer):
                  out_features: int, dense_weight: Optional[Tensor] = None):
         super().__init__(crow, col, values, bias, (out_features, in_features), dense_weight)
         self.in_features, self.out_features = in_features, out_features
+        self.features_first_in = self.features_first_out = False  # set by chain.py between chained linears
+        self.register_buffer("separate_bias", None)
 
     @classmethod
     def from_module(cls, linear: nn.Linear, keep_dense: bool = True) -> "SparseLinear":
@@ -339,7 +343,7 @@ class SparseLinear(_SparseLayer):
                 continue
 
             def run(kernel=kernel):
-                return torch.ops.fxsparse.linear(x, *bags, self.out_features, kernel)
+                return torch.ops.fxsparse.linear(x, *bags, None, self.out_features, False, False, kernel)
 
             def keep(kernel=kernel):
                 self.kernel = kernel
@@ -351,10 +355,22 @@ class SparseLinear(_SparseLayer):
     def _run(self, x: Tensor) -> Tensor:
         if x.dtype != self.weights.dtype:
             raise TypeError(f"{self.name}: the sparse kernel runs in {self.weights.dtype}, got a {x.dtype} input")
-        return torch.ops.fxsparse.linear(x, self.indices, self.offsets, self.weights, self.out_features, self.kernel)
+        return torch.ops.fxsparse.linear(x, self.indices, self.offsets, self.weights, self.separate_bias,
+                                         self.out_features, self.features_first_in, self.features_first_out,
+                                         self.kernel)
+
+    def read_features_first_(self) -> None:
+        """Take (in, ...) inputs from a chained layer: the input is the table itself, so the bias, which sat on
+        the table's row of ones, is added to the output instead."""
+        bags, bias = ops.split_bias((self.indices, self.offsets, self.weights), self.in_features)
+        self.indices, self.offsets, self.weights = bags
+        if self.has_bias:
+            self.separate_bias = bias
+        self.features_first_in = True
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, nnz={self.nnz}, path={self.path}"
+        chained = "".join(f", features_first_{side}" for side in ("in", "out") if getattr(self, f"features_first_{side}"))
+        return f"in_features={self.in_features}, out_features={self.out_features}, nnz={self.nnz}, path={self.path}{chained}"
 
 
 def _dense_to_csr(weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:

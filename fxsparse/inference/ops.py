@@ -41,7 +41,10 @@ _LIBRARY.define(
     "conv2d(Tensor x, Tensor indices, Tensor offsets, Tensor weights, int out_channels, int[2] kernel_size, "
     "int[2] stride, int[4] padding, int[2] dilation, int[2] input_size, str layout, str kernel) -> Tensor"
 )
-_LIBRARY.define("linear(Tensor x, Tensor indices, Tensor offsets, Tensor weights, int out_features, str kernel) -> Tensor")
+_LIBRARY.define(
+    "linear(Tensor x, Tensor indices, Tensor offsets, Tensor weights, Tensor? bias, int out_features, "
+    "bool features_first_in, bool features_first_out, str kernel) -> Tensor"
+)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -147,11 +150,28 @@ def _conv2d(x: Tensor, indices: Tensor, offsets: Tensor, weights: Tensor, out_ch
     raise ValueError(f"unknown conv layout {layout!r}; expected one of {CONV_LAYOUTS}")
 
 
-def _linear(x: Tensor, indices: Tensor, offsets: Tensor, weights: Tensor, out_features: int, kernel: str) -> Tensor:
-    x2d = x.reshape(-1, x.shape[-1])
-    out = bag_product(linear_table(x2d), indices, offsets, weights, kernel)  # (out_features, tokens)
-    out = out.view(out_features, 1) if x2d.shape[0] == 1 else out
-    return (out.view(1, out_features) if x2d.shape[0] == 1 else out.t().contiguous()).view(*x.shape[:-1], out_features)
+def _linear(x: Tensor, indices: Tensor, offsets: Tensor, weights: Tensor, bias: Optional[Tensor], out_features: int,
+            features_first_in: bool, features_first_out: bool, kernel: str) -> Tensor:
+    """x is (..., in), or (in, ...) when features_first_in (then the table is x itself, with no row of ones,
+    and the bias comes separately); the result is (..., out), or (out, ...) when features_first_out."""
+    if features_first_in:
+        lead = x.shape[1:]
+        out = bag_product(x.reshape(x.shape[0], -1), indices, offsets, weights, kernel)
+    else:
+        lead = x.shape[:-1]
+        out = bag_product(linear_table(x.reshape(-1, x.shape[-1])), indices, offsets, weights, kernel)
+    if features_first_out:
+        if bias is not None:
+            out.add_(bias[:, None])
+        return out.view(out_features, *lead)
+    tokens = out.shape[1]
+    if tokens == 1:
+        result = out.view(1, out_features) if bias is None else out.view(1, out_features) + bias
+    elif bias is None:
+        result = out.t().contiguous()
+    else:
+        result = torch.add(out.t(), bias, out=torch.empty(tokens, out_features, dtype=out.dtype))
+    return result.view(*lead, out_features)
 
 
 def _conv2d_fake(x, indices, offsets, weights, out_channels, kernel_size, stride, padding, dilation, input_size,
@@ -160,8 +180,9 @@ def _conv2d_fake(x, indices, offsets, weights, out_channels, kernel_size, stride
     return x.new_empty((x.shape[0], out_channels, ho, wo))
 
 
-def _linear_fake(x, indices, offsets, weights, out_features, kernel):
-    return x.new_empty((*x.shape[:-1], out_features))
+def _linear_fake(x, indices, offsets, weights, bias, out_features, features_first_in, features_first_out, kernel):
+    lead = x.shape[1:] if features_first_in else x.shape[:-1]
+    return x.new_empty((out_features, *lead) if features_first_out else (*lead, out_features))
 
 
 _LIBRARY.impl("conv2d", _conv2d, "CPU")
@@ -196,6 +217,19 @@ def _with_bias(rows: Tensor, index: Tensor, weight: Tensor, bias: Optional[Tenso
     every = torch.arange(num_rows)
     return (torch.cat([rows, every]), torch.cat([index, torch.full((num_rows,), ones_row)]),
             torch.cat([weight, bias.detach().to(weight.dtype)]))
+
+
+def split_bias(bags: tuple[Tensor, Tensor, Tensor], ones_row: int) -> tuple[tuple[Tensor, Tensor, Tensor], Tensor]:
+    """(the bags without their entries on the table's row of ones, the bias those entries carried)."""
+    indices, offsets, weights = bags
+    on_ones = indices == ones_row
+    bag = csr_rows(offsets)
+    bias = torch.zeros(offsets.numel() - 1, dtype=weights.dtype)
+    bias[bag[on_ones]] = weights[on_ones]
+    kept = torch.bincount(bag[~on_ones], minlength=offsets.numel() - 1)
+    new_offsets = torch.zeros_like(offsets, dtype=torch.int64)
+    torch.cumsum(kept, 0, out=new_offsets[1:])
+    return (indices[~on_ones], new_offsets.to(offsets.dtype), weights[~on_ones]), bias
 
 
 def csr_rows(crow: Tensor) -> Tensor:
@@ -265,5 +299,5 @@ def rows_bag_entries(nnz: int, output_height: int) -> int:
 
 __all__ = [
     "KERNELS", "CONV_LAYOUTS", "conv_output_size", "linear_table", "im2col_table", "rows_table", "bag_product",
-    "dense_bags", "im2col_bags", "rows_bags", "csr_rows", "rows_bag_entries",
+    "dense_bags", "im2col_bags", "rows_bags", "csr_rows", "rows_bag_entries", "split_bias",
 ]
