@@ -11,15 +11,16 @@ The table is built from the input with one strided copy, never a full F.unfold, 
 row of ones whose entry in each bag is the bias (so the bias costs no extra pass):
 
 * linear: ``table = [x^T; 1]`` of shape (in + 1, tokens); one bag per output feature.
-* conv, layout ``"im2col"``: rows (c, i, j) of the kernel taps, columns (n, y, x) of the output,
-  shape (C kh kw + 1, N Ho Wo); one bag per output channel.
+* conv, layout ``"im2col"``: rows (c, i, j) of the kernel taps, columns (y, x) of one sample's output,
+  shape (C kh kw + 1, Ho Wo); one bag per output channel. For a 1x1 conv this is a copy of the input.
 * conv, layout ``"rows"``: only the kw horizontally shifted copies of the input, rows (c, j, r) for input
-  row r, columns (n, x), shape (C kw H + 1, N Wo); one bag per (output channel, output row y) whose
-  entries point at input row r = y*stride + i*dilation - pad of each tap (taps in the vertical padding are
-  dropped when the bags are built). Three times the input instead of nine for a 3x3 conv.
+  row r, columns x, shape (C kw H + 1, Wo); one bag per (output channel, output row y) whose entries point
+  at input row r = y*stride + i*dilation - pad of each tap (taps in the vertical padding are dropped when
+  the bags are built). Three times the input instead of nine for a 3x3 conv.
 
-Grouped convs use the same tables: a weight's column is mapped to the global input channel of its group.
-The bag arrays are built once per layer by :func:`dense_bags`, :func:`im2col_bags` and :func:`rows_bags`
+Convs run one product per sample (the tables of a whole batch outgrow the caches); both layouts then
+produce NCHW directly. Grouped convs use the same tables: a weight's column is mapped to the global input
+channel of its group. The bag arrays are built once per layer by :func:`dense_bags`, :func:`im2col_bags` and :func:`rows_bags`
 (rows bags depend on the input height). The ops take them as plain tensors (sparse tensors break
 torch.compile and torch.export) and have fake kernels, so compiled and exported models keep one opaque
 node per layer.
@@ -135,19 +136,21 @@ def bag_product(table: Tensor, indices: Tensor, offsets: Tensor, weights: Tensor
 def _conv2d(x: Tensor, indices: Tensor, offsets: Tensor, weights: Tensor, out_channels: int, kernel_size: list[int],
             stride: list[int], padding: list[int], dilation: list[int], input_size: list[int], layout: str,
             kernel: str) -> Tensor:
+    """One product per sample, each on that sample's table: a table of a whole batch outgrows the caches
+    (16 ResNet-50 images: 38 MB for one 3x3 layer), and the products come out in NCHW order."""
     n, _, h, w = x.shape
     ho, wo = conv_output_size((h, w), kernel_size, stride, padding, dilation)
     if layout == "im2col":
-        out = bag_product(im2col_table(x, kernel_size, stride, padding, dilation), indices, offsets, weights, kernel)
-        out = out.view(out_channels, n, ho, wo)
-        return out.view(1, out_channels, ho, wo) if n == 1 else out.permute(1, 0, 2, 3).contiguous()
-    if layout == "rows":
+        table = im2col_table
+    elif layout == "rows":
+        table = rows_table
         if [h, w] != list(input_size):
             raise ValueError(f"fxsparse::conv2d: the row bags were built for {list(input_size)} inputs, got {[h, w]}")
-        out = bag_product(rows_table(x, kernel_size, stride, padding, dilation), indices, offsets, weights, kernel)
-        out = out.view(out_channels, ho, n, wo)
-        return out.view(1, out_channels, ho, wo) if n == 1 else out.permute(2, 0, 1, 3).contiguous()
-    raise ValueError(f"unknown conv layout {layout!r}; expected one of {CONV_LAYOUTS}")
+    else:
+        raise ValueError(f"unknown conv layout {layout!r}; expected one of {CONV_LAYOUTS}")
+    outs = [bag_product(table(x[i:i + 1], kernel_size, stride, padding, dilation), indices, offsets, weights, kernel)
+            for i in range(n)]
+    return outs[0].view(1, out_channels, ho, wo) if n == 1 else torch.stack(outs).view(n, out_channels, ho, wo)
 
 
 def _linear(x: Tensor, indices: Tensor, offsets: Tensor, weights: Tensor, bias: Optional[Tensor], out_features: int,
