@@ -455,3 +455,22 @@ def test_three_linears_chain_through_relu_and_silu():
     assert_close(run(fast, x), run(model, x))
     program = torch.export.export(fast, (x,))
     assert_close(program.module()(x), run(model, x))
+
+
+@pytest.mark.parametrize("features_first", [(False, False), (False, True), (True, False), (True, True)])
+@pytest.mark.parametrize("kernel", ops.KERNELS)
+def test_linear_op_in_token_chunks(monkeypatch, features_first, kernel):
+    """Many tokens are multiplied chunk by chunk; every chunk lands in its place, bias included."""
+    monkeypatch.setattr(ops, "TABLE_CHUNK_BYTES", 4 * 13 * 64)  # 64 tokens per chunk for 12 features + ones
+    w = torch.randn(5, 12) * (torch.rand(5, 12) < 0.4)
+    bias = torch.randn(5)
+    x = torch.randn(3, 70, 12)  # 210 tokens: chunks of 64, 64, 64, 18
+    ff_in, ff_out = features_first
+    bags = ops.dense_bags(*to_csr(w), bias, 12)
+    separate = None
+    if ff_in:
+        bags, separate = ops.split_bias(bags, 12)
+    inp = x.permute(2, 0, 1).contiguous() if ff_in else x
+    out = torch.ops.fxsparse.linear(inp, *bags, separate, 5, ff_in, ff_out, kernel)
+    ref = F.linear(x, w, bias)
+    assert_close(out, ref.permute(2, 0, 1) if ff_out else ref)

@@ -109,7 +109,7 @@ def run_config(config: dict[str, Any], args, cache: dict) -> dict[str, Any]:
     clock = {"auto": None, "cpu": time.thread_time, "wall": time.perf_counter}[args.clock]
 
     def timer(candidates):
-        return interleaved_medians(candidates, repeats=args.layer_repeats, clock=clock)
+        return interleaved_medians(candidates, repeats=args.layer_repeats, min_sample_s=1e-3, clock=clock)
 
     x = example(config["model"] if config["masks"] == "magnitude" else "", config["batch"], args.input)
     start = time.perf_counter()
@@ -196,7 +196,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--batch", nargs="+", type=int, default=[1])
     parser.add_argument("--threads", nargs="+", type=int, default=[1])
     parser.add_argument("--repeats", type=int, default=15, help="end-to-end runs of each model (median)")
-    parser.add_argument("--layer-repeats", type=int, default=5, help="runs of each candidate path per layer (median)")
+    parser.add_argument("--layer-repeats", type=int, default=7, help="runs of each candidate path per layer (median)")
     parser.add_argument("--clock", choices=("auto", "cpu", "wall"), default="auto",
                         help="auto: thread CPU time with one thread, wall clock with more")
     parser.add_argument("--results", default="bench_inference.jsonl", help="JSON lines, appended (resumable)")

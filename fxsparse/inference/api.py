@@ -114,12 +114,15 @@ def _unconvertible(module: nn.Module) -> Optional[str]:
 
 
 def _install_sparse_layers_(model: nn.Module, planner: Planner, exclude: Callable[[str, nn.Module], bool],
-                            checkpoint: Optional[CsrCheckpoint] = None) -> list[LayerPlan]:
+                            checkpoint: Optional[CsrCheckpoint] = None,
+                            kept_dense: Optional[list[LayerPlan]] = None) -> list[LayerPlan]:
     """Replace each exact nn.Conv2d / nn.Linear by its sparse layer (built from the checkpoint's CSR when its
-    weight is stored as CSR there, else from the module's dense weight); plans of those left dense."""
-    kept_dense = []
+    weight is stored as CSR there, else from the module's dense weight); returns ``kept_dense`` extended by
+    the plans of the layers left dense (a layer already in it is not looked at again)."""
+    kept_dense = [] if kept_dense is None else kept_dense
+    seen = {plan.name for plan in kept_dense}
     for name, module in list(model.named_modules()):
-        if type(module) not in (nn.Conv2d, nn.Linear) or exclude(name, module):
+        if type(module) not in (nn.Conv2d, nn.Linear) or exclude(name, module) or name in seen:
             continue
         key = f"{name}.weight" if name else "weight"
         shape = tuple(module.weight.shape)
@@ -294,7 +297,7 @@ def accelerate_checkpoint(path: Union[str, os.PathLike], model: Union[nn.Module,
     if left:
         raise ValueError(f"{checkpoint.path!r} leaves {left[:5]}{' ...' if len(left) > 5 else ''} of the model "
                          "without values; was it written for another architecture?")
-    kept_dense += _install_sparse_layers_(model, planner, exclude_filter)
+    kept_dense = _install_sparse_layers_(model, planner, exclude_filter, kept_dense=kept_dense)
     return _plan_(model, example_input, kept_dense, progress)
 
 

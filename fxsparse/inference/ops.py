@@ -153,28 +153,47 @@ def _conv2d(x: Tensor, indices: Tensor, offsets: Tensor, weights: Tensor, out_ch
     return outs[0].view(1, out_channels, ho, wo) if n == 1 else torch.stack(outs).view(n, out_channels, ho, wo)
 
 
+TABLE_CHUNK_BYTES = 2**21  # a linear layer's table is cut into token chunks of about this size (cache-resident)
+
+
+def token_chunk(table_rows: int, tokens: int) -> int:
+    """Tokens per product so that a chunk of the table stays in the caches (at least 64)."""
+    return min(tokens, max(64, TABLE_CHUNK_BYTES // (4 * table_rows)))
+
+
 def _linear(x: Tensor, indices: Tensor, offsets: Tensor, weights: Tensor, bias: Optional[Tensor], out_features: int,
             features_first_in: bool, features_first_out: bool, kernel: str) -> Tensor:
     """x is (..., in), or (in, ...) when features_first_in (then the table is x itself, with no row of ones,
-    and the bias comes separately); the result is (..., out), or (out, ...) when features_first_out."""
+    and the bias comes separately); the result is (..., out), or (out, ...) when features_first_out.
+    Many tokens are multiplied chunk by chunk (token_chunk), each chunk's table staying in the caches."""
     if features_first_in:
-        lead = x.shape[1:]
-        out = bag_product(x.reshape(x.shape[0], -1), indices, offsets, weights, kernel)
+        lead, x2d = x.shape[1:], x.reshape(x.shape[0], -1)  # (in, tokens)
+        tokens, chunk = x2d.shape[1], token_chunk(x2d.shape[0], x2d.shape[1])
     else:
-        lead = x.shape[:-1]
-        out = bag_product(linear_table(x.reshape(-1, x.shape[-1])), indices, offsets, weights, kernel)
+        lead, x2d = x.shape[:-1], x.reshape(-1, x.shape[-1])  # (tokens, in)
+        tokens, chunk = x2d.shape[0], token_chunk(x2d.shape[1] + 1, x2d.shape[0])
+
+    def product(start: int, stop: int) -> Tensor:  # (out_features, stop - start), bias included
+        if features_first_in:
+            table = x2d if stop - start == tokens else x2d[:, start:stop].contiguous()
+        else:
+            table = linear_table(x2d[start:stop])
+        part = bag_product(table, indices, offsets, weights, kernel)
+        return part if bias is None else part.add_(bias[:, None])
+
     if features_first_out:
-        if bias is not None:
-            out.add_(bias[:, None])
+        if chunk == tokens:
+            return product(0, tokens).view(out_features, *lead)
+        out = torch.empty(out_features, tokens, dtype=x.dtype)
+        for start in range(0, tokens, chunk):
+            out[:, start:start + chunk] = product(start, min(tokens, start + chunk))
         return out.view(out_features, *lead)
-    tokens = out.shape[1]
     if tokens == 1:
-        result = out.view(1, out_features) if bias is None else out.view(1, out_features) + bias
-    elif bias is None:
-        result = out.t().contiguous()
-    else:
-        result = torch.add(out.t(), bias, out=torch.empty(tokens, out_features, dtype=out.dtype))
-    return result.view(*lead, out_features)
+        return product(0, 1).view(*lead, out_features)
+    out = torch.empty(tokens, out_features, dtype=x.dtype)
+    for start in range(0, tokens, chunk):
+        out[start:start + chunk] = product(start, min(tokens, start + chunk)).t()
+    return out.view(*lead, out_features)
 
 
 def _conv2d_fake(x, indices, offsets, weights, out_channels, kernel_size, stride, padding, dilation, input_size,
@@ -302,5 +321,5 @@ def rows_bag_entries(nnz: int, output_height: int) -> int:
 
 __all__ = [
     "KERNELS", "CONV_LAYOUTS", "conv_output_size", "linear_table", "im2col_table", "rows_table", "bag_product",
-    "dense_bags", "im2col_bags", "rows_bags", "csr_rows", "rows_bag_entries", "split_bias",
+    "dense_bags", "im2col_bags", "rows_bags", "csr_rows", "rows_bag_entries", "split_bias", "token_chunk",
 ]
