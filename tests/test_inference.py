@@ -122,8 +122,8 @@ def test_four_sided_padding_matches_torch():
     for k, d in [((4, 3), (1, 1)), ((2, 2), (3, 1)), ((5, 5), (2, 2))]:
         pt, pb, pl, pr = four_sided_padding("same", k, d)
         x, w = torch.randn(1, 2, 9, 10), torch.randn(3, 2, *k)
-        assert torch.allclose(F.conv2d(F.pad(x, (pl, pr, pt, pb)), w, dilation=d), F.conv2d(x, w, padding="same", dilation=d),
-                              atol=1e-5)
+        same = F.conv2d(x, w, padding="same", dilation=d)
+        assert torch.allclose(F.conv2d(F.pad(x, (pl, pr, pt, pb)), w, dilation=d), same, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -153,7 +153,8 @@ def run_config(config: dict[str, Any], args, cache: dict) -> dict[str, Any]:
 def summary_line(r: dict[str, Any]) -> str:
     return (f"{r['model']} ({r['masks']} masks) sparsity {r['sparsity']} batch {r['batch']} threads {r['threads']}: "
             f"dense {r['dense_ms']:.2f} ms, accelerated {r['accelerated_ms']:.2f} ms, speedup {r['speedup']:.2f}x "
-            f"({r['sparse_layers']}/{r['layers']} layers sparse, {r['clock']}, max rel. error {r['relative_error']:.1e}, "
+            f"({r['sparse_layers']}/{r['layers']} layers sparse, {r['clock']}, "
+            f"max rel. error {r['relative_error']:.1e}, "
             f"model {r['accelerated_bytes'] / 2**20:.1f} MiB vs dense {r['dense_bytes'] / 2**20:.1f} MiB)")
 
 

@@ -186,8 +186,9 @@ def _plan_(model: nn.Module, example_input: Any, kept_dense: list[LayerPlan], pr
     plans = list(kept_dense)
     for name, layer in layers:
         if layer.path is None:  # not reached by the example: nothing measured, keep it dense
-            plans.append(LayerPlan(name, layer.kind, layer.weight_shape, None, density_of(layer.nnz, layer.weight_shape),
-                                   {}, DENSE, "not called by the example input"))
+            density = density_of(layer.nnz, layer.weight_shape)
+            plans.append(LayerPlan(name, layer.kind, layer.weight_shape, None, density, {}, DENSE,
+                                   "not called by the example input"))
             _replace_submodule_(model, name, layer.plain_module())
             continue
         plans.append(layer.plan)
@@ -201,8 +202,8 @@ def _plan_(model: nn.Module, example_input: Any, kept_dense: list[LayerPlan], pr
                 plan.reason = (plan.reason + "; " if plan.reason else "") + f"feature-first {side}"
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     plans.sort(key=lambda p: order.get(p.name, len(order)))
-    setattr(model, PLAN_ATTRIBUTE, AccelerationPlan(plans, torch.get_num_threads(), _example_shape(example_input), fused,
-                                                    chains))
+    plan = AccelerationPlan(plans, torch.get_num_threads(), _example_shape(example_input), fused, chains)
+    setattr(model, PLAN_ATTRIBUTE, plan)
     return model.eval()
 
 

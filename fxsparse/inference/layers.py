@@ -181,7 +181,8 @@ class _SparseLayer(nn.Module):
             self.path = DENSE
             self.dense_weight = weight
             self.crow = self.col = self.values = None
-        self.plan = LayerPlan(self.name, self.kind, self.weight_shape, tuple(x.shape), density, times, self.path, reason)
+        self.plan = LayerPlan(self.name, self.kind, self.weight_shape, tuple(x.shape), density, times, self.path,
+                              reason)
         self.planner = None
         return self._dense(x, self.dense_weight) if self.path == DENSE else self._run(x)
 
@@ -369,8 +370,10 @@ class SparseLinear(_SparseLayer):
         self.features_first_in = True
 
     def extra_repr(self) -> str:
-        chained = "".join(f", features_first_{side}" for side in ("in", "out") if getattr(self, f"features_first_{side}"))
-        return f"in_features={self.in_features}, out_features={self.out_features}, nnz={self.nnz}, path={self.path}{chained}"
+        chained = "".join(f", features_first_{side}" for side in ("in", "out")
+                          if getattr(self, f"features_first_{side}"))
+        return (f"in_features={self.in_features}, out_features={self.out_features}, nnz={self.nnz}, "
+                f"path={self.path}{chained}")
 
 
 def _dense_to_csr(weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -20,8 +20,8 @@ row of ones whose entry in each bag is the bias (so the bias costs no extra pass
 
 Convs run one product per sample (the tables of a whole batch outgrow the caches); both layouts then
 produce NCHW directly. Grouped convs use the same tables: a weight's column is mapped to the global input
-channel of its group. The bag arrays are built once per layer by :func:`dense_bags`, :func:`im2col_bags` and :func:`rows_bags`
-(rows bags depend on the input height). The ops take them as plain tensors (sparse tensors break
+channel of its group. The bag arrays are built once per layer by :func:`dense_bags`, :func:`im2col_bags`
+and :func:`rows_bags` (rows bags depend on the input height). The ops take them as plain tensors (sparse tensors break
 torch.compile and torch.export) and have fake kernels, so compiled and exported models keep one opaque
 node per layer.
 """
@@ -124,7 +124,8 @@ def _csr_matrix(offsets: Tensor, indices: Tensor, weights: Tensor, size: tuple[i
 def bag_product(table: Tensor, indices: Tensor, offsets: Tensor, weights: Tensor, kernel: str) -> Tensor:
     """(bags, table columns): bag b is sum_e weights[e] * table[indices[e]] for e in offsets[b]:offsets[b+1]."""
     if kernel == "ebag":
-        return F.embedding_bag(indices, table, offsets, mode="sum", per_sample_weights=weights, include_last_offset=True)
+        return F.embedding_bag(indices, table, offsets, mode="sum", per_sample_weights=weights,
+                               include_last_offset=True)
     if kernel == "mkl":
         return torch.mm(_csr_matrix(offsets, indices, weights, (offsets.numel() - 1, table.shape[0])), table)
     raise ValueError(f"unknown sparse kernel {kernel!r}; expected one of {KERNELS}")
@@ -294,7 +295,7 @@ def rows_bags(crow: Tensor, col: Tensor, values: Tensor, bias: Optional[Tensor],
               kernel_size: Sequence[int], stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
               input_size: Sequence[int]) -> tuple[Tensor, Tensor, Tensor]:
     """Bags of a conv weight over rows_table for (H, W) inputs: one per (output channel, output row)."""
-    (kh, kw), (h, w) = kernel_size, input_size
+    kw, h = kernel_size[1], input_size[0]
     ho = conv_output_size(input_size, kernel_size, stride, padding, dilation)[0]
     out_channels = crow.numel() - 1
     rows, channel, i, j = _conv_taps(crow, col, in_channels, groups, kernel_size)
