@@ -474,3 +474,40 @@ def test_linear_op_in_token_chunks(monkeypatch, features_first, kernel):
     out = torch.ops.fxsparse.linear(inp, *bags, separate, 5, ff_in, ff_out, kernel)
     ref = F.linear(x, w, bias)
     assert_close(out, ref.permute(2, 0, 1) if ff_out else ref)
+
+
+def test_given_paths_are_taken_without_timing(tmp_path, monkeypatch):
+    """A previous plan rebuilds the same model untimed; from a checkpoint nothing is densified then."""
+    model = prune_(ConvBnNet(), density=0.2)
+    x = torch.randn(1, 3, 12, 12)
+    first = fxsparse.accelerate(model, x, timer=prefer("rows+ebag", "mkl"))
+    assert paths(first) == {"conv1": "rows+ebag", "conv2": "rows+ebag", "conv3": "dense", "fc": "mkl"}
+
+    def timer(candidates):
+        raise AssertionError("nothing is timed when every path is given")
+
+    again = fxsparse.accelerate(model, x, timer=timer, paths=first.fxsparse_plan)
+    assert paths(again) == paths(first) and all(p.times == {} for p in again.fxsparse_plan.layers)
+    assert_close(run(again, x), run(model, x))
+
+    file = tmp_path / "net.safetensors"
+    fxsparse.save_csr(model, file)
+    import fxsparse.inference.layers as layers
+
+    densified = []
+    real = layers.from_csr
+    monkeypatch.setattr(layers, "from_csr", lambda *a: densified.append(a[-1]) or real(*a))
+    sparse_paths = {**first.fxsparse_plan.paths(), "conv3": "im2col+ebag"}
+    with skeleton():
+        plain = ConvBnNet()
+    built = fxsparse.accelerate_checkpoint(file, plain, x, timer=timer, paths=sparse_paths)
+    assert densified == [] and paths(built) == sparse_paths
+    assert_close(run(built, x), run(model, x))
+
+
+def test_a_given_path_a_layer_cannot_run_is_timed():
+    model = prune_(nn.Sequential(nn.Conv2d(4, 4, 1)))
+    x = torch.randn(1, 4, 5, 5)
+    with pytest.warns(UserWarning, match="cannot run the given path 'rows\\+ebag'"):
+        fast = fxsparse.accelerate(model, x, timer=prefer("im2col+mkl"), paths={"0": "rows+ebag"})
+    assert paths(fast) == {"0": "im2col+mkl"}

@@ -12,6 +12,10 @@ MAC density of a trained ST-3-sigma model); --checkpoint takes a CSR checkpoint 
 job's runs/<name>/model.csr.safetensors, with --arch fxsparse.models:SmallCNN --input 1,1,28,28), built
 with fxsparse.accelerate_checkpoint (its sparse weights never densified).
 
+--save-checkpoint PATH writes the magnitude-pruned model as a CSR checkpoint (first --model/--sparsity), and
+--memory PATH measures, in this fresh process, the peak memory growth of fxsparse.accelerate_checkpoint
+against the checkpoint's CSR bytes and the dense weights' bytes.
+
 Results are appended to --results (JSON lines); a configuration already there is skipped unless --force,
 so an interrupted run resumes and single configurations are cheap to redo. --plot draws speedup against
 sparsity from the results file.
@@ -22,11 +26,14 @@ sparsity from the results file.
     python tools/bench_inference.py --checkpoint runs/main/model.csr.safetensors --arch fxsparse.models:SmallCNN \
         --input 1,1,28,28 --batch 1 16
     python tools/bench_inference.py --plot speedup.png
+    python tools/bench_inference.py --model resnet50 --sparsity 0.9 --save-checkpoint r50.safetensors
+    python tools/bench_inference.py --memory r50.safetensors --arch resnet50
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import sys
@@ -150,6 +157,77 @@ def run_config(config: dict[str, Any], args, cache: dict) -> dict[str, Any]:
             "cpus": os.cpu_count(), "plan": plan.to_dict(), "table": plan.table()}
 
 
+def reset_peak_rss() -> int:
+    """Reset the peak resident memory (Linux: VmHWM via /proc/self/clear_refs); returns the current RSS."""
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")
+    return _status_bytes("VmRSS")
+
+
+def peak_rss_bytes() -> int:
+    return _status_bytes("VmHWM")
+
+
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def memory(args) -> None:
+    """Peak memory growth of building the accelerated model straight from a CSR checkpoint (fresh process)."""
+    torch.set_num_threads(args.threads[0])
+    document = fxsparse.read_csr_metadata(args.memory)
+    arch = args.arch or document.get("architecture")
+    x = example(BERT if arch == BERT else "", args.batch[0], args.input)
+    if arch == BERT:
+        from transformers import BertConfig, BertModel
+
+        with fxsparse.inference.skeleton():
+            arch = BertModel(BertConfig()).eval()
+    if args.paths == "dense":  # the usual way, for comparison: a dense model loaded from the checkpoint
+        from fxsparse.loading import create_model
+
+        before = reset_peak_rss()
+        model = arch if isinstance(arch, nn.Module) else create_model(arch)
+        fxsparse.load_csr_into_(model, args.memory)
+        model = fxsparse.inference.dense_baseline(model)
+        with torch.no_grad():
+            fxsparse.inference.call_model(model, x)
+        print(f"{args.memory}: dense model loaded with fxsparse.load_csr_into_ and run once: peak memory growth "
+              f"{(peak_rss_bytes() - before) / 2**20:.1f} MiB, model {model_bytes(model) / 2**20:.1f} MiB", flush=True)
+        return
+    paths = None
+    if args.paths:
+        with open(args.paths) as handle:
+            paths = json.load(handle)
+    before = reset_peak_rss()
+    fast = fxsparse.accelerate_checkpoint(args.memory, arch, x, paths=paths, progress=not args.no_progress)
+    growth = peak_rss_bytes() - before
+    dense = sum(math.prod(e["shape"]) * torch.empty((), dtype=getattr(torch, e["dtype"])).element_size()
+                for e in document["tensors"].values())
+    how = "with the given paths (untimed)" if paths else "timed"
+    print(f"{args.memory}: file {os.path.getsize(args.memory) / 2**20:.1f} MiB, dense tensors {dense / 2**20:.1f} MiB; "
+          f"accelerate_checkpoint {how}: peak memory growth {growth / 2**20:.1f} MiB, accelerated model "
+          f"{model_bytes(fast) / 2**20:.1f} MiB, {len(fast.fxsparse_plan.sparse_layers)}/"
+          f"{len(fast.fxsparse_plan.layers)} layers sparse", flush=True)
+    if paths is None:  # the same build again in a fresh process, untimed, from this plan
+        import subprocess
+        import tempfile
+
+        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
+            json.dump(fast.fxsparse_plan.paths(), handle)
+        for paths_argument in (handle.name, "dense"):
+            command = [sys.executable, __file__, "--memory", args.memory, "--paths", paths_argument, "--no-progress",
+                       "--batch", str(args.batch[0]), "--threads", str(args.threads[0])]
+            command += ["--arch", args.arch] if args.arch else []
+            command += ["--input", ",".join(map(str, args.input))] if args.input else []
+            subprocess.run(command, check=True)
+        os.unlink(handle.name)
+
+
 def summary_line(r: dict[str, Any]) -> str:
     return (f"{r['model']} ({r['masks']} masks) sparsity {r['sparsity']} batch {r['batch']} threads {r['threads']}: "
             f"dense {r['dense_ms']:.2f} ms, accelerated {r['accelerated_ms']:.2f} ms, speedup {r['speedup']:.2f}x "
@@ -204,8 +282,23 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--force", action="store_true", help="rerun configurations already in --results")
     parser.add_argument("--table", action="store_true", help="print each configuration's per-layer table")
     parser.add_argument("--plot", help="PNG of speedup against sparsity, from all results in --results")
+    parser.add_argument("--save-checkpoint", help="write the first magnitude-pruned model as a CSR checkpoint")
+    parser.add_argument("--memory", help="a CSR checkpoint: peak memory of accelerate_checkpoint, timed, then again "
+                                         "untimed with the paths chosen (fresh processes)")
+    parser.add_argument("--paths", help=argparse.SUPPRESS)  # JSON {layer: path}, for --memory's second build
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
+    if args.memory:
+        return memory(args)
+    if args.save_checkpoint:
+        if not args.model:
+            parser.error("--save-checkpoint needs --model")
+        model = build(args.model[0])
+        magnitude_prune_(model, args.sparsity[0])
+        calibrate_batchnorms_(model, example(args.model[0], 8, args.input))
+        fxsparse.save_csr(model, args.save_checkpoint, architecture=None if args.model[0] == BERT else args.model[0])
+        print(f"wrote {args.save_checkpoint}")
+        return None
     if args.checkpoint and args.model:
         parser.error("give either --model (magnitude masks) or --checkpoint, not both")
 

@@ -64,6 +64,10 @@ class AccelerationPlan:
                    "chosen", "note"]
         return tabulate(rows, headers, tablefmt=tablefmt, disable_numparse=True)
 
+    def paths(self) -> dict[str, str]:
+        """{layer: chosen path}: pass it as ``paths=`` to build the same model again without timing."""
+        return {p.name: p.path for p in self.layers}
+
     def to_dict(self) -> dict[str, Any]:
         return {"threads": self.threads, "example_shape": self.example_shape,
                 "folded_batchnorms": self.folded_batchnorms, "chained_linears": self.chained_linears,
@@ -207,14 +211,25 @@ def _plan_(model: nn.Module, example_input: Any, kept_dense: list[LayerPlan], pr
     return model.eval()
 
 
+PathsSpec = Union[None, Mapping[str, str], AccelerationPlan]
+
+
 def _planner(timer: Optional[Timer], kernels: Optional[Sequence[str]], layouts: Optional[Sequence[str]],
-             min_speedup: float, max_density: float) -> Planner:
-    planner = Planner(timer=timer or default_timer, min_speedup=min_speedup, max_density=max_density)
+             min_speedup: float, max_density: float, paths: PathsSpec) -> Planner:
+    planner = Planner(timer=timer or default_timer, min_speedup=min_speedup, max_density=max_density,
+                      paths=dict(paths.paths() if isinstance(paths, AccelerationPlan) else paths or {}))
     if kernels is not None:
         planner.kernels = tuple(kernels)
     if layouts is not None:
         planner.layouts = tuple(layouts)
     return planner
+
+
+def _check_model(model: nn.Module) -> None:
+    devices = {t.device.type for t in [*model.parameters(), *model.buffers()]} - {"cpu", "meta"}
+    if devices:
+        raise ValueError(f"fxsparse.accelerate runs on CPU; the model has tensors on {sorted(devices)}: "
+                         "pass model.cpu()")
 
 
 def _check_example(example_input: Any) -> None:
@@ -231,7 +246,8 @@ def _check_example(example_input: Any) -> None:
 
 def accelerate(model: nn.Module, example_input: Any, *, exclude: ExcludeSpec = None, timer: Optional[Timer] = None,
                kernels: Optional[Sequence[str]] = None, layouts: Optional[Sequence[str]] = None,
-               min_speedup: float = 1.05, max_density: float = 0.6, progress: bool = False) -> nn.Module:
+               min_speedup: float = 1.05, max_density: float = 0.6, paths: PathsSpec = None,
+               progress: bool = False) -> nn.Module:
     """An inference copy of ``model`` whose sparse conv and linear layers run on sparse CPU kernels.
 
     model: a folded model (a sparsified one is folded on a copy first; a dense one gains nothing).
@@ -242,12 +258,15 @@ def accelerate(model: nn.Module, example_input: Any, *, exclude: ExcludeSpec = N
     kernels / layouts: restrict the candidates (ops.KERNELS = ("ebag", "mkl"), ops.CONV_LAYOUTS).
     min_speedup: a sparse path replaces dense only when at least this much faster.
     max_density: denser layers stay dense without being timed.
+    paths: {layer name: path} (or a previous model's fxsparse_plan) taken without timing, e.g. to rebuild on
+      the deployment machine what was measured once.
     The returned model's ``fxsparse_plan`` (an AccelerationPlan) holds every layer's timings and choice.
     """
     _check_example(example_input)
+    _check_model(model)
     model = fold(model) if is_sparsified(model) else copy.deepcopy(model)
     model.eval()
-    planner = _planner(timer, kernels, layouts, min_speedup, max_density)
+    planner = _planner(timer, kernels, layouts, min_speedup, max_density, paths)
     kept_dense = _install_sparse_layers_(model, planner, _exclude_filter(exclude))
     return _plan_(model, example_input, kept_dense, progress)
 
@@ -255,14 +274,17 @@ def accelerate(model: nn.Module, example_input: Any, *, exclude: ExcludeSpec = N
 def accelerate_checkpoint(path: Union[str, os.PathLike], model: Union[nn.Module, str, None], example_input: Any, *,
                           exclude: ExcludeSpec = None, timer: Optional[Timer] = None,
                           kernels: Optional[Sequence[str]] = None, layouts: Optional[Sequence[str]] = None,
-                          min_speedup: float = 1.05, max_density: float = 0.6, progress: bool = False) -> nn.Module:
+                          min_speedup: float = 1.05, max_density: float = 0.6, paths: PathsSpec = None,
+                          progress: bool = False) -> nn.Module:
     """accelerate() straight from a CSR checkpoint: its sparse weights never become dense tensors.
 
     model: the architecture, best built inside ``fxsparse.inference.skeleton()`` (parameters on the meta
       device, so peak memory is the CSR parts plus activations); or a timm name / "module:callable", built so;
       or None to use the checkpoint's "architecture" metadata. Every tensor of the checkpoint must match the
       model's state_dict (names and shapes), checked before anything is loaded.
-    Layers that stay dense (denser than max_density, or dense faster) are densified one at a time.
+    Layers that stay dense (denser than max_density, or dense faster) are densified one at a time, and
+    timing a layer builds its dense weight for a moment; with ``paths`` (a previous plan) nothing is timed,
+    so peak memory is the CSR parts, the kernels' index arrays and the activations.
     """
     _check_example(example_input)
     checkpoint = CsrCheckpoint(path)
@@ -275,9 +297,10 @@ def accelerate_checkpoint(path: Union[str, os.PathLike], model: Union[nn.Module,
 
         with skeleton():
             model = create_model(spec)
+    _check_model(model)
     model.eval()
     _check_against_model(checkpoint, model)
-    planner = _planner(timer, kernels, layouts, min_speedup, max_density)
+    planner = _planner(timer, kernels, layouts, min_speedup, max_density, paths)
     exclude_filter = _exclude_filter(exclude)
     with checkpoint:
         kept_dense = _install_sparse_layers_(model, planner, exclude_filter, checkpoint)

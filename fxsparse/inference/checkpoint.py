@@ -102,7 +102,7 @@ class CsrCheckpoint:
         return tensor
 
     def csr(self, name: str) -> tuple[Tensor, Tensor, Tensor]:
-        """(crow, col, values) of a CSR weight's 2-D view, int64 indices, checked to describe its shape."""
+        """(crow, col, values) of a CSR weight's 2-D view, as stored, checked to describe its shape."""
         entry = self.entries[name]
         shape = self.shape(name)
         rows, cols = shape[0], math.prod(shape[1:])
@@ -112,6 +112,7 @@ class CsrCheckpoint:
                 self._fail(name, f"{part} must be a 1-D integer tensor, got {tensor.dtype} {list(tensor.shape)}")
         if values.dim() != 1 or str(values.dtype).removeprefix("torch.") != entry.get("dtype"):
             self._fail(name, f"values are {values.dtype} {list(values.shape)}, expected 1-D {entry.get('dtype')}")
+        stored = crow, col
         crow, col = crow.to(torch.int64), col.to(torch.int64)
         nnz = values.numel()
         if crow.numel() != rows + 1 or col.numel() != nnz or int(crow[0]) != 0 or int(crow[-1]) != nnz:
@@ -124,4 +125,4 @@ class CsrCheckpoint:
         row = torch.repeat_interleave(torch.arange(rows), crow.diff())
         if bool(((row.diff() == 0) & (col.diff() <= 0)).any()):
             self._fail(name, "column indices are not strictly increasing within a row")
-        return crow, col, values
+        return stored[0], stored[1], values

@@ -34,8 +34,9 @@ class Planner:
     layouts: tuple[str, ...] = ops.CONV_LAYOUTS
     min_speedup: float = 1.05  # a sparse path must be this much faster than dense to be chosen
     max_density: float = 0.6  # denser layers stay dense without timing
-    max_row_entries: int = 50_000_000  # the rows layout is not tried when its bags would be larger
+    max_row_entries: int = 16_000_000  # the rows layout is not tried when its bags would be larger (8 B/entry)
     check_tolerance: float = 1e-3  # a candidate whose output differs more from dense's is refused
+    paths: dict[str, str] = dataclasses.field(default_factory=dict)  # layer name -> path, taken without timing
 
 
 @dataclasses.dataclass
@@ -105,8 +106,9 @@ class _SparseLayer(nn.Module):
     def _dense(self, x: Tensor, weight: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def _sparse_candidates(self, x: Tensor) -> dict[str, tuple[Callable[[], Tensor], Callable[[], None]]]:
-        """name -> (run on x, keep this path's buffers)."""
+    def _sparse_candidates(self, x: Tensor, only: Optional[str] = None
+                           ) -> dict[str, tuple[Callable[[], Tensor], Callable[[], None]]]:
+        """name -> (run on x, keep this path's buffers), for every allowed path, or just ``only``."""
         raise NotImplementedError
 
     def _plain_module(self) -> nn.Module:
@@ -149,16 +151,21 @@ class _SparseLayer(nn.Module):
         planner = self.planner = self.planner or Planner()
         density = density_of(self.nnz, self.weight_shape)
         reason = ""
-        candidates: dict[str, tuple[Callable[[], Tensor], Callable[[], None]]] = {}
         if x.dtype != torch.float32 or self.values.dtype != torch.float32:
             reason = f"dtype {x.dtype}: sparse kernels are float32 only"
         elif x.device.type != "cpu":
             reason = f"device {x.device}: sparse kernels are CPU only"
         elif density > planner.max_density:
             reason = f"density {density:.3f} > max_density {planner.max_density}"
-        else:
-            candidates = self._sparse_candidates(x)
-        weight = self.dense_weight_()
+        given = planner.paths.get(self.name)
+        if given is not None and not reason:  # no timing, no dense weight unless dense is the given path
+            candidates = {} if given == DENSE else self._sparse_candidates(x, only=given)
+            if given == DENSE or given in candidates:
+                return self._finish(x, given, candidates, {}, density, "path given")
+            warnings.warn(f"fxsparse.accelerate: {self.name} cannot run the given path {given!r}; timing its paths",
+                          stacklevel=2)
+        candidates = {} if reason else self._sparse_candidates(x)
+        weight = self.dense_weight = self.dense_weight_()
         times: dict[str, float] = {}
         if candidates:
             reference = self._dense(x, weight)
@@ -173,18 +180,22 @@ class _SparseLayer(nn.Module):
             runs = {name: run for name, (run, _) in candidates.items()}
             times = dict(planner.timer({DENSE: lambda: self._dense(x, weight), **runs}))
         best = min((n for n in candidates if n in times), key=times.get, default=None)
-        if best is not None and times[DENSE] >= planner.min_speedup * times[best]:
-            self.path = best
-            candidates[best][1]()
-            self.dense_weight = None
-        else:
-            self.path = DENSE
-            self.dense_weight = weight
+        chosen = best if best is not None and times[DENSE] >= planner.min_speedup * times[best] else DENSE
+        return self._finish(x, chosen, candidates, times, density, reason)
+
+    def _finish(self, x: Tensor, path: str, candidates: dict, times: dict[str, float], density: float,
+                reason: str) -> Tensor:
+        """Keep what ``path`` needs, record the plan, and run the path on x."""
+        self.path = path
+        if path == DENSE:
+            self.dense_weight = self.dense_weight_()
             self.crow = self.col = self.values = None
-        self.plan = LayerPlan(self.name, self.kind, self.weight_shape, tuple(x.shape), density, times, self.path,
-                              reason)
+        else:
+            candidates[path][1]()
+            self.dense_weight = None
+        self.plan = LayerPlan(self.name, self.kind, self.weight_shape, tuple(x.shape), density, times, path, reason)
         self.planner = None
-        return self._dense(x, self.dense_weight) if self.path == DENSE else self._run(x)
+        return self._dense(x, self.dense_weight) if path == DENSE else self._run(x)
 
     def plain_module(self) -> nn.Module:
         """The equivalent nn.Conv2d / nn.Linear with the dense weight (for layers that chose dense)."""
@@ -272,17 +283,20 @@ class SparseConv2d(_SparseLayer):
         return torch.ops.fxsparse.conv2d(x, *bags, self.out_channels, kernel_size, stride, sides, dilation,
                                          list(input_size), layout, kernel)
 
-    def _sparse_candidates(self, x: Tensor):
+    def _sparse_candidates(self, x: Tensor, only: Optional[str] = None):
         input_size = (int(x.shape[-2]), int(x.shape[-1]))
         output_height = ops.conv_output_size(input_size, self.kernel_size, self.stride, self.sides, self.dilation)[0]
         candidates = {}
-        for layout in self.planner.layouts:
-            if layout == "rows" and (self.kernel_size == (1, 1) or ops.rows_bag_entries(
-                    self.nnz + self.out_channels, output_height) > self.planner.max_row_entries):
+        layouts = self.planner.layouts if only is None else [only.partition("+")[0]]
+        kernels = self.planner.kernels if only is None else [only.partition("+")[2]]
+        rows_entries = ops.rows_bag_entries(self.nnz + self.out_channels, output_height)
+        for layout in layouts:
+            if layout not in ops.CONV_LAYOUTS or layout == "rows" and (
+                    self.kernel_size == (1, 1) or rows_entries > self.planner.max_row_entries):
                 continue
             bags = self._bags(layout, input_size)
-            for kernel in self.planner.kernels:
-                if kernel == "mkl" and bags[0].numel() == 0:  # MKL refuses an empty matrix
+            for kernel in kernels:
+                if kernel not in ops.KERNELS or kernel == "mkl" and bags[0].numel() == 0:  # MKL refuses empty matrices
                     continue
 
                 def run(bags=bags, layout=layout, kernel=kernel):
@@ -336,10 +350,12 @@ class SparseLinear(_SparseLayer):
     def _dense(self, x: Tensor, weight: Tensor) -> Tensor:
         return F.linear(x, weight, self.bias)
 
-    def _sparse_candidates(self, x: Tensor):
+    def _sparse_candidates(self, x: Tensor, only: Optional[str] = None):
+        if only is not None and only not in ops.KERNELS:
+            return {}
         bags = ops.dense_bags(self.crow, self.col, self.values, self.bias, self.in_features)
         candidates = {}
-        for kernel in self.planner.kernels:
+        for kernel in self.planner.kernels if only is None else [only]:
             if kernel == "mkl" and bags[0].numel() == 0:
                 continue
 

@@ -222,24 +222,23 @@ def _index_dtype(*bounds: int) -> torch.dtype:
     return torch.int32 if max(bounds) < 2**31 else torch.int64
 
 
-def _bags(bag: Tensor, index: Tensor, weight: Tensor, num_bags: int, table_rows: int) -> tuple[Tensor, Tensor, Tensor]:
-    """(indices, offsets, weights) of the entries grouped by bag, each bag's entries by increasing index."""
-    order = torch.argsort(bag * table_rows + index)
-    counts = torch.bincount(bag, minlength=num_bags)
-    offsets = torch.zeros(num_bags + 1, dtype=torch.int64)
-    torch.cumsum(counts, 0, out=offsets[1:])
-    dtype = _index_dtype(table_rows, index.numel())
-    return index[order].to(dtype), offsets.to(dtype), weight[order].contiguous()
-
-
-def _with_bias(rows: Tensor, index: Tensor, weight: Tensor, bias: Optional[Tensor], num_rows: int,
-               ones_row: int) -> tuple[Tensor, Tensor, Tensor]:
-    """The entries plus one per row pointing at the table's row of ones, weighted by the bias (if any)."""
+def _csr_bags(crow: Tensor, index: Tensor, values: Tensor, bias: Optional[Tensor],
+              ones_row: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(indices, offsets, weights): the weight's CSR rows as bags, with ``index`` (increasing within each row,
+    as the CSR columns) as table rows, and each row's bias entry last, on the row of ones (if there is a bias)."""
+    crow = crow.to(torch.int64)
+    rows = crow.numel() - 1
+    dtype = _index_dtype(ones_row + 1, index.numel() + rows)
     if bias is None:
-        return rows, index, weight
-    every = torch.arange(num_rows)
-    return (torch.cat([rows, every]), torch.cat([index, torch.full((num_rows,), ones_row)]),
-            torch.cat([weight, bias.detach().to(weight.dtype)]))
+        return index.to(dtype), crow.to(dtype), values.contiguous()
+    offsets = crow + torch.arange(rows + 1)
+    entries = csr_rows(crow) + torch.arange(index.numel())  # where each stored entry goes
+    indices = torch.full((index.numel() + rows,), ones_row, dtype=dtype)
+    indices[entries] = index.to(dtype)
+    weights = torch.empty(index.numel() + rows, dtype=values.dtype)
+    weights[entries] = values
+    weights[offsets[1:] - 1] = bias.detach().to(values.dtype)
+    return indices, offsets.to(dtype), weights
 
 
 def split_bias(bags: tuple[Tensor, Tensor, Tensor], ones_row: int) -> tuple[tuple[Tensor, Tensor, Tensor], Tensor]:
@@ -276,43 +275,65 @@ def _conv_taps(crow: Tensor, col: Tensor, in_channels: int, groups: int, kernel_
 def dense_bags(crow: Tensor, col: Tensor, values: Tensor, bias: Optional[Tensor],
                columns: int) -> tuple[Tensor, Tensor, Tensor]:
     """Bags of a linear layer's (out, columns) CSR weight over linear_table: one per output feature."""
-    out = crow.numel() - 1
-    rows, index, weight = _with_bias(csr_rows(crow), col.to(torch.int64), values, bias, out, columns)
-    return _bags(rows, index, weight, out, columns + 1)
+    return _csr_bags(crow, col.to(torch.int64), values, bias, columns)
 
 
 def im2col_bags(crow: Tensor, col: Tensor, values: Tensor, bias: Optional[Tensor], in_channels: int, groups: int,
                 kernel_size: Sequence[int]) -> tuple[Tensor, Tensor, Tensor]:
     """Bags of a conv weight over im2col_table: one per output channel."""
     kh, kw = kernel_size
-    rows, channel, i, j = _conv_taps(crow, col, in_channels, groups, kernel_size)
-    ones_row = in_channels * kh * kw
-    rows, index, weight = _with_bias(rows, (channel * kh + i) * kw + j, values, bias, crow.numel() - 1, ones_row)
-    return _bags(rows, index, weight, crow.numel() - 1, ones_row + 1)
+    _, channel, i, j = _conv_taps(crow, col, in_channels, groups, kernel_size)
+    # (channel * kh + i) * kw + j is the weight's column plus its group's offset: increasing within a row
+    return _csr_bags(crow, (channel * kh + i) * kw + j, values, bias, in_channels * kh * kw)
+
+
+ROWS_BLOCK_ENTRIES = 2**17  # rows_bags works on blocks of output channels of about this many entries
 
 
 def rows_bags(crow: Tensor, col: Tensor, values: Tensor, bias: Optional[Tensor], in_channels: int, groups: int,
               kernel_size: Sequence[int], stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
               input_size: Sequence[int]) -> tuple[Tensor, Tensor, Tensor]:
-    """Bags of a conv weight over rows_table for (H, W) inputs: one per (output channel, output row)."""
+    """Bags of a conv weight over rows_table for (H, W) inputs: one per (output channel, output row).
+
+    Built block of output channels by block, so the temporaries stay small next to the result.
+    """
     kw, h = kernel_size[1], input_size[0]
     ho = conv_output_size(input_size, kernel_size, stride, padding, dilation)[0]
     out_channels = crow.numel() - 1
     rows, channel, i, j = _conv_taps(crow, col, in_channels, groups, kernel_size)
-    y = torch.arange(ho)
-    source_row = y[None, :] * stride[0] + (i * dilation[0] - padding[0])[:, None]  # (entries, Ho)
-    inside = (source_row >= 0) & (source_row < h)
-    entry, out_row = inside.nonzero(as_tuple=True)
-    index = (channel[entry] * kw + j[entry]) * h + source_row[entry, out_row]
-    bag = rows[entry] * ho + out_row
-    weight = values[entry]
     ones_row = in_channels * kw * h
-    if bias is not None:
-        every = torch.arange(out_channels * ho)
-        bag = torch.cat([bag, every])
-        index = torch.cat([index, torch.full_like(every, ones_row)])
-        weight = torch.cat([weight, bias.detach().to(values.dtype).repeat_interleave(ho)])
-    return _bags(bag, index, weight, out_channels * ho, ones_row + 1)
+    base = (channel * kw + j) * h  # the table row of each entry's tap for input row 0
+    shift = i * dilation[0] - padding[0]  # its input row for output row 0
+    y = torch.arange(ho)
+    crow64 = crow.to(torch.int64)
+    indices, weights, counts = [], [], []
+    start = 0
+    while start < out_channels:  # a block of output channels [start, stop)
+        stop = start + 1
+        while stop < out_channels and (int(crow64[stop + 1]) - int(crow64[start]) + stop + 1 - start) * ho \
+                <= ROWS_BLOCK_ENTRIES:
+            stop += 1
+        first, last = int(crow64[start]), int(crow64[stop])
+        source_row = y[None, :] * stride[0] + shift[first:last, None]  # (entries, Ho)
+        entry, out_row = ((source_row >= 0) & (source_row < h)).nonzero(as_tuple=True)
+        bag = (rows[first:last][entry] - start) * ho + out_row
+        index = base[first:last][entry] + source_row[entry, out_row]
+        weight = values[first:last][entry]
+        if bias is not None:
+            every = torch.arange((stop - start) * ho)
+            bag = torch.cat([bag, every])
+            index = torch.cat([index, torch.full_like(every, ones_row)])
+            weight = torch.cat([weight, bias[start:stop].detach().to(values.dtype).repeat_interleave(ho)])
+        order = torch.argsort(bag * (ones_row + 1) + index)
+        dtype = _index_dtype(ones_row + 1, (int(crow64[-1]) + out_channels) * ho)
+        indices.append(index[order].to(dtype))
+        weights.append(weight[order])
+        counts.append(torch.bincount(bag, minlength=(stop - start) * ho))
+        start = stop
+    offsets = torch.zeros(out_channels * ho + 1, dtype=torch.int64)
+    torch.cumsum(torch.cat(counts), 0, out=offsets[1:])
+    index_dtype = indices[0].dtype
+    return torch.cat(indices), offsets.to(index_dtype), torch.cat(weights)
 
 
 def rows_bag_entries(nnz: int, output_height: int) -> int:
