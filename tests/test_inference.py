@@ -2,6 +2,7 @@
 CSR-checkpoint build, and torch.compile / torch.export round trips."""
 import io
 import itertools
+import json
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from torch import nn
 
 import fxsparse
 from fxsparse.export import CsrFormatError, to_csr
-from fxsparse.inference import SparseConv2d, SparseLinear, ops, skeleton
+from fxsparse.inference import AccelerationPlan, SparseConv2d, SparseLinear, ops, skeleton
 from fxsparse.inference.layers import four_sided_padding
 
 CONV_PATHS = [f"{layout}+{kernel}" for layout, kernel in itertools.product(ops.CONV_LAYOUTS, ops.KERNELS)]
@@ -208,6 +209,8 @@ def test_path_choice_and_dense_fallback():
     plan = fast.fxsparse_plan.layers[0]
     assert plan.dense_ms == 1000.0 and plan.sparse_ms == 400.0 and plan.best_sparse == "rows+ebag"
     assert "rows+ebag" in fast.fxsparse_plan.table()
+    again = AccelerationPlan.from_dict(json.loads(json.dumps(fast.fxsparse_plan.to_dict())))
+    assert again.table() == fast.fxsparse_plan.table() and again.paths() == paths(fast)
 
 
 def test_kernels_and_layouts_can_be_restricted():
@@ -511,3 +514,11 @@ def test_a_given_path_a_layer_cannot_run_is_timed():
     with pytest.warns(UserWarning, match="cannot run the given path 'rows\\+ebag'"):
         fast = fxsparse.accelerate(model, x, timer=prefer("im2col+mkl"), paths={"0": "rows+ebag"})
     assert paths(fast) == {"0": "im2col+mkl"}
+
+
+def test_bench_magnitude_masks_are_exact_per_layer(load_tool):
+    bench = load_tool("bench_inference")
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Linear(7, 5))
+    bench.magnitude_prune_(model, 0.9)
+    for module in model:
+        assert int((module.weight == 0).sum()) == round(0.9 * module.weight.numel())

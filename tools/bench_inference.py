@@ -26,6 +26,7 @@ sparsity from the results file.
     python tools/bench_inference.py --checkpoint runs/main/model.csr.safetensors --arch fxsparse.models:SmallCNN \
         --input 1,1,28,28 --batch 1 16
     python tools/bench_inference.py --plot speedup.png
+    python tools/bench_inference.py --show --table
     python tools/bench_inference.py --model resnet50 --sparsity 0.9 --save-checkpoint r50.safetensors
     python tools/bench_inference.py --memory r50.safetensors --arch resnet50
 """
@@ -282,6 +283,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--force", action="store_true", help="rerun configurations already in --results")
     parser.add_argument("--table", action="store_true", help="print each configuration's per-layer table")
     parser.add_argument("--plot", help="PNG of speedup against sparsity, from all results in --results")
+    parser.add_argument("--show", action="store_true", help="print the results in --results (with --table: the "
+                                                            "per-layer tables too) and exit")
     parser.add_argument("--save-checkpoint", help="write the first magnitude-pruned model as a CSR checkpoint")
     parser.add_argument("--memory", help="a CSR checkpoint: peak memory of accelerate_checkpoint, timed, then again "
                                          "untimed with the paths chosen (fresh processes)")
@@ -290,6 +293,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     args = parser.parse_args(argv)
     if args.memory:
         return memory(args)
+    if args.show:
+        for result in load_results(args.results):
+            if args.table:
+                print(fxsparse.inference.AccelerationPlan.from_dict(result["plan"]).table())
+            print(summary_line(result))
+        return None
     if args.save_checkpoint:
         if not args.model:
             parser.error("--save-checkpoint needs --model")

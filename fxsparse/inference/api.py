@@ -68,6 +68,20 @@ class AccelerationPlan:
         """{layer: chosen path}: pass it as ``paths=`` to build the same model again without timing."""
         return {p.name: p.path for p in self.layers}
 
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "AccelerationPlan":
+        """The plan to_dict() wrote (e.g. read back from JSON)."""
+        fields = {f.name for f in dataclasses.fields(LayerPlan)}
+        layers = []
+        for entry in data["layers"]:
+            layer = LayerPlan(**{k: v for k, v in entry.items() if k in fields})
+            layer.weight_shape = tuple(layer.weight_shape)
+            layer.input_shape = tuple(layer.input_shape) if layer.input_shape else None
+            layers.append(layer)
+        shape = tuple(data["example_shape"]) if data.get("example_shape") else None
+        return cls(layers, data["threads"], shape, list(data["folded_batchnorms"]),
+                   [tuple(pair) for pair in data.get("chained_linears", [])])
+
     def to_dict(self) -> dict[str, Any]:
         return {"threads": self.threads, "example_shape": self.example_shape,
                 "folded_batchnorms": self.folded_batchnorms, "chained_linears": self.chained_linears,
