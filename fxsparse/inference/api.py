@@ -18,6 +18,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from ..export import from_csr
 from ..fold import fold
 from ..pool import is_sparsified
 from .batchnorm import fold_batchnorms_
@@ -159,8 +160,6 @@ def _install_sparse_layers_(model: nn.Module, planner: Planner, exclude: Callabl
             f"density {density:.3f} > max_density {planner.max_density}" if density > planner.max_density else None)
         if reason:
             if from_checkpoint:  # the module still needs its weight: densify this one layer
-                from ..export import from_csr
-
                 module.weight = nn.Parameter(from_csr(crow, col, values, shape), requires_grad=False)
                 if bias is not None:
                     module.bias = nn.Parameter(bias, requires_grad=False)
@@ -325,8 +324,6 @@ def accelerate_checkpoint(path: Union[str, os.PathLike], model: Union[nn.Module,
             if name in replaced or _materialized_parameter(model, name):
                 continue
             if checkpoint.is_csr(name):
-                from ..export import from_csr
-
                 state[name] = from_csr(*checkpoint.csr(name), checkpoint.shape(name))
             else:
                 state[name] = checkpoint.dense(name)
