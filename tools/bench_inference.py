@@ -246,12 +246,15 @@ def plot(results: list[dict[str, Any]], path: str) -> None:
     series: dict[tuple, list[tuple[float, float]]] = {}
     for r in results:
         series.setdefault((r["model"], r["masks"], r["batch"], r["threads"]), []).append((r["sparsity"], r["speedup"]))
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    models = sorted({key[:2] for key in series})
+    colors = {model: f"C{i % 10}" for i, model in enumerate(models)}
+    markers = {(1, 1): "o", (1, 2): "s", (16, 1): "^", (16, 2): "v"}
+    fig, ax = plt.subplots(figsize=(8, 5))
     for (model, masks, batch, threads), points in sorted(series.items()):
         points.sort()
         label = f"{model} ({masks}), batch {batch}, {threads} thread{'s' if threads > 1 else ''}"
-        style = "o-" if len(points) > 1 else "o"
-        ax.plot([100 * s for s, _ in points], [v for _, v in points], style, label=label)
+        ax.plot([100 * s for s, _ in points], [v for _, v in points], marker=markers.get((batch, threads), "x"),
+                linestyle="-" if threads == 1 else "--", color=colors[(model, masks)], label=label)
     ax.axhline(1.0, color="grey", lw=0.8, ls="--")
     ax.set_xlabel("sparsity (%)")
     ax.set_ylabel("speedup over dense (end to end)")
