@@ -11,6 +11,7 @@ from .export import CsrFormatError, CsrReport, load_csr, load_csr_into_, read_cs
 from .flops import FlopReport, LayerMacs, flops
 from .fold import fix_mask_, fold, fold_
 from .global_threshold import GlobalThreshold
+from .inference import accelerate, accelerate_checkpoint, measure_speedup
 from .methods import METHODS, Feather, Gmp, Method, St3, St3Sigma, Ste, get_method, register_method
 from .pool import get_threshold, is_sparsified, layer_densities, realized_sparsity
 from .schedule import Constant, Cubic, cubic, paper_schedule
@@ -55,5 +56,8 @@ __all__ = [
     "flops",
     "FlopReport",
     "LayerMacs",
+    "accelerate",
+    "accelerate_checkpoint",
+    "measure_speedup",
     "__version__",
 ]

@@ -7,7 +7,6 @@ import copy
 import fnmatch
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from typing import Union
 
 import torch.fx as fx
 from torch import nn
@@ -40,7 +39,7 @@ from .schedule import Constant
 from .trace import bind_original_methods_, trace
 from .training_checks import check_optimizer_trains, hook_registry, watch_step
 
-ExcludeSpec = Union[None, str, Sequence[str], LayerFilter]  # noqa: UP007 (a runtime alias: | needs 3.10 types)
+ExcludeSpec = None | str | Sequence[str] | LayerFilter
 
 
 def _resolve_exclude(exclude: ExcludeSpec) -> tuple[LayerFilter | None, list[str]]:

@@ -1,0 +1,507 @@
+"""accelerate(), accelerate_checkpoint(), measure_speedup(): a folded sparse model on sparse CPU kernels.
+
+The accelerated model computes what the folded model computes (to float32 rounding) and is for inference
+only (eval mode, no autograd through the sparse kernels). Every exact nn.Conv2d (zeros padding) and
+nn.Linear becomes a SparseConv2d / SparseLinear that times its candidate paths on the example's
+activations at the current thread count (torch.get_num_threads()) and keeps the fastest; a layer for which
+dense is as fast goes back to a plain module, so the model is never slower than dense by more than the
+timing noise. BatchNorm2d layers after convs are folded into them first.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import fnmatch
+import os
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..export import from_csr
+from ..fold import fold
+from ..pool import is_sparsified
+from .batchnorm import fold_batchnorms_
+from .chain import chain_linears_
+from .checkpoint import CsrCheckpoint, skeleton
+from .layers import DENSE, LayerPlan, Planner, SparseConv2d, SparseLinear, density_of
+from .timing import Timer, default_timer, interleaved_medians
+
+PLAN_ATTRIBUTE = "fxsparse_plan"
+ExcludeSpec = None | str | Sequence[str] | Callable[[str, nn.Module], bool]
+
+
+@dataclasses.dataclass
+class AccelerationPlan:
+    """What accelerate() measured and chose, layer by layer (``model.fxsparse_plan``)."""
+
+    layers: list[LayerPlan]
+    threads: int
+    example_shape: tuple[int, ...] | None
+    folded_batchnorms: list[str]
+    chained_linears: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+
+    @property
+    def sparse_layers(self) -> list[LayerPlan]:
+        return [p for p in self.layers if p.path != DENSE]
+
+    def table(self, tablefmt: str = "simple") -> str:
+        """name, kind, weight shape, input shape, density, dense ms, best sparse ms and path, chosen path."""
+        from tabulate import tabulate
+
+        def ms(value: float | None) -> str:
+            return "-" if value is None else f"{value:.3f}"
+
+        rows = []
+        for p in self.layers:
+            speedup = f"{p.dense_ms / p.sparse_ms:.2f}x" if p.dense_ms and p.sparse_ms else "-"
+            rows.append(
+                [
+                    p.name,
+                    p.kind,
+                    "x".join(map(str, p.weight_shape)),
+                    "x".join(map(str, p.input_shape)) if p.input_shape else "-",
+                    f"{p.density:.3f}",
+                    ms(p.dense_ms),
+                    ms(p.sparse_ms),
+                    p.best_sparse or "-",
+                    speedup,
+                    p.path,
+                    p.reason,
+                ]
+            )
+        dense_total = sum(p.dense_ms or 0.0 for p in self.layers)
+        chosen_total = sum((p.chosen_ms if p.chosen_ms is not None else p.dense_ms) or 0.0 for p in self.layers)
+        rows.append(["total (layers timed alone)", "", "", "", "", ms(dense_total), "", "", "", ms(chosen_total), ""])
+        headers = [
+            "layer",
+            "kind",
+            "weight",
+            "input",
+            "density",
+            "dense ms",
+            "sparse ms",
+            "best sparse",
+            "speedup",
+            "chosen",
+            "note",
+        ]
+        return tabulate(rows, headers, tablefmt=tablefmt, disable_numparse=True)
+
+    def paths(self) -> dict[str, str]:
+        """{layer: chosen path}: pass it as ``paths=`` to build the same model again without timing."""
+        return {p.name: p.path for p in self.layers}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> AccelerationPlan:
+        """The plan to_dict() wrote (e.g. read back from JSON)."""
+        fields = {f.name for f in dataclasses.fields(LayerPlan)}
+        layers = []
+        for entry in data["layers"]:
+            layer = LayerPlan(**{k: v for k, v in entry.items() if k in fields})
+            layer.weight_shape = tuple(layer.weight_shape)
+            layer.input_shape = tuple(layer.input_shape) if layer.input_shape else None
+            layers.append(layer)
+        shape = tuple(data["example_shape"]) if data.get("example_shape") else None
+        return cls(
+            layers,
+            data["threads"],
+            shape,
+            list(data["folded_batchnorms"]),
+            [tuple(pair) for pair in data.get("chained_linears", [])],
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "threads": self.threads,
+            "example_shape": self.example_shape,
+            "folded_batchnorms": self.folded_batchnorms,
+            "chained_linears": self.chained_linears,
+            "layers": [p.to_dict() for p in self.layers],
+        }
+
+
+def call_model(model: nn.Module, example_input: Any) -> Any:
+    """model(x), model(*x) for a tuple/list, model(**x) for a mapping (e.g. a tokenizer's output)."""
+    if isinstance(example_input, Mapping):
+        return model(**example_input)
+    if isinstance(example_input, (tuple, list)):
+        return model(*example_input)
+    return model(example_input)
+
+
+def _example_shape(example_input: Any) -> tuple[int, ...] | None:
+    tensors = (
+        list(example_input.values())
+        if isinstance(example_input, Mapping)
+        else (list(example_input) if isinstance(example_input, (tuple, list)) else [example_input])
+    )
+    first = next((t for t in tensors if isinstance(t, torch.Tensor)), None)
+    return tuple(first.shape) if first is not None else None
+
+
+def _exclude_filter(exclude: ExcludeSpec) -> Callable[[str, nn.Module], bool]:
+    if exclude is None:
+        return lambda name, module: False
+    if callable(exclude):
+        return exclude
+    patterns = [exclude] if isinstance(exclude, str) else list(exclude)
+    if not all(isinstance(p, str) for p in patterns):
+        raise TypeError(
+            f"exclude must be a glob pattern on module names, a list of them, or a callable(name, module); "
+            f"got {exclude!r}"
+        )
+    return lambda name, module: any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _replace_submodule_(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
+
+
+def _unconvertible(module: nn.Module) -> str | None:
+    """Why an exact nn.Conv2d / nn.Linear cannot run sparse (None when it can)."""
+    weight = module.weight
+    if not weight.is_floating_point():
+        return f"weight dtype {weight.dtype}"
+    if isinstance(module, nn.Conv2d) and module.padding_mode != "zeros":
+        return f"padding_mode {module.padding_mode!r}"
+    return None
+
+
+def _install_sparse_layers_(
+    model: nn.Module,
+    planner: Planner,
+    exclude: Callable[[str, nn.Module], bool],
+    checkpoint: CsrCheckpoint | None = None,
+    kept_dense: list[LayerPlan] | None = None,
+) -> list[LayerPlan]:
+    """Replace each exact nn.Conv2d / nn.Linear by its sparse layer (built from the checkpoint's CSR when its
+    weight is stored as CSR there, else from the module's dense weight); returns ``kept_dense`` extended by
+    the plans of the layers left dense (a layer already in it is not looked at again)."""
+    kept_dense = [] if kept_dense is None else kept_dense
+    seen = {plan.name for plan in kept_dense}
+    for name, module in list(model.named_modules()):
+        if type(module) not in (nn.Conv2d, nn.Linear) or exclude(name, module) or name in seen:
+            continue
+        key = f"{name}.weight" if name else "weight"
+        shape = tuple(module.weight.shape)
+        kind = "conv" if isinstance(module, nn.Conv2d) else "linear"
+        from_checkpoint = checkpoint is not None and checkpoint.is_csr(key)
+        if not from_checkpoint and module.weight.device.type == "meta":
+            continue  # stored dense in the checkpoint: converted once loaded
+        if from_checkpoint:
+            crow, col, values = checkpoint.csr(key)
+            bias_key = f"{name}.bias" if name else "bias"
+            bias = checkpoint.dense(bias_key) if module.bias is not None and bias_key in checkpoint.entries else None
+            density = density_of(values.numel(), shape)
+        else:
+            density = density_of(int(torch.count_nonzero(module.weight)), shape)
+        reason = _unconvertible(module) or (
+            f"density {density:.3f} > max_density {planner.max_density}" if density > planner.max_density else None
+        )
+        if reason:
+            if from_checkpoint:  # the module still needs its weight: densify this one layer
+                module.weight = nn.Parameter(from_csr(crow, col, values, shape), requires_grad=False)
+                if bias is not None:
+                    module.bias = nn.Parameter(bias, requires_grad=False)
+            kept_dense.append(LayerPlan(name, kind, shape, None, density, {}, DENSE, reason))
+            continue
+        if from_checkpoint:
+            if kind == "conv":
+                layer = SparseConv2d(
+                    crow,
+                    col,
+                    values,
+                    bias,
+                    in_channels=module.in_channels,
+                    out_channels=module.out_channels,
+                    kernel_size=module.kernel_size,
+                    stride=module.stride,
+                    padding=module.padding,
+                    dilation=module.dilation,
+                    groups=module.groups,
+                )
+            else:
+                layer = SparseLinear(
+                    crow, col, values, bias, in_features=module.in_features, out_features=module.out_features
+                )
+        else:
+            layer = (SparseConv2d if kind == "conv" else SparseLinear).from_module(module)
+        layer.name, layer.planner = name, planner
+        _replace_submodule_(model, name, layer)
+    return kept_dense
+
+
+def _plan_(model: nn.Module, example_input: Any, kept_dense: list[LayerPlan], progress: bool) -> nn.Module:
+    """Fold BatchNorms, run the planning pass, put plain modules back where dense won; returns the model."""
+    model, fused = fold_batchnorms_(model)
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (SparseConv2d, SparseLinear))]
+    bar, hooks = None, []
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(layers), desc="fxsparse.accelerate: timing layers", leave=False)
+        hooks = [
+            layer.register_forward_hook(lambda *_: bar.update(1) if bar.n < bar.total else None) for _, layer in layers
+        ]
+    try:
+        with torch.no_grad():
+            call_model(model, example_input)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        if bar is not None:
+            bar.close()
+    plans = list(kept_dense)
+    for name, layer in layers:
+        if layer.path is None:  # not reached by the example: nothing measured, keep it dense
+            density = density_of(layer.nnz, layer.weight_shape)
+            plans.append(
+                LayerPlan(
+                    name, layer.kind, layer.weight_shape, None, density, {}, DENSE, "not called by the example input"
+                )
+            )
+            _replace_submodule_(model, name, layer.plain_module())
+            continue
+        plans.append(layer.plan)
+        if layer.path == DENSE:
+            _replace_submodule_(model, name, layer.plain_module())
+    model, chains = chain_linears_(model)
+    for producer, consumer in chains:
+        for plan in plans:
+            if plan.name in (producer, consumer):
+                side = "output to " + consumer if plan.name == producer else "input from " + producer
+                plan.reason = (plan.reason + "; " if plan.reason else "") + f"feature-first {side}"
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    plans.sort(key=lambda p: order.get(p.name, len(order)))
+    plan = AccelerationPlan(plans, torch.get_num_threads(), _example_shape(example_input), fused, chains)
+    setattr(model, PLAN_ATTRIBUTE, plan)
+    return model.eval()
+
+
+PathsSpec = None | Mapping[str, str] | AccelerationPlan
+
+
+def _planner(
+    timer: Timer | None,
+    kernels: Sequence[str] | None,
+    layouts: Sequence[str] | None,
+    min_speedup: float,
+    max_density: float,
+    paths: PathsSpec,
+) -> Planner:
+    planner = Planner(
+        timer=timer or default_timer,
+        min_speedup=min_speedup,
+        max_density=max_density,
+        paths=dict(paths.paths() if isinstance(paths, AccelerationPlan) else paths or {}),
+    )
+    if kernels is not None:
+        planner.kernels = tuple(kernels)
+    if layouts is not None:
+        planner.layouts = tuple(layouts)
+    return planner
+
+
+def _check_model(model: nn.Module) -> None:
+    devices = {t.device.type for t in [*model.parameters(), *model.buffers()]} - {"cpu", "meta"}
+    if devices:
+        raise ValueError(
+            f"fxsparse.accelerate runs on CPU; the model has tensors on {sorted(devices)}: pass model.cpu()"
+        )
+
+
+def _check_example(example_input: Any) -> None:
+    tensors = (
+        list(example_input.values())
+        if isinstance(example_input, Mapping)
+        else (list(example_input) if isinstance(example_input, (tuple, list)) else [example_input])
+    )
+    if not any(isinstance(t, torch.Tensor) for t in tensors):
+        raise TypeError(
+            "example_input must be a tensor, a tuple of positional inputs or a dict of keyword inputs; "
+            f"got {type(example_input).__name__}"
+        )
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.device.type != "cpu":
+            raise ValueError(
+                f"fxsparse.accelerate runs on CPU; the example input is on {t.device}: pass a CPU tensor "
+                "and a CPU model"
+            )
+
+
+def accelerate(
+    model: nn.Module,
+    example_input: Any,
+    *,
+    exclude: ExcludeSpec = None,
+    timer: Timer | None = None,
+    kernels: Sequence[str] | None = None,
+    layouts: Sequence[str] | None = None,
+    min_speedup: float = 1.05,
+    max_density: float = 0.6,
+    paths: PathsSpec = None,
+    progress: bool = False,
+) -> nn.Module:
+    """An inference copy of ``model`` whose sparse conv and linear layers run on sparse CPU kernels.
+
+    model: a folded model (a sparsified one is folded on a copy first; a dense one gains nothing).
+    example_input: what the model is called with at deployment (tensor, tuple of args or dict of kwargs),
+      at the batch size and resolution to optimise for; each layer is timed on its activations.
+    exclude: module names (glob patterns) or a callable(name, module) kept as they are.
+    timer: callable({path: run}) -> {path: seconds} deciding each layer (default: interleaved medians).
+    kernels / layouts: restrict the candidates (ops.KERNELS = ("ebag", "mkl"), ops.CONV_LAYOUTS).
+    min_speedup: a sparse path replaces dense only when at least this much faster.
+    max_density: denser layers stay dense without being timed.
+    paths: {layer name: path} (or a previous model's fxsparse_plan) taken without timing, e.g. to rebuild on
+      the deployment machine what was measured once.
+    The returned model's ``fxsparse_plan`` (an AccelerationPlan) holds every layer's timings and choice.
+    """
+    _check_example(example_input)
+    _check_model(model)
+    model = fold(model) if is_sparsified(model) else copy.deepcopy(model)
+    model.eval()
+    planner = _planner(timer, kernels, layouts, min_speedup, max_density, paths)
+    kept_dense = _install_sparse_layers_(model, planner, _exclude_filter(exclude))
+    return _plan_(model, example_input, kept_dense, progress)
+
+
+def accelerate_checkpoint(
+    path: str | os.PathLike,
+    model: nn.Module | str | None,
+    example_input: Any,
+    *,
+    exclude: ExcludeSpec = None,
+    timer: Timer | None = None,
+    kernels: Sequence[str] | None = None,
+    layouts: Sequence[str] | None = None,
+    min_speedup: float = 1.05,
+    max_density: float = 0.6,
+    paths: PathsSpec = None,
+    progress: bool = False,
+) -> nn.Module:
+    """accelerate() straight from a CSR checkpoint: its sparse weights never become dense tensors.
+
+    model: the architecture, best built inside ``fxsparse.inference.skeleton()`` (parameters on the meta
+      device, so peak memory is the CSR parts plus activations); or a timm name / "module:callable", built so;
+      or None to use the checkpoint's "architecture" metadata. Every tensor of the checkpoint must match the
+      model's state_dict (names and shapes), checked before anything is loaded.
+    Layers that stay dense (denser than max_density, or dense faster) are densified one at a time, and
+    timing a layer builds its dense weight for a moment; with ``paths`` (a previous plan) nothing is timed,
+    so peak memory is the CSR parts, the kernels' index arrays and the activations.
+    """
+    _check_example(example_input)
+    checkpoint = CsrCheckpoint(path)
+    if model is None or isinstance(model, str):
+        spec = model if isinstance(model, str) else checkpoint.document.get("architecture")
+        if not spec:
+            raise ValueError(
+                f"{checkpoint.path!r} does not record its architecture: pass the model (built inside "
+                "fxsparse.inference.skeleton()) or its timm name"
+            )
+        from ..train.models import build_model  # the names `fxsparse train` knows: timm, cnn, pkg.mod:callable
+
+        with skeleton():
+            model = build_model(spec)
+    _check_model(model)
+    model.eval()
+    _check_against_model(checkpoint, model)
+    planner = _planner(timer, kernels, layouts, min_speedup, max_density, paths)
+    exclude_filter = _exclude_filter(exclude)
+    with checkpoint:
+        kept_dense = _install_sparse_layers_(model, planner, exclude_filter, checkpoint)
+        replaced = {
+            f"{n}.{k}" if n else k
+            for n, m in model.named_modules()
+            if isinstance(m, (SparseConv2d, SparseLinear))
+            for k in ("weight", "bias")
+        }
+        state = {}
+        for name in checkpoint.entries:
+            if name in replaced or _materialized_parameter(model, name):
+                continue
+            if checkpoint.is_csr(name):
+                state[name] = from_csr(*checkpoint.csr(name), checkpoint.shape(name))
+            else:
+                state[name] = checkpoint.dense(name)
+        model.load_state_dict(state, strict=False, assign=True)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
+    if left:
+        raise ValueError(
+            f"{checkpoint.path!r} leaves {left[:5]}{' ...' if len(left) > 5 else ''} of the model "
+            "without values; was it written for another architecture?"
+        )
+    kept_dense = _install_sparse_layers_(model, planner, exclude_filter, kept_dense=kept_dense)
+    return _plan_(model, example_input, kept_dense, progress)
+
+
+def _materialized_parameter(model: nn.Module, name: str) -> bool:
+    """A parameter that already holds real values (a layer densified while installing the sparse ones)."""
+    try:
+        return model.get_parameter(name).device.type != "meta"
+    except AttributeError:
+        return False
+
+
+def _check_against_model(checkpoint: CsrCheckpoint, model: nn.Module) -> None:
+    """Names and shapes of the checkpoint against the model, before anything is read or allocated."""
+    expected = {name: tuple(t.shape) for name, t in model.state_dict(keep_vars=True).items()}
+    for name in checkpoint.entries:
+        if name in expected and checkpoint.shape(name) != expected[name]:
+            raise ValueError(
+                f"tensor {name!r} has shape {list(checkpoint.shape(name))} in {checkpoint.path!r} but "
+                f"{list(expected[name])} in the model; was the checkpoint made for another architecture "
+                "(or another num_classes)?"
+            )
+    missing = [k for k in expected if k not in checkpoint.entries]
+    unexpected = [k for k in checkpoint.entries if k not in expected]
+    if missing or unexpected:
+        raise ValueError(
+            f"{checkpoint.path!r} does not match {type(model).__name__}: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}; was it made for another architecture?"
+        )
+
+
+def dense_baseline(model: nn.Module) -> nn.Module:
+    """The folded model with its BatchNorms folded into the convs: what accelerate() is compared with."""
+    model = fold(model) if is_sparsified(model) else copy.deepcopy(model)
+    return fold_batchnorms_(model.eval())[0].eval()
+
+
+def measure_speedup(
+    model: nn.Module,
+    example_input: Any,
+    *,
+    repeats: int = 15,
+    accelerated: nn.Module | None = None,
+    **accelerate_kwargs,
+) -> dict[str, Any]:
+    """Accelerate ``model`` (folded or sparsified) and time it end to end against its dense baseline.
+
+    Both run eagerly in the same process under torch.inference_mode, interleaved, median of ``repeats``,
+    at the current thread count. Returns JSON-ready figures: dense_ms, accelerated_ms, speedup, threads,
+    example_shape, sparse_layers, layers, and the per-layer plan.
+    """
+    dense = dense_baseline(model)
+    fast = accelerated if accelerated is not None else accelerate(model, example_input, **accelerate_kwargs)
+    with torch.inference_mode():
+        times = interleaved_medians(
+            {"dense": lambda: call_model(dense, example_input), "accelerated": lambda: call_model(fast, example_input)},
+            repeats=repeats,
+            warmup=2,
+            min_sample_s=0.0,
+        )
+    plan: AccelerationPlan = getattr(fast, PLAN_ATTRIBUTE)
+    return {
+        "dense_ms": 1e3 * times["dense"],
+        "accelerated_ms": 1e3 * times["accelerated"],
+        "speedup": times["dense"] / times["accelerated"],
+        "threads": torch.get_num_threads(),
+        "example_shape": plan.example_shape,
+        "sparse_layers": len(plan.sparse_layers),
+        "layers": len(plan.layers),
+        "plan": plan.to_dict(),
+    }

@@ -1,0 +1,494 @@
+"""SparseConv2d and SparseLinear: a conv or linear layer that runs one of the sparse kernels of ops.py.
+
+A layer is built from its weight's CSR (crow, col, values of the 2-D view (out, in/groups*kh*kw), as in
+docs/FORMAT.md) and its bias, with or without the dense weight. It chooses its path on its first call
+(the planning pass of fxsparse.accelerate): every candidate path (dense, and each layout and kernel of
+ops.py) is timed on that very input at the current thread count, and the fastest sparse one is kept when it
+beats dense by ``min_speedup``; otherwise the layer is dense and accelerate() puts a plain module back.
+After planning it keeps only what its path needs, as plain buffers (indices, offsets, weights).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..export import from_csr
+from . import ops
+from .timing import Timer, default_timer
+
+DENSE = "dense"
+
+
+@dataclasses.dataclass
+class Planner:
+    """How layers choose their path: the timer, the allowed kernels and layouts, and the rules."""
+
+    timer: Timer = default_timer
+    kernels: tuple[str, ...] = ops.KERNELS
+    layouts: tuple[str, ...] = ops.CONV_LAYOUTS
+    min_speedup: float = 1.05  # a sparse path must be this much faster than dense to be chosen
+    max_density: float = 0.6  # denser layers stay dense without timing
+    max_row_entries: int = 16_000_000  # the rows layout is not tried when its bags would be larger (8 B/entry)
+    check_tolerance: float = 1e-3  # a candidate whose output differs more from dense's is refused
+    paths: dict[str, str] = dataclasses.field(default_factory=dict)  # layer name -> path, taken without timing
+
+
+@dataclasses.dataclass
+class LayerPlan:
+    """What one layer measured and chose (times in seconds per call at the planned input)."""
+
+    name: str
+    kind: str  # "conv" or "linear"
+    weight_shape: tuple[int, ...]
+    input_shape: tuple[int, ...] | None
+    density: float
+    times: dict[str, float]
+    path: str  # "dense", "<layout>+<kernel>" for convs, "<kernel>" for linears
+    reason: str = ""  # why a layer was not timed, or a refused candidate
+
+    @property
+    def dense_ms(self) -> float | None:
+        return 1e3 * self.times[DENSE] if DENSE in self.times else None
+
+    @property
+    def best_sparse(self) -> str | None:
+        sparse = {k: v for k, v in self.times.items() if k != DENSE}
+        return min(sparse, key=sparse.get) if sparse else None
+
+    @property
+    def sparse_ms(self) -> float | None:
+        best = self.best_sparse
+        return 1e3 * self.times[best] if best else None
+
+    @property
+    def chosen_ms(self) -> float | None:
+        return 1e3 * self.times[self.path] if self.path in self.times else None
+
+    def to_dict(self) -> dict:
+        return {
+            **dataclasses.asdict(self),
+            "dense_ms": self.dense_ms,
+            "sparse_ms": self.sparse_ms,
+            "best_sparse": self.best_sparse,
+        }
+
+
+def density_of(nnz: int, shape: Sequence[int]) -> float:
+    return nnz / max(math.prod(shape), 1)
+
+
+class _SparseLayer(nn.Module):
+    """Shared by SparseConv2d and SparseLinear: the CSR weight, the bias and the planning pass."""
+
+    kind = ""
+
+    def __init__(
+        self,
+        crow: Tensor,
+        col: Tensor,
+        values: Tensor,
+        bias: Tensor | None,
+        weight_shape: Sequence[int],
+        dense_weight: Tensor | None,
+    ):
+        super().__init__()
+        self.weight_shape = tuple(int(s) for s in weight_shape)
+        self.register_buffer("crow", crow)
+        self.register_buffer("col", col)
+        self.register_buffer("values", values.detach())
+        self.register_buffer("bias", None if bias is None else bias.detach())
+        for name in ("indices", "offsets", "weights"):  # the bags of the chosen path, after planning
+            self.register_buffer(name, None)
+        self.nnz = int(values.numel())
+        self.has_bias = bias is not None
+        self.dense_weight = None if dense_weight is None else dense_weight.detach()
+        self.path: str | None = None
+        self.planner: Planner | None = None
+        self.plan: LayerPlan | None = None
+        self.name = ""
+
+    # -- what a subclass provides ------------------------------------------------------------------
+    def _dense(self, x: Tensor, weight: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _sparse_candidates(
+        self, x: Tensor, only: str | None = None
+    ) -> dict[str, tuple[Callable[[], Tensor], Callable[[], None]]]:
+        """name -> (run on x, keep this path's buffers), for every allowed path, or just ``only``."""
+        raise NotImplementedError
+
+    def _plain_module(self) -> nn.Module:
+        raise NotImplementedError
+
+    # -- shared ------------------------------------------------------------------------------------
+    def __getattr__(self, name: str):
+        if name == "weight":
+            raise AttributeError(
+                f"{type(self).__name__} {self.name!r} runs a sparse kernel and has no dense .weight; a module that "
+                "reads this layer's weight directly cannot be accelerated: pass its name in exclude=[...] to "
+                "fxsparse.accelerate"
+            )
+        return super().__getattr__(name)
+
+    def fold_batchnorm_(self, scale: Tensor, shift: Tensor) -> None:
+        """Fold an eval BatchNorm after this layer: w <- scale[o] w, b <- scale b + shift (zeros stay zeros)."""
+        scale, shift = scale.detach().to(self.values.dtype), shift.detach().to(self.values.dtype)
+        self.values = self.values * scale[ops.csr_rows(self.crow)]
+        self.bias = shift.clone() if self.bias is None else self.bias * scale + shift
+        self.has_bias = True
+        if self.dense_weight is not None:
+            self.dense_weight = self.dense_weight * scale.view(-1, *([1] * (self.dense_weight.dim() - 1)))
+
+    def dense_weight_(self) -> Tensor:
+        """The dense weight (from the CSR when the layer was built without it)."""
+        if self.dense_weight is not None:
+            return self.dense_weight
+        return from_csr(self.crow, self.col, self.values, self.weight_shape)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.path is None:
+            return self._plan_and_run(x)
+        return self._run(x)
+
+    def _run(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _plan_and_run(self, x: Tensor) -> Tensor:
+        planner = self.planner = self.planner or Planner()
+        density = density_of(self.nnz, self.weight_shape)
+        reason = ""
+        if x.dtype != torch.float32 or self.values.dtype != torch.float32:
+            reason = f"dtype {x.dtype}: sparse kernels are float32 only"
+        elif x.device.type != "cpu":
+            reason = f"device {x.device}: sparse kernels are CPU only"
+        elif density > planner.max_density:
+            reason = f"density {density:.3f} > max_density {planner.max_density}"
+        given = planner.paths.get(self.name)
+        if given is not None and not reason:  # no timing, no dense weight unless dense is the given path
+            candidates = {} if given == DENSE else self._sparse_candidates(x, only=given)
+            if given == DENSE or given in candidates:
+                return self._finish(x, given, candidates, {}, density, "path given")
+            warnings.warn(
+                f"fxsparse.accelerate: {self.name} cannot run the given path {given!r}; timing its paths", stacklevel=2
+            )
+        candidates = {} if reason else self._sparse_candidates(x)
+        weight = self.dense_weight = self.dense_weight_()
+        times: dict[str, float] = {}
+        if candidates:
+            reference = self._dense(x, weight)
+            scale = float(reference.abs().max()) or 1.0
+            for name in list(candidates):
+                error = float((candidates[name][0]() - reference).abs().max()) / scale
+                if not error <= planner.check_tolerance:
+                    warnings.warn(
+                        f"fxsparse.accelerate: {self.name} path {name} differs from the dense result by "
+                        f"{error:.2e} (relative); it is not used",
+                        stacklevel=2,
+                    )
+                    reason = f"{name} refused (error {error:.1e})"
+                    del candidates[name]
+            runs = {name: run for name, (run, _) in candidates.items()}
+            times = dict(planner.timer({DENSE: lambda: self._dense(x, weight), **runs}))
+        best = min((n for n in candidates if n in times), key=times.get, default=None)
+        chosen = best if best is not None and times[DENSE] >= planner.min_speedup * times[best] else DENSE
+        return self._finish(x, chosen, candidates, times, density, reason)
+
+    def _finish(
+        self, x: Tensor, path: str, candidates: dict, times: dict[str, float], density: float, reason: str
+    ) -> Tensor:
+        """Keep what ``path`` needs, record the plan, and run the path on x."""
+        self.path = path
+        if path == DENSE:
+            self.dense_weight = self.dense_weight_()
+            self.crow = self.col = self.values = None
+        else:
+            candidates[path][1]()
+            self.dense_weight = None
+        self.plan = LayerPlan(self.name, self.kind, self.weight_shape, tuple(x.shape), density, times, path, reason)
+        self.planner = None
+        return self._dense(x, self.dense_weight) if path == DENSE else self._run(x)
+
+    def plain_module(self) -> nn.Module:
+        """The equivalent nn.Conv2d / nn.Linear with the dense weight (for layers that chose dense)."""
+        with torch.device("meta"):
+            module = self._plain_module()
+        module.weight = nn.Parameter(self.dense_weight_(), requires_grad=False)
+        module.bias = None if self.bias is None else nn.Parameter(self.bias, requires_grad=False)
+        return module.eval()
+
+    def _keep_bags(self, bags: tuple[Tensor, Tensor, Tensor], canonical: bool) -> None:
+        self.indices, self.offsets, self.weights = bags
+        if not canonical:  # everything the path needs is in the bags
+            self.crow = self.col = self.values = None
+            self.bias = None
+
+    def extra_repr(self) -> str:
+        return f"{self.weight_shape}, nnz={self.nnz}, path={self.path}"
+
+
+def _pairs(value: int | Sequence[int]) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
+
+
+def four_sided_padding(
+    padding: str | Sequence[int], kernel_size: Sequence[int], dilation: Sequence[int]
+) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) of nn.Conv2d's padding (a pair, "valid" or "same", extra on the far side)."""
+    if padding == "valid":
+        return 0, 0, 0, 0
+    if padding == "same":
+        sides = []
+        for k, d in zip(kernel_size, dilation):
+            total = d * (k - 1)
+            sides += [total // 2, total - total // 2]
+        return sides[0], sides[1], sides[2], sides[3]
+    ph, pw = _pairs(padding)
+    return ph, ph, pw, pw
+
+
+class SparseConv2d(_SparseLayer):
+    """nn.Conv2d (zeros padding, any stride, dilation and groups) on a CSR weight."""
+
+    kind = "conv"
+
+    def __init__(
+        self,
+        crow: Tensor,
+        col: Tensor,
+        values: Tensor,
+        bias: Tensor | None,
+        *,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: Sequence[int],
+        stride: Sequence[int] = (1, 1),
+        padding: str | Sequence[int] = (0, 0),
+        dilation: Sequence[int] = (1, 1),
+        groups: int = 1,
+        dense_weight: Tensor | None = None,
+    ):
+        kernel_size, stride, dilation = _pairs(kernel_size), _pairs(stride), _pairs(dilation)
+        super().__init__(crow, col, values, bias, (out_channels, in_channels // groups, *kernel_size), dense_weight)
+        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
+        self.kernel_size, self.stride, self.dilation = kernel_size, stride, dilation
+        self.padding = padding if isinstance(padding, str) else _pairs(padding)
+        self.sides = four_sided_padding(self.padding, kernel_size, dilation)
+        self.layout = self.kernel = ""
+        self.input_size: tuple[int, int] = (0, 0)
+        self._rows_cache: dict[tuple[int, int], tuple[Tensor, Tensor, Tensor]] = {}
+
+    @classmethod
+    def from_module(cls, conv: nn.Conv2d, keep_dense: bool = True) -> SparseConv2d:
+        crow, col, values = _dense_to_csr(conv.weight)
+        return cls(
+            crow,
+            col,
+            values,
+            conv.bias,
+            in_channels=conv.in_channels,
+            out_channels=conv.out_channels,
+            kernel_size=conv.kernel_size,
+            stride=conv.stride,
+            padding=conv.padding,
+            dilation=conv.dilation,
+            groups=conv.groups,
+            dense_weight=conv.weight.detach() if keep_dense else None,
+        )
+
+    def _plain_module(self) -> nn.Module:
+        return nn.Conv2d(
+            self.in_channels,
+            self.out_channels,
+            self.kernel_size,
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.groups,
+            bias=self.bias is not None,
+        )
+
+    def _dense(self, x: Tensor, weight: Tensor) -> Tensor:
+        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def _geometry(self) -> tuple[list[int], list[int], list[int], list[int]]:
+        return list(self.kernel_size), list(self.stride), list(self.sides), list(self.dilation)
+
+    def _bags(self, layout: str, input_size: tuple[int, int]) -> tuple[Tensor, Tensor, Tensor]:
+        if layout == "im2col":
+            return ops.im2col_bags(
+                self.crow, self.col, self.values, self.bias, self.in_channels, self.groups, self.kernel_size
+            )
+        return ops.rows_bags(
+            self.crow,
+            self.col,
+            self.values,
+            self.bias,
+            self.in_channels,
+            self.groups,
+            self.kernel_size,
+            self.stride,
+            self.sides,
+            self.dilation,
+            input_size,
+        )
+
+    def _call_op(
+        self, x: Tensor, bags: tuple[Tensor, Tensor, Tensor], layout: str, kernel: str, input_size: tuple[int, int]
+    ) -> Tensor:
+        kernel_size, stride, sides, dilation = self._geometry()
+        return torch.ops.fxsparse.conv2d(
+            x, *bags, self.out_channels, kernel_size, stride, sides, dilation, list(input_size), layout, kernel
+        )
+
+    def _sparse_candidates(self, x: Tensor, only: str | None = None):
+        input_size = (int(x.shape[-2]), int(x.shape[-1]))
+        output_height = ops.conv_output_size(input_size, self.kernel_size, self.stride, self.sides, self.dilation)[0]
+        candidates = {}
+        layouts = self.planner.layouts if only is None else [only.partition("+")[0]]
+        kernels = self.planner.kernels if only is None else [only.partition("+")[2]]
+        rows_entries = ops.rows_bag_entries(self.nnz + self.out_channels, output_height)
+        for layout in layouts:
+            if (
+                layout not in ops.CONV_LAYOUTS
+                or layout == "rows"
+                and (self.kernel_size == (1, 1) or rows_entries > self.planner.max_row_entries)
+            ):
+                continue
+            bags = self._bags(layout, input_size)
+            for kernel in kernels:
+                if kernel not in ops.KERNELS or kernel == "mkl" and bags[0].numel() == 0:  # MKL refuses empty matrices
+                    continue
+
+                def run(bags=bags, layout=layout, kernel=kernel):
+                    return self._call_op(x, bags, layout, kernel, input_size)
+
+                def keep(bags=bags, layout=layout, kernel=kernel):
+                    self.layout, self.kernel, self.input_size = layout, kernel, input_size
+                    self._keep_bags(bags, canonical=layout == "rows")
+
+                candidates[f"{layout}+{kernel}"] = (run, keep)
+        return candidates
+
+    def _run(self, x: Tensor) -> Tensor:
+        if x.dtype != self.weights.dtype:
+            raise TypeError(f"{self.name}: the sparse kernel runs in {self.weights.dtype}, got a {x.dtype} input")
+        bags, input_size = (self.indices, self.offsets, self.weights), self.input_size
+        if self.layout == "rows" and tuple(x.shape[-2:]) != self.input_size:
+            input_size = (int(x.shape[-2]), int(x.shape[-1]))
+            if input_size not in self._rows_cache:
+                self._rows_cache = {input_size: self._bags("rows", input_size)}
+            bags = self._rows_cache[input_size]
+        return self._call_op(x, bags, self.layout, self.kernel, input_size)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, nnz={self.nnz}, "
+            f"path={self.path}"
+        )
+
+
+class SparseLinear(_SparseLayer):
+    """nn.Linear on a CSR weight, for inputs of any number of leading dims."""
+
+    kind = "linear"
+
+    def __init__(
+        self,
+        crow: Tensor,
+        col: Tensor,
+        values: Tensor,
+        bias: Tensor | None,
+        *,
+        in_features: int,
+        out_features: int,
+        dense_weight: Tensor | None = None,
+    ):
+        super().__init__(crow, col, values, bias, (out_features, in_features), dense_weight)
+        self.in_features, self.out_features = in_features, out_features
+        self.features_first_in = self.features_first_out = False  # set by chain.py between chained linears
+        self.register_buffer("separate_bias", None)
+
+    @classmethod
+    def from_module(cls, linear: nn.Linear, keep_dense: bool = True) -> SparseLinear:
+        crow, col, values = _dense_to_csr(linear.weight)
+        return cls(
+            crow,
+            col,
+            values,
+            linear.bias,
+            in_features=linear.in_features,
+            out_features=linear.out_features,
+            dense_weight=linear.weight.detach() if keep_dense else None,
+        )
+
+    def _plain_module(self) -> nn.Module:
+        return nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+
+    def _dense(self, x: Tensor, weight: Tensor) -> Tensor:
+        return F.linear(x, weight, self.bias)
+
+    def _sparse_candidates(self, x: Tensor, only: str | None = None):
+        if only is not None and only not in ops.KERNELS:
+            return {}
+        bags = ops.dense_bags(self.crow, self.col, self.values, self.bias, self.in_features)
+        candidates = {}
+        for kernel in self.planner.kernels if only is None else [only]:
+            if kernel == "mkl" and bags[0].numel() == 0:
+                continue
+
+            def run(kernel=kernel):
+                return torch.ops.fxsparse.linear(x, *bags, None, self.out_features, False, False, kernel)
+
+            def keep(kernel=kernel):
+                self.kernel = kernel
+                self._keep_bags(bags, canonical=False)
+
+            candidates[kernel] = (run, keep)
+        return candidates
+
+    def _run(self, x: Tensor) -> Tensor:
+        if x.dtype != self.weights.dtype:
+            raise TypeError(f"{self.name}: the sparse kernel runs in {self.weights.dtype}, got a {x.dtype} input")
+        return torch.ops.fxsparse.linear(
+            x,
+            self.indices,
+            self.offsets,
+            self.weights,
+            self.separate_bias,
+            self.out_features,
+            self.features_first_in,
+            self.features_first_out,
+            self.kernel,
+        )
+
+    def read_features_first_(self) -> None:
+        """Take (in, ...) inputs from a chained layer: the input is the table itself, so the bias, which sat on
+        the table's row of ones, is added to the output instead."""
+        bags, bias = ops.split_bias((self.indices, self.offsets, self.weights), self.in_features)
+        self.indices, self.offsets, self.weights = bags
+        if self.has_bias:
+            self.separate_bias = bias
+        self.features_first_in = True
+
+    def extra_repr(self) -> str:
+        chained = "".join(
+            f", features_first_{side}" for side in ("in", "out") if getattr(self, f"features_first_{side}")
+        )
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, nnz={self.nnz}, "
+            f"path={self.path}{chained}"
+        )
+
+
+def _dense_to_csr(weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    from ..export import to_csr
+
+    return to_csr(weight.detach())

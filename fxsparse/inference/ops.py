@@ -1,0 +1,412 @@
+"""The sparse CPU kernels: one CSR product per conv or linear layer, as torch.library custom ops.
+
+Every kernel computes ``out[b] = sum_e weights[e] * table[indices[e]]`` over the entries e of bag b
+(``offsets`` are the CSR row pointers of the bags), with one of torch's two CPU CSR products:
+
+* ``"ebag"``: ``F.embedding_bag(mode="sum", per_sample_weights=...)``, which torch runs with FBGEMM's
+  SpMDM kernels (JIT-compiled, vectorised, prefetching);
+* ``"mkl"``: ``torch.sparse_csr_tensor(offsets, indices, weights) @ table`` (MKL's sparse BLAS).
+
+The table is built from the input with one strided copy, never a full F.unfold, and always ends with a
+row of ones whose entry in each bag is the bias (so the bias costs no extra pass):
+
+* linear: ``table = [x^T; 1]`` of shape (in + 1, tokens); one bag per output feature.
+* conv, layout ``"im2col"``: rows (c, i, j) of the kernel taps, columns (y, x) of one sample's output,
+  shape (C kh kw + 1, Ho Wo); one bag per output channel. For a 1x1 conv this is a copy of the input.
+* conv, layout ``"rows"``: only the kw horizontally shifted copies of the input, rows (c, j, r) for input
+  row r, columns x, shape (C kw H + 1, Wo); one bag per (output channel, output row y) whose entries point
+  at input row r = y*stride + i*dilation - pad of each tap (taps in the vertical padding are dropped when
+  the bags are built). Three times the input instead of nine for a 3x3 conv.
+
+Convs run one product per sample (the tables of a whole batch outgrow the caches); both layouts then
+produce NCHW directly. Grouped convs use the same tables: a weight's column is mapped to the global input
+channel of its group. The bag arrays are built once per layer by :func:`dense_bags`, :func:`im2col_bags`
+and :func:`rows_bags` (rows bags depend on the input height). The ops take them as plain tensors (sparse tensors break
+torch.compile and torch.export) and have fake kernels, so compiled and exported models keep one opaque
+node per layer.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+KERNELS = ("ebag", "mkl")
+CONV_LAYOUTS = ("im2col", "rows")
+
+_LIBRARY = torch.library.Library("fxsparse", "DEF")
+_LIBRARY.define(
+    "conv2d(Tensor x, Tensor indices, Tensor offsets, Tensor weights, int out_channels, int[2] kernel_size, "
+    "int[2] stride, int[4] padding, int[2] dilation, int[2] input_size, str layout, str kernel) -> Tensor"
+)
+_LIBRARY.define(
+    "linear(Tensor x, Tensor indices, Tensor offsets, Tensor weights, Tensor? bias, int out_features, "
+    "bool features_first_in, bool features_first_out, str kernel) -> Tensor"
+)
+
+
+# ------------------------------------------------------------------------------------------------
+# geometry
+# ------------------------------------------------------------------------------------------------
+def conv_output_size(
+    size: Sequence[int],
+    kernel_size: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+) -> tuple[int, int]:
+    """(Ho, Wo) of a conv over an (H, W) input; padding is (top, bottom, left, right)."""
+    (h, w), (kh, kw), (sh, sw), (pt, pb, pl, pr), (dh, dw) = size, kernel_size, stride, padding, dilation
+    return (h + pt + pb - dh * (kh - 1) - 1) // sh + 1, (w + pl + pr - dw * (kw - 1) - 1) // sw + 1
+
+
+# ------------------------------------------------------------------------------------------------
+# tables (the dense operand of the CSR product)
+# ------------------------------------------------------------------------------------------------
+def _with_ones_row(rows: int, columns: int, like: Tensor) -> Tensor:
+    table = torch.empty(rows + 1, columns, dtype=like.dtype, device=like.device)
+    table[rows].fill_(1)
+    return table
+
+
+def linear_table(x2d: Tensor) -> Tensor:
+    """[x^T; 1]: (in + 1, tokens) for x2d of shape (tokens, in)."""
+    tokens, features = x2d.shape
+    table = _with_ones_row(features, tokens, x2d)
+    table[:features].copy_(x2d.t())
+    return table
+
+
+def im2col_table(
+    x: Tensor, kernel_size: Sequence[int], stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]
+) -> Tensor:
+    """(C kh kw + 1, N Ho Wo): every kernel tap of every output position, then the row of ones."""
+    n, c, h, w = x.shape
+    (kh, kw), (sh, sw), (pt, pb, pl, pr), (dh, dw) = kernel_size, stride, padding, dilation
+    ho, wo = conv_output_size((h, w), kernel_size, stride, padding, dilation)
+    if pt or pb or pl or pr:
+        x = F.pad(x, (pl, pr, pt, pb))
+    s_n, s_c, s_h, s_w = x.stride()
+    taps = x.as_strided((c, kh, kw, n, ho, wo), (s_c, dh * s_h, dw * s_w, s_n, sh * s_h, sw * s_w), x.storage_offset())
+    table = _with_ones_row(c * kh * kw, n * ho * wo, x)
+    table[:-1].view(c, kh, kw, n, ho, wo).copy_(taps)
+    return table
+
+
+def rows_table(
+    x: Tensor, kernel_size: Sequence[int], stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]
+) -> Tensor:
+    """(C kw H + 1, N Wo): each input row seen through each horizontal tap, then the row of ones."""
+    n, c, h, w = x.shape
+    (_, kw), (_, sw), (_, _, pl, pr), (_, dw) = kernel_size, stride, padding, dilation
+    wo = conv_output_size((h, w), kernel_size, stride, padding, dilation)[1]
+    if pl or pr:
+        x = F.pad(x, (pl, pr))
+    s_n, s_c, s_h, s_w = x.stride()
+    shifted = x.as_strided((c, kw, h, n, wo), (s_c, dw * s_w, s_h, s_n, sw * s_w), x.storage_offset())
+    table = _with_ones_row(c * kw * h, n * wo, x)
+    table[:-1].view(c, kw, h, n, wo).copy_(shifted)
+    return table
+
+
+# ------------------------------------------------------------------------------------------------
+# the product
+# ------------------------------------------------------------------------------------------------
+_csr_warning_silenced = False
+
+
+def _csr_matrix(offsets: Tensor, indices: Tensor, weights: Tensor, size: tuple[int, int]) -> Tensor:
+    global _csr_warning_silenced
+    if not _csr_warning_silenced:  # torch warns once per process that sparse CSR is in beta
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.sparse_csr_tensor(offsets[:1], indices[:0], weights[:0], (0, 0), check_invariants=False)
+        _csr_warning_silenced = True
+    return torch.sparse_csr_tensor(offsets, indices, weights, size, check_invariants=False)
+
+
+def bag_product(table: Tensor, indices: Tensor, offsets: Tensor, weights: Tensor, kernel: str) -> Tensor:
+    """(bags, table columns): bag b is sum_e weights[e] * table[indices[e]] for e in offsets[b]:offsets[b+1]."""
+    if kernel == "ebag":
+        return F.embedding_bag(
+            indices, table, offsets, mode="sum", per_sample_weights=weights, include_last_offset=True
+        )
+    if kernel == "mkl":
+        return torch.mm(_csr_matrix(offsets, indices, weights, (offsets.numel() - 1, table.shape[0])), table)
+    raise ValueError(f"unknown sparse kernel {kernel!r}; expected one of {KERNELS}")
+
+
+# ------------------------------------------------------------------------------------------------
+# the ops
+# ------------------------------------------------------------------------------------------------
+def _conv2d(
+    x: Tensor,
+    indices: Tensor,
+    offsets: Tensor,
+    weights: Tensor,
+    out_channels: int,
+    kernel_size: list[int],
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    input_size: list[int],
+    layout: str,
+    kernel: str,
+) -> Tensor:
+    """One product per sample, each on that sample's table: a table of a whole batch outgrows the caches
+    (16 ResNet-50 images: 38 MB for one 3x3 layer), and the products come out in NCHW order."""
+    n, _, h, w = x.shape
+    ho, wo = conv_output_size((h, w), kernel_size, stride, padding, dilation)
+    if layout == "im2col":
+        table = im2col_table
+    elif layout == "rows":
+        table = rows_table
+        if [h, w] != list(input_size):
+            raise ValueError(f"fxsparse::conv2d: the row bags were built for {list(input_size)} inputs, got {[h, w]}")
+    else:
+        raise ValueError(f"unknown conv layout {layout!r}; expected one of {CONV_LAYOUTS}")
+    outs = [
+        bag_product(table(x[i : i + 1], kernel_size, stride, padding, dilation), indices, offsets, weights, kernel)
+        for i in range(n)
+    ]
+    return outs[0].view(1, out_channels, ho, wo) if n == 1 else torch.stack(outs).view(n, out_channels, ho, wo)
+
+
+TABLE_CHUNK_BYTES = 2**21  # a linear layer's table is cut into token chunks of about this size (cache-resident)
+
+
+def token_chunk(table_rows: int, tokens: int) -> int:
+    """Tokens per product so that a chunk of the table stays in the caches (at least 64)."""
+    return min(tokens, max(64, TABLE_CHUNK_BYTES // (4 * table_rows)))
+
+
+def _linear(
+    x: Tensor,
+    indices: Tensor,
+    offsets: Tensor,
+    weights: Tensor,
+    bias: Tensor | None,
+    out_features: int,
+    features_first_in: bool,
+    features_first_out: bool,
+    kernel: str,
+) -> Tensor:
+    """x is (..., in), or (in, ...) when features_first_in (then the table is x itself, with no row of ones,
+    and the bias comes separately); the result is (..., out), or (out, ...) when features_first_out.
+    Many tokens are multiplied chunk by chunk (token_chunk), each chunk's table staying in the caches."""
+    if features_first_in:
+        lead, x2d = x.shape[1:], x.reshape(x.shape[0], -1)  # (in, tokens)
+        tokens, chunk = x2d.shape[1], token_chunk(x2d.shape[0], x2d.shape[1])
+    else:
+        lead, x2d = x.shape[:-1], x.reshape(-1, x.shape[-1])  # (tokens, in)
+        tokens, chunk = x2d.shape[0], token_chunk(x2d.shape[1] + 1, x2d.shape[0])
+
+    def product(start: int, stop: int) -> Tensor:  # (out_features, stop - start), bias included
+        if features_first_in:
+            table = x2d if stop - start == tokens else x2d[:, start:stop].contiguous()
+        else:
+            table = linear_table(x2d[start:stop])
+        part = bag_product(table, indices, offsets, weights, kernel)
+        return part if bias is None else part.add_(bias[:, None])
+
+    if features_first_out:
+        if chunk == tokens:
+            return product(0, tokens).view(out_features, *lead)
+        out = torch.empty(out_features, tokens, dtype=x.dtype)
+        for start in range(0, tokens, chunk):
+            out[:, start : start + chunk] = product(start, min(tokens, start + chunk))
+        return out.view(out_features, *lead)
+    if tokens == 1:
+        return product(0, 1).view(*lead, out_features)
+    out = torch.empty(tokens, out_features, dtype=x.dtype)
+    for start in range(0, tokens, chunk):
+        out[start : start + chunk] = product(start, min(tokens, start + chunk)).t()
+    return out.view(*lead, out_features)
+
+
+def _conv2d_fake(
+    x, indices, offsets, weights, out_channels, kernel_size, stride, padding, dilation, input_size, layout, kernel
+):
+    ho, wo = conv_output_size(x.shape[-2:], kernel_size, stride, padding, dilation)
+    return x.new_empty((x.shape[0], out_channels, ho, wo))
+
+
+def _linear_fake(x, indices, offsets, weights, bias, out_features, features_first_in, features_first_out, kernel):
+    lead = x.shape[1:] if features_first_in else x.shape[:-1]
+    return x.new_empty((out_features, *lead) if features_first_out else (*lead, out_features))
+
+
+_LIBRARY.impl("conv2d", _conv2d, "CPU")
+_LIBRARY.impl("linear", _linear, "CPU")
+torch.library.register_fake("fxsparse::conv2d", _conv2d_fake, lib=_LIBRARY)
+torch.library.register_fake("fxsparse::linear", _linear_fake, lib=_LIBRARY)
+
+
+# ------------------------------------------------------------------------------------------------
+# bags: the CSR of each layout, built once per layer from the weight's CSR
+# ------------------------------------------------------------------------------------------------
+def _index_dtype(*bounds: int) -> torch.dtype:
+    """int32 when every index and offset fits (what MKL's LP64 interface takes), else int64."""
+    return torch.int32 if max(bounds) < 2**31 else torch.int64
+
+
+def _csr_bags(
+    crow: Tensor, index: Tensor, values: Tensor, bias: Tensor | None, ones_row: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(indices, offsets, weights): the weight's CSR rows as bags, with ``index`` (increasing within each row,
+    as the CSR columns) as table rows, and each row's bias entry last, on the row of ones (if there is a bias)."""
+    crow = crow.to(torch.int64)
+    rows = crow.numel() - 1
+    dtype = _index_dtype(ones_row + 1, index.numel() + rows)
+    if bias is None:
+        return index.to(dtype), crow.to(dtype), values.contiguous()
+    offsets = crow + torch.arange(rows + 1)
+    entries = csr_rows(crow) + torch.arange(index.numel())  # where each stored entry goes
+    indices = torch.full((index.numel() + rows,), ones_row, dtype=dtype)
+    indices[entries] = index.to(dtype)
+    weights = torch.empty(index.numel() + rows, dtype=values.dtype)
+    weights[entries] = values
+    weights[offsets[1:] - 1] = bias.detach().to(values.dtype)
+    return indices, offsets.to(dtype), weights
+
+
+def split_bias(bags: tuple[Tensor, Tensor, Tensor], ones_row: int) -> tuple[tuple[Tensor, Tensor, Tensor], Tensor]:
+    """(the bags without their entries on the table's row of ones, the bias those entries carried)."""
+    indices, offsets, weights = bags
+    on_ones = indices == ones_row
+    bag = csr_rows(offsets)
+    bias = torch.zeros(offsets.numel() - 1, dtype=weights.dtype)
+    bias[bag[on_ones]] = weights[on_ones]
+    kept = torch.bincount(bag[~on_ones], minlength=offsets.numel() - 1)
+    new_offsets = torch.zeros_like(offsets, dtype=torch.int64)
+    torch.cumsum(kept, 0, out=new_offsets[1:])
+    return (indices[~on_ones], new_offsets.to(offsets.dtype), weights[~on_ones]), bias
+
+
+def csr_rows(crow: Tensor) -> Tensor:
+    """The row of every stored entry of a CSR matrix."""
+    crow = crow.to(torch.int64)
+    return torch.repeat_interleave(torch.arange(crow.numel() - 1), crow.diff())
+
+
+def _conv_taps(crow: Tensor, col: Tensor, in_channels: int, groups: int, kernel_size: Sequence[int]):
+    """(row, global input channel, tap row i, tap column j) of every stored entry of a conv weight's
+    (O, C/groups * kh * kw) CSR view."""
+    kh, kw = kernel_size
+    rows = csr_rows(crow)
+    col = col.to(torch.int64)
+    out_channels = crow.numel() - 1
+    channel = col // (kh * kw) + (rows // (out_channels // groups)) * (in_channels // groups)
+    tap = col % (kh * kw)
+    return rows, channel, tap // kw, tap % kw
+
+
+def dense_bags(
+    crow: Tensor, col: Tensor, values: Tensor, bias: Tensor | None, columns: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Bags of a linear layer's (out, columns) CSR weight over linear_table: one per output feature."""
+    return _csr_bags(crow, col.to(torch.int64), values, bias, columns)
+
+
+def im2col_bags(
+    crow: Tensor,
+    col: Tensor,
+    values: Tensor,
+    bias: Tensor | None,
+    in_channels: int,
+    groups: int,
+    kernel_size: Sequence[int],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Bags of a conv weight over im2col_table: one per output channel."""
+    kh, kw = kernel_size
+    _, channel, i, j = _conv_taps(crow, col, in_channels, groups, kernel_size)
+    # (channel * kh + i) * kw + j is the weight's column plus its group's offset: increasing within a row
+    return _csr_bags(crow, (channel * kh + i) * kw + j, values, bias, in_channels * kh * kw)
+
+
+ROWS_BLOCK_ENTRIES = 2**17  # rows_bags works on blocks of output channels of about this many entries
+
+
+def rows_bags(
+    crow: Tensor,
+    col: Tensor,
+    values: Tensor,
+    bias: Tensor | None,
+    in_channels: int,
+    groups: int,
+    kernel_size: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    input_size: Sequence[int],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Bags of a conv weight over rows_table for (H, W) inputs: one per (output channel, output row).
+
+    Built block of output channels by block, so the temporaries stay small next to the result.
+    """
+    kw, h = kernel_size[1], input_size[0]
+    ho = conv_output_size(input_size, kernel_size, stride, padding, dilation)[0]
+    out_channels = crow.numel() - 1
+    rows, channel, i, j = _conv_taps(crow, col, in_channels, groups, kernel_size)
+    ones_row = in_channels * kw * h
+    base = (channel * kw + j) * h  # the table row of each entry's tap for input row 0
+    shift = i * dilation[0] - padding[0]  # its input row for output row 0
+    y = torch.arange(ho)
+    crow64 = crow.to(torch.int64)
+    indices, weights, counts = [], [], []
+    start = 0
+    while start < out_channels:  # a block of output channels [start, stop)
+        stop = start + 1
+        while (
+            stop < out_channels
+            and (int(crow64[stop + 1]) - int(crow64[start]) + stop + 1 - start) * ho <= ROWS_BLOCK_ENTRIES
+        ):
+            stop += 1
+        first, last = int(crow64[start]), int(crow64[stop])
+        source_row = y[None, :] * stride[0] + shift[first:last, None]  # (entries, Ho)
+        entry, out_row = ((source_row >= 0) & (source_row < h)).nonzero(as_tuple=True)
+        bag = (rows[first:last][entry] - start) * ho + out_row
+        index = base[first:last][entry] + source_row[entry, out_row]
+        weight = values[first:last][entry]
+        if bias is not None:
+            every = torch.arange((stop - start) * ho)
+            bag = torch.cat([bag, every])
+            index = torch.cat([index, torch.full_like(every, ones_row)])
+            weight = torch.cat([weight, bias[start:stop].detach().to(values.dtype).repeat_interleave(ho)])
+        order = torch.argsort(bag * (ones_row + 1) + index)
+        dtype = _index_dtype(ones_row + 1, (int(crow64[-1]) + out_channels) * ho)
+        indices.append(index[order].to(dtype))
+        weights.append(weight[order])
+        counts.append(torch.bincount(bag, minlength=(stop - start) * ho))
+        start = stop
+    offsets = torch.zeros(out_channels * ho + 1, dtype=torch.int64)
+    torch.cumsum(torch.cat(counts), 0, out=offsets[1:])
+    index_dtype = indices[0].dtype
+    return torch.cat(indices), offsets.to(index_dtype), torch.cat(weights)
+
+
+def rows_bag_entries(nnz: int, output_height: int) -> int:
+    """An upper bound on the entries rows_bags builds (its memory is ~8 bytes per entry)."""
+    return nnz * output_height
+
+
+__all__ = [
+    "KERNELS",
+    "CONV_LAYOUTS",
+    "conv_output_size",
+    "linear_table",
+    "im2col_table",
+    "rows_table",
+    "bag_product",
+    "dense_bags",
+    "im2col_bags",
+    "rows_bags",
+    "csr_rows",
+    "rows_bag_entries",
+    "split_bias",
+    "token_chunk",
+]

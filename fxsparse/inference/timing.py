@@ -1,0 +1,71 @@
+"""Timing that survives a busy machine: candidates run interleaved, in rotating order, and the median counts.
+
+With one thread the clock is the calling thread's CPU time (time.thread_time): torch then runs every
+kernel on the calling thread, and on a shared machine a wall clock mostly measures how long the thread
+waited for a core. With more threads it is the wall clock (time.perf_counter), which is what parallel
+speedups are; measure those on a quiet machine. Used to choose each layer's kernel (a Timer is
+injectable, so tests choose deterministically) and to measure end-to-end speedups.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+Timer = Callable[[Mapping[str, Callable[[], Any]]], dict[str, float]]
+
+
+def default_clock() -> Callable[[], float]:
+    """time.thread_time with one torch thread, else time.perf_counter (see the module docstring)."""
+    return time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
+
+
+def clock_name(clock: Callable[[], float] | None = None) -> str:
+    return "thread CPU time" if (clock or default_clock()) is time.thread_time else "wall clock"
+
+
+def interleaved_medians(
+    candidates: Mapping[str, Callable[[], Any]],
+    *,
+    repeats: int = 7,
+    warmup: int = 1,
+    min_sample_s: float = 2e-4,
+    clock: Callable[[], float] | None = None,
+) -> dict[str, float]:
+    """Median seconds per call of each candidate (``clock`` defaults to default_clock()).
+
+    Every candidate runs ``warmup`` times, then ``repeats`` rounds each time every candidate once, the
+    order rotating from round to round, so that a burst of load on a shared machine hits all of them.
+    A candidate faster than ``min_sample_s`` is called several times per sample.
+    """
+    if not candidates:
+        return {}
+    clock = clock or default_clock()
+    names = list(candidates)
+    loops = {}
+    for name in names:
+        start = clock()
+        for _ in range(max(warmup, 1)):
+            candidates[name]()
+        once = (clock() - start) / max(warmup, 1)
+        loops[name] = max(1, int(min_sample_s / max(once, 1e-9)))
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for round_index in range(repeats):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            fn, n = candidates[name], loops[name]
+            start = clock()
+            for _ in range(n):
+                fn()
+            samples[name].append((clock() - start) / n)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def default_timer(candidates: Mapping[str, Callable[[], Any]]) -> dict[str, float]:
+    """The per-layer timer of fxsparse.accelerate: 7 interleaved rounds of at least 1 ms per candidate, after
+    one warm-up call (a layer of 0.2 ms is timed over 5 calls per round: its noise would decide otherwise)."""
+    return interleaved_medians(candidates, repeats=7, warmup=1, min_sample_s=1e-3)
