@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from typing import TYPE_CHECKING, Any
 
@@ -13,6 +14,7 @@ from ..atomic import atomic_write_text
 from ..export import save_csr
 from ..flops import flops
 from ..fold import fold
+from ..inference import measure_speedup
 from ..pool import is_sparsified, realized_sparsity
 from .loop import evaluate, log
 
@@ -59,7 +61,8 @@ def finish(training: Training) -> dict[str, Any]:
 def measure_folded_model(folded: nn.Module, training: Training) -> dict[str, Any]:
     """Figures of the folded model, each written next to the run and returned as summary keys.
 
-    The one place for them: a new figure (a measured inference speed-up, say) is computed here, as keys of
+    The one place for them: FLOPs, the CSR checkpoint and the measured CPU inference speed-up of
+    fxsparse.accelerate (batch 1, this process's threads); a new figure is computed here, as keys of
     the returned dict, and gets its line in summary_rows().
     """
     run_dir, data = training.config.run_dir, training.data
@@ -71,12 +74,15 @@ def measure_folded_model(folded: nn.Module, training: Training) -> dict[str, Any
     atomic_write_text(run_dir / "flops.txt", report.table() + "\n")
     csr_path = run_dir / "model.csr.safetensors"
     save_csr(folded, csr_path)
+    speed = measure_speedup(copy.deepcopy(folded).cpu(), example.cpu())
+    atomic_write_text(run_dir / "inference.json", json.dumps(speed, indent=2))
     return {
         "dense_macs": int(report.dense_macs),
         "sparse_macs": int(report.sparse_macs),
         "flops_path": str(run_dir / "flops.json"),
         "csr_path": str(csr_path),
         "csr_bytes": csr_path.stat().st_size,
+        "inference": {key: value for key, value in speed.items() if key != "plan"},
     }
 
 
@@ -103,6 +109,15 @@ def summary_rows(summary: dict[str, Any]) -> list[list[str]]:
                 "CSR checkpoint",
                 f"{summary['csr_path']}  {human_bytes(summary['csr_bytes'])} "
                 f"(dense fp32 state {human_bytes(summary['dense_state_bytes'])})",
+            ]
+        )
+    if "inference" in summary:
+        speed = summary["inference"]
+        rows.append(
+            [
+                f"CPU inference, batch 1, {speed['threads']} thread(s)",
+                f"{speed['speedup']:.2f}x with fxsparse.accelerate ({speed['dense_ms']:.2f} -> "
+                f"{speed['accelerated_ms']:.2f} ms; {speed['sparse_layers']} of {speed['layers']} layers sparse)",
             ]
         )
     rows += [["train time", f"{summary['train_time_s'] / 60:.1f} min"], ["outputs", summary["run_dir"]]]
