@@ -254,22 +254,29 @@ def _index_dtype(*bounds: int) -> torch.dtype:
     return torch.int32 if max(bounds) < 2**31 else torch.int64
 
 
+def _bag_index_dtype(crow: Tensor, ones_row: int) -> torch.dtype:
+    """The index dtype of the bags of a CSR weight with a bias entry per row, over a table of ones_row + 1 rows."""
+    rows = crow.numel() - 1
+    return _index_dtype(ones_row + 1, int(crow[-1]) + rows)
+
+
 def _csr_bags(
     crow: Tensor, index: Tensor, values: Tensor, bias: Tensor | None, ones_row: int
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(indices, offsets, weights): the weight's CSR rows as bags, with ``index`` (increasing within each row,
-    as the CSR columns) as table rows, and each row's bias entry last, on the row of ones (if there is a bias)."""
+    as the CSR columns) as table rows, and each row's bias entry last, on the row of ones (if there is a bias).
+    Beyond the result, the temporaries are one byte per entry (a mask), so building a model's bags layer by
+    layer stays close to the size of the bags."""
     crow = crow.to(torch.int64)
     rows = crow.numel() - 1
-    dtype = _index_dtype(ones_row + 1, index.numel() + rows)
+    dtype = _bag_index_dtype(crow, ones_row)
     if bias is None:
         return index.to(dtype), crow.to(dtype), values.contiguous()
     offsets = crow + torch.arange(rows + 1)
-    entries = csr_rows(crow) + torch.arange(index.numel())  # where each stored entry goes
-    indices = torch.full((index.numel() + rows,), ones_row, dtype=dtype)
-    indices[entries] = index.to(dtype)
-    weights = torch.empty(index.numel() + rows, dtype=values.dtype)
-    weights[entries] = values
+    stored = torch.ones(index.numel() + rows, dtype=torch.bool)
+    stored[offsets[1:] - 1] = False  # each bag's last entry is its bias, on the row of ones
+    indices = torch.full((index.numel() + rows,), ones_row, dtype=dtype).masked_scatter_(stored, index.to(dtype))
+    weights = torch.empty(index.numel() + rows, dtype=values.dtype).masked_scatter_(stored, values)
     weights[offsets[1:] - 1] = bias.detach().to(values.dtype)
     return indices, offsets.to(dtype), weights
 
@@ -323,9 +330,14 @@ def im2col_bags(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Bags of a conv weight over im2col_table: one per output channel."""
     kh, kw = kernel_size
-    _, channel, i, j = _conv_taps(crow, col, in_channels, groups, kernel_size)
-    # (channel * kh + i) * kw + j is the weight's column plus its group's offset: increasing within a row
-    return _csr_bags(crow, (channel * kh + i) * kw + j, values, bias, in_channels * kh * kw)
+    ones_row = in_channels * kh * kw
+    # the table row of tap (channel, i, j), (channel * kh + i) * kw + j, is the weight's column plus its
+    # group's first row: increasing within a row, and computed in the bags' own dtype
+    index = col.to(_bag_index_dtype(crow, ones_row))
+    if groups > 1:
+        group = csr_rows(crow) // ((crow.numel() - 1) // groups)
+        index = index + (group * (in_channels // groups * kh * kw)).to(index.dtype)  # col itself stays as it is
+    return _csr_bags(crow, index, values, bias, ones_row)
 
 
 ROWS_BLOCK_ENTRIES = 2**17  # rows_bags works on blocks of output channels of about this many entries
