@@ -300,13 +300,15 @@ def csr_rows(crow: Tensor) -> Tensor:
     return torch.repeat_interleave(torch.arange(crow.numel() - 1), crow.diff())
 
 
-def _conv_taps(crow: Tensor, col: Tensor, in_channels: int, groups: int, kernel_size: Sequence[int]):
-    """(row, global input channel, tap row i, tap column j) of every stored entry of a conv weight's
-    (O, C/groups * kh * kw) CSR view."""
+def _conv_taps(
+    crow: Tensor, col: Tensor, in_channels: int, groups: int, kernel_size: Sequence[int], start: int, stop: int
+):
+    """(row, global input channel, tap row i, tap column j) of every stored entry of rows [start, stop) of a conv
+    weight's (O, C/groups * kh * kw) CSR view (crow in int64)."""
     kh, kw = kernel_size
-    rows = csr_rows(crow)
-    col = col.to(torch.int64)
     out_channels = crow.numel() - 1
+    rows = torch.repeat_interleave(torch.arange(start, stop), crow[start : stop + 1].diff())
+    col = col[int(crow[start]) : int(crow[stop])].to(torch.int64)
     channel = col // (kh * kw) + (rows // (out_channels // groups)) * (in_channels // groups)
     tap = col % (kh * kw)
     return rows, channel, tap // kw, tap % kw
@@ -363,10 +365,7 @@ def rows_bags(
     kw, h = kernel_size[1], input_size[0]
     ho = conv_output_size(input_size, kernel_size, stride, padding, dilation)[0]
     out_channels = crow.numel() - 1
-    rows, channel, i, j = _conv_taps(crow, col, in_channels, groups, kernel_size)
     ones_row = in_channels * kw * h
-    base = (channel * kw + j) * h  # the table row of each entry's tap for input row 0
-    shift = i * dilation[0] - padding[0]  # its input row for output row 0
     y = torch.arange(ho)
     crow64 = crow.to(torch.int64)
     indices, weights, counts = [], [], []
@@ -378,12 +377,13 @@ def rows_bags(
             and (int(crow64[stop + 1]) - int(crow64[start]) + stop + 1 - start) * ho <= ROWS_BLOCK_ENTRIES
         ):
             stop += 1
-        first, last = int(crow64[start]), int(crow64[stop])
-        source_row = y[None, :] * stride[0] + shift[first:last, None]  # (entries, Ho)
+        rows, channel, i, j = _conv_taps(crow64, col, in_channels, groups, kernel_size, start, stop)
+        base = (channel * kw + j) * h  # the table row of each entry's tap for input row 0
+        source_row = y[None, :] * stride[0] + (i * dilation[0] - padding[0])[:, None]  # (entries, Ho)
         entry, out_row = ((source_row >= 0) & (source_row < h)).nonzero(as_tuple=True)
-        bag = (rows[first:last][entry] - start) * ho + out_row
-        index = base[first:last][entry] + source_row[entry, out_row]
-        weight = values[first:last][entry]
+        bag = (rows[entry] - start) * ho + out_row
+        index = base[entry] + source_row[entry, out_row]
+        weight = values[int(crow64[start]) : int(crow64[stop])][entry]
         if bias is not None:
             every = torch.arange((stop - start) * ho)
             bag = torch.cat([bag, every])
