@@ -14,7 +14,9 @@ with fxsparse.accelerate_checkpoint (its sparse weights never densified).
 
 --save-checkpoint PATH writes the magnitude-pruned model as a CSR checkpoint (first --model/--sparsity), and
 --memory PATH measures, in this fresh process, the peak memory growth of fxsparse.accelerate_checkpoint
-against the checkpoint's CSR bytes and the dense weights' bytes.
+against the checkpoint's CSR bytes and the dense weights' bytes (counted from after the imports and the model
+skeleton), timed, then in fresh processes untimed with the plan it chose and for the dense model; --paths
+PLAN.json builds once with a given plan.
 
 Results are appended to --results (JSON lines); a configuration already there is skipped unless --force,
 so an interrupted run resumes and single configurations are cheap to redo. --plot draws speedup against
@@ -29,6 +31,7 @@ sparsity from the results file.
     python tools/bench_inference.py --show --table
     python tools/bench_inference.py --model resnet50 --sparsity 0.9 --save-checkpoint r50.safetensors
     python tools/bench_inference.py --memory r50.safetensors --arch resnet50
+    python tools/bench_inference.py --memory r50.safetensors --paths plan.json
 """
 
 from __future__ import annotations
@@ -366,7 +369,11 @@ def main(argv: list[str] | None = None) -> None:
         help="a CSR checkpoint: peak memory of accelerate_checkpoint, timed, then again "
         "untimed with the paths chosen (fresh processes)",
     )
-    parser.add_argument("--paths", help=argparse.SUPPRESS)  # JSON {layer: path}, for --memory's second build
+    parser.add_argument(
+        "--paths",
+        help="with --memory: a JSON file {layer: path} (e.g. fast.fxsparse_plan.paths()) to build with, untimed; "
+        "'dense': load the dense model instead",
+    )
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     if args.memory:
