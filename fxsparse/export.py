@@ -26,6 +26,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -443,8 +444,8 @@ _DOCUMENT_FIELDS = {
 
 
 @dataclasses.dataclass(frozen=True)
-class _StoredTensor:
-    """One "tensors" entry of a checked document."""
+class StoredTensor:
+    """One "tensors" entry of a checked document: how one state_dict entry is stored (docs/FORMAT.md)."""
 
     name: str
     layout: str
@@ -469,15 +470,17 @@ class _Checkpoint:
     path: str
     table: dict[str, Any]
     document: dict[str, Any]
-    tensors: list[_StoredTensor]
+    tensors: list[StoredTensor]
+    data_start: int  # file offset of the data section (the safetensors "data_offsets" count from there)
 
 
 def _fail(path: str, message: str) -> None:
     raise CsrFormatError(f"{path!r}: {message}")
 
 
-def _read_json_header(path: str) -> tuple[dict[str, Any], int]:
-    """(the safetensors header, the size of the data section), checking the header fits in the file."""
+def _read_json_header(path: str) -> tuple[dict[str, Any], int, int]:
+    """(the safetensors header, the file offset and the size of the data section), checking the header fits
+    in the file."""
     try:
         size = os.path.getsize(path)
     except OSError as exc:
@@ -502,7 +505,7 @@ def _read_json_header(path: str) -> tuple[dict[str, Any], int]:
         ) from exc
     if not isinstance(table, dict):
         _fail(path, "the safetensors header is not a JSON object; the file is corrupt")
-    return table, size - 8 - header_size
+    return table, 8 + header_size, size - 8 - header_size
 
 
 def _check_table(path: str, table: dict[str, Any], data_bytes: int) -> None:
@@ -565,7 +568,7 @@ def _check_document(path: str, document: Any) -> int:
     return version
 
 
-def _check_entry(path: str, name: str, entry: Any, version: int) -> _StoredTensor:
+def _check_entry(path: str, name: str, entry: Any, version: int) -> StoredTensor:
     """One "tensors" entry, every field checked (types, ranges, consistency with its own shape)."""
 
     def fail(what: str) -> None:
@@ -611,10 +614,10 @@ def _check_entry(path: str, name: str, entry: Any, version: int) -> _StoredTenso
             matrix = MatrixLayout(axis, groups)
     elif not torch_dtype.is_floating_point and nnz != numel:
         fail(f"nnz of a non-floating tensor is its numel {numel}, got {nnz}")
-    return _StoredTensor(name, layout, tuple(shape), torch_dtype, nnz, matrix)
+    return StoredTensor(name, layout, tuple(shape), torch_dtype, nnz, matrix)
 
 
-def _check_parts(path: str, tensor: _StoredTensor, table: dict[str, Any], index_dtypes: list[str]) -> None:
+def _check_parts(path: str, tensor: StoredTensor, table: dict[str, Any], index_dtypes: list[str]) -> None:
     """The stored safetensors tensors of one entry exist with the dtypes and lengths its metadata implies."""
     if tensor.layout == "dense":
         expected = {tensor.name: (_DTYPE_NAMES[tensor.dtype], list(tensor.shape))}
@@ -641,7 +644,7 @@ def _check_parts(path: str, tensor: _StoredTensor, table: dict[str, Any], index_
 
 def _read_checkpoint(path: str) -> _Checkpoint:
     """The header of a CSR checkpoint, every field checked; nothing but the header is read."""
-    table, data_bytes = _read_json_header(path)
+    table, data_start, data_bytes = _read_json_header(path)
     metadata = table.pop("__metadata__", None)
     raw = metadata.get(METADATA_KEY) if isinstance(metadata, dict) else None
     if raw is None:
@@ -670,7 +673,7 @@ def _read_checkpoint(path: str) -> _Checkpoint:
     for key in document["crc32"]:
         if key not in table:
             _fail(path, f"corrupt: the metadata has a CRC32 for {key!r}, which the file does not store")
-    return _Checkpoint(path, table, document, tensors)
+    return _Checkpoint(path, table, document, tensors, data_start)
 
 
 def read_csr_metadata(path: str | os.PathLike) -> dict[str, Any]:
@@ -678,32 +681,140 @@ def read_csr_metadata(path: str | os.PathLike) -> dict[str, Any]:
     return _read_checkpoint(os.fspath(path)).document
 
 
-def _check_crc(path: str, key: str, tensor: Tensor, document: dict[str, Any]) -> None:
-    if _crc32(tensor) != document["crc32"][key]:
-        raise CsrFormatError(
-            f"{path!r} is corrupt: tensor {key.split(SEPARATOR)[0]!r} ({key}) fails its CRC32 check; re-export it"
+@dataclasses.dataclass(frozen=True)
+class CsrParts:
+    """The checked CSR components of one stored tensor: ``crow`` (rows + 1 entries), ``col`` and ``values``
+    (nnz each) of the (outputs, inputs) matrix that ``matrix`` reads off a tensor of ``shape``; the indices in
+    their stored dtypes (uint8 to int64), the values in the tensor's dtype."""
+
+    crow: Tensor
+    col: Tensor
+    values: Tensor
+    shape: tuple[int, ...]
+    matrix: MatrixLayout
+
+    def dense(self) -> Tensor:
+        """The tensor of ``shape`` these components describe."""
+        return from_csr(self.crow, self.col, self.values, self.shape, self.matrix)
+
+    def row_major(self) -> CsrParts:
+        """The same tensor's components as the CSR of its (shape[0], rest) view, with the smallest index dtypes
+        (what a Linear or Conv kernel takes), computed from the nonzeros alone: nothing of the dense size."""
+        if self.matrix == ROW_MAJOR:
+            return self
+        row, col = _coordinates(self.crow, self.col)
+        positions, order = self.matrix.flat_index(row, col, self.shape).sort()
+        rows, cols = ROW_MAJOR.matrix_shape(self.shape)
+        crow = torch.zeros(rows + 1, dtype=torch.int64)
+        torch.cumsum(torch.bincount(positions // cols, minlength=rows), 0, out=crow[1:])
+        nnz = positions.numel()
+        return CsrParts(
+            crow.to(index_dtype(nnz)),
+            (positions % cols).to(index_dtype(max(cols - 1, 0))),
+            self.values[order],
+            self.shape,
+            ROW_MAJOR,
         )
 
 
-def _validated_positions(path: str, stored: _StoredTensor, crow: Tensor, col: Tensor) -> Tensor:
-    """Flat positions in the stored tensor of every CSR value, after checking the components (whose dtypes
-    and lengths the header check fixed) describe ``stored``."""
+def _check_components(path: str, stored: StoredTensor, crow: Tensor, col: Tensor) -> None:
+    """The CSR components (whose dtypes and lengths the header check fixed) describe ``stored``: crow runs from
+    0 to nnz without decreasing, every column is in range and strictly increasing within its row. The
+    temporaries are a few bytes per nonzero (no int64 copy of the columns)."""
     rows, cols = stored.matrix.matrix_shape(stored.shape)
 
     def fail(what: str) -> None:
         raise CsrFormatError(f"{path!r} is corrupt: tensor {stored.name!r} of shape {list(stored.shape)}: {what}")
 
-    crow64, col64 = crow.to(torch.int64), col.to(torch.int64)
+    crow64 = crow.to(torch.int64)
     if int(crow64[0]) != 0 or int(crow64[-1]) != stored.nnz:
         fail(f"crow_indices runs {int(crow64[0])}..{int(crow64[-1])} for {stored.nnz} values")
     if bool((crow64.diff() < 0).any()):
         fail("crow_indices decreases")
-    if stored.nnz and (int(col64.min()) < 0 or int(col64.max()) >= cols):
+    if not stored.nnz:
+        return
+    if int(col.min()) < 0 or int(col.max()) >= cols:
         fail(f"a column index is outside [0, {cols})")
-    row, col64 = _coordinates(crow64, col64)
-    if bool(((row * cols + col64).diff() <= 0).any()):
+    # columns now lie in [0, cols): their differences fit the stored dtype, except uint8's negative ones
+    increasing = (col.to(torch.int16) if col.dtype == torch.uint8 else col).diff() > 0
+    row_starts = crow64[1:-1]
+    increasing[row_starts[(row_starts > 0) & (row_starts < stored.nnz)] - 1] = True  # a new row may go back
+    if not bool(increasing.all()):
         fail("column indices are not strictly increasing within a row")
-    return stored.matrix.flat_index(row, col64, stored.shape)
+
+
+class CsrReader:
+    """An open CSR checkpoint: the one reader of the format (load_csr, load_csr_into_ and
+    fxsparse.accelerate_checkpoint use it).
+
+    Creating it reads and checks the whole header (docs/FORMAT.md, "Reading untrusted files", steps 1-5) and
+    nothing else. Inside ``with``, tensors are read one at a time with plain reads into buffers of their
+    stored size (bounded by the file), CRC-32 checked, and, for CSR entries, their components checked before
+    they are returned: ``csr(name)`` as CsrParts (never densified), ``tensor(name)`` as the state_dict tensor.
+
+        with CsrReader(path) as reader:
+            for name, entry in reader.entries.items():
+                value = reader.csr(name) if entry.layout == "csr" else reader.tensor(name)
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        self._checkpoint = _read_checkpoint(self.path)
+        self.document: dict[str, Any] = self._checkpoint.document
+        self.entries: dict[str, StoredTensor] = {t.name: t for t in self._checkpoint.tensors}  # state_dict order
+        self._file = None
+
+    def __enter__(self) -> CsrReader:
+        self._file = open(self.path, "rb")  # closed by __exit__
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._file.close()
+        self._file = None
+
+    def _read(self, key: str) -> Tensor:
+        """The stored safetensors tensor ``key``, read from the file and CRC-32 checked."""
+        if self._file is None:
+            raise RuntimeError("CsrReader reads tensors inside `with CsrReader(path) as reader:`")
+        info = self._checkpoint.table[key]
+        begin, end = info["data_offsets"]
+        raw = torch.empty(end - begin, dtype=torch.uint8)
+        self._file.seek(self._checkpoint.data_start + begin)
+        if self._file.readinto(raw.numpy()) != end - begin:
+            _fail(self.path, f"truncated: tensor {key.split(SEPARATOR)[0]!r} ({key}) ends past the end of the file")
+        if zlib.crc32(raw.numpy()) != self.document["crc32"][key]:
+            raise CsrFormatError(
+                f"{self.path!r} is corrupt: tensor {key.split(SEPARATOR)[0]!r} ({key}) fails its CRC32 check; "
+                "re-export it"
+            )
+        dtype = _DTYPES[_TORCH_NAMES[info["dtype"]]]
+        itemsize = _itemsize(dtype)
+        if sys.byteorder == "big" and itemsize > 1:  # the format is little-endian
+            raw = raw.view(-1, itemsize).flip(1).reshape(-1)
+        return raw.view(dtype).reshape(info["shape"])
+
+    def csr(self, name: str) -> CsrParts:
+        """The checked CSR components of a tensor stored as CSR."""
+        stored = self.entries[name]
+        if stored.layout != "csr":
+            raise ValueError(f"{name!r} is stored {stored.layout}, not as CSR: read it with tensor()")
+        crow, col, values = (self._read(key) for key in stored.keys)
+        _check_components(self.path, stored, crow, col)
+        return CsrParts(crow, col, values, stored.shape, stored.matrix)
+
+    def tensor(self, name: str) -> Tensor:
+        """The state_dict tensor ``name``: a CSR entry densified, a dense one as stored (its nnz checked)."""
+        stored = self.entries[name]
+        if stored.layout == "csr":
+            return self.csr(name).dense()
+        tensor = self._read(name)
+        if tensor.is_floating_point() and int(torch.count_nonzero(tensor)) != stored.nnz:
+            _fail(
+                self.path,
+                f"corrupt metadata for tensor {name!r}: nnz {stored.nnz} but it holds "
+                f"{int(torch.count_nonzero(tensor))} nonzeros",
+            )
+        return tensor
 
 
 def _physical_memory() -> int | None:
@@ -733,13 +844,11 @@ def _load(
     max_bytes: int | None,
     check: Callable[[dict[str, tuple[int, ...]]], None] | None,
 ) -> OrderedDict[str, Tensor]:
-    from safetensors import SafetensorError, safe_open
-
-    checkpoint = _read_checkpoint(path)
+    reader = CsrReader(path)
     if check is not None:
-        check({t.name: t.shape for t in checkpoint.tensors})
+        check({name: stored.shape for name, stored in reader.entries.items()})
     limit = _physical_memory() if max_bytes is None else max_bytes
-    declared = sum(t.dense_bytes for t in checkpoint.tensors)
+    declared = sum(stored.dense_bytes for stored in reader.entries.values())
     if limit is not None and declared > limit:
         _fail(
             path,
@@ -747,37 +856,8 @@ def _load(
             f"(max_bytes{'' if max_bytes is not None else ', default: physical memory'}); refused before "
             "allocating. Pass a larger max_bytes if you trust the file, or load it with load_csr_into_",
         )
-    state: OrderedDict[str, Tensor] = OrderedDict()
-    try:
-        handle_context = safe_open(path, framework="pt", device="cpu")
-    except SafetensorError as exc:
-        raise CsrFormatError(f"{path!r} cannot be opened as safetensors ({exc}); the file is corrupt") from exc
-    with handle_context as handle:
-
-        def read(key: str) -> Tensor:
-            try:
-                tensor = handle.get_tensor(key)
-            except SafetensorError as exc:
-                raise CsrFormatError(
-                    f"{path!r}: tensor {key.split(SEPARATOR)[0]!r} ({key}) cannot be read ({exc})"
-                ) from exc
-            _check_crc(path, key, tensor, checkpoint.document)
-            return tensor
-
-        for stored in checkpoint.tensors:
-            if stored.layout == "csr":
-                crow, col, values = (read(key) for key in stored.keys)
-                tensor = _scatter(values, _validated_positions(path, stored, crow, col), stored.shape)
-            else:
-                tensor = read(stored.name)
-                if tensor.is_floating_point() and int(torch.count_nonzero(tensor)) != stored.nnz:
-                    _fail(
-                        path,
-                        f"corrupt metadata for tensor {stored.name!r}: nnz {stored.nnz} but it holds "
-                        f"{int(torch.count_nonzero(tensor))} nonzeros",
-                    )
-            state[stored.name] = tensor.to(device)
-    return state
+    with reader:
+        return OrderedDict((name, reader.tensor(name).to(device)) for name in reader.entries)
 
 
 def load_csr_into_(model: nn.Module, path: str | os.PathLike, *, strict: bool = True) -> None:

@@ -15,6 +15,8 @@ from fxsparse.export import (
     FORMAT_VERSION,
     SPARSITY_SCOPE,
     CsrFormatError,
+    CsrParts,
+    CsrReader,
     from_csr,
     index_dtype,
     load_csr,
@@ -23,6 +25,7 @@ from fxsparse.export import (
     save_csr,
     to_csr,
 )
+from fxsparse.layers import MatrixLayout
 from fxsparse.train.loading import load_model
 
 from models import TiedLinear, TinyCNN
@@ -176,6 +179,42 @@ def test_any_tensor_round_trips_exactly(tmp_path_factory, rows, inner, density, 
     crow, col, nonzeros = to_csr(values)
     assert nonzeros.numel() == int(torch.count_nonzero(values))
     assert torch.equal(from_csr(crow, col, nonzeros, shape), values)
+
+
+@pytest.mark.parametrize(
+    "shape, layout",
+    [
+        ((6, 4), MatrixLayout(output_axis=1)),  # a Conv1D (in, out) weight
+        ((4, 3, 3, 3), MatrixLayout(output_axis=1, groups=2)),  # ConvTranspose2d(4, 6, 3, groups=2)
+        ((6, 2, 5), MatrixLayout(output_axis=1, groups=3)),
+        ((300, 2), MatrixLayout(output_axis=1)),  # int16 columns (300) become uint8 ones (2)
+        ((5, 7, 1, 1), MatrixLayout()),
+    ],
+)
+def test_row_major_parts_of_any_layout_equal_to_csr_of_the_view(shape, layout):
+    """CsrParts.row_major() converts another layout's components from the nonzeros alone, bitwise equal (values,
+    indices and their dtypes) to the CSR of the (shape[0], rest) view; dense() reads the tensor back."""
+    tensor = torch.randn(shape) * (torch.rand(shape) < 0.3)
+    parts = CsrParts(*to_csr(tensor, layout), shape, layout)
+    assert torch.equal(parts.dense(), tensor)
+    converted = parts.row_major()
+    assert converted.matrix == MatrixLayout() and converted.shape == shape
+    for got, expected in zip((converted.crow, converted.col, converted.values), to_csr(tensor)):
+        assert got.dtype == expected.dtype and torch.equal(got, expected)
+
+
+def test_reader_gives_csr_parts_and_tensors(tiny):
+    model, path, _ = tiny
+    state = model.state_dict()
+    with CsrReader(path) as reader:
+        assert list(reader.entries) == list(state)
+        for name, stored in reader.entries.items():
+            assert torch.equal(reader.tensor(name), state[name])
+            if stored.layout == "csr":
+                parts = reader.csr(name)
+                assert torch.equal(parts.dense(), state[name]) and parts.values.numel() == stored.nnz
+    with pytest.raises(RuntimeError, match="inside `with CsrReader"):
+        reader.tensor(name)
 
 
 def test_index_dtype_is_the_smallest_that_fits():

@@ -410,11 +410,10 @@ def test_accelerate_checkpoint_refuses_another_architecture(tmp_path):
 def test_accelerate_checkpoint_refuses_bad_csr_parts(tmp_path):
     """A CSR part that passes its CRC but points outside the matrix is refused, naming the tensor."""
     import json
+    import zlib
 
     from safetensors import safe_open
     from safetensors.torch import save_file
-
-    from fxsparse.inference.checkpoint import _crc32
 
     model = prune_(nn.Sequential(nn.Linear(6, 4)))
     file = tmp_path / "net.safetensors"
@@ -426,12 +425,95 @@ def test_accelerate_checkpoint_refuses_bad_csr_parts(tmp_path):
     key = "0.weight::col_indices"
     tensors[key] = tensors[key].clone()
     tensors[key][-1] = 6  # one past the last column
-    document["crc32"][key] = _crc32(tensors[key])
+    document["crc32"][key] = zlib.crc32(tensors[key].numpy())
     save_file(tensors, file, metadata={"fxsparse": json.dumps(document)})
     with skeleton():
         plain = nn.Sequential(nn.Linear(6, 4))
     with pytest.raises(CsrFormatError, match="'0.weight'.*column index"):
         fxsparse.accelerate_checkpoint(file, plain, torch.randn(1, 6))
+
+
+class TransposedNet(nn.Module):
+    """Transposed convs (their weights are stored with output_axis 1) around a conv and a linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = nn.ConvTranspose2d(4, 6, 3, groups=2)  # weight (4, 3, 3, 3): matrix (6, 18)
+        self.square = nn.ConvTranspose2d(6, 6, 1)  # weight (6, 6, 1, 1): matrix its transpose, same shape
+        self.conv = nn.Conv2d(6, 8, 3)
+        self.fc = nn.Linear(8 * 4 * 4, 5)
+
+    def forward(self, x):
+        return self.fc(self.conv(self.square(self.up(x))).flatten(1))
+
+
+def test_accelerate_checkpoint_reads_transposed_conv_weights(tmp_path):
+    """ConvTranspose weights are stored as the CSR of their (out, in) matrix (output_axis 1): densified with that
+    layout, not as a (shape[0], rest) view (which was refused, or silently transposed for a square one)."""
+    model = prune_(TransposedNet())
+    with torch.no_grad():
+        for layer in (model.up, model.square):
+            layer.weight.mul_(torch.rand_like(layer.weight) < 0.25)
+    file = tmp_path / "net.safetensors"
+    fxsparse.save_csr(model, file)
+    entries = fxsparse.read_csr_metadata(file)["tensors"]
+    assert [entries[f"{n}.weight"]["output_axis"] for n in ("up", "square", "conv", "fc")] == [1, 1, 0, 0]
+    with skeleton():
+        plain = TransposedNet()
+    x = torch.randn(1, 4, 4, 4)
+    fast = fxsparse.accelerate_checkpoint(file, plain, x, timer=prefer("im2col+ebag", "ebag"))
+    assert paths(fast) == {"conv": "im2col+ebag", "fc": "ebag"}
+    assert torch.equal(fast.up.weight, model.up.weight) and torch.equal(fast.square.weight, model.square.weight)
+    assert_close(run(fast, x), run(model, x))
+
+
+def _store_with_output_axis_1(file, name: str, weight: torch.Tensor) -> None:
+    """Rewrite the CSR entry ``name`` of a checkpoint as the CSR of the weight's transpose (output_axis 1), as
+    another writer may: the same tensor, another layout."""
+    import zlib
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from fxsparse.layers import MatrixLayout
+
+    with safe_open(file, "pt") as handle:
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+        document = json.loads(handle.metadata()["fxsparse"])
+    parts = to_csr(weight, MatrixLayout(output_axis=1))
+    for part, tensor in zip(("crow_indices", "col_indices", "values"), parts):
+        tensors[f"{name}::{part}"] = tensor
+        document["crc32"][f"{name}::{part}"] = zlib.crc32(tensor.contiguous().view(torch.uint8).numpy())
+    entry = document["tensors"][name]
+    entry.update(output_axis=1, groups=1, index_dtypes=[str(t.dtype).removeprefix("torch.") for t in parts[:2]])
+    save_file(tensors, file, metadata={"fxsparse": json.dumps(document)})
+
+
+@pytest.mark.parametrize("shape", [(6, 6), (4, 6)], ids=["square", "wide"])
+def test_a_linear_weight_stored_with_output_axis_1_runs_sparse(tmp_path, monkeypatch, shape):
+    """A Linear weight stored as the CSR of its transpose is converted to the kernels' (out, in) CSR from its
+    nonzeros (no dense weight), instead of being read as a (shape[0], rest) CSR: silently transposed (square)
+    or refused (wide) before."""
+    out_features, in_features = shape
+    model = prune_(nn.Sequential(nn.Linear(in_features, out_features)))
+    file = tmp_path / "net.safetensors"
+    fxsparse.save_csr(model, file)
+    _store_with_output_axis_1(file, "0.weight", model[0].weight.detach())
+    assert fxsparse.read_csr_metadata(file)["tensors"]["0.weight"]["output_axis"] == 1
+    reference = nn.Sequential(nn.Linear(in_features, out_features))
+    fxsparse.load_csr_into_(reference, file)
+    assert torch.equal(reference[0].weight, model[0].weight)
+    import fxsparse.export as export
+
+    densified = []
+    real = export.from_csr
+    monkeypatch.setattr(export, "from_csr", lambda *a, **k: densified.append(a[3]) or real(*a, **k))
+    with skeleton():
+        plain = nn.Sequential(nn.Linear(in_features, out_features))
+    x = torch.randn(3, in_features)
+    fast = fxsparse.accelerate_checkpoint(file, plain, x, timer=prefer("ebag"), paths={"0": "ebag"})
+    assert isinstance(fast[0], SparseLinear) and densified == []
+    assert_close(run(fast, x), run(model, x))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -270,6 +270,24 @@ def st3_by_hand(matrix: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
     return torch.stack(rows)
 
 
+def test_accelerate_checkpoint_reads_conv1d_weights(tmp_path):
+    """Conv1D weights (in, out) are stored as the CSR of their transpose (output_axis 1); building from the
+    checkpoint densifies them with that layout (it refused them before: a (shape[0], rest) view has other rows)."""
+    model = Conv1DNet()
+    with torch.no_grad():
+        for layer in (model.a, model.b):
+            layer.weight.mul_(torch.rand_like(layer.weight) < 0.2)
+    file = tmp_path / "conv1d.safetensors"
+    save_csr(model, file)
+    assert read_csr_metadata(file)["tensors"]["a.weight"]["output_axis"] == 1
+    with fxsparse.inference.skeleton():
+        plain = Conv1DNet()
+    x = torch.randn(3, 8)
+    fast = fxsparse.accelerate_checkpoint(file, plain, x)
+    assert torch.equal(fast.a.weight, model.a.weight) and torch.equal(fast.b.weight, model.b.weight)
+    torch.testing.assert_close(fast(x), model(x), rtol=0, atol=0)
+
+
 def test_tied_lm_head_default_is_dense_and_fold_computes_what_the_sparse_model_does():
     model = gpt2().eval()
     ids = inputs_of("gpt2")

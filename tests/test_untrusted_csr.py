@@ -1,5 +1,6 @@
 """A CSR checkpoint is untrusted input: every malformed header or metadata field is a CsrFormatError, raised
-before anything the file declares is allocated (docs/FORMAT.md, "Reading untrusted files")."""
+before anything the file declares is allocated (docs/FORMAT.md, "Reading untrusted files"), by each of the
+readers: load_csr, load_csr_into_ and fxsparse.accelerate_checkpoint."""
 
 import json
 import tracemalloc
@@ -11,7 +12,9 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import fxsparse
 from fxsparse.export import CsrFormatError, load_csr, load_csr_into_, read_csr_metadata, save_csr
+from fxsparse.inference import skeleton
 from fxsparse.train.loading import load_model
 
 from models import TinyCNN
@@ -121,7 +124,7 @@ def field_cases():
         "layout": [MISSING, "csr", "sparse"],
         "shape": [MISSING, [8, 1], [7], [HUGE], [-8], [True]],
         "dtype": [MISSING, "float64", "int32", 7],
-        "nnz": [MISSING, -1, True, HUGE, Change("nnz-1", lambda n: n - 1), "8"],
+        "nnz": [MISSING, -1, True, HUGE, Change("nnz-1", lambda n: n - 1), Change("nnz+1", lambda n: n + 1), "8"],
     }
     integer_entry = {"nnz": [Change("numel-1", lambda n: n - 1)]}  # bn1.num_batches_tracked: an integer's nnz is numel
     crc = {
@@ -166,6 +169,23 @@ def field_cases():
 CASES = list(field_cases())
 
 
+def refused_by_every_reader(path, match: str | None = None) -> None:
+    """load_csr, load_csr_into_ and accelerate_checkpoint each raise a CsrFormatError, allocating nothing larger
+    than TinyCNN's own tensors (what a malformed file declares is never allocated)."""
+    with skeleton():
+        skeleton_model = TinyCNN()
+    readers = {
+        "load_csr": lambda: load_csr(path),
+        "load_csr_into_": lambda: load_csr_into_(TinyCNN(), path),
+        "accelerate_checkpoint": lambda: fxsparse.accelerate_checkpoint(path, skeleton_model, torch.randn(1, 1, 8, 8)),
+    }
+    for name, read in readers.items():
+        guard = AllocationGuard(limit=1 << 16)
+        with guard, pytest.raises(CsrFormatError, match=match):
+            read()
+        assert guard.largest <= 1 << 16, name
+
+
 @pytest.mark.parametrize("where, key, value", [case[1:] for case in CASES], ids=[case[0] for case in CASES])
 def test_every_malformed_field_is_a_csr_format_error(good_file, tmp_path, where, key, value):
     table, document, data = split(good_file)
@@ -181,10 +201,58 @@ def test_every_malformed_field_is_a_csr_format_error(good_file, tmp_path, where,
         edit(container, key, value)
     path = tmp_path / "bad.safetensors"
     path.write_bytes(join(table, document, data))
-    with pytest.raises(CsrFormatError):
-        load_csr(path)
-    with pytest.raises(CsrFormatError):
-        load_csr_into_(TinyCNN(), path)
+    refused_by_every_reader(path)
+
+
+def changed_components(good_file: bytes, change) -> bytes:
+    """The file with conv2.weight's CSR components edited by ``change(crow, col)`` (in place) and their CRC32s
+    updated: a file whose header is right and whose components only reading them shows wrong."""
+    table, document, data = split(good_file)
+    keys = {part: f"conv2.weight::{part}" for part in ("crow_indices", "col_indices")}
+    parts = {}
+    for part, key in keys.items():
+        begin, end = table[key]["data_offsets"]
+        assert table[key]["dtype"] == "U8"  # 16 rows, 36 columns, under 256 nonzeros
+        parts[part] = torch.frombuffer(bytearray(data[begin:end]), dtype=torch.uint8)
+    change(parts["crow_indices"], parts["col_indices"])
+    for part, key in keys.items():
+        begin, end = table[key]["data_offsets"]
+        raw = parts[part].numpy().tobytes()
+        data = data[:begin] + raw + data[end:]
+        document["crc32"][key] = zlib.crc32(raw)
+    return join(table, document, data)
+
+
+def _first_pair_of_a_row(crow) -> int:
+    """The position of the first of two nonzeros in one row."""
+    return int(crow[next(r for r in range(len(crow) - 1) if crow[r + 1] - crow[r] >= 2)])
+
+
+def _swap_in_a_row(crow, col) -> None:
+    first = _first_pair_of_a_row(crow)
+    col[first], col[first + 1] = int(col[first + 1]), int(col[first])
+
+
+def _repeat_in_a_row(crow, col) -> None:
+    first = _first_pair_of_a_row(crow)
+    col[first + 1] = int(col[first])
+
+
+COMPONENT_CASES = {
+    "column out of range": lambda crow, col: col.__setitem__(-1, 36),
+    "columns decreasing in a row": _swap_in_a_row,
+    "column repeated in a row": _repeat_in_a_row,
+    "crow not from 0": lambda crow, col: crow.__setitem__(0, 1),
+    "crow not to nnz": lambda crow, col: crow.__setitem__(-1, int(crow[-1]) - 1),
+    "crow decreasing": lambda crow, col: crow.__setitem__(1, int(crow[-1])),
+}
+
+
+@pytest.mark.parametrize("change", COMPONENT_CASES.values(), ids=COMPONENT_CASES.keys())
+def test_inconsistent_csr_components_are_refused(good_file, tmp_path, change):
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(changed_components(good_file, change))
+    refused_by_every_reader(path, match="tensor 'conv2.weight'")
 
 
 def test_the_rewriting_helper_keeps_a_good_file_good(good_file, tmp_path):
@@ -200,8 +268,7 @@ def test_malformed_metadata_container(good_file, tmp_path, metadata):
     table, document, data = split(good_file)
     path = tmp_path / "bad.safetensors"
     path.write_bytes(join(table, document, data, metadata=metadata))
-    with pytest.raises(CsrFormatError):
-        load_csr(path)
+    refused_by_every_reader(path)
 
 
 def test_a_stored_tensor_the_metadata_does_not_describe_is_refused(good_file, tmp_path):
@@ -210,8 +277,7 @@ def test_a_stored_tensor_the_metadata_does_not_describe_is_refused(good_file, tm
     document["crc32"]["ghost"] = document["crc32"]["fc.bias"]
     path = tmp_path / "ghost.safetensors"
     path.write_bytes(join(table, document, data))
-    with pytest.raises(CsrFormatError, match="'ghost', which its metadata does not describe"):
-        load_csr(path)
+    refused_by_every_reader(path, match="'ghost', which its metadata does not describe")
 
 
 def test_a_missing_crc_is_refused(good_file, tmp_path):
@@ -219,8 +285,7 @@ def test_a_missing_crc_is_refused(good_file, tmp_path):
     del document["crc32"]["fc.bias"]
     path = tmp_path / "nocrc.safetensors"
     path.write_bytes(join(table, document, data))
-    with pytest.raises(CsrFormatError, match="'fc.bias' has no CRC32"):
-        load_csr(path)
+    refused_by_every_reader(path, match="'fc.bias' has no CRC32")
 
 
 def test_format_version_true_is_refused(good_file, tmp_path):
@@ -228,8 +293,7 @@ def test_format_version_true_is_refused(good_file, tmp_path):
     document["format_version"] = True  # == 1 in Python: accepted before
     path = tmp_path / "bool.safetensors"
     path.write_bytes(join(table, document, data))
-    with pytest.raises(CsrFormatError, match="format version True"):
-        load_csr(path)
+    refused_by_every_reader(path, match="format version True")
 
 
 def test_version_1_files_are_read(good_file, tmp_path):
@@ -321,11 +385,13 @@ class OneRow(nn.Module):
         self.w = nn.Parameter(torch.zeros(1, 16))
 
 
-@pytest.mark.parametrize("load", ["into_model", "max_bytes", "default", "tools"])
+@pytest.mark.parametrize("load", ["into_model", "max_bytes", "default", "tools", "accelerate_checkpoint"])
 def test_a_small_file_declaring_a_huge_weight_is_refused_without_allocating(tmp_path, load):
     shape = (1, 2**40) if load == "default" else (1, 2**30)  # default: 4 TiB, more than this machine has
     path = declaring(tmp_path, shape)
     assert len(open(path, "rb").read()) < 1024
+    with skeleton():
+        one_row = OneRow()
     guard = AllocationGuard(limit=1 << 20)
     tracemalloc.start()
     try:
@@ -334,6 +400,8 @@ def test_a_small_file_declaring_a_huge_weight_is_refused_without_allocating(tmp_
                 load_csr_into_(OneRow(), path)
             elif load == "tools":  # tools/export.py and tools/flops.py rebuild the model, then load
                 load_model("test_untrusted_csr:OneRow", path)
+            elif load == "accelerate_checkpoint":
+                fxsparse.accelerate_checkpoint(path, one_row, torch.zeros(1, 16))
             elif load == "max_bytes":
                 load_csr(path, max_bytes=1 << 20)
             else:
@@ -342,7 +410,8 @@ def test_a_small_file_declaring_a_huge_weight_is_refused_without_allocating(tmp_
     finally:
         tracemalloc.stop()
     assert "allocation of" not in str(error.value)
-    expected = "[1, 16] in the model" if load in ("into_model", "tools") else "refused before allocating"
+    in_model = load in ("into_model", "tools", "accelerate_checkpoint")
+    expected = "[1, 16] in the model" if in_model else "refused before allocating"
     assert expected in str(error.value)
     assert guard.largest <= 1 << 20 and peak < 1 << 20, (guard.largest, peak)
 

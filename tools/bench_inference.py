@@ -14,7 +14,9 @@ with fxsparse.accelerate_checkpoint (its sparse weights never densified).
 
 --save-checkpoint PATH writes the magnitude-pruned model as a CSR checkpoint (first --model/--sparsity), and
 --memory PATH measures, in this fresh process, the peak memory growth of fxsparse.accelerate_checkpoint
-against the checkpoint's CSR bytes and the dense weights' bytes.
+against the checkpoint's CSR bytes and the dense weights' bytes (counted from after the imports and the model
+skeleton), timed, then in fresh processes untimed with the plan it chose and for the dense model; --paths
+PLAN.json builds once with a given plan.
 
 Results are appended to --results (JSON lines); a configuration already there is skipped unless --force,
 so an interrupted run resumes and single configurations are cheap to redo. --plot draws speedup against
@@ -29,6 +31,7 @@ sparsity from the results file.
     python tools/bench_inference.py --show --table
     python tools/bench_inference.py --model resnet50 --sparsity 0.9 --save-checkpoint r50.safetensors
     python tools/bench_inference.py --memory r50.safetensors --arch resnet50
+    python tools/bench_inference.py --memory r50.safetensors --paths plan.json
 """
 
 from __future__ import annotations
@@ -197,21 +200,28 @@ def _status_bytes(field: str) -> int:
 
 
 def memory(args) -> None:
-    """Peak memory growth of building the accelerated model straight from a CSR checkpoint (fresh process)."""
+    """Peak memory growth of building the accelerated model straight from a CSR checkpoint (fresh process).
+
+    The growth is counted from after the imports and the model skeleton (parameters on the meta device), which
+    cost the same whatever is loaded; the dense comparison counts its model's construction (its weights)."""
+    from fxsparse.train.models import build_model
+
     torch.set_num_threads(args.threads[0])
     document = fxsparse.read_csr_metadata(args.memory)
     arch = args.arch or document.get("architecture")
     x = example(BERT if arch == BERT else "", args.batch[0], args.input)
-    if arch == BERT:
-        from transformers import BertConfig, BertModel
+    start = _status_bytes("VmRSS")
+    with fxsparse.inference.skeleton():
+        if arch == BERT:
+            from transformers import BertConfig, BertModel
 
-        with fxsparse.inference.skeleton():
-            arch = BertModel(BertConfig()).eval()
+            skeleton_model = BertModel(BertConfig()).eval()
+        else:
+            skeleton_model = build_model(arch)
+    setup = _status_bytes("VmRSS") - start
     if args.paths == "dense":  # the usual way, for comparison: a dense model loaded from the checkpoint
-        from fxsparse.train.models import build_model
-
         before = reset_peak_rss()
-        model = arch if isinstance(arch, nn.Module) else build_model(arch)
+        model = BertModel(BertConfig()).eval() if arch == BERT else build_model(arch)
         fxsparse.load_csr_into_(model, args.memory)
         model = fxsparse.inference.dense_baseline(model)
         with torch.no_grad():
@@ -227,8 +237,13 @@ def memory(args) -> None:
         with open(args.paths) as handle:
             paths = json.load(handle)
     before = reset_peak_rss()
-    fast = fxsparse.accelerate_checkpoint(args.memory, arch, x, paths=paths, progress=not args.no_progress)
+    before_file = _status_bytes("RssFile")
+    fast = fxsparse.accelerate_checkpoint(args.memory, skeleton_model, x, paths=paths, progress=not args.no_progress)
     growth = peak_rss_bytes() - before
+    file_backed = _status_bytes("RssFile") - before_file
+    with torch.no_grad():
+        fxsparse.inference.call_model(fast, x)
+    with_call = peak_rss_bytes() - before
     dense = sum(
         math.prod(e["shape"]) * torch.empty((), dtype=getattr(torch, e["dtype"])).element_size()
         for e in document["tensors"].values()
@@ -236,9 +251,10 @@ def memory(args) -> None:
     how = "with the given paths (untimed)" if paths else "timed"
     print(
         f"{args.memory}: file {os.path.getsize(args.memory) / 2**20:.1f} MiB, dense tensors {dense / 2**20:.1f} MiB; "
-        f"accelerate_checkpoint {how}: peak memory growth {growth / 2**20:.1f} MiB, accelerated model "
+        f"accelerate_checkpoint {how}: peak memory growth {growth / 2**20:.1f} MiB ({file_backed / 2**20:.1f} MiB "
+        f"of it file-backed: library code), {with_call / 2**20:.1f} MiB with one more call; accelerated model "
         f"{model_bytes(fast) / 2**20:.1f} MiB, {len(fast.fxsparse_plan.sparse_layers)}/"
-        f"{len(fast.fxsparse_plan.layers)} layers sparse",
+        f"{len(fast.fxsparse_plan.layers)} layers sparse; imports and skeleton {setup / 2**20:.1f} MiB (not counted)",
         flush=True,
     )
     if paths is None:  # the same build again in a fresh process, untimed, from this plan
@@ -353,7 +369,11 @@ def main(argv: list[str] | None = None) -> None:
         help="a CSR checkpoint: peak memory of accelerate_checkpoint, timed, then again "
         "untimed with the paths chosen (fresh processes)",
     )
-    parser.add_argument("--paths", help=argparse.SUPPRESS)  # JSON {layer: path}, for --memory's second build
+    parser.add_argument(
+        "--paths",
+        help="with --memory: a JSON file {layer: path} (e.g. fast.fxsparse_plan.paths()) to build with, untimed; "
+        "'dense': load the dense model instead",
+    )
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     if args.memory:

@@ -14,7 +14,7 @@ from .api import (
     dense_baseline,
     measure_speedup,
 )
-from .checkpoint import CsrCheckpoint, skeleton
+from .checkpoint import skeleton
 from .layers import LayerPlan, Planner, SparseConv2d, SparseLinear
 from .timing import interleaved_medians
 
@@ -30,7 +30,6 @@ __all__ = [
     "Planner",
     "SparseConv2d",
     "SparseLinear",
-    "CsrCheckpoint",
     "skeleton",
     "interleaved_medians",
 ]

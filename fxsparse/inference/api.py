@@ -20,12 +20,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..export import from_csr
+from ..export import CsrReader, from_csr
 from ..fold import fold
 from ..pool import is_sparsified
 from .batchnorm import fold_batchnorms_
 from .chain import chain_linears_
-from .checkpoint import CsrCheckpoint, skeleton
+from .checkpoint import layer_csr, skeleton
 from .layers import DENSE, LayerPlan, Planner, SparseConv2d, SparseLinear, density_of
 from .timing import Timer, default_timer, interleaved_medians
 
@@ -175,7 +175,7 @@ def _install_sparse_layers_(
     model: nn.Module,
     planner: Planner,
     exclude: Callable[[str, nn.Module], bool],
-    checkpoint: CsrCheckpoint | None = None,
+    checkpoint: CsrReader | None = None,
     kept_dense: list[LayerPlan] | None = None,
 ) -> list[LayerPlan]:
     """Replace each exact nn.Conv2d / nn.Linear by its sparse layer (built from the checkpoint's CSR when its
@@ -189,13 +189,14 @@ def _install_sparse_layers_(
         key = f"{name}.weight" if name else "weight"
         shape = tuple(module.weight.shape)
         kind = "conv" if isinstance(module, nn.Conv2d) else "linear"
-        from_checkpoint = checkpoint is not None and checkpoint.is_csr(key)
+        stored = checkpoint.entries.get(key) if checkpoint is not None else None
+        from_checkpoint = stored is not None and stored.layout == "csr"
         if not from_checkpoint and module.weight.device.type == "meta":
             continue  # stored dense in the checkpoint: converted once loaded
         if from_checkpoint:
-            crow, col, values = checkpoint.csr(key)
+            crow, col, values = layer_csr(checkpoint, key)
             bias_key = f"{name}.bias" if name else "bias"
-            bias = checkpoint.dense(bias_key) if module.bias is not None and bias_key in checkpoint.entries else None
+            bias = checkpoint.tensor(bias_key) if module.bias is not None and bias_key in checkpoint.entries else None
             density = density_of(values.numel(), shape)
         else:
             density = density_of(int(torch.count_nonzero(module.weight)), shape)
@@ -394,7 +395,7 @@ def accelerate_checkpoint(
     so peak memory is the CSR parts, the kernels' index arrays and the activations.
     """
     _check_example(example_input)
-    checkpoint = CsrCheckpoint(path)
+    checkpoint = CsrReader(path)  # the whole header checked, nothing else read
     if model is None or isinstance(model, str):
         spec = model if isinstance(model, str) else checkpoint.document.get("architecture")
         if not spec:
@@ -423,10 +424,7 @@ def accelerate_checkpoint(
         for name in checkpoint.entries:
             if name in replaced or _materialized_parameter(model, name):
                 continue
-            if checkpoint.is_csr(name):
-                state[name] = from_csr(*checkpoint.csr(name), checkpoint.shape(name))
-            else:
-                state[name] = checkpoint.dense(name)
+            state[name] = checkpoint.tensor(name)  # densified with its own layout (e.g. a ConvTranspose weight)
         model.load_state_dict(state, strict=False, assign=True)
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
     if left:
@@ -446,13 +444,13 @@ def _materialized_parameter(model: nn.Module, name: str) -> bool:
         return False
 
 
-def _check_against_model(checkpoint: CsrCheckpoint, model: nn.Module) -> None:
+def _check_against_model(checkpoint: CsrReader, model: nn.Module) -> None:
     """Names and shapes of the checkpoint against the model, before anything is read or allocated."""
     expected = {name: tuple(t.shape) for name, t in model.state_dict(keep_vars=True).items()}
-    for name in checkpoint.entries:
-        if name in expected and checkpoint.shape(name) != expected[name]:
+    for name, stored in checkpoint.entries.items():
+        if name in expected and stored.shape != expected[name]:
             raise ValueError(
-                f"tensor {name!r} has shape {list(checkpoint.shape(name))} in {checkpoint.path!r} but "
+                f"tensor {name!r} has shape {list(stored.shape)} in {checkpoint.path!r} but "
                 f"{list(expected[name])} in the model; was the checkpoint made for another architecture "
                 "(or another num_classes)?"
             )

@@ -140,7 +140,8 @@ class _SparseLayer(nn.Module):
     def fold_batchnorm_(self, scale: Tensor, shift: Tensor) -> None:
         """Fold an eval BatchNorm after this layer: w <- scale[o] w, b <- scale b + shift (zeros stay zeros)."""
         scale, shift = scale.detach().to(self.values.dtype), shift.detach().to(self.values.dtype)
-        self.values = self.values * scale[ops.csr_rows(self.crow)]
+        counts = self.crow.to(torch.int64).diff()
+        self.values.mul_(scale.repeat_interleave(counts, output_size=self.nnz))  # in place: no second copy
         self.bias = shift.clone() if self.bias is None else self.bias * scale + shift
         self.has_bias = True
         if self.dense_weight is not None:
@@ -185,7 +186,7 @@ class _SparseLayer(nn.Module):
             reference = self._dense(x, weight)
             scale = float(reference.abs().max()) or 1.0
             for name in list(candidates):
-                error = float((candidates[name][0]() - reference).abs().max()) / scale
+                error = float(candidates[name][0]().sub_(reference).abs_().max()) / scale  # no temporaries
                 if not error <= planner.check_tolerance:
                     warnings.warn(
                         f"fxsparse.accelerate: {self.name} path {name} differs from the dense result by "

@@ -254,22 +254,29 @@ def _index_dtype(*bounds: int) -> torch.dtype:
     return torch.int32 if max(bounds) < 2**31 else torch.int64
 
 
+def _bag_index_dtype(crow: Tensor, ones_row: int) -> torch.dtype:
+    """The index dtype of the bags of a CSR weight with a bias entry per row, over a table of ones_row + 1 rows."""
+    rows = crow.numel() - 1
+    return _index_dtype(ones_row + 1, int(crow[-1]) + rows)
+
+
 def _csr_bags(
     crow: Tensor, index: Tensor, values: Tensor, bias: Tensor | None, ones_row: int
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(indices, offsets, weights): the weight's CSR rows as bags, with ``index`` (increasing within each row,
-    as the CSR columns) as table rows, and each row's bias entry last, on the row of ones (if there is a bias)."""
+    as the CSR columns) as table rows, and each row's bias entry last, on the row of ones (if there is a bias).
+    Beyond the result, the temporaries are one byte per entry (a mask), so building a model's bags layer by
+    layer stays close to the size of the bags."""
     crow = crow.to(torch.int64)
     rows = crow.numel() - 1
-    dtype = _index_dtype(ones_row + 1, index.numel() + rows)
+    dtype = _bag_index_dtype(crow, ones_row)
     if bias is None:
         return index.to(dtype), crow.to(dtype), values.contiguous()
     offsets = crow + torch.arange(rows + 1)
-    entries = csr_rows(crow) + torch.arange(index.numel())  # where each stored entry goes
-    indices = torch.full((index.numel() + rows,), ones_row, dtype=dtype)
-    indices[entries] = index.to(dtype)
-    weights = torch.empty(index.numel() + rows, dtype=values.dtype)
-    weights[entries] = values
+    stored = torch.ones(index.numel() + rows, dtype=torch.bool)
+    stored[offsets[1:] - 1] = False  # each bag's last entry is its bias, on the row of ones
+    indices = torch.full((index.numel() + rows,), ones_row, dtype=dtype).masked_scatter_(stored, index.to(dtype))
+    weights = torch.empty(index.numel() + rows, dtype=values.dtype).masked_scatter_(stored, values)
     weights[offsets[1:] - 1] = bias.detach().to(values.dtype)
     return indices, offsets.to(dtype), weights
 
@@ -293,13 +300,15 @@ def csr_rows(crow: Tensor) -> Tensor:
     return torch.repeat_interleave(torch.arange(crow.numel() - 1), crow.diff())
 
 
-def _conv_taps(crow: Tensor, col: Tensor, in_channels: int, groups: int, kernel_size: Sequence[int]):
-    """(row, global input channel, tap row i, tap column j) of every stored entry of a conv weight's
-    (O, C/groups * kh * kw) CSR view."""
+def _conv_taps(
+    crow: Tensor, col: Tensor, in_channels: int, groups: int, kernel_size: Sequence[int], start: int, stop: int
+):
+    """(row, global input channel, tap row i, tap column j) of every stored entry of rows [start, stop) of a conv
+    weight's (O, C/groups * kh * kw) CSR view (crow in int64)."""
     kh, kw = kernel_size
-    rows = csr_rows(crow)
-    col = col.to(torch.int64)
     out_channels = crow.numel() - 1
+    rows = torch.repeat_interleave(torch.arange(start, stop), crow[start : stop + 1].diff())
+    col = col[int(crow[start]) : int(crow[stop])].to(torch.int64)
     channel = col // (kh * kw) + (rows // (out_channels // groups)) * (in_channels // groups)
     tap = col % (kh * kw)
     return rows, channel, tap // kw, tap % kw
@@ -323,9 +332,14 @@ def im2col_bags(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Bags of a conv weight over im2col_table: one per output channel."""
     kh, kw = kernel_size
-    _, channel, i, j = _conv_taps(crow, col, in_channels, groups, kernel_size)
-    # (channel * kh + i) * kw + j is the weight's column plus its group's offset: increasing within a row
-    return _csr_bags(crow, (channel * kh + i) * kw + j, values, bias, in_channels * kh * kw)
+    ones_row = in_channels * kh * kw
+    # the table row of tap (channel, i, j), (channel * kh + i) * kw + j, is the weight's column plus its
+    # group's first row: increasing within a row, and computed in the bags' own dtype
+    index = col.to(_bag_index_dtype(crow, ones_row))
+    if groups > 1:
+        group = csr_rows(crow) // ((crow.numel() - 1) // groups)
+        index = index + (group * (in_channels // groups * kh * kw)).to(index.dtype)  # col itself stays as it is
+    return _csr_bags(crow, index, values, bias, ones_row)
 
 
 ROWS_BLOCK_ENTRIES = 2**17  # rows_bags works on blocks of output channels of about this many entries
@@ -351,10 +365,7 @@ def rows_bags(
     kw, h = kernel_size[1], input_size[0]
     ho = conv_output_size(input_size, kernel_size, stride, padding, dilation)[0]
     out_channels = crow.numel() - 1
-    rows, channel, i, j = _conv_taps(crow, col, in_channels, groups, kernel_size)
     ones_row = in_channels * kw * h
-    base = (channel * kw + j) * h  # the table row of each entry's tap for input row 0
-    shift = i * dilation[0] - padding[0]  # its input row for output row 0
     y = torch.arange(ho)
     crow64 = crow.to(torch.int64)
     indices, weights, counts = [], [], []
@@ -366,12 +377,13 @@ def rows_bags(
             and (int(crow64[stop + 1]) - int(crow64[start]) + stop + 1 - start) * ho <= ROWS_BLOCK_ENTRIES
         ):
             stop += 1
-        first, last = int(crow64[start]), int(crow64[stop])
-        source_row = y[None, :] * stride[0] + shift[first:last, None]  # (entries, Ho)
+        rows, channel, i, j = _conv_taps(crow64, col, in_channels, groups, kernel_size, start, stop)
+        base = (channel * kw + j) * h  # the table row of each entry's tap for input row 0
+        source_row = y[None, :] * stride[0] + (i * dilation[0] - padding[0])[:, None]  # (entries, Ho)
         entry, out_row = ((source_row >= 0) & (source_row < h)).nonzero(as_tuple=True)
-        bag = (rows[first:last][entry] - start) * ho + out_row
-        index = base[first:last][entry] + source_row[entry, out_row]
-        weight = values[first:last][entry]
+        bag = (rows[entry] - start) * ho + out_row
+        index = base[entry] + source_row[entry, out_row]
+        weight = values[int(crow64[start]) : int(crow64[stop])][entry]
         if bias is not None:
             every = torch.arange((stop - start) * ho)
             bag = torch.cat([bag, every])
