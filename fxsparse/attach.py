@@ -4,7 +4,8 @@ Used for a model sparsified in place (sparsify_) or by walking its modules. The 
 the first pooled weight's SparseWeight holds the threshold (so its state is in the state_dict), and
 the hook's handle is recorded on the threshold (``threshold.pre_hook``), which is how fold knows what
 to remove. torch.fx's GraphModule drops forward hooks when deep-copied: on a GraphModule root, a
-deepcopy hook (when this torch has them) attaches the copy's threshold to the copy.
+deepcopy hook attaches the copy's threshold to the copy; a torch without deepcopy hooks (< 2.6) carries
+the root's pre-hooks over as a "user-preserved attribute" of the GraphModule's meta.
 """
 
 from __future__ import annotations
@@ -45,14 +46,35 @@ def attach_as_pre_hook_(model: nn.Module, threshold: GlobalThreshold) -> None:
     index = next(i for i, p in enumerate(model.get_submodule(owner_path)) if isinstance(p, SparseWeight))
     model.get_submodule(owner_path)[index].host_threshold_()
     threshold.pre_hook = model.register_forward_pre_hook(_ThresholdPreHook(threshold))
-    if isinstance(model, fx.GraphModule) and hasattr(model, "_register_deepcopy_hook"):
+    if not isinstance(model, fx.GraphModule):
+        return
+    if hasattr(model, "_register_deepcopy_hook"):
         model._register_deepcopy_hook(_ReattachOnDeepcopy(f"{owner_path}.{index}.{HOSTED_THRESHOLD_NAME}"))
+    else:  # GraphModule.__deepcopy__ re-sets these on the copy, deep-copied with the copy's threshold
+        _preserved_attributes(model)["_forward_pre_hooks"] = model._forward_pre_hooks
 
 
 def detach_pre_hook_(model: nn.Module, threshold: GlobalThreshold) -> None:
     """Undo attach_as_pre_hook_ (the threshold itself leaves with the parametrizations)."""
     threshold.pre_hook.remove()
     threshold.pre_hook = None
-    hooks = getattr(model, "_deepcopy_hooks", None) if isinstance(model, fx.GraphModule) else None
+    if not isinstance(model, fx.GraphModule):
+        return
+    hooks = getattr(model, "_deepcopy_hooks", None)
     if hooks:
         hooks[:] = [hook for hook in hooks if not isinstance(hook, _ReattachOnDeepcopy)]
+    preserved = _preserved_attributes(model)
+    if preserved.get("_forward_pre_hooks") is model._forward_pre_hooks:
+        del preserved["_forward_pre_hooks"]
+    if not preserved:
+        del model.meta[_PRESERVED]
+
+
+_PRESERVED = "_user_preserved_attributes"  # torch.fx.graph_module._USER_PRESERVED_ATTRIBUTES_KEY
+
+
+def _preserved_attributes(model: fx.GraphModule) -> dict:
+    """The attributes GraphModule.__deepcopy__ sets on the copy (deep-copied with the rest of the model)."""
+    if not isinstance(getattr(model, "meta", None), dict):
+        model.meta = {}
+    return model.meta.setdefault(_PRESERVED, {})

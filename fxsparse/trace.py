@@ -45,7 +45,12 @@ def _timm_leaves() -> tuple[tuple[type, ...], tuple]:
     """timm's registry of modules and functions that symbolic tracing must not enter (empty without timm)."""
     try:
         from timm.layers import get_notrace_functions, get_notrace_modules
-    except Exception:  # timm missing or too old: plain torch.fx rules
+    except ImportError:
+        try:  # timm < 1.0.9 keeps the registry with its feature extractor
+            from timm.models._features_fx import get_notrace_functions, get_notrace_modules
+        except Exception:  # timm missing: plain torch.fx rules
+            return (), ()
+    except Exception:  # timm present but broken: plain torch.fx rules
         return (), ()
     return tuple(get_notrace_modules()), tuple(get_notrace_functions())
 
