@@ -205,26 +205,19 @@ class FlopReport:
                 _fmt_int(r.sparse_macs),
             ]
 
-        parts = [
-            tabulate(
-                [line(r) for r in self.weight_rows],
+        def rows_table(rows: list[LayerMacs]) -> str:
+            return tabulate(
+                [line(r) for r in rows],
                 headers,
                 tablefmt=tablefmt,
                 disable_numparse=True,
                 colalign=("left", "left", "left", "left", "right", "right", "right"),
             )
-        ]
+
+        parts = [rows_table(self.weight_rows)]
         if self.activation_rows:
             parts.append("activation-by-activation matmuls (attention), density 1:")
-            parts.append(
-                tabulate(
-                    [line(r) for r in self.activation_rows],
-                    headers,
-                    tablefmt=tablefmt,
-                    disable_numparse=True,
-                    colalign=("left", "left", "left", "left", "right", "right", "right"),
-                )
-            )
+            parts.append(rows_table(self.activation_rows))
         dense, sparse = self.dense_macs, self.sparse_macs
         weight_density = self.weight_sparse_macs / self.weight_dense_macs if self.weight_dense_macs else 1.0
         totals = [

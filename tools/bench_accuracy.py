@@ -27,7 +27,7 @@ from tabulate import tabulate
 
 from fxsparse.train import TrainConfig, run
 from fxsparse.train.config import NON_RESULT_KEYS
-from fxsparse.train.data import load_data
+from fxsparse.train.data import load_data_of
 from fxsparse.train.recipe import set_threads
 
 METHODS = ("st3", "st3sigma", "feather", "gmp", "ste")
@@ -225,14 +225,7 @@ def main(argv=None) -> int:
     json_path = Path(args.json or Path(args.runs_dir) / f"bench_{args.preset}{'_quick' if args.quick else ''}.json")
     json_path.parent.mkdir(parents=True, exist_ok=True)
     first = todo[0]
-    data = load_data(
-        first.dataset,
-        first.data_dir,
-        val_size=first.val_size,
-        split_seed=first.split_seed,
-        download=first.download,
-        augment=first.augment,
-    )
+    data = load_data_of(first)
     rows, started = [], time.time()
     for i, config in enumerate(todo, 1):
         summary_path = config.run_dir / "summary.json"

@@ -210,27 +210,11 @@ def _install_sparse_layers_(
                     module.bias = nn.Parameter(bias, requires_grad=False)
             kept_dense.append(LayerPlan(name, kind, shape, None, density, {}, DENSE, reason))
             continue
+        layer_type = SparseConv2d if kind == "conv" else SparseLinear
         if from_checkpoint:
-            if kind == "conv":
-                layer = SparseConv2d(
-                    crow,
-                    col,
-                    values,
-                    bias,
-                    in_channels=module.in_channels,
-                    out_channels=module.out_channels,
-                    kernel_size=module.kernel_size,
-                    stride=module.stride,
-                    padding=module.padding,
-                    dilation=module.dilation,
-                    groups=module.groups,
-                )
-            else:
-                layer = SparseLinear(
-                    crow, col, values, bias, in_features=module.in_features, out_features=module.out_features
-                )
+            layer = layer_type.from_csr(module, crow, col, values, bias)
         else:
-            layer = (SparseConv2d if kind == "conv" else SparseLinear).from_module(module)
+            layer = layer_type.from_module(module)
         layer.name, layer.planner = name, planner
         _replace_submodule_(model, name, layer)
     return kept_dense

@@ -287,12 +287,19 @@ class SparseConv2d(_SparseLayer):
 
     @classmethod
     def from_module(cls, conv: nn.Conv2d, keep_dense: bool = True) -> SparseConv2d:
-        crow, col, values = _dense_to_csr(conv.weight)
+        dense_weight = conv.weight.detach() if keep_dense else None
+        return cls.from_csr(conv, *_dense_to_csr(conv.weight), conv.bias, dense_weight)
+
+    @classmethod
+    def from_csr(
+        cls, conv: nn.Conv2d, crow: Tensor, col: Tensor, values: Tensor, bias: Tensor | None, dense_weight=None
+    ) -> SparseConv2d:
+        """The layer of ``conv``'s geometry with the given CSR weight (its own weight is not read)."""
         return cls(
             crow,
             col,
             values,
-            conv.bias,
+            bias,
             in_channels=conv.in_channels,
             out_channels=conv.out_channels,
             kernel_size=conv.kernel_size,
@@ -300,7 +307,7 @@ class SparseConv2d(_SparseLayer):
             padding=conv.padding,
             dilation=conv.dilation,
             groups=conv.groups,
-            dense_weight=conv.weight.detach() if keep_dense else None,
+            dense_weight=dense_weight,
         )
 
     def _plain_module(self) -> nn.Module:
@@ -419,15 +426,22 @@ class SparseLinear(_SparseLayer):
 
     @classmethod
     def from_module(cls, linear: nn.Linear, keep_dense: bool = True) -> SparseLinear:
-        crow, col, values = _dense_to_csr(linear.weight)
+        dense_weight = linear.weight.detach() if keep_dense else None
+        return cls.from_csr(linear, *_dense_to_csr(linear.weight), linear.bias, dense_weight)
+
+    @classmethod
+    def from_csr(
+        cls, linear: nn.Linear, crow: Tensor, col: Tensor, values: Tensor, bias: Tensor | None, dense_weight=None
+    ) -> SparseLinear:
+        """The layer of ``linear``'s shape with the given CSR weight (its own weight is not read)."""
         return cls(
             crow,
             col,
             values,
-            linear.bias,
+            bias,
             in_features=linear.in_features,
             out_features=linear.out_features,
-            dense_weight=linear.weight.detach() if keep_dense else None,
+            dense_weight=dense_weight,
         )
 
     def _plain_module(self) -> nn.Module:

@@ -367,6 +367,19 @@ def load_data(
     raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)} (imagefolder needs --data-dir)")
 
 
+def load_data_of(config) -> Data:
+    """The data a run's Config names: its dataset, folder, split, download permission, image size and augmentation."""
+    return load_data(
+        config.dataset,
+        config.data_dir,
+        val_size=config.val_size,
+        split_seed=config.split_seed,
+        download=config.download,
+        image_size=config.image_size,
+        augment=config.augment,
+    )
+
+
 def _load_cifar(name: str, data_dir: str | None, val_size: int, split_seed: int, download: bool, augment: bool) -> Data:
     from torchvision import datasets
 

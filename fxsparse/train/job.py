@@ -28,7 +28,7 @@ from .checkpoint import (
     set_rng_state,
 )
 from .config import DENSE, TrainConfig
-from .data import Data, load_data, make_loader
+from .data import Data, load_data_of, make_loader
 from .errors import CheckpointError, ConfigError, first_line
 from .loop import current_target_sparsity, evaluate, log, train_one_epoch
 from .models import build_model
@@ -126,15 +126,7 @@ def build_training(config: TrainConfig, data: Data | None, saved: dict[str, Any]
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
     if data is None:
-        data = load_data(
-            config.dataset,
-            config.data_dir,
-            val_size=config.val_size,
-            split_seed=config.split_seed,
-            download=config.download,
-            image_size=config.image_size,
-            augment=config.augment,
-        )
+        data = load_data_of(config)
     loaders = {
         split: make_loader(
             data,
