@@ -46,7 +46,7 @@ def _timm_leaves() -> tuple[tuple[type, ...], tuple]:
     try:
         from timm.layers import get_notrace_functions, get_notrace_modules
     except ImportError:
-        try:  # timm < 1.0.9 keeps the registry with its feature extractor
+        try:  # older timm (1.0.3) keeps the registry with its feature extractor
             from timm.models._features_fx import get_notrace_functions, get_notrace_modules
         except Exception:  # timm missing: plain torch.fx rules
             return (), ()
