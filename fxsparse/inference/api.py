@@ -22,6 +22,7 @@ from torch import nn
 
 from ..export import CsrReader, from_csr
 from ..fold import fold
+from ..models import UntrustedModelName, build_model
 from ..pool import is_sparsified
 from .batchnorm import fold_batchnorms_
 from .chain import chain_linears_
@@ -371,9 +372,11 @@ def accelerate_checkpoint(
     """accelerate() straight from a CSR checkpoint: its sparse weights never become dense tensors.
 
     model: the architecture, best built inside ``fxsparse.inference.skeleton()`` (parameters on the meta
-      device, so peak memory is the CSR parts plus activations); or a timm name / "module:callable", built so;
-      or None to use the checkpoint's "architecture" metadata. Every tensor of the checkpoint must match the
-      model's state_dict (names and shapes), checked before anything is loaded.
+      device, so peak memory is the CSR parts plus activations); or a built-in / timm name or
+      "module:callable", built so; or None to use the checkpoint's "architecture" metadata, which may only name
+      a built-in or timm model (a "module:callable" read from a file is refused: it would run code). Every
+      tensor of the checkpoint must match the model's state_dict (names, shapes and floating dtypes), checked
+      before anything is loaded.
     Layers that stay dense (denser than max_density, or dense faster) are densified one at a time, and
     timing a layer builds its dense weight for a moment; with ``paths`` (a previous plan) nothing is timed,
     so peak memory is the CSR parts, the kernels' index arrays and the activations.
@@ -381,16 +384,7 @@ def accelerate_checkpoint(
     _check_example(example_input)
     checkpoint = CsrReader(path)  # the whole header checked, nothing else read
     if model is None or isinstance(model, str):
-        spec = model if isinstance(model, str) else checkpoint.document.get("architecture")
-        if not spec:
-            raise ValueError(
-                f"{checkpoint.path!r} does not record its architecture: pass the model (built inside "
-                "fxsparse.inference.skeleton()) or its timm name"
-            )
-        from ..train.models import build_model  # the names `fxsparse train` knows: timm, cnn, pkg.mod:callable
-
-        with skeleton():
-            model = build_model(spec)
+        model = _build_architecture(checkpoint, model)
     _check_model(model)
     model.eval()
     _check_against_model(checkpoint, model)
@@ -418,6 +412,27 @@ def accelerate_checkpoint(
         )
     kept_dense = _install_sparse_layers_(model, planner, exclude_filter, kept_dense=kept_dense)
     return _plan_(model, example_input, kept_dense, progress)
+
+
+def _build_architecture(checkpoint: CsrReader, name: str | None) -> nn.Module:
+    """The skeleton of the model ``name`` (typed by the caller: any name build_model takes), or of the
+    checkpoint's "architecture" (read from the file: only a name fxsparse knows, never an import)."""
+    typed = name is not None
+    name = name if typed else checkpoint.document.get("architecture")
+    if not name:
+        raise ValueError(
+            f"{checkpoint.path!r} does not record its architecture: pass the model (built inside "
+            "fxsparse.inference.skeleton()) or its timm name"
+        )
+    try:
+        with skeleton():
+            return build_model(name, allow_import=typed)
+    except UntrustedModelName as error:
+        raise UntrustedModelName(
+            f"{checkpoint.path!r} names its architecture {name!r}, which fxsparse does not import from a file (it "
+            f"would run the code it names); if you trust it, pass it yourself: "
+            f"accelerate_checkpoint(path, {name!r}, example_input)"
+        ) from error
 
 
 def _materialized_parameter(model: nn.Module, name: str) -> bool:

@@ -17,6 +17,7 @@ from torch import nn
 
 from ..api import sparsify
 from ..fold import fix_mask_
+from ..models import build_model
 from ..pool import get_threshold, is_sparsified, realized_sparsity
 from .checkpoint import (
     CHECKPOINT_NAME,
@@ -31,7 +32,6 @@ from .config import DENSE, TrainConfig
 from .data import Data, load_data_of, make_loader
 from .errors import CheckpointError, ConfigError, first_line
 from .loop import current_target_sparsity, evaluate, log, train_one_epoch
-from .models import build_model
 from .recipe import (
     build_lr_scheduler,
     build_optimizer,
@@ -146,7 +146,8 @@ def build_training(config: TrainConfig, data: Data | None, saved: dict[str, Any]
             f"({examples(data, 'train', config.limit_train)} examples)"
         )
     seed_everything(config.seed)
-    model = build_model(config.model, data.num_classes, data.in_channels, config.width)
+    # the settings are the user's (command line, their config file; --resume refuses other ones)
+    model = build_model(config.model, data.num_classes, data.in_channels, config.width, allow_import=True)
     if config.method != DENSE:
         model = sparsify(model, config.method, config.sparsity, sparsity_schedule(config, steps_per_epoch))
     model.to(device)

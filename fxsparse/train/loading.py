@@ -23,12 +23,12 @@ from torch import Tensor, nn
 from ..api import sparsify
 from ..export import NoCsrMetadata, is_sparsified_key, load_checked_, load_csr, load_csr_into_
 from ..fold import fold
+from ..models import UntrustedModelName, build_model, default_input_size
 from ..pool import THRESHOLD_NAME, get_threshold
 from .checkpoint import is_training_checkpoint, load_torch_file, read_checkpoint
 from .config import DENSE, TrainConfig, checked_settings
 from .data import BUILTIN_SHAPES
 from .errors import CheckpointError, CommandError, first_line
-from .models import build_model, default_input_size
 from .recipe import sparsity_schedule
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -57,7 +57,7 @@ def load_model(
     if checkpoint is None:
         if name is None:
             raise CommandError("name the model (e.g. resnet50, cnn, package.module:callable) or give --checkpoint")
-        model = build_model(name, num_classes, None, 1.0 if width is None else width)
+        model = build_model(name, num_classes, None, 1.0 if width is None else width, allow_import=True)
         return LoadedModel(
             model.eval(),
             name,
@@ -72,7 +72,7 @@ def load_model(
             return _load_run(source, name, method, sparsity, num_classes, width)
         state = _state_dict_of(saved, source)
     elif name is not None:
-        model = build_model(name, num_classes, None, 1.0 if width is None else width)
+        model = build_model(name, num_classes, None, 1.0 if width is None else width, allow_import=True)
         try:  # a CSR checkpoint: its declared shapes are checked against the model before anything is allocated
             load_csr_into_(model, source)
             return LoadedModel(
@@ -86,7 +86,7 @@ def load_model(
         raise CommandError(
             f"{source} is not a `fxsparse train` checkpoint: name its model (e.g. resnet50) before --checkpoint"
         )
-    model = build_model(name, num_classes, None, 1.0 if width is None else width)
+    model = build_model(name, num_classes, None, 1.0 if width is None else width, allow_import=True)
     loaded = LoadedModel(
         model, name, None, default_input_size(name, model), metadata={"source": os.path.abspath(source)}
     )
@@ -130,7 +130,15 @@ def _load_run(
     _agree(source, "--sparsity", "sparsity", sparsity, config.sparsity)
     _agree(source, "--width", "width", width, config.width)
     _agree(source, "--num-classes", "classes", num_classes, shape["num_classes"])
-    model = build_model(config.model, shape["num_classes"], shape["in_channels"], config.width)
+    try:  # the run's model name is read from the file: it may import code only when the user typed it too
+        model = build_model(
+            config.model, shape["num_classes"], shape["in_channels"], config.width, allow_import=name is not None
+        )
+    except UntrustedModelName as error:
+        raise CheckpointError(
+            f"{source} names its model {config.model!r}, which fxsparse does not import from a file (it would run "
+            f"the code it names); if you trust it, name it yourself: {config.model} --checkpoint {source}"
+        ) from error
     input_size = (shape["in_channels"], shape["image_size"], shape["image_size"])
     metadata = {
         "source": os.path.abspath(source),
