@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from .atomic import atomic_write
+from .kernel_layer import kernel_layers
 from .layers import MatrixLayout, prunable_weight_names
 from .parametrization import HOSTED_THRESHOLD_NAME
 from .pool import THRESHOLD_NAME, get_threshold, is_sparsified
@@ -258,6 +259,12 @@ def _folded_state(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Matrix
     metadata) of a model ready to export; a sparsified model is folded on a copy."""
     facts: dict[str, Any] = {}
     pooled: set[str] = set()
+    accelerated = kernel_layers(model)
+    if accelerated:
+        raise ValueError(
+            f"save_csr: layer {next(iter(accelerated))!r} runs a sparse kernel (a model from fxsparse.accelerate holds "
+            "the kernels' tables, not its weights): save the folded model it was built from"
+        )
     if is_sparsified(model):
         from .fold import fold
         from .pool import unique_entries

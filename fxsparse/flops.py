@@ -42,6 +42,7 @@ from torch.nn.utils import parametrize
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .fqn import join
+from .kernel_layer import KernelLayer
 from .layers import is_linear, weight_layout
 from .op_weight import has_torch_forward
 from .pool import THRESHOLD_NAME, is_sparsified, refresh_threshold_
@@ -355,11 +356,16 @@ class _Audit:
         out_shape: tuple[int, ...],
         dense: int,
         weight_shape: tuple[int, ...] | None = None,
+        nonzeros: int | None = None,
     ) -> None:
-        if weight is not None and weight.numel():
+        """A row, or a call added to its row; the weight's nonzeros are counted from ``weight``, or given as
+        ``nonzeros`` (of a weight of ``weight_shape`` held by a kernel layer)."""
+        numel = weight.numel() if weight is not None else math.prod(weight_shape or ())
+        if nonzeros is None and weight is not None and numel:
             nonzeros = int(torch.count_nonzero(weight))
-            sparse = nonzeros * (dense // weight.numel())
-            density = nonzeros / weight.numel()
+        if nonzeros is not None and numel:
+            sparse = nonzeros * (dense // numel)
+            density = nonzeros / numel
             weight_shape = weight_shape or _shape(weight)
         else:
             sparse, density = dense, 1.0
@@ -395,7 +401,7 @@ class _Audit:
         for name, module in self.model.named_modules():
             if not name:
                 continue
-            counted = weight_layout(module) is not None
+            counted = weight_layout(module) is not None or isinstance(module, KernelLayer)
             handles.append(module.register_forward_pre_hook(self._pre_hook(name, counted, name == THRESHOLD_NAME)))
             handles.append(module.register_forward_hook(self._post_hook(name, counted, name == THRESHOLD_NAME)))
         try:
@@ -426,6 +432,9 @@ class _Audit:
         return hook
 
     def _module_row(self, name: str, module: nn.Module, x: Tensor, out: Tensor, operands: list[Tensor]) -> None:
+        if isinstance(module, KernelLayer):
+            self._kernel_layer_row(name, module, x, out)
+            return
         weight = module.weight  # the effective weight on a parametrized module (cached while we run)
         if is_linear(module):  # nn.Linear, or transformers' Conv1D whose (in, out) weight is the matrix's transpose
             matrix = weight_layout(module).matrix_shape(_shape(weight))
@@ -437,6 +446,15 @@ class _Audit:
         # standardizes it): the density is that of the one weight its op multiplied, read at the aten level
         multiplied = operands[0] if len(operands) == 1 and not has_torch_forward(module) else weight
         self.add(join(name, "weight"), op, "weight", multiplied, _shape(out), dense, _shape(weight))
+
+    def _kernel_layer_row(self, name: str, module: KernelLayer, x: Tensor, out: Tensor) -> None:
+        """A layer running a sparse kernel: the MACs of the plain conv/linear it computes, at its nonzeros."""
+        weight = module.kernel_weight()
+        if len(weight.shape) == 2:
+            op, dense = "linear", linear_macs(_shape(x), weight.shape)
+        else:
+            op, dense = f"conv{len(weight.shape) - 2}d", conv_macs(_shape(x), weight.shape, _shape(out), False)
+        self.add(join(name, "weight"), op, "weight", None, _shape(out), dense, weight.shape, weight.nonzeros)
 
     # -- graph-level functional weights ---------------------------------------------------------
     def graph_weight_row(self, root: nn.Module, node: fx.Node, args, kwargs, out) -> None:

@@ -11,6 +11,7 @@ from torch.nn.utils import parametrize
 
 from .fqn import join
 from .global_threshold import GlobalThreshold
+from .kernel_layer import KernelLayer
 from .layers import prunable_weights
 from .parametrization import SparseWeight, chain_originals
 
@@ -141,14 +142,19 @@ def layer_densities(model: nn.Module) -> dict[str, tuple[int, int]]:
     """fqn -> (nonzeros, numel) of each pooled weight as the next forward sees it (effective weight, tau
     brought up to date first), and of each weight that could not be sparsified (`dense_layers`: its own
     zeros, such as an embedding's padding row, and nothing more). For a plain (e.g. folded) model: every
-    prunable weight (fxsparse.layers) as it is."""
+    prunable weight (fxsparse.layers) as it is, and every sparse layer of an accelerated model (its kernel
+    weight's nonzeros, fxsparse.kernel_layer)."""
     if not is_sparsified(model):
-        weights = {
-            join(prefix, name): getattr(module, name)
-            for prefix, module in model.named_modules()
-            for name in prunable_weights(module)
-        }
-        return {fqn: (int(torch.count_nonzero(w)), w.numel()) for fqn, w in weights.items() if isinstance(w, Tensor)}
+        out = {}
+        for prefix, module in model.named_modules():
+            if isinstance(module, KernelLayer):  # an accelerated model's sparse layer: the nonzeros it multiplies
+                weight = module.kernel_weight()
+                out[join(prefix, "weight")] = (weight.nonzeros, weight.numel)
+            for name in prunable_weights(module):
+                value = getattr(module, name)
+                if isinstance(value, Tensor):
+                    out[join(prefix, name)] = (int(torch.count_nonzero(value)), value.numel())
+        return out
     refresh_threshold_(model)
     out = {}
     for entry in unique_entries(model):

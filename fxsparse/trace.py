@@ -31,6 +31,7 @@ import torch.fx as fx
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .kernel_layer import KernelLayer
 from .layers import layer_types_outside_torch
 from .op_weight import has_torch_forward, multiplies_stored_weight
 
@@ -95,7 +96,7 @@ class LeafAwareTracer(fx.Tracer):
         registry_modules, registry_functions = _timm_leaves()
         super().__init__(autowrap_functions=registry_functions + tuple(opaque_helpers))
         self.registry_types = registry_modules
-        self.leaf_types = layer_types_outside_torch() + tuple(extra_leaf_types)
+        self.leaf_types = layer_types_outside_torch() + (KernelLayer,) + tuple(extra_leaf_types)
         self.traced_through = traced_through
         self.branched: list[tuple[nn.Module, str]] = []
         self._flag_nodes: dict[int, fx.Node] = {}

