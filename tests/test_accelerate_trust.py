@@ -58,3 +58,31 @@ def test_the_weight_of_a_sparse_layer_gives_its_metadata_and_refuses_arithmetic(
     for compute in (lambda: F.linear(torch.randn(2, 8), weight), lambda: weight.sum(), lambda: weight + 1):
         with pytest.raises(RuntimeError, match="exclude"):
             compute()
+
+
+# ------------------------------------------------------------------------------------------------
+# BatchNorm folding
+# ------------------------------------------------------------------------------------------------
+class SharedWeightConvs(nn.Module):
+    """Two convs sharing one weight Parameter, each followed by its own BatchNorm."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv_a, self.bn_a = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.conv_b, self.bn_b = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.conv_b.weight = self.conv_a.weight
+
+    def forward(self, x):
+        return self.bn_b(self.conv_b(F.relu(self.bn_a(self.conv_a(x)))))
+
+
+@pytest.mark.parametrize("path", ["im2col+ebag", "dense"])
+def test_batchnorms_after_convs_sharing_a_weight_are_folded_into_new_tensors(path):
+    torch.manual_seed(0)
+    model = prune_(SharedWeightConvs(), density=0.3)
+    x = torch.randn(2, 4, 9, 9)
+    expected = run(model, x)
+    assert_close(run(fxsparse.accelerate(model, x, timer=prefer(path)), x), expected)
+    assert_close(run(dense_baseline(model), x), expected)  # measure_speedup's baseline
+    assert model.conv_a.weight is model.conv_b.weight  # the input model is untouched
+    assert_close(run(model, x), expected, tol=0)

@@ -29,9 +29,12 @@ def batchnorm_scale_shift(bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
 
 
 def _fold_into_conv_(conv: nn.Conv2d, scale: Tensor, shift: Tensor) -> None:
+    """New weight and bias tensors: the old ones may be shared with another conv (tied weights), which folds
+    its own BatchNorm into them."""
     with torch.no_grad():
-        conv.weight.mul_(scale.view(-1, 1, 1, 1).to(conv.weight.dtype))
+        weight = conv.weight * scale.view(-1, 1, 1, 1).to(conv.weight.dtype)
         bias = shift if conv.bias is None else conv.bias * scale + shift
+        conv.weight = nn.Parameter(weight, requires_grad=conv.weight.requires_grad)
         conv.bias = nn.Parameter(bias.to(conv.weight.dtype), requires_grad=conv.weight.requires_grad)
 
 
