@@ -86,3 +86,70 @@ def test_batchnorms_after_convs_sharing_a_weight_are_folded_into_new_tensors(pat
     assert_close(run(dense_baseline(model), x), expected)  # measure_speedup's baseline
     assert model.conv_a.weight is model.conv_b.weight  # the input model is untouched
     assert_close(run(model, x), expected, tol=0)
+
+
+class TimmStyleNet(nn.Module):
+    """conv-BN, then conv into timm's BatchNormAct2d, and a forward_features method that calls the modules."""
+
+    def __init__(self):
+        super().__init__()
+        from timm.layers import BatchNormAct2d
+
+        self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1, bias=False), BatchNormAct2d(8, act_layer=nn.GELU)
+        self.head = nn.Linear(8, 4)
+
+    def forward_features(self, x):
+        return self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+
+    def forward(self, x):
+        return self.head(self.forward_features(x).mean((2, 3)))
+
+
+@pytest.mark.parametrize("path", ["im2col+ebag", "dense"])
+def test_timm_batchnorm_act_is_folded_and_forward_features_runs(path):
+    from timm.layers import BatchNormAct2d
+
+    torch.manual_seed(0)
+    model = prune_(TimmStyleNet())
+    with torch.no_grad():
+        model.bn2.running_mean.normal_(), model.bn2.running_var.uniform_(0.5, 2), model.bn2.weight.normal_()
+    x = torch.randn(2, 3, 10, 10)
+    fast = fxsparse.accelerate(model, x, timer=prefer(path))
+    assert fast.fxsparse_plan.folded_batchnorms == ["conv1", "conv2"]
+    assert not any(isinstance(m, (nn.BatchNorm2d, BatchNormAct2d)) for m in fast.modules())
+    assert_close(run(fast, x), run(model, x))
+    with torch.no_grad():
+        assert_close(fast.forward_features(x), model.forward_features(x))
+
+
+# ------------------------------------------------------------------------------------------------
+# forward hooks
+# ------------------------------------------------------------------------------------------------
+def test_forward_hooks_are_carried_to_the_accelerated_model():
+    torch.manual_seed(0)
+    model = prune_(ConvBnNet())
+    x = torch.randn(2, 3, 12, 12)
+    seen = {}
+    for name in ("conv2", "conv3", "fc", ""):
+        model.get_submodule(name).register_forward_hook(
+            lambda module, args, out, name=name: seen.setdefault(name, []).append(out.detach().clone())
+        )
+    model.conv2.register_forward_pre_hook(lambda module, args: seen.setdefault("pre", []).append(args[0].clone()))
+    run(model, x)
+    expected, seen = seen, {}
+    with pytest.warns(UserWarning, match="hooks of conv3 see now include their folded BatchNorm"):
+        fast = fxsparse.accelerate(model, x, timer=SPARSE)
+    assert isinstance(fast.conv2, SparseConv2d) and seen == {}  # not fired while the layers were timed
+    run(fast, x)
+    assert set(seen) == set(expected)
+    for name in ("conv2", "fc", "", "pre"):
+        assert_close(seen[name][0], expected[name][0])
+    assert_close(seen["conv3"][0], run(model.bn3, expected["conv3"][0]))  # conv3 absorbed bn3
+
+
+def test_hooks_that_cannot_fire_are_named_in_a_warning():
+    model = prune_(ConvBnNet())
+    model.bn1.register_forward_hook(lambda *args: None)
+    with pytest.warns(UserWarning, match="forward hooks of bn1 do not fire"):
+        fxsparse.accelerate(model, torch.randn(1, 3, 8, 8), timer=SPARSE)

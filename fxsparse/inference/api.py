@@ -27,6 +27,7 @@ from ..pool import is_sparsified
 from .batchnorm import fold_batchnorms_
 from .chain import chain_linears_
 from .checkpoint import layer_csr, skeleton
+from .hooks import Hooks, carry_forward_hooks_, forward_hooks, remove_forward_hooks_
 from .layers import DENSE, LayerPlan, Planner, SparseConv2d, SparseLinear, density_of
 from .timing import Timer, default_timer, interleaved_medians
 
@@ -221,23 +222,26 @@ def _install_sparse_layers_(
     return kept_dense
 
 
-def _plan_(model: nn.Module, example_input: Any, kept_dense: list[LayerPlan], progress: bool) -> nn.Module:
-    """Fold BatchNorms, run the planning pass, put plain modules back where dense won; returns the model."""
+def _plan_(
+    model: nn.Module, example_input: Any, kept_dense: list[LayerPlan], progress: bool, hooks: Hooks
+) -> nn.Module:
+    """Fold BatchNorms, run the planning pass, put plain modules back where dense won, give the modules the
+    forward hooks of their names (``hooks``, taken off the model before); returns the model."""
     model, fused = fold_batchnorms_(model)
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (SparseConv2d, SparseLinear))]
-    bar, hooks = None, []
+    bar, bar_hooks = None, []
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(layers), desc="fxsparse.accelerate: timing layers", leave=False)
-        hooks = [
+        bar_hooks = [
             layer.register_forward_hook(lambda *_: bar.update(1) if bar.n < bar.total else None) for _, layer in layers
         ]
     try:
         with torch.no_grad():
             call_model(model, example_input)
     finally:
-        for hook in hooks:
+        for hook in bar_hooks:
             hook.remove()
         if bar is not None:
             bar.close()
@@ -265,6 +269,7 @@ def _plan_(model: nn.Module, example_input: Any, kept_dense: list[LayerPlan], pr
     plans.sort(key=lambda p: order.get(p.name, len(order)))
     plan = AccelerationPlan(plans, torch.get_num_threads(), _example_shape(example_input), fused, chains)
     setattr(model, PLAN_ATTRIBUTE, plan)
+    carry_forward_hooks_(model, hooks, fused)
     return model.eval()
 
 
@@ -348,11 +353,13 @@ def accelerate(
     """
     _check_example(example_input)
     _check_model(model)
+    hooks = forward_hooks(model)
     model = fold(model) if is_sparsified(model) else copy.deepcopy(model)
+    remove_forward_hooks_(model)
     model.eval()
     planner = _planner(timer, kernels, layouts, min_speedup, max_density, paths)
     kept_dense = _install_sparse_layers_(model, planner, _exclude_filter(exclude))
-    return _plan_(model, example_input, kept_dense, progress)
+    return _plan_(model, example_input, kept_dense, progress, hooks)
 
 
 def accelerate_checkpoint(
@@ -386,6 +393,8 @@ def accelerate_checkpoint(
     if model is None or isinstance(model, str):
         model = _build_architecture(checkpoint, model)
     _check_model(model)
+    hooks = forward_hooks(model)
+    remove_forward_hooks_(model)
     model.eval()
     _check_against_model(checkpoint, model)
     planner = _planner(timer, kernels, layouts, min_speedup, max_density, paths)
@@ -411,7 +420,7 @@ def accelerate_checkpoint(
             "without values; was it written for another architecture?"
         )
     kept_dense = _install_sparse_layers_(model, planner, exclude_filter, kept_dense=kept_dense)
-    return _plan_(model, example_input, kept_dense, progress)
+    return _plan_(model, example_input, kept_dense, progress, hooks)
 
 
 def _build_architecture(checkpoint: CsrReader, name: str | None) -> nn.Module:

@@ -2,10 +2,14 @@
 
 w' = w * s[o], b' = b * s + (beta - mean * s) with s = gamma / sqrt(var + eps): the standard conv-BN
 fusion, done on the torch.fx graph so that only a conv whose single user is the BatchNorm is touched.
+timm's BatchNormAct2d (a BatchNorm2d followed by its dropout and activation) is folded too: its module
+becomes its dropout and activation. A folded plain BatchNorm2d becomes nn.Identity, so that the model's own
+methods that call the modules directly (timm's forward_features) still compute the folded model.
 """
 
 from __future__ import annotations
 
+import sys
 import warnings
 from collections import Counter
 
@@ -42,6 +46,21 @@ def _foldable(module: nn.Module | None) -> bool:
     return type(module) is nn.Conv2d or isinstance(module, SparseConv2d)
 
 
+def _timm_batchnorm_act() -> type | None:
+    """timm's BatchNormAct2d when timm is imported (a model holding one has imported it)."""
+    return getattr(sys.modules.get("timm.layers.norm_act"), "BatchNormAct2d", None)
+
+
+def _is_batchnorm(module: nn.Module) -> bool:
+    """torch's BatchNorm2d, or timm's BatchNormAct2d (the same normalization, then its drop and act)."""
+    return type(module) is nn.BatchNorm2d or type(module) is _timm_batchnorm_act()
+
+
+def _after_normalization(bn: nn.Module) -> nn.Module:
+    """What ``bn`` computes after its affine normalization: nothing, or BatchNormAct2d's dropout and activation."""
+    return nn.Identity() if type(bn) is nn.BatchNorm2d else nn.Sequential(bn.drop, bn.act)
+
+
 def fold_batchnorms_(model: nn.Module) -> tuple[nn.Module, list[str]]:
     """(the model with its conv-BN pairs fused, the names of the convs that absorbed one).
 
@@ -49,7 +68,7 @@ def fold_batchnorms_(model: nn.Module) -> tuple[nn.Module, list[str]]:
     BatchNorm2d to fold, else ``model`` itself. A model torch.fx cannot trace keeps its BatchNorms (with
     a warning): it stays correct, only slower.
     """
-    if not any(type(m) is nn.BatchNorm2d for m in model.modules()):
+    if not any(_is_batchnorm(m) for m in model.modules()):
         return model, []
     if isinstance(model, fx.GraphModule):
         graph_module = model
@@ -71,7 +90,7 @@ def fold_batchnorms_(model: nn.Module) -> tuple[nn.Module, list[str]]:
             continue
         bn = graph_module.get_submodule(node.target)
         source = node.args[0]
-        if type(bn) is not nn.BatchNorm2d or bn.training or bn.running_mean is None or calls[node.target] != 1:
+        if not _is_batchnorm(bn) or bn.training or bn.running_mean is None or calls[node.target] != 1:
             continue
         if source.op != "call_module" or len(source.users) != 1 or calls[source.target] != 1:
             continue
@@ -83,10 +102,13 @@ def fold_batchnorms_(model: nn.Module) -> tuple[nn.Module, list[str]]:
             conv.fold_batchnorm_(scale, shift)
         else:
             _fold_into_conv_(conv, scale, shift)
-        node.replace_all_uses_with(source)
-        graph.erase_node(node)
+        rest = _after_normalization(bn)
+        parent, _, child = node.target.rpartition(".")
+        setattr(graph_module.get_submodule(parent) if parent else graph_module, child, rest)
+        if isinstance(rest, nn.Identity):  # the graph no longer calls it
+            node.replace_all_uses_with(source)
+            graph.erase_node(node)
         fused.append(str(source.target))
     graph.lint()
-    graph_module.delete_all_unused_submodules()
     graph_module.recompile()
     return graph_module, fused
