@@ -153,3 +153,47 @@ def test_hooks_that_cannot_fire_are_named_in_a_warning():
     model.bn1.register_forward_hook(lambda *args: None)
     with pytest.warns(UserWarning, match="forward hooks of bn1 do not fire"):
         fxsparse.accelerate(model, torch.randn(1, 3, 8, 8), timer=SPARSE)
+
+
+# ------------------------------------------------------------------------------------------------
+# options and inputs accelerate cannot use
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "options, needle",
+    [
+        (dict(kernels=["ebg"]), r"kernels=\['ebg'\]: unknown \['ebg'\]; choose among \['ebag', 'mkl'\]"),
+        (dict(kernels="mlk"), r"kernels='mlk': unknown"),
+        (dict(kernels=[]), r"kernels=\[\]: empty"),
+        (dict(layouts=["im2cl"]), r"layouts=\['im2cl'\]: unknown \['im2cl'\]; choose among \['im2col', 'rows'\]"),
+        (dict(exclude=["conv1", "fcc"]), r"exclude pattern 'fcc' matches no module of the model"),
+        (dict(exclude="layer*"), r"exclude pattern 'layer\*' matches no module"),
+    ],
+)
+def test_misspelt_options_are_one_line_errors(options, needle):
+    with pytest.raises(ValueError, match=needle):
+        fxsparse.accelerate(prune_(ConvBnNet()), torch.randn(1, 3, 8, 8), **options)
+
+
+def test_a_string_kernel_and_layout_select_that_one():
+    model, x = prune_(ConvBnNet()), torch.randn(1, 3, 8, 8)
+    fast = fxsparse.accelerate(
+        model, x, kernels="ebag", layouts="im2col", timer=prefer("im2col+mkl", "im2col+ebag", "mkl", "ebag")
+    )
+    assert {p.path for p in fast.fxsparse_plan.layers} == {"im2col+ebag", "ebag"}
+
+
+def test_a_skeleton_model_is_pointed_to_accelerate_checkpoint():
+    with fxsparse.inference.skeleton():
+        model = ConvBnNet()
+    with pytest.raises(ValueError, match=r"meta device.*fxsparse\.accelerate_checkpoint\(path, model, example_input\)"):
+        fxsparse.accelerate(model.eval(), torch.randn(1, 3, 8, 8))
+
+
+def test_a_checkpoint_in_another_float_dtype_is_refused_at_load(tmp_path):
+    model = prune_(ConvBnNet())
+    path = tmp_path / "bf16.safetensors"
+    fxsparse.save_csr(model.to(torch.bfloat16), path)
+    with fxsparse.inference.skeleton():
+        skeleton = ConvBnNet()
+    with pytest.raises(ValueError, match=r"'conv1.weight' is torch.bfloat16 in .* but torch.float32 in the model"):
+        fxsparse.accelerate_checkpoint(path, skeleton, torch.randn(1, 3, 8, 8))

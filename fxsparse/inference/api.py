@@ -24,6 +24,7 @@ from ..export import CsrReader, from_csr
 from ..fold import fold
 from ..models import UntrustedModelName, build_model
 from ..pool import is_sparsified
+from . import ops
 from .batchnorm import fold_batchnorms_
 from .chain import chain_linears_
 from .checkpoint import layer_csr, skeleton
@@ -144,7 +145,9 @@ def _example_shape(example_input: Any) -> tuple[int, ...] | None:
     return tuple(first.shape) if first is not None else None
 
 
-def _exclude_filter(exclude: ExcludeSpec) -> Callable[[str, nn.Module], bool]:
+def _exclude_filter(exclude: ExcludeSpec, model: nn.Module) -> Callable[[str, nn.Module], bool]:
+    """The filter of ``exclude``; a pattern that matches no module name of ``model`` is an error (a typo would
+    exclude nothing, silently)."""
     if exclude is None:
         return lambda name, module: False
     if callable(exclude):
@@ -155,6 +158,13 @@ def _exclude_filter(exclude: ExcludeSpec) -> Callable[[str, nn.Module], bool]:
             f"exclude must be a glob pattern on module names, a list of them, or a callable(name, module); "
             f"got {exclude!r}"
         )
+    names = [name for name, _ in model.named_modules() if name]
+    for pattern in patterns:
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
+            raise ValueError(
+                f"exclude pattern {pattern!r} matches no module of the model (module names are like "
+                f"{', '.join(names[:4])}{', ...' if len(names) > 4 else ''})"
+            )
     return lambda name, module: any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
@@ -291,10 +301,21 @@ def _planner(
         paths=dict(paths.paths() if isinstance(paths, AccelerationPlan) else paths or {}),
     )
     if kernels is not None:
-        planner.kernels = tuple(kernels)
+        planner.kernels = _choices("kernels", kernels, ops.KERNELS)
     if layouts is not None:
-        planner.layouts = tuple(layouts)
+        planner.layouts = _choices("layouts", layouts, ops.CONV_LAYOUTS)
     return planner
+
+
+def _choices(option: str, given: str | Sequence[str], valid: Sequence[str]) -> tuple[str, ...]:
+    """``given`` (one name or several) as a tuple, each one of ``valid``."""
+    chosen = (given,) if isinstance(given, str) else tuple(given)
+    unknown = [name for name in chosen if name not in valid]
+    if unknown or not chosen:
+        raise ValueError(
+            f"{option}={given!r}: {'unknown ' + repr(unknown) if unknown else 'empty'}; choose among {list(valid)}"
+        )
+    return chosen
 
 
 def _check_model(model: nn.Module) -> None:
@@ -302,6 +323,18 @@ def _check_model(model: nn.Module) -> None:
     if devices:
         raise ValueError(
             f"fxsparse.accelerate runs on CPU; the model has tensors on {sorted(devices)}: pass model.cpu()"
+        )
+
+
+def _check_materialized(model: nn.Module) -> None:
+    """accelerate() needs the model's values: a skeleton() model is built from its checkpoint instead."""
+    empty = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
+    if empty:
+        raise ValueError(
+            f"the model's {empty[0]!r}{f' and {len(empty) - 1} more' if len(empty) > 1 else ''} are on the meta "
+            "device (no values, e.g. built inside fxsparse.inference.skeleton()): build the accelerated model from "
+            "its CSR checkpoint with fxsparse.accelerate_checkpoint(path, model, example_input), or load its weights "
+            "first"
         )
 
 
@@ -353,12 +386,13 @@ def accelerate(
     """
     _check_example(example_input)
     _check_model(model)
+    _check_materialized(model)
     hooks = forward_hooks(model)
     model = fold(model) if is_sparsified(model) else copy.deepcopy(model)
     remove_forward_hooks_(model)
     model.eval()
     planner = _planner(timer, kernels, layouts, min_speedup, max_density, paths)
-    kept_dense = _install_sparse_layers_(model, planner, _exclude_filter(exclude))
+    kept_dense = _install_sparse_layers_(model, planner, _exclude_filter(exclude, model))
     return _plan_(model, example_input, kept_dense, progress, hooks)
 
 
@@ -398,7 +432,7 @@ def accelerate_checkpoint(
     model.eval()
     _check_against_model(checkpoint, model)
     planner = _planner(timer, kernels, layouts, min_speedup, max_density, paths)
-    exclude_filter = _exclude_filter(exclude)
+    exclude_filter = _exclude_filter(exclude, model)
     with checkpoint:
         kept_dense = _install_sparse_layers_(model, planner, exclude_filter, checkpoint)
         replaced = {
@@ -454,13 +488,22 @@ def _materialized_parameter(model: nn.Module, name: str) -> bool:
 
 def _check_against_model(checkpoint: CsrReader, model: nn.Module) -> None:
     """Names and shapes of the checkpoint against the model, before anything is read or allocated."""
-    expected = {name: tuple(t.shape) for name, t in model.state_dict(keep_vars=True).items()}
+    tensors = model.state_dict(keep_vars=True)
+    expected = {name: tuple(t.shape) for name, t in tensors.items()}
     for name, stored in checkpoint.entries.items():
         if name in expected and stored.shape != expected[name]:
             raise ValueError(
                 f"tensor {name!r} has shape {list(stored.shape)} in {checkpoint.path!r} but "
                 f"{list(expected[name])} in the model; was the checkpoint made for another architecture "
                 "(or another num_classes)?"
+            )
+        # the checkpoint's tensors replace the model's (assign): a float dtype the model does not have would
+        # fail at the first call, far from here
+        if name in tensors and tensors[name].is_floating_point() and stored.dtype != tensors[name].dtype:
+            raise ValueError(
+                f"tensor {name!r} is {stored.dtype} in {checkpoint.path!r} but {tensors[name].dtype} in the model: "
+                f"build the model in {stored.dtype} (e.g. model.to({stored.dtype}) inside skeleton()), or save the "
+                "checkpoint in the model's dtype"
             )
     missing = [k for k in expected if k not in checkpoint.entries]
     unexpected = [k for k in checkpoint.entries if k not in expected]
