@@ -197,3 +197,33 @@ def test_a_checkpoint_in_another_float_dtype_is_refused_at_load(tmp_path):
         skeleton = ConvBnNet()
     with pytest.raises(ValueError, match=r"'conv1.weight' is torch.bfloat16 in .* but torch.float32 in the model"):
         fxsparse.accelerate_checkpoint(path, skeleton, torch.randn(1, 3, 8, 8))
+
+
+# ------------------------------------------------------------------------------------------------
+# transformers models that read a layer's .weight.dtype
+# ------------------------------------------------------------------------------------------------
+def _vit():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.ViTConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=16, patch_size=4
+    )
+    return transformers.ViTModel(config, add_pooling_layer=False), torch.randn(2, 3, 16, 16)
+
+
+def _t5():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.T5Config(vocab_size=50, d_model=32, d_kv=16, d_ff=64, num_layers=1, num_heads=2)
+    return transformers.T5EncoderModel(config), {"input_ids": torch.randint(0, 50, (2, 7))}
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # transformers >= 5 cannot be traced by torch.fx
+@pytest.mark.parametrize("build", [_vit, _t5], ids=["vit", "t5"])
+def test_transformers_models_that_read_weight_dtype_accelerate(build):
+    torch.manual_seed(0)
+    model, x = build()
+    model = prune_(model.eval())
+    fast = fxsparse.accelerate(model, x, timer=SPARSE)
+    assert any(isinstance(m, (SparseConv2d, SparseLinear)) for m in fast.modules())
+    call = (lambda m: m(**x)) if isinstance(x, dict) else (lambda m: m(x))
+    with torch.no_grad():
+        assert_close(call(fast).last_hidden_state, call(model).last_hidden_state)
