@@ -4,7 +4,7 @@ The library a user imports into their own loop is `fxsparse` itself; this subpac
 
     config.py     TrainConfig and where its values come from (defaults, configs/*.toml, the command line)
     data.py       Fashion-MNIST, CIFAR-10/100, ImageFolder, synthetic: checked, split, deterministic loaders
-    models.py     the one model builder: cnn, resnet20 (--width), timm names, package.module:callable
+    models.py     re-exports fxsparse.models, the one model builder (cnn, resnet20, timm, pkg.mod:callable)
     recipe.py     device, threads, seeds, optimizer, lr schedule, the sparsity ramp
     loop.py       one training epoch, one evaluation
     job.py        run(): a whole run, in a few steps
