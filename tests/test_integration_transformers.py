@@ -343,12 +343,17 @@ def test_training_that_ends_mid_ramp_warns_or_finishes_the_ramp(finish_ramp, tmp
         model=model,
         args=arguments(tmp_path),
         train_dataset=MODELS["bert"][1],
-        callbacks=[SparsifyCallback("st3sigma", 0.9, schedule="paper", finish_ramp=finish_ramp), StopAtStep(2)],
+        callbacks=[
+            SparsifyCallback("st3sigma", 0.9, schedule="paper", **({"finish_ramp": True} if finish_ramp else {})),
+            StopAtStep(2),
+        ],
     )
     if finish_ramp:
         trainer.train()
     else:
-        with pytest.warns(UserWarning, match=r"ended at step 2.*final sparsity 0.9.*folded at sparsity 0\.\d+.*finish_ramp"):
+        with pytest.warns(
+            UserWarning, match=r"ended at step 2.*final sparsity 0.9.*folded at sparsity 0\.\d+.*finish_ramp"
+        ):
             trainer.train()
     zeros, count = pooled_zeros(model)
     assert not fxsparse.is_sparsified(model)
@@ -362,7 +367,10 @@ def test_the_same_callback_listed_twice_is_named(tmp_path):
     callback = SparsifyCallback("st3", 0.5)
     with pytest.raises(ValueError, match="listed twice"):
         transformers.Trainer(
-            model=fresh("bert"), args=arguments(tmp_path), train_dataset=MODELS["bert"][1], callbacks=[callback, callback]
+            model=fresh("bert"),
+            args=arguments(tmp_path),
+            train_dataset=MODELS["bert"][1],
+            callbacks=[callback, callback],
         )
     with pytest.raises(ValueError, match="sparsified by another SparsifyCallback"):
         transformers.Trainer(
