@@ -283,3 +283,58 @@ def test_wheel_install_finds_the_shipped_configs(tmp_path):
         check=True,
     ).stdout
     assert where.startswith(str(site))  # the wheel's copy ran, not the checkout's
+
+
+# ---------------------------------------------------------------------------------------------------
+# export, flops: bad options are one line, and nothing is written
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("command", ["export", "flops"])
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["cnn", "--width", "0"], "--width"),
+        (["cnn", "--width", "-1"], "--width"),
+        (["cnn", "--sparsity", "1.5"], "--sparsity"),
+        (["cnn", "--sparsity", "7"], "--sparsity"),
+        (["cnn", "--num-classes", "0"], "--num-classes"),
+        (["torch.nn:Linear"], "cannot build torch.nn:Linear"),
+        (["cnn", "--method", "st3"], "would be ignored"),  # no checkpoint: a fresh dense model
+    ],
+)
+def test_bad_model_options_are_one_line_errors(command, argv, needle, tmp_path, capsys):
+    out = tmp_path / "out.safetensors"
+    code = cli.main([command, *argv, *(["-o", str(out)] if command == "export" else [])])
+    assert_one_line_error(code, capsys.readouterr().err, needle)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("command", ["export", "flops"])
+def test_method_and_sparsity_on_a_plain_checkpoint_are_refused(command, tmp_path, capsys):
+    plain = tmp_path / "plain.pth"
+    torch.save(fxsparse.fold(fxsparse.sparsify(tiny_cnn(), "st3", 0.5)).state_dict(), plain)
+    csr = tmp_path / "plain.safetensors"
+    fxsparse.save_csr(fxsparse.fold(fxsparse.sparsify(tiny_cnn(), "st3", 0.5)), csr, method="st3", architecture="cnn")
+    out = tmp_path / "out.safetensors"
+    for checkpoint in (plain, csr):
+        for flags in (["--method", "st3", "--sparsity", "0.5"], ["--sparsity", "0.5"]):
+            argv = [command, "cnn", "--checkpoint", str(checkpoint), *flags]
+            code = cli.main(argv + (["-o", str(out)] if command == "export" else []))
+            assert_one_line_error(code, capsys.readouterr().err, "plain", "would be ignored", flags[0])
+    assert not out.exists()
+
+
+def test_flops_checks_every_output_path_before_writing_any(tmp_path, capsys):
+    plot, json_path = tmp_path / "flops.png", tmp_path / "absent" / "flops.json"
+    code = cli.main(["flops", "cnn", "--plot", str(plot), "--json", str(json_path)])
+    assert_one_line_error(code, capsys.readouterr().err, "--json", "does not exist")
+    assert not plot.exists()
+    code = cli.main(["flops", "cnn", "--json", str(tmp_path / "flops.json"), "--plot", str(tmp_path)])
+    assert_one_line_error(code, capsys.readouterr().err, "--plot", "is a directory")
+    assert not (tmp_path / "flops.json").exists()
+
+
+def tiny_cnn():
+    from fxsparse.train.models import build_model
+
+    torch.manual_seed(0)
+    return build_model("cnn", None, None, 1.0)

@@ -308,3 +308,42 @@ def test_ddp_two_processes_on_cpu(tmp_path):
     zeros, total = sum(int((w == 0).sum()) for w in weights), sum(w.numel() for w in weights)
     assert abs(zeros - 0.8 * total) <= 1
     assert math.isclose(ranks[0]["target"], 0.8) and ranks[0]["tau"] == ranks[1]["tau"] > 0
+
+
+class LogsLoss(TinyNet):
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        self.log("train_loss", loss, on_step=False, on_epoch=True)
+        return loss
+
+
+@pytest.mark.parametrize("finish_ramp", [False, True])
+def test_early_stopping_mid_ramp_warns_or_finishes_the_ramp(finish_ramp):
+    """Lightning's EarlyStopping ends the fit after epoch 0 of 4, inside the paper ramp (0.34 of the 0.9 asked
+    was folded without a word)."""
+    stop = pl.callbacks.EarlyStopping(monitor="train_loss", stopping_threshold=1e9, check_on_train_epoch_end=True)
+    module = fresh_net(LogsLoss)
+    fit = trainer(
+        [SparsifyCallback("st3", 0.9, schedule="paper", **({"finish_ramp": True} if finish_ramp else {})), stop],
+        max_epochs=4,
+    )
+    if finish_ramp:
+        fit.fit(module, loader())
+    else:
+        with pytest.warns(UserWarning, match=r"ended at step 8.*final sparsity 0.9.*folded at sparsity 0\.\d+"):
+            fit.fit(module, loader())
+    assert fit.global_step == 8 and not fxsparse.is_sparsified(module)
+    zeros, total = pooled_zeros(module)
+    if finish_ramp:
+        assert abs(zeros - 0.9 * total) <= 1
+    else:
+        assert 0 < zeros < 0.8 * total
+
+
+def test_resuming_from_a_checkpoint_written_without_the_callback_is_one_clear_error(tmp_path):
+    checkpoints = pl.callbacks.ModelCheckpoint(dirpath=str(tmp_path), filename="dense")
+    trainer([checkpoints], max_epochs=1, enable_checkpointing=True).fit(fresh_net(), loader())
+    with pytest.raises(ValueError, match=r"dense weight 'net.0.weight'.*written by a run without SparsifyCallback"):
+        trainer([SparsifyCallback("st3", 0.5)], max_epochs=2).fit(
+            fresh_net(), loader(), ckpt_path=str(tmp_path / "dense.ckpt")
+        )

@@ -249,3 +249,133 @@ def test_bad_setups_get_clear_errors(tmp_path):
             train_dataset=MODELS["bert"][1],
             callbacks=[SparsifyCallback("st3", 90)],
         )
+
+
+def assert_reloads_with(directory, want):
+    """from_pretrained(directory) holds exactly the weights ``want`` (no key re-initialised)."""
+    reloaded = transformers.BertForSequenceClassification.from_pretrained(str(directory))
+    got = reloaded.state_dict()
+    assert sorted(got) == sorted(want)
+    for key in want:
+        assert torch.equal(got[key], want[key]), key
+
+
+def test_save_after_evaluate_alone_reloads_the_weights(tmp_path):
+    """The callback sparsifies the model when the Trainer is built; save_model after evaluate() alone must still
+    write weights from_pretrained loads (they were silently re-initialised)."""
+    model = fresh("bert")
+    dense = {k: v.clone() for k, v in model.state_dict().items()}
+    data = MODELS["bert"][1]
+    trainer = transformers.Trainer(
+        model=model,
+        args=arguments(tmp_path),
+        train_dataset=data,
+        eval_dataset=data,
+        callbacks=[SparsifyCallback("st3sigma", 0.7, schedule="paper")],
+    )
+    trainer.evaluate()
+    assert fxsparse.is_sparsified(model)
+    trainer.save_model(str(tmp_path / "saved"))
+    assert_reloads_with(tmp_path / "saved", dense)  # step 0 of the paper ramp: sparsity 0, the weights as they were
+
+
+class RaiseAtStep(transformers.TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt
+
+
+def test_save_after_an_interrupted_train_reloads_the_sparse_models_weights(tmp_path):
+    model = fresh("bert")
+    trainer = transformers.Trainer(
+        model=model,
+        args=arguments(tmp_path),
+        train_dataset=MODELS["bert"][1],
+        callbacks=[SparsifyCallback("st3sigma", 0.7, schedule="paper"), RaiseAtStep(3)],
+    )
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    assert fxsparse.is_sparsified(model) and 0 < fxsparse.get_threshold(model).target_sparsity() < 0.7  # mid-ramp
+    folded = fxsparse.fold(model).state_dict()  # the weights the sparse model computes with
+    trainer.save_model(str(tmp_path / "saved"))
+    assert_reloads_with(tmp_path / "saved", folded)
+    zeros, count = pooled_zeros(transformers.BertForSequenceClassification.from_pretrained(str(tmp_path / "saved")))
+    assert zeros > 0.1 * count
+
+
+@RESUMES
+def test_a_checkpoint_reloads_as_the_model_at_that_step(tmp_path):
+    """checkpoint-N/ loads with from_pretrained as the sparse model of step N, folded (and resumes, see above)."""
+    spy = []
+
+    class FoldedAtSave(transformers.TrainerCallback):
+        def on_save(self, args, state, control, model=None, **kwargs):
+            spy.append(fxsparse.fold(model).state_dict())
+
+    trainer = transformers.Trainer(
+        model=fresh("bert"),
+        args=arguments(tmp_path, save_strategy="steps", save_steps=3, max_steps=3),
+        train_dataset=MODELS["bert"][1],
+        callbacks=[SparsifyCallback("feather", 0.8, schedule=fxsparse.Cubic(0, 6), fold_at_end=False), FoldedAtSave()],
+    )
+    trainer.train()
+    assert_reloads_with(tmp_path / "checkpoint-3", spy[0])
+
+
+class StopAtStep(transformers.TrainerCallback):
+    """What EarlyStoppingCallback does when the metric stops improving: end training at this step."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+
+
+@pytest.mark.parametrize("finish_ramp", [False, True])
+def test_training_that_ends_mid_ramp_warns_or_finishes_the_ramp(finish_ramp, tmp_path):
+    model = fresh("bert")
+    trainer = transformers.Trainer(
+        model=model,
+        args=arguments(tmp_path),
+        train_dataset=MODELS["bert"][1],
+        callbacks=[
+            SparsifyCallback("st3sigma", 0.9, schedule="paper", **({"finish_ramp": True} if finish_ramp else {})),
+            StopAtStep(2),
+        ],
+    )
+    if finish_ramp:
+        trainer.train()
+    else:
+        with pytest.warns(
+            UserWarning, match=r"ended at step 2.*final sparsity 0.9.*folded at sparsity 0\.\d+.*finish_ramp"
+        ):
+            trainer.train()
+    zeros, count = pooled_zeros(model)
+    assert not fxsparse.is_sparsified(model)
+    if finish_ramp:
+        assert abs(zeros - 0.9 * count) <= 1
+    else:
+        assert 0 < zeros < 0.9 * count * 0.9
+
+
+def test_the_same_callback_listed_twice_is_named(tmp_path):
+    callback = SparsifyCallback("st3", 0.5)
+    with pytest.raises(ValueError, match="listed twice"):
+        transformers.Trainer(
+            model=fresh("bert"),
+            args=arguments(tmp_path),
+            train_dataset=MODELS["bert"][1],
+            callbacks=[callback, callback],
+        )
+    with pytest.raises(ValueError, match="sparsified by another SparsifyCallback"):
+        transformers.Trainer(
+            model=fresh("bert"),
+            args=arguments(tmp_path),
+            train_dataset=MODELS["bert"][1],
+            callbacks=[SparsifyCallback("st3", 0.5), SparsifyCallback("st3", 0.5)],
+        )

@@ -132,7 +132,8 @@ def test_registry_rejects_duplicates_and_unknown_names():
 def test_every_method_gives_the_same_values_for_any_memory_format(name):
     """channels_last weights (and a channels_last model) give the contiguous values and gradients, bit for bit."""
     method = fxsparse.get_method(name).resolve(0.98)  # Feather with theta 0.5: a scaled gradient too
-    weight = torch.randn(16, 8, 3, 3)
+    # 217,750 weights: Feather's pow took the scalar loop for other elements in either layout (one ulp apart)
+    weight = torch.randn(130, 67, 5, 5)
     tau = method.score(weight).flatten().kthvalue(int(0.7 * weight.numel())).values
     upstream = torch.randn_like(weight)
     results = {}

@@ -1,16 +1,20 @@
 """What the Lightning and Hugging Face callbacks share: the sparsify options, the paper ramp placed from the
-trainer's own step count, and the values they log."""
+trainer's own step count, the values they log, the fold at the end of training, and how a state_dict's dense
+weights are found next to the sparse ones."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from torch import nn
 
-from .. import Cubic, Method, get_method, get_threshold, paper_schedule, realized_sparsity, sparsify_
+from .. import Constant, Cubic, Method, fold_, get_method, get_threshold, paper_schedule, realized_sparsity, sparsify_
+from ..fqn import join
+from ..pool import sparse_entries
 
 PAPER = "paper"
 TARGET_SPARSITY = "fxsparse/target_sparsity"
@@ -119,3 +123,41 @@ def sparsity_metrics(model: nn.Module) -> dict[str, float]:
 def schedule_step(model: nn.Module) -> int:
     """The sparsified model's own count of optimizer steps (restored with its state_dict)."""
     return int(get_threshold(model).step)
+
+
+def fold_at_end_(model: nn.Module, finish_ramp: bool) -> None:
+    """``fold_`` when training ends. A run that ends before its schedule reaches the final sparsity (early
+    stopping, max_steps) is folded at the sparsity it reached, with a warning that says so; with
+    ``finish_ramp`` the schedule jumps to its end first, so the folded model has the final sparsity (the
+    rest of the ramp pruned in one step, without the training the ramp would have given it)."""
+    threshold = get_threshold(model)
+    target, final = threshold.target_sparsity(), threshold.final_sparsity
+    if target < final:
+        if finish_ramp:
+            threshold.schedule = Constant()
+            threshold.invalidate_()
+        else:
+            warnings.warn(
+                f"SparsifyCallback: training ended at step {threshold.current_step}, before the sparsity schedule "
+                f"reached the final sparsity {final:g}: the model is folded at sparsity {realized_sparsity(model):.4f} "
+                f"(the schedule's target at this step: {target:.4f}). Train to the end of the ramp (early stopping "
+                "ended this run early), end the ramp sooner (schedule=fxsparse.Cubic(begin, end)), pass "
+                f"finish_ramp=True to prune to {final:g} in one step before folding, or fold_at_end=False to keep "
+                "the model sparse and train on",
+                stacklevel=3,
+            )
+    fold_(model)
+
+
+def dense_keys_of_sparse_layers(model: nn.Module, state_dict: Mapping[str, Any], prefix: str) -> dict[str, bool]:
+    """The keys of ``state_dict`` that hold the plain weight of a layer ``model`` holds sparsified (such as
+    "net.0.weight" where the model has "net.0.parametrizations.weight.original"), each mapped to whether
+    ``state_dict`` also holds that layer's sparse state."""
+    found = {}
+    for entry in sparse_entries(model):
+        key = prefix + entry.fqn
+        if key in state_dict:
+            module_fqn, _, name = entry.fqn.rpartition(".")
+            sparse = prefix + join(module_fqn, f"parametrizations.{name}.")
+            found[key] = any(k.startswith(sparse) for k in state_dict)
+    return found

@@ -16,7 +16,10 @@ Order of events in ``Trainer.fit`` and what the callback does at each:
   on_train_batch_end  log target sparsity, realised sparsity and tau at the logger's cadence;
   checkpoints         the model's state_dict holds the schedule step, tau and masks; the callback's state holds
                       the method and sparsity, and a resume with other ones is refused;
-  on_fit_end          fold (``fxsparse.fold_``): plain weights, the original state_dict keys.
+  on_fit_end          fold (``fxsparse.fold_``): plain weights, the original state_dict keys; a fit that ends
+                      before the ramp does (early stopping) is said in a warning, or finish_ramp=True ends the ramp.
+A checkpoint to resume from that holds dense weights for the sparsified layers (written without the callback) is
+refused with one line, before torch's list of missing keys.
 """
 
 from __future__ import annotations
@@ -31,7 +34,16 @@ from torch import nn
 
 from .. import fold_, is_sparsified, step_
 from ..pool import refresh_threshold_
-from .common import ExcludeSpec, PaperRamp, ScheduleSpec, SparsifyOptions, schedule_step, sparsity_metrics
+from .common import (
+    ExcludeSpec,
+    PaperRamp,
+    ScheduleSpec,
+    SparsifyOptions,
+    dense_keys_of_sparse_layers,
+    fold_at_end_,
+    schedule_step,
+    sparsity_metrics,
+)
 
 
 class SparsifyCallback(pl.Callback):
@@ -42,6 +54,9 @@ class SparsifyCallback(pl.Callback):
         paper over this run's optimizer steps) or a callable (step, final_sparsity) -> sparsity, in steps.
     fold_at_end: fold the module when fit ends. A checkpoint written during training still loads into the
         folded module (``trainer.test(ckpt_path="best")``): its weights are folded as they load.
+    finish_ramp: when fit ends before the schedule reaches ``sparsity`` (early stopping, max_steps), jump it to
+        its end before folding, so the folded module has ``sparsity``; otherwise it is folded as it is, with a
+        warning.
     """
 
     def __init__(
@@ -53,9 +68,11 @@ class SparsifyCallback(pl.Callback):
         exclude: ExcludeSpec = None,
         min_numel: int = 0,
         fold_at_end: bool = True,
+        finish_ramp: bool = False,
     ):
         self.options = SparsifyOptions(method, sparsity, schedule, exclude, min_numel)
         self.fold_at_end = fold_at_end
+        self.finish_ramp = finish_ramp
         self._ramp: PaperRamp | None = None
         self._module: weakref.ref | None = None  # the module this callback sparsified
         self._hooks: list = []
@@ -63,6 +80,7 @@ class SparsifyCallback(pl.Callback):
         self._steps = 0  # the model's schedule step, mirrored on the host for the logging cadence
         self._metrics: dict[str, float] | None = None
         self._fold_on_load = None  # handle of the FoldSparseCheckpoints hook left on the folded module
+        self._refuse_dense = None  # handle of the sparse module's hook that refuses a dense checkpoint
 
     # --- sparsify --------------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -83,6 +101,7 @@ class SparsifyCallback(pl.Callback):
             self._fold_on_load = None
         self._ramp = self.options.sparsify_(pl_module)
         self._module = weakref.ref(pl_module)
+        self._refuse_dense = pl_module.register_load_state_dict_pre_hook(_refuse_dense_checkpoint)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._ramp is not None and self._ramp.ramp is None:
@@ -151,7 +170,8 @@ class SparsifyCallback(pl.Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._remove_hooks()
         if self.fold_at_end and self._owns(pl_module):
-            fold_(pl_module)
+            self._refuse_dense.remove()
+            fold_at_end_(pl_module, self.finish_ramp)
             self._module = None
             self._fold_on_load = pl_module.register_load_state_dict_pre_hook(
                 FoldSparseCheckpoints(self.options, self._ramp)
@@ -167,6 +187,20 @@ class SparsifyCallback(pl.Callback):
 
     def _owns(self, pl_module: nn.Module) -> bool:
         return self._module is not None and self._module() is pl_module and is_sparsified(pl_module)
+
+
+def _refuse_dense_checkpoint(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    """load_state_dict pre-hook of the module the callback sparsified: a state_dict with the plain weight of a
+    sparsified layer and not its sparse state (a checkpoint of a run without the callback) is refused in one
+    line, instead of torch's list of missing and unexpected keys."""
+    found = dense_keys_of_sparse_layers(module, state_dict, prefix)
+    dense = [key for key, beside_sparse_state in found.items() if not beside_sparse_state]
+    if dense:
+        raise ValueError(
+            f"the checkpoint holds the dense weight {dense[0]!r} of a layer SparsifyCallback sparsified: it was "
+            "written by a run without SparsifyCallback. To train sparse from its weights, load them into the "
+            "module before fit (module.load_state_dict(torch.load(path)['state_dict'])) and fit without ckpt_path"
+        )
 
 
 class FoldSparseCheckpoints:

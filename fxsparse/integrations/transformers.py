@@ -16,8 +16,12 @@ Order of events (transformers 5) and what the callback does at each:
   on_pre_optimizer_step                 read target sparsity, realised sparsity and tau when this step is logged;
   on_step_end                           advance the schedule (once per optimizer step, after accumulation);
   on_log                                add the values read to that log record;
-  on_train_end                          fold (``fxsparse.fold_``), after load_best_model_at_end.
-Checkpoints: the model's state_dict (model.safetensors) holds the schedule step, tau and masks.
+  on_train_end                          fold (``fxsparse.fold_``), after load_best_model_at_end; a run that ends
+                                        before the ramp does (early stopping) is said in a warning.
+Saving: while the model is sparse (a checkpoint, or save_model after evaluate() alone or after a train() that
+raised), its state_dict holds the sparse state (parametrized weights, schedule step, tau, masks) and beside it
+each sparsified weight's effective value under the layer's own key: ``from_pretrained`` loads those (the model's
+weights, never re-initialised ones), and a resume loads the sparse state and drops them.
 """
 
 from __future__ import annotations
@@ -25,12 +29,25 @@ from __future__ import annotations
 import weakref
 from typing import Any
 
+import torch
 from torch import nn
 from transformers import TrainerCallback, TrainerState, TrainingArguments
 from transformers.trainer_utils import IntervalStrategy
 
-from .. import fold_, is_sparsified, step_
-from .common import ExcludeSpec, PaperRamp, ScheduleSpec, SparsifyOptions, schedule_step, sparsity_metrics
+from .. import is_sparsified, step_
+from ..pool import refresh_threshold_, sparse_entries
+from .common import (
+    ExcludeSpec,
+    PaperRamp,
+    ScheduleSpec,
+    SparsifyOptions,
+    dense_keys_of_sparse_layers,
+    fold_at_end_,
+    schedule_step,
+    sparsity_metrics,
+)
+
+_SPARSIFIED_BY: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> the SparsifyCallback that did
 
 
 class SparsifyCallback(TrainerCallback):
@@ -40,6 +57,8 @@ class SparsifyCallback(TrainerCallback):
     schedule: None (the final sparsity from the first step), "paper" (the ramp placed as in the method's
         paper over ``state.max_steps``) or a callable (step, final_sparsity) -> sparsity, in optimizer steps.
     fold_at_end: fold the model when training ends, so that save_pretrained writes plain weights.
+    finish_ramp: when training ends before the schedule reaches ``sparsity`` (early stopping), jump it to its end
+        before folding, so the folded model has ``sparsity``; otherwise it is folded as it is, with a warning.
     Logged (at the Trainer's logging steps, in each log record): fxsparse/target_sparsity,
     fxsparse/realized_sparsity, fxsparse/tau. Pass it in ``Trainer(callbacks=[...])``.
     """
@@ -53,16 +72,24 @@ class SparsifyCallback(TrainerCallback):
         exclude: ExcludeSpec = None,
         min_numel: int = 0,
         fold_at_end: bool = True,
+        finish_ramp: bool = False,
     ):
         self.options = SparsifyOptions(method, sparsity, schedule, exclude, min_numel)
         self.fold_at_end = fold_at_end
+        self.finish_ramp = finish_ramp
         self._ramp: PaperRamp | None = None
         self._model: weakref.ref | None = None  # the model this callback sparsified
+        self._hooks: list = []  # the save and load hooks on that model
         self._metrics: dict[str, float] | None = None
         self._metrics_step = -1
 
     def on_init_end(self, args, state, control, model=None, **kwargs):
         if model is not None:
+            if self._owns(model):
+                raise ValueError(
+                    "this SparsifyCallback is listed twice in the Trainer's callbacks: list it once "
+                    "(one SparsifyCallback sparsifies the whole model)"
+                )
             self._sparsify(model)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
@@ -97,20 +124,56 @@ class SparsifyCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         if self.fold_at_end and self._owns(model):
-            fold_(model)
+            for handle in self._hooks:
+                handle.remove()
+            self._hooks.clear()
+            fold_at_end_(model, self.finish_ramp)
             self._model = None
 
     def _sparsify(self, model: nn.Module) -> None:
         if is_sparsified(model):
+            other = _SPARSIFIED_BY.get(model)
+            if other is not None and other is not self and other._owns(model):
+                raise ValueError(
+                    f"{type(model).__name__} was sparsified by another SparsifyCallback: a Trainer takes one "
+                    "SparsifyCallback (two are listed in its callbacks, or an earlier Trainer's callback with "
+                    "fold_at_end=False left this model sparse); keep one"
+                )
             raise ValueError(
                 f"{type(model).__name__} is already sparsified; SparsifyCallback sparsifies the dense model itself: "
                 "pass the dense model, or drop the callback and call fxsparse.step_ yourself"
             )
         self._ramp = self.options.sparsify_(model, trace_model=False)
         self._model = weakref.ref(model)
+        _SPARSIFIED_BY[model] = self
+        self._hooks = [
+            model._register_state_dict_hook(_add_effective_weights),  # public (as a post-hook) only from torch 2.6
+            model.register_load_state_dict_pre_hook(_drop_effective_weights),
+        ]
 
     def _owns(self, model: nn.Module | None) -> bool:
         return model is not None and self._model is not None and self._model() is model and is_sparsified(model)
+
+
+@torch.no_grad()
+def _add_effective_weights(model: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
+    """state_dict hook of a model the callback sparsified: each sparsified weight's effective value (what fold_
+    would bake) under the layer's own key, beside the sparse state. A loader that knows only the plain
+    architecture (``from_pretrained``) gets the weights the model computes with."""
+    if not is_sparsified(model):
+        return
+    refresh_threshold_(model)
+    for entry in sparse_entries(model):
+        state_dict[prefix + entry.fqn] = getattr(entry.module, entry.name).detach().clone()
+
+
+def _drop_effective_weights(model: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    """load_state_dict pre-hook: the effective weights a sparse state_dict carries (``_add_effective_weights``)
+    are not loaded into the sparse model, which loads the parametrized weights beside them. A plain weight
+    without its sparse state (a dense run's checkpoint) is left in place for torch to report."""
+    for key, beside_sparse_state in dense_keys_of_sparse_layers(model, state_dict, prefix).items():
+        if beside_sparse_state:
+            del state_dict[key]
 
 
 def _logs_after_next_step(args: TrainingArguments, state: TrainerState) -> bool:

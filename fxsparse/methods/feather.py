@@ -33,11 +33,17 @@ class Feather(Method):
         return self.theta is not None and self.theta != 1.0
 
     def effective(self, weight: Tensor, tau: Tensor) -> Tensor:
-        w = weight.detach().float()
+        # In the contiguous order whatever the weight's memory format: pow's vectorised and scalar loops
+        # differ in the last bit, and which elements take which loop depends on their order in memory, so
+        # a channels_last weight would otherwise differ by one ulp on a few elements.
+        w = weight.detach().float().contiguous()
         # |w|^p - T^p, clamped at 0 before the root: a negative base would give NaN (and the pruned
         # entries become exactly 0, since 0^(1/p) = 0). One allocation, in-place passes.
         shrunk = w.abs().pow_(self.p).sub_(tau.float().pow(self.p)).clamp_min_(0).pow_(1.0 / self.p)
-        return shrunk.copysign_(w).to(weight.dtype)
+        shrunk.copysign_(w)
+        if weight.is_contiguous():
+            return shrunk.to(weight.dtype)
+        return torch.empty_like(weight).copy_(shrunk)  # back to the weight's own layout (the conv keeps it)
 
     def scale_gradient(self, grad: Tensor, weight: Tensor, tau: Tensor) -> Tensor:
         return torch.where(weight.detach().float().abs() > tau, grad, grad * self.theta)

@@ -15,6 +15,8 @@ Subcommands live in SUBCOMMANDS (name -> (help, add_arguments, handler)); add on
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -231,17 +233,50 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--width", type=float, help="channel multiplier of the built-in models (default 1)")
 
 
+def _check_model_arguments(args: argparse.Namespace) -> None:
+    if args.sparsity is not None and not 0.0 <= args.sparsity < 1.0:
+        raise CommandError(
+            f"--sparsity is the fraction of zero weights, in [0, 1); got {args.sparsity:g} (for 90% write 0.9)"
+        )
+    if args.width is not None and not (math.isfinite(args.width) and args.width > 0):
+        raise CommandError(f"--width is a channel multiplier and must be > 0; got {args.width:g}")
+    if args.num_classes is not None and args.num_classes < 1:
+        raise CommandError(f"--num-classes must be >= 1; got {args.num_classes}")
+
+
+def _check_output_paths(**paths: str | None) -> None:
+    """Every file the command will write can be written, checked before anything is: never half the outputs."""
+    for option, path in paths.items():
+        if path is None or path == "-":
+            continue
+        flag = "-o" if option == "output" else f"--{option}"
+        directory = os.path.dirname(os.path.abspath(path))
+        if os.path.isdir(path):
+            raise CommandError(f"{flag} {path!r} is a directory: give a file name")
+        if not os.path.isdir(directory):
+            raise CommandError(f"cannot write {flag} {path!r}: directory {directory!r} does not exist")
+        if not os.access(directory, os.W_OK):
+            raise CommandError(f"cannot write {flag} {path!r}: directory {directory!r} is not writable")
+
+
 def _load(args: argparse.Namespace):
     from .loading import load_model
 
-    loaded = load_model(
-        args.model,
-        args.checkpoint,
-        method=args.method,
-        sparsity=args.sparsity,
-        num_classes=args.num_classes,
-        width=args.width,
-    )
+    _check_model_arguments(args)
+    try:
+        loaded = load_model(
+            args.model,
+            args.checkpoint,
+            method=args.method,
+            sparsity=args.sparsity,
+            num_classes=args.num_classes,
+            width=args.width,
+        )
+    except TypeError as error:  # a package.module:callable that does not build a model from these arguments
+        raise CommandError(
+            f"cannot build {args.model}: {first_line(error)}; a package.module:callable must build the model when "
+            "called with no arguments (or with num_classes=N, given --num-classes)"
+        ) from error
     for note in loaded.notes:
         print(f"note: {note}", file=sys.stderr)
     return loaded
@@ -256,6 +291,7 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
 def run_export(args: argparse.Namespace) -> int:
     from ..export import save_csr
 
+    _check_output_paths(output=args.output)
     loaded = _load(args)
     report = save_csr(
         loaded.model, args.output, method=loaded.method, architecture=loaded.name, metadata=loaded.metadata or None
@@ -284,6 +320,7 @@ def run_flops(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1:
         raise CommandError(f"--batch-size must be >= 1; got {args.batch_size}")
+    _check_output_paths(json=args.json, plot=args.plot)
     loaded = _load(args)
     size = tuple(args.input_size or loaded.input_size)
     try:

@@ -57,6 +57,7 @@ def load_model(
     if checkpoint is None:
         if name is None:
             raise CommandError("name the model (e.g. resnet50, cnn, package.module:callable) or give --checkpoint")
+        _no_sparse_options("without --checkpoint the model is a fresh dense one", method, sparsity)
         model = build_model(name, num_classes, None, 1.0 if width is None else width, allow_import=True)
         return LoadedModel(
             model.eval(),
@@ -75,6 +76,7 @@ def load_model(
         model = build_model(name, num_classes, None, 1.0 if width is None else width, allow_import=True)
         try:  # a CSR checkpoint: its declared shapes are checked against the model before anything is allocated
             load_csr_into_(model, source)
+            _no_sparse_options(f"{source} is a CSR checkpoint of a folded model", method, sparsity)
             return LoadedModel(
                 model.eval(), name, None, default_input_size(name, model), metadata={"source": os.path.abspath(source)}
             )
@@ -91,6 +93,7 @@ def load_model(
         model, name, None, default_input_size(name, model), metadata={"source": os.path.abspath(source)}
     )
     if not any(is_sparsified_key(k) for k in state):
+        _no_sparse_options(f"{source} holds a plain (dense or folded) model", method, sparsity)
         load_checked_(model, state, source)
         loaded.model = model.eval()
         return loaded
@@ -168,6 +171,17 @@ def _load_run(
             f"exported as the run's model at step {step}"
         )
     return loaded
+
+
+def _no_sparse_options(what: str, method: str | None, sparsity: float | None) -> None:
+    """--method and --sparsity say how to rebuild a sparsified state_dict; anywhere else they would be ignored."""
+    given = [flag for flag, value in (("--method", method), ("--sparsity", sparsity)) if value is not None]
+    if given:
+        verb, them = ("describe", "they") if len(given) > 1 else ("describes", "it")
+        raise CommandError(
+            f"{' and '.join(given)} {verb} a sparsified state_dict, and {what}: {them} would be ignored; "
+            f"leave {' and '.join(given)} out"
+        )
 
 
 def _agree(source: str, option: str, setting: str, given: Any, recorded: Any) -> None:
