@@ -11,7 +11,7 @@ from torch.nn.utils import parametrize
 
 from .fqn import join
 from .global_threshold import GlobalThreshold
-from .layers import prunable_weights
+from .layers import MatrixLayout, layer_parts, prunable_weights
 from .parametrization import SparseWeight, chain_originals
 
 THRESHOLD_NAME = "fxsparse_threshold"
@@ -136,24 +136,30 @@ def _nonzeros(model: nn.Module, fqn: str, numel: int) -> int:
     return int(torch.count_nonzero(value)) if isinstance(value, Tensor) and value.numel() == numel else numel
 
 
+def _counts(fqn: str, layout: MatrixLayout | None, weight: Tensor) -> dict[str, tuple[int, int]]:
+    """Name -> (nonzeros, numel) of the weight, or of each expert's matrix of a stack (fxsparse.layers)."""
+    return {name: (int(torch.count_nonzero(part)), part.numel()) for name, part in layer_parts(fqn, layout, weight)}
+
+
 @torch.no_grad()
 def layer_densities(model: nn.Module) -> dict[str, tuple[int, int]]:
     """fqn -> (nonzeros, numel) of each pooled weight as the next forward sees it (effective weight, tau
     brought up to date first), and of each weight that could not be sparsified (`dense_layers`: its own
     zeros, such as an embedding's padding row, and nothing more). For a plain (e.g. folded) model: every
-    prunable weight (fxsparse.layers) as it is."""
-    if not is_sparsified(model):
-        weights = {
-            join(prefix, name): getattr(module, name)
-            for prefix, module in model.named_modules()
-            for name in prunable_weights(module)
-        }
-        return {fqn: (int(torch.count_nonzero(w)), w.numel()) for fqn, w in weights.items() if isinstance(w, Tensor)}
-    refresh_threshold_(model)
+    prunable weight (fxsparse.layers) as it is. A mixture-of-experts stack is listed expert by expert,
+    ``<fqn>[<expert>]``, each expert's matrix being a layer of its own."""
     out = {}
+    if not is_sparsified(model):
+        for prefix, module in model.named_modules():
+            for name, layout in prunable_weights(module).items():
+                weight = getattr(module, name)
+                if isinstance(weight, Tensor):
+                    out.update(_counts(join(prefix, name), layout, weight))
+        return out
+    refresh_threshold_(model)
     for entry in unique_entries(model):
-        weight: Tensor = getattr(entry.module, entry.name)
-        out[entry.fqn] = (int(torch.count_nonzero(weight)), weight.numel())
+        layout = MatrixLayout(entry.parametrization.output_axis, experts=True) if entry.parametrization.experts else None
+        out.update(_counts(entry.fqn, layout, getattr(entry.module, entry.name)))
     for fqn, numel in dense_layers(model).items():
         out[fqn] = (_nonzeros(model, fqn, numel), numel)
     return out
