@@ -112,6 +112,12 @@ def plain_name(fqn: str) -> str:
     return _PARAMETRIZED.sub(lambda m: m[1] + (f".original{m[2]}" if m[2] else ""), fqn)
 
 
+def expert_of(name: str | None) -> tuple[str, int] | None:
+    """(stack, e) for an expert's name ``<stack>[e]``, else None."""
+    found = _EXPERT.fullmatch(name) if name else None
+    return (found[1], int(found[2])) if found else None
+
+
 class ParamNames:
     """Every parameter of a model, with all its names (a tied parameter has several)."""
 
