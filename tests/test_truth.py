@@ -529,6 +529,7 @@ _TINY = {
     "attention": lambda: (_TinyAttention(), torch.randn(2, 5, 6)),
     "channels-last": _channels_last,
     "tied-lm-head": lambda: (_TiedLanguageModel(), torch.randint(0, 12, (2, 7))),
+    "moe-experts": lambda: ZOO_BY_NAME["hf/mixtral-moe"].build(),  # transformers' 3-D expert stacks, grouped_mm
 }
 
 
@@ -536,7 +537,10 @@ _TINY = {
 @pytest.mark.parametrize("name", list(_TINY))
 def test_tiny_model_agrees_with_the_truth(name, in_place):
     """The zoo's checks on tiny models, also for what the zoo does not cover: sparsify_ in place, a
-    channels_last model, a weight left dense with real zeros."""
+    channels_last model, a weight left dense with real zeros, a mixture-of-experts model."""
+    if name.startswith("moe"):
+        pytest.importorskip("transformers")
+        torch.manual_seed(0)
     problems = audit(*_TINY[name](), in_place=in_place)
     assert not failures(problems), failures(problems)
 
