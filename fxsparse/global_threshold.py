@@ -31,8 +31,8 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from .distributed import any_sharded, local_pool, storage_key
-from .methods.base import Method
 from .layers import expert_matrices
+from .methods.base import Method
 from .parametrization import SparseWeight, _Reference
 from .threshold import global_quantile, layer_scaled_abs
 

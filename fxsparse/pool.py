@@ -158,7 +158,8 @@ def layer_densities(model: nn.Module) -> dict[str, tuple[int, int]]:
         return out
     refresh_threshold_(model)
     for entry in unique_entries(model):
-        layout = MatrixLayout(entry.parametrization.output_axis, experts=True) if entry.parametrization.experts else None
+        sparse = entry.parametrization
+        layout = MatrixLayout(sparse.output_axis, experts=True) if sparse.experts else None
         out.update(_counts(entry.fqn, layout, getattr(entry.module, entry.name)))
     for fqn, numel in dense_layers(model).items():
         out[fqn] = (_nonzeros(model, fqn, numel), numel)

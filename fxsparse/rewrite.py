@@ -485,8 +485,8 @@ def install_parametrizations_(model: nn.Module, uses: list[WeightUse], method: M
     """Register a SparseWeight (last in the chain) on every use; returns one item per distinct parameter.
 
     Every use of one parameter gets the output axis of its first layer use, so all read one effective
-    weight; a mixture-of-experts stack (fxsparse.layers) is sparsified expert by expert. The SparseWeights get their threshold afterwards (`SparseWeight.bind_threshold_`), once the
-    pool it thresholds is known.
+    weight; a mixture-of-experts stack (fxsparse.layers) is sparsified expert by expert. The SparseWeights
+    get their threshold afterwards (`SparseWeight.bind_threshold_`), once the pool it thresholds is known.
     """
     axes: dict[int, int] = {}
     stacks: set[int] = set()
