@@ -330,6 +330,18 @@ ZOO: list[ZooModel] = [
         "hf/olmoe",
         _moe("OlmoeConfig", "OlmoeForCausalLM", num_experts=4, num_experts_per_tok=2, pad_token_id=1, eos_token_id=2),
     ),
+    ZooModel(
+        "hf/gpt_oss-transposed-experts",  # experts stored (E, in, out), with biases
+        _moe(
+            "GptOssConfig",
+            "GptOssForCausalLM",
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            head_dim=8,
+            max_position_embeddings=131072,  # 32 x 4096: the YaRN factor the config sets
+            layer_types=["full_attention", "full_attention"],
+        ),
+    ),
     ZooModel("hf/phi", _hf("PhiConfig", "PhiForCausalLM", _text, use_cache=False, **_TEXT)),
     ZooModel(
         "hf/vit",
