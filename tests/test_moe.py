@@ -279,3 +279,22 @@ def test_an_unknown_expert_stack_is_named_and_counted_dense():
     assert fxsparse.realized_sparsity(sparse) == pytest.approx(1 - (densities["proj.weight"][0] + 60) / 85)
     row = fxsparse.flops(sparse, x).row("experts.w")
     assert (row.dense_macs, row.sparse_macs) == (4 * 30, 4 * 30)  # counted where multiplied, as it is
+
+
+def test_experts_train_and_fix_mask():
+    """Gradients reach every expert's raw weights (straight-through); ST-3's fixed-mask phase keeps the zeros."""
+    sparse, _ = sparsified(tiny_mixtral(), "st3")
+    inputs = tokens()
+    sparse.train()
+    sparse(**inputs, labels=inputs["input_ids"]).loss.backward()
+    raw = sparse.model.layers[0].mlp.experts.parametrizations.down_proj.original
+    routed = routed_tokens(sparse, inputs)["model.layers.0.mlp.experts"]
+    assert all(bool(raw.grad[e].abs().sum() > 0) == (routed[e] > 0) for e in range(EXPERTS))
+    sparse.eval()
+    with torch.no_grad():
+        before = sparse(**inputs).logits
+    zeros = fxsparse.layer_densities(sparse)
+    fxsparse.fix_mask_(sparse)
+    with torch.no_grad():
+        torch.testing.assert_close(sparse(**inputs).logits, before, rtol=1e-5, atol=1e-6)
+    assert fxsparse.layer_densities(sparse) == zeros
