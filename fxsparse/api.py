@@ -298,6 +298,9 @@ def _sparsify(
     threshold.watch_chains_(
         {i: item.parametrization for i, item in enumerate(pool) if item.parametrization.is_chained()}
     )
+    threshold.set_expert_stacks_(
+        {i: item.parametrization.output_axis for i, item in enumerate(pool) if item.parametrization.experts}
+    )
     threshold.pass_result = result = PassResult(
         pooled=tuple(item.use.fqn for item in pool),
         chained=tuple(item.use.fqn for item in pool if item.parametrization.is_chained()),

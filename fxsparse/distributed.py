@@ -65,11 +65,12 @@ def shard_group(tensor: Tensor):
 
 
 def local_pool(
-    weights: Sequence[Tensor], score: Callable[[Tensor], Tensor], group: object | None
+    weights: Sequence[Tensor], score: Callable[[int, Tensor], Tensor], group: object | None
 ) -> tuple[list[Tensor], ScoreFn, object]:
     """The rank's part of a sharded pool, a score function that sees each weight's global shape, and the group.
 
-    ``score`` is the method's score (it may depend on the weight's shape, as ST-3-sigma's does): it is
+    ``score(index, weight)`` is the method's score of pooled weight ``index`` (it may depend on the weight's
+    shape, as ST-3-sigma's does; GlobalThreshold.layer_score): it is
     evaluated on the DTensor, whose pointwise ops run on the local shard without communication, so a
     shard is scored exactly as the same entries of the whole weight are.
     """
@@ -95,7 +96,7 @@ def local_pool(
         if tensor.numel() == 0:
             return tensor.detach().float()
         original = originals[index]
-        scores = score(original.detach())
+        scores = score(index, original.detach())
         return scores.to_local() if is_sharded(scores) else scores
 
     return tensors, score_fn, group

@@ -7,7 +7,9 @@ Format (docs/FORMAT.md has the full description for other tools):
   * a tensor stored sparse ("layout": "csr") is the CSR of the (outputs, inputs) matrix its op multiplies
     by (fxsparse.layers.MatrixLayout, recorded as "output_axis" and "groups"): a conv weight
     (O, I/g, kh, kw) as (O, I/g*kh*kw), a transposed conv's (I, O/g, *k) and transformers' Conv1D (in, out)
-    with their output dim 1 as rows; in three plain tensors "<name>::crow_indices", "<name>::col_indices",
+    with their output dim 1 as rows, a mixture-of-experts stack (E, out, in) or (E, in, out) as the
+    (E*out, in) matrix whose rows e*out .. (e+1)*out - 1 are expert e's matrix ("experts": true: each
+    expert's CSR is a row block of it); in three plain tensors "<name>::crow_indices", "<name>::col_indices",
     "<name>::values"; indices in the smallest of uint8, int16, int32, int64 that holds them; values in
     the tensor's own dtype (lossless).
   * every other tensor ("layout": "dense") is stored as is under its own name: biases, norms, buffers,
@@ -42,8 +44,8 @@ from .parametrization import HOSTED_THRESHOLD_NAME
 from .pool import THRESHOLD_NAME, get_threshold, is_sparsified
 
 FORMAT_NAME = "fxsparse-csr"
-FORMAT_VERSION = 2  # 2: CSR of the (outputs, inputs) matrix, "output_axis" and "groups" per CSR entry
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3  # 2: CSR of the (outputs, inputs) matrix, "output_axis" and "groups" per CSR entry; 3: "experts"
+READABLE_VERSIONS = (1, 2, 3)
 METADATA_KEY = "fxsparse"
 SEPARATOR = "::"
 CSR_PARTS = ("crow_indices", "col_indices", "values")
@@ -243,7 +245,10 @@ def _scatter(values: Tensor, positions: Tensor, shape: tuple[int, ...]) -> Tenso
 # ------------------------------------------------------------------------------------------------
 # what to save
 # ------------------------------------------------------------------------------------------------
-SPARSITY_SCOPE = "prunable weights (Linear, Conv, ConvTranspose, Conv1D, MultiheadAttention) and pooled weights"
+SPARSITY_SCOPE = (
+    "prunable weights (Linear, Conv, ConvTranspose, Conv1D, MultiheadAttention, mixture-of-experts stacks) and "
+    "pooled weights"
+)
 
 
 def is_sparsified_key(key: str) -> bool:
@@ -372,6 +377,7 @@ def save_csr(
                 "index_dtypes": [_DTYPE_NAMES[parts["crow_indices"].dtype], _DTYPE_NAMES[parts["col_indices"].dtype]],
                 "output_axis": layout.output_axis,
                 "groups": layout.groups,
+                "experts": layout.experts,
             }
         else:
             value = value.contiguous()
@@ -612,7 +618,19 @@ def _check_entry(path: str, name: str, entry: Any, version: int) -> StoredTensor
             and all(isinstance(d, str) and d in _INDEX_DTYPE_NAMES for d in index_dtypes)
         ):
             fail(f"index_dtypes must be two of {list(_INDEX_DTYPE_NAMES)}, got {index_dtypes!r}")
-        if version >= 2:
+        experts = entry.get("experts") if version >= 3 else False
+        if not isinstance(experts, bool):
+            fail(f"experts must be true or false, got {experts!r}")
+        if experts:  # a (E, out, in) or (E, in, out) stack of expert matrices
+            axis, groups = entry.get("output_axis"), entry.get("groups")
+            if len(shape) != 3:
+                fail(f"an experts stack has 3 dims (experts, out, in), got shape {shape}")
+            if axis not in (1, 2) or not _is_int(axis):
+                fail(f"output_axis of an experts stack must be 1 or 2, got {axis!r}")
+            if groups != 1 or not _is_int(groups):
+                fail(f"groups of an experts stack must be 1, got {groups!r}")
+            matrix = MatrixLayout(axis, 1, experts=True)
+        elif version >= 2:
             axis, groups = entry.get("output_axis"), entry.get("groups")
             if axis not in (0, 1) or not _is_int(axis):
                 fail(f"output_axis must be 0 or 1, got {axis!r}")

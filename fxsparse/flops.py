@@ -9,6 +9,12 @@ Conventions (the papers'; printed with every report):
     sparse MACs = density x dense MACs per layer, density = nonzeros / numel of the weight the layer
     multiplies with (for a sparsified model: the effective weight, i.e. the actual zeros). Exact in
     integers: sparse = nonzeros * (dense / numel).
+  * mixture-of-experts stacks (fxsparse.layers: transformers' experts modules): one row per expert that
+    received tokens, ``<stack>[<expert>]``, counted as a linear layer on the tokens routed to it in this
+    forward:  dense = tokens_e * out * in, sparse = tokens_e * nonzeros of expert e's matrix. The routing
+    is read from the experts module's own arguments (its integer top-k expert indices), so every
+    implementation (eager loop, grouped_mm, batched_mm) gives the same rows. An expert stack fxsparse does
+    not know is counted where it is multiplied (mm on a slice, _grouped_mm: the rows it processes), as it is.
   * activation-by-activation matmuls (attention: q @ k^T, attn @ v, scaled_dot_product_attention, bmm,
     einsum) are rows of their own, density 1, so transformer totals are complete.
   * not counted: norms, activations, pooling, residual adds, biases, softmax.
@@ -43,7 +49,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from .fqn import join
 from .kernel_layer import KernelLayer
-from .layers import is_linear, weight_layout
+from .layers import expert_matrices, expert_stacks, is_linear, weight_layout
 from .op_weight import has_torch_forward
 from .pool import THRESHOLD_NAME, is_sparsified, refresh_threshold_
 
@@ -52,6 +58,7 @@ META_KEY = "fxsparse.macs"
 CONVENTION = (
     "MACs: one multiply-add = 1, FLOPs = 2 x MACs, for one forward of the example input (batch included).\n"
     "Weight layers (conv, linear): conv = N*C_out*C_in/groups*kh*kw*H_out*W_out, linear = rows*in*out;\n"
+    "MoE experts: one row per expert, linear on the tokens routed to it (rows = tokens of this forward);\n"
     "sparse = density x dense per layer, density measured from the zeros of the weight actually used.\n"
     "Activation-by-activation matmuls (attention) are listed separately at density 1.\n"
     "Not counted: norms, activations, pooling, residual adds, biases, softmax."
@@ -319,9 +326,30 @@ def _aten_macs(func, args, out) -> tuple[str, int, tuple[Tensor, ...]] | None:
     if packet is _aten.convolution or packet is _aten._convolution:
         x, w, transposed = args[0], args[1], bool(args[6])
         return f"conv{w.dim() - 2}d", conv_macs(_shape(x), _shape(w), _shape(out), transposed), (w,)
+    if _is_grouped_mm(func) and len(args) > 2 and isinstance(args[2], Tensor) and args[1].dim() == 3:
+        x, w, offs = args[0], args[1], args[2]  # (S, K) @ (E, K, N), rows [offs[e-1], offs[e]) by expert e
+        rows = int(offs[-1]) if offs.numel() else 0
+        return "grouped_mm", rows * w.shape[1] * w.shape[2], (w,)
     if packet in _SDPA_OPS:
         q, k, v = args[0], args[1], args[2]
         return "sdpa", math.prod(q.shape[:-1]) * k.shape[-2] * (q.shape[-1] + v.shape[-1]), ()
+    return None
+
+
+def _is_grouped_mm(func) -> bool:
+    """torch._grouped_mm, or transformers' fallback op with its semantics (torch < 2.9, or CPU alignment)."""
+    return func.overloadpacket.__name__ in ("_grouped_mm", "grouped_mm_fallback")
+
+
+def _routed_tokens(module: nn.Module, args: tuple, kwargs: dict) -> list[int] | None:
+    """Tokens routed to each expert of an experts module in this call, from its integer (tokens, top_k)
+    expert indices (an index >= num_experts is an expert-parallel sentinel: no expert); None if absent."""
+    count = module.num_experts
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, Tensor) and not value.is_floating_point() and value.dtype != torch.bool:
+            index = value.reshape(-1).long()
+            index = index[(index >= 0) & (index < count)]
+            return [int(n) for n in torch.bincount(index, minlength=count)]
     return None
 
 
@@ -338,6 +366,7 @@ class _Audit:
         self.node_macs: dict[fx.Node, dict[str, Any]] = {}
         self.storage_names: dict[int, str] = {}  # storage data_ptr -> weight fqn, for functional uses
         self.layers: list[list[Tensor]] = []  # per conv/linear module running: the weights its ops multiplied
+        self.routing: list[list[int] | None] = []  # per experts module running: tokens routed to each expert
         for name, param in model.named_parameters():
             self.name_storage(param, name)
 
@@ -401,6 +430,10 @@ class _Audit:
         for name, module in self.model.named_modules():
             if not name:
                 continue
+            if expert_stacks(module):
+                handles.append(module.register_forward_pre_hook(self._experts_pre_hook(name), with_kwargs=True))
+                handles.append(module.register_forward_hook(self._experts_post_hook(name)))
+                continue
             counted = weight_layout(module) is not None or isinstance(module, KernelLayer)
             handles.append(module.register_forward_pre_hook(self._pre_hook(name, counted, name == THRESHOLD_NAME)))
             handles.append(module.register_forward_hook(self._post_hook(name, counted, name == THRESHOLD_NAME)))
@@ -428,6 +461,35 @@ class _Audit:
             operands = self.layers.pop() if counted else []
             if counted and args and isinstance(args[0], Tensor) and isinstance(output, Tensor):
                 self._module_row(name, module, args[0], output, operands)
+
+        return hook
+
+    # -- mixture-of-experts stacks: one row per expert, on the tokens routed to it ---------------
+    def _experts_pre_hook(self, name: str):
+        def hook(module, args, kwargs):
+            self.module_stack.append(name)
+            routing = _routed_tokens(module, args, kwargs)
+            self.routing.append(routing)
+            if routing is not None:  # the rows come from the routing: its products are not counted again
+                self.suspended += 1
+
+        return hook
+
+    def _experts_post_hook(self, name: str):
+        def hook(module, args, output):
+            self.module_stack.pop()
+            routing = self.routing.pop()
+            if routing is None:
+                return
+            self.suspended -= 1
+            for stack, layout in expert_stacks(module).items():
+                matrices = expert_matrices(getattr(module, stack), layout.output_axis)  # effective, cached
+                out_features, in_features = matrices.shape[1:]
+                for expert, tokens in enumerate(routing):
+                    if tokens:
+                        dense = tokens * out_features * in_features
+                        row = f"{join(name, stack)}[{expert}]"
+                        self.add(row, "experts", "weight", matrices[expert], (tokens, out_features), dense)
 
         return hook
 

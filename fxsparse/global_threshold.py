@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from .distributed import any_sharded, local_pool, storage_key
+from .layers import expert_matrices
 from .methods.base import Method
 from .parametrization import SparseWeight, _Reference
 from .threshold import global_quantile, layer_scaled_abs
@@ -83,6 +84,7 @@ class GlobalThreshold(nn.Module):
         self._computed_for: tuple | None = None
         self.prunes = False  # host flag: tau > 0 was computed for a positive target sparsity
         self._chains: dict[int, _Reference] = {}  # pool position -> SparseWeight ending a parametrization chain
+        self._stacks: dict[int, int] = {}  # pool position of a mixture-of-experts stack -> its experts' output axis
 
     # --- schedule -------------------------------------------------------------------------------
     @property
@@ -117,12 +119,12 @@ class GlobalThreshold(nn.Module):
             return torch.zeros((), dtype=torch.float32, device=self.tau.device)
         method, group = self.method, self.process_group
         if group is not None or any_sharded(weights):  # each rank holds a shard of the pool
-            weights, score_fn, group = local_pool(weights, method.score, group)
+            weights, score_fn, group = local_pool(weights, self.layer_score, group)
             return global_quantile(weights, sparsity, score_fn=score_fn, group=group)
         if type(method).score is Method.score:  # |w| * per-layer scale: scored slice by slice, bounded memory
-            score_fn = layer_scaled_abs([method.score_scale(w) for w in weights])
+            score_fn = layer_scaled_abs([self.layer_score_scale(i, w) for i, w in enumerate(weights)])
         else:
-            score_fn = lambda index, weight: method.score(weight)  # noqa: E731 (a custom score, whole layers)
+            score_fn = self.layer_score  # a custom score, whole layers
         # the previous tau narrows the selection window (exact either way); read on the host only on CPU
         hint = float(self.tau) if self.prunes and self.tau.device.type == "cpu" else None
         return global_quantile(weights, sparsity, score_fn=score_fn, hint=hint)
@@ -132,6 +134,26 @@ class GlobalThreshold(nn.Module):
         standardization): rank the chain's value instead (``SparseWeight.chain_input``, computed only when
         tau is), and recompute when any tensor it depends on changes, not only the weight passed in."""
         self._chains = {index: _Reference(sparse_weight) for index, sparse_weight in chains.items()}
+
+    # --- mixture-of-experts stacks: each expert's matrix is a layer of its own (fxsparse.layers) ----------
+    def set_expert_stacks_(self, stacks: Mapping[int, int]) -> None:
+        """The pooled weights at these positions are expert stacks (position -> the stored axis of each expert's
+        outputs): every expert's (out, in) matrix is scored as a linear layer of that shape (ST-3-sigma's
+        S_l = out + in, not the sum of the stack's three dims)."""
+        self._stacks = dict(stacks)
+
+    def layer_score_scale(self, index: int, weight: Tensor) -> float:
+        """The method's per-layer score scale of pooled weight ``index`` (of one expert's matrix for a stack)."""
+        axis = self._stacks.get(index)
+        return self.method.score_scale(weight if axis is None else expert_matrices(weight, axis)[0])
+
+    def layer_score(self, index: int, weight: Tensor) -> Tensor:
+        """The method's scores of pooled weight ``index``, in its stored order (a stack: expert by expert)."""
+        axis = self._stacks.get(index)
+        if axis is None:
+            return self.method.score(weight)
+        matrices = expert_matrices(weight, axis).unbind(0)
+        return torch.stack([self.method.score(matrix) for matrix in matrices]).movedim(1, axis)
 
     def pool_values(self, weights: Sequence[Tensor]) -> tuple[Tensor, ...]:
         """What is ranked: each pooled weight, or for a chained one the value its chain computes."""

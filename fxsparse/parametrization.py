@@ -16,6 +16,10 @@ computation a layer applied to its weight before the op (timm's StdConv2d standa
 graph pass moved out of the forward. Then SparseWeight sparsifies the weight the op multiplies, and the
 threshold ranks the chain's value before SparseWeight (`chain_input`), watching every tensor it depends
 on (`chain_sources`).
+
+On a mixture-of-experts stack (``experts=True``: a (E, out, in) or (E, in, out) parameter, fxsparse.layers)
+the method runs on each expert's (out, in) matrix on its own, as on a linear layer of that shape: ST-3
+rescales each expert's output channels, ST-3-sigma's S_l is out + in (`expert_matrices`).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
+from .layers import expert_matrices
 from .methods.base import Method
 
 
@@ -38,10 +43,11 @@ HOSTED_THRESHOLD_NAME = "global_threshold"
 
 
 class SparseWeight(nn.Module):
-    def __init__(self, method: Method, threshold: nn.Module | None, output_axis: int = 0):
+    def __init__(self, method: Method, threshold: nn.Module | None, output_axis: int = 0, experts: bool = False):
         super().__init__()
         self.method = method
         self.output_axis = int(output_axis)
+        self.experts = bool(experts)
         self._threshold = _Reference(threshold)
         self._owner: _Reference | None = None  # the parametrized module, set by attach_
         self.tensor_name = ""
@@ -77,6 +83,10 @@ class SparseWeight(nn.Module):
         threshold = self._threshold.target
         if not threshold.prunes:  # before the ramp: the dense weight itself, bitwise
             return weight
+        if self.experts:  # each expert's matrix is a layer of its own
+            matrices = expert_matrices(weight, self.output_axis).contiguous()
+            sparse = torch.stack([self.method.apply(matrix, threshold.tau) for matrix in matrices.unbind(0)])
+            return sparse.movedim(1, self.output_axis).contiguous()
         if self.output_axis == 0:
             return self.method.apply(weight, threshold.tau)
         # contiguous both ways: the methods view rows, and the folded weight is stored contiguous,
@@ -135,6 +145,7 @@ class SparseWeight(nn.Module):
 
     def extra_repr(self) -> str:
         axis = f", output_axis={self.output_axis}" if self.output_axis else ""
+        axis += ", experts=True" if self.experts else ""
         return f"method={self.method.name}{axis}" + (", mask=frozen" if self.mask is not None else "")
 
 

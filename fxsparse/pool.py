@@ -12,7 +12,7 @@ from torch.nn.utils import parametrize
 from .fqn import join
 from .global_threshold import GlobalThreshold
 from .kernel_layer import KernelLayer
-from .layers import prunable_weights
+from .layers import MatrixLayout, layer_parts, prunable_weights
 from .parametrization import SparseWeight, chain_originals
 
 THRESHOLD_NAME = "fxsparse_threshold"
@@ -137,29 +137,35 @@ def _nonzeros(model: nn.Module, fqn: str, numel: int) -> int:
     return int(torch.count_nonzero(value)) if isinstance(value, Tensor) and value.numel() == numel else numel
 
 
+def _counts(fqn: str, layout: MatrixLayout | None, weight: Tensor) -> dict[str, tuple[int, int]]:
+    """Name -> (nonzeros, numel) of the weight, or of each expert's matrix of a stack (fxsparse.layers)."""
+    return {name: (int(torch.count_nonzero(part)), part.numel()) for name, part in layer_parts(fqn, layout, weight)}
+
+
 @torch.no_grad()
 def layer_densities(model: nn.Module) -> dict[str, tuple[int, int]]:
     """fqn -> (nonzeros, numel) of each pooled weight as the next forward sees it (effective weight, tau
     brought up to date first), and of each weight that could not be sparsified (`dense_layers`: its own
     zeros, such as an embedding's padding row, and nothing more). For a plain (e.g. folded) model: every
     prunable weight (fxsparse.layers) as it is, and every sparse layer of an accelerated model (its kernel
-    weight's nonzeros, fxsparse.kernel_layer)."""
+    weight's nonzeros, fxsparse.kernel_layer). A mixture-of-experts stack is listed expert by expert,
+    ``<fqn>[<expert>]``, each expert's matrix being a layer of its own."""
+    out = {}
     if not is_sparsified(model):
-        out = {}
         for prefix, module in model.named_modules():
             if isinstance(module, KernelLayer):  # an accelerated model's sparse layer: the nonzeros it multiplies
                 weight = module.kernel_weight()
                 out[join(prefix, "weight")] = (weight.nonzeros, weight.numel)
-            for name in prunable_weights(module):
-                value = getattr(module, name)
-                if isinstance(value, Tensor):
-                    out[join(prefix, name)] = (int(torch.count_nonzero(value)), value.numel())
+            for name, layout in prunable_weights(module).items():
+                weight = getattr(module, name)
+                if isinstance(weight, Tensor):
+                    out.update(_counts(join(prefix, name), layout, weight))
         return out
     refresh_threshold_(model)
-    out = {}
     for entry in unique_entries(model):
-        weight: Tensor = getattr(entry.module, entry.name)
-        out[entry.fqn] = (int(torch.count_nonzero(weight)), weight.numel())
+        sparse = entry.parametrization
+        layout = MatrixLayout(sparse.output_axis, experts=True) if sparse.experts else None
+        out.update(_counts(entry.fqn, layout, getattr(entry.module, entry.name)))
     for fqn, numel in dense_layers(model).items():
         out[fqn] = (_nonzeros(model, fqn, numel), numel)
     return out

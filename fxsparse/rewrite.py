@@ -28,7 +28,7 @@ from torch.nn.utils import parametrize
 
 from .fqn import join
 from .global_threshold import GlobalThreshold
-from .layers import EMBEDDING_TYPES, embedding_weights, prunable_weights, weight_layout
+from .layers import EMBEDDING_TYPES, embedding_weights, prunable_weights, unknown_expert_weights, weight_layout
 from .methods.base import Method
 from .op_weight import has_torch_forward, multiplies_stored_weight
 from .parametrization import DerivedWeight, SparseWeight, chain_originals
@@ -140,6 +140,8 @@ def survey_module(module: nn.Module, prefix: str = "") -> Survey:
                 continue
         for weight in weights:
             _tensor_use(sub, fqn, weight, survey)
+        for name, reason in unknown_expert_weights(sub).items():  # an MoE router, an unknown expert stack
+            survey.dense.append(DenseWeight(join(fqn, name), getattr(sub, name).numel(), reason))
     return survey
 
 
@@ -483,18 +485,23 @@ def install_parametrizations_(model: nn.Module, uses: list[WeightUse], method: M
     """Register a SparseWeight (last in the chain) on every use; returns one item per distinct parameter.
 
     Every use of one parameter gets the output axis of its first layer use, so all read one effective
-    weight. The SparseWeights get their threshold afterwards (`SparseWeight.bind_threshold_`), once the
-    pool it thresholds is known.
+    weight; a mixture-of-experts stack (fxsparse.layers) is sparsified expert by expert. The SparseWeights
+    get their threshold afterwards (`SparseWeight.bind_threshold_`), once the pool it thresholds is known.
     """
     axes: dict[int, int] = {}
+    stacks: set[int] = set()
     for use in uses:
         axis = _output_axis(model, use)
         if axis is not None:
             axes.setdefault(_weight_key(model, use), axis)
+        layout = prunable_weights(model.get_submodule(use.module_fqn)).get(use.name)
+        if layout is not None and layout.experts:
+            stacks.add(_weight_key(model, use))
     seen, pool = set(), []
     for use in uses:
         module = model.get_submodule(use.module_fqn)
-        sparse = SparseWeight(method, None, output_axis=axes.get(_weight_key(model, use), 0))
+        key = _weight_key(model, use)
+        sparse = SparseWeight(method, None, output_axis=axes.get(key, 0), experts=key in stacks)
         parametrize.register_parametrization(module, use.name, sparse, unsafe=True)
         sparse.attach_(module, use.name)
         chain = module.parametrizations[use.name]

@@ -92,6 +92,7 @@ def test_metadata_holds_versions_shapes_method_and_sparsity(tiny):
         "index_dtypes": ["uint8", "uint8"],
         "output_axis": 0,
         "groups": 1,
+        "experts": False,
     }
     assert list(meta["tensors"]) == list(model.state_dict())
     assert report.metadata == meta
@@ -189,6 +190,8 @@ def test_any_tensor_round_trips_exactly(tmp_path_factory, rows, inner, density, 
         ((6, 2, 5), MatrixLayout(output_axis=1, groups=3)),
         ((300, 2), MatrixLayout(output_axis=1)),  # int16 columns (300) become uint8 ones (2)
         ((5, 7, 1, 1), MatrixLayout()),
+        ((3, 5, 4), MatrixLayout(output_axis=1, experts=True)),  # 3 experts (E, out, in)
+        ((3, 4, 5), MatrixLayout(output_axis=2, experts=True)),  # 3 experts stored (E, in, out)
     ],
 )
 def test_row_major_parts_of_any_layout_equal_to_csr_of_the_view(shape, layout):

@@ -3,7 +3,9 @@
 For a model sparsified at 90% (st3sigma, constant schedule) and for its fold, tests/truth.py records the
 weight operand of every convolution and matmul at the aten level, independently of fxsparse. Checks:
   forward       the sparsified model runs the original's products (same MACs, same weights) and draws the
-                original's random numbers: none in eval (no dropout or DropPath), the same in train;
+                original's random numbers: none in eval (no dropout or DropPath), the same in train; a
+                mixture-of-experts stack's products are compared by their total (the sparsified model routes
+                its tokens to other experts, but every routed token still passes each stack once);
   flops         fxsparse.flops(): every weight row's dense and sparse MACs and density, and the totals,
                 equal the recorded ops' (rows matched to ops by the parameter the operand comes from);
                 a weight the forward multiplies has a row, and no row claims zeros the operand lacks;
@@ -14,7 +16,8 @@ weight operand of every convolution and matmul at the aten level, independently 
                 the warning and multiplied unchanged; layer_densities() and realized_sparsity() equal the
                 zeros of the operands multiplied (distinct weights once; eval forward, and train forward
                 for train-only branches); a weight multiplied but neither pooled nor left dense is named
-                in a warning;
+                in a warning; an expert stack is checked expert by expert (``<stack>[e]``, each expert's
+                matrix a layer: every expert must receive tokens in the recorded forwards);
   fold          the folded model multiplies the same operands (same zeros), draws no random numbers in eval
                 and gives the sparsified model's eval outputs;
   flops-folded  the flops check on the folded model.
@@ -43,7 +46,7 @@ from torch import Tensor, nn
 
 import fxsparse
 
-from truth import MulOp, ParamNames, Truth, record
+from truth import MulOp, ParamNames, Truth, expert_of, record
 from truth_zoo import ZOO, ZOO_BY_NAME
 
 METHOD, SPARSITY = "st3sigma", 0.9
@@ -59,7 +62,15 @@ def _n(value: int) -> str:
 
 
 def _signature(truth: Truth) -> list[tuple]:
-    return [(op.kind, op.dense_macs, op.weight_shape and math.prod(op.weight_shape), op.param) for op in truth.ops]
+    """The products in order; an expert stack's as one total per stack (its routing depends on the weights)."""
+    products, stacks = [], defaultdict(int)
+    for op in truth.ops:
+        expert = expert_of(op.param)
+        if expert is not None:
+            stacks[expert[0]] += op.dense_macs
+        else:
+            products.append((op.kind, op.dense_macs, op.weight_shape and math.prod(op.weight_shape), op.param))
+    return products + [("experts", macs, None, stack) for stack, macs in sorted(stacks.items())]
 
 
 def check_forward(original: tuple[Truth, Truth], sparse: tuple[Truth, Truth]) -> list[str]:
@@ -194,10 +205,13 @@ def check_pool(
             param = names.resolve(fqn, densities[fqn][1] if fqn in densities else None)
             if param is None:
                 problems.append(f"the pass calls {fqn!r} {group}, no parameter of the model")
-            elif param not in operands or param not in originals:
-                problems.append(f"{fqn} is {group} but no op multiplies it (eval or train forward)")
-            else:
-                groups[group][param] = fqn
+                continue
+            experts = [f"[{e}]" for e in range(len(names.parameter(param)))] if _is_stack(param, operands) else [""]
+            for expert in experts:
+                if param + expert not in operands or param + expert not in originals:
+                    problems.append(f"{fqn}{expert} is {group} but no op multiplies it (eval or train forward)")
+                else:
+                    groups[group][param + expert] = fqn + expert
     pooled, dense = groups["pooled"], groups["dense"]
     for param in set(pooled) & set(dense):
         problems.append(f"{pooled[param]} is both pooled and left dense")
@@ -249,6 +263,11 @@ def check_pool(
             + (", ..." if len(silent) > 4 else "")
         )
     return summary + problems
+
+
+def _is_stack(param: str, operands: dict[str, MulOp]) -> bool:
+    """True when the forward multiplies ``param`` expert by expert (a mixture-of-experts stack)."""
+    return any(expert_of(name) is not None and expert_of(name)[0] == param for name in operands)
 
 
 def _check_tie_rule(
@@ -510,6 +529,7 @@ _TINY = {
     "attention": lambda: (_TinyAttention(), torch.randn(2, 5, 6)),
     "channels-last": _channels_last,
     "tied-lm-head": lambda: (_TiedLanguageModel(), torch.randint(0, 12, (2, 7))),
+    "moe-experts": lambda: ZOO_BY_NAME["hf/mixtral-moe"].build(),  # transformers' 3-D expert stacks, grouped_mm
 }
 
 
@@ -517,7 +537,10 @@ _TINY = {
 @pytest.mark.parametrize("name", list(_TINY))
 def test_tiny_model_agrees_with_the_truth(name, in_place):
     """The zoo's checks on tiny models, also for what the zoo does not cover: sparsify_ in place, a
-    channels_last model, a weight left dense with real zeros."""
+    channels_last model, a weight left dense with real zeros, a mixture-of-experts model."""
+    if name.startswith("moe"):
+        pytest.importorskip("transformers")
+        torch.manual_seed(0)
     problems = audit(*_TINY[name](), in_place=in_place)
     assert not failures(problems), failures(problems)
 

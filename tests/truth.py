@@ -16,12 +16,19 @@ multiplies); activation-by-activation products (attention) are activation ops; t
 Taint lives on storages, so views share it and in-place writes merge into it.
 
 Each weight operand is named by the parameter it is computed from: the parameter ids flow only from
-inputs of the same numel as the output (elementwise work and views keep the name; reductions such as a
-global threshold over all weights do not spread it).
+inputs of the same numel as the output, and into a concatenation (cat, stack) from every input (elementwise
+work, views and stacking keep the name; reductions such as a global threshold over all weights do not
+spread it).
+
+Mixture-of-experts stacks: an operand that is the e-th slice along dim 0 of a tensor of a 3-D parameter's
+shape computed from that parameter alone (the parameter itself, or its effective value) is named
+``<parameter>[e]``: expert e's matrix. ``torch._grouped_mm`` (and transformers' fallback op of the same
+semantics) is recorded as one product per expert that received rows: rows_e * K * N with expert e's
+(K, N) matrix as operand.
 
 MACs (one multiply-add = 1):
   conv = N * C_out * (C_in / groups) * prod(kernel) * prod(out spatial)   (transposed: prod(in spatial))
-  mm = M * K * N, bmm = B * M * K * N, mv = M * K, dot = K,
+  mm = M * K * N, bmm = B * M * K * N, mv = M * K, dot = K, grouped mm = rows of each group * K * N,
   fused attention = prod(q.shape[:-1]) * S * (E + Ev)   (q @ k^T and attn @ v).
 The sparse MACs of a weight op are nonzeros(operand) * dense / numel(operand).
 """
@@ -96,12 +103,19 @@ _FUSED_ATTENTION = {
 # parameter names
 # ------------------------------------------------------------------------------------------------
 _PARAMETRIZED = re.compile(r"parametrizations\.([^.]+)\.original(\d*)$")
+_EXPERT = re.compile(r"(.+)\[(\d+)\]")  # "<3-D parameter>[e]": expert e's matrix
 
 
 def plain_name(fqn: str) -> str:
     """'a.parametrizations.weight.original' -> 'a.weight' (a torch parametrization's raw tensor, named
     as the attribute it parametrizes); 'original0'/'original1' keep their suffix ('a.weight.original1')."""
     return _PARAMETRIZED.sub(lambda m: m[1] + (f".original{m[2]}" if m[2] else ""), fqn)
+
+
+def expert_of(name: str | None) -> tuple[str, int] | None:
+    """(stack, e) for an expert's name ``<stack>[e]``, else None."""
+    found = _EXPERT.fullmatch(name) if name else None
+    return (found[1], int(found[2])) if found else None
 
 
 class ParamNames:
@@ -128,7 +142,10 @@ class ParamNames:
         return self.aliases[index][0]
 
     def parameter(self, name: str) -> nn.Parameter:
-        """The parameter whose canonical name (or any alias) is ``name``."""
+        """The parameter whose canonical name (or any alias) is ``name``; ``<name>[e]``: its expert e's slice."""
+        expert = _EXPERT.fullmatch(name)
+        if expert:
+            return self.params[self._by_alias[expert[1]]][int(expert[2])]
         return self.params[self._by_alias[name]]
 
     def aliases_of(self, name: str) -> list[str]:
@@ -138,7 +155,12 @@ class ParamNames:
 
     def resolve(self, fqn: str, numel: int | None = None) -> str | None:
         """The canonical name of the parameter another tool calls ``fqn``: any alias, the plain or raw name
-        of a parametrized tensor, or the only parameter of that numel on the module ``fqn`` names."""
+        of a parametrized tensor, or the only parameter of that numel on the module ``fqn`` names;
+        ``<fqn>[e]``: expert e of that (3-D) parameter."""
+        expert = _EXPERT.fullmatch(fqn)
+        if expert:
+            stack = self.resolve(expert[1])
+            return f"{stack}[{expert[2]}]" if stack is not None else None
         fqn = plain_name(fqn)
         if fqn in self._by_alias:
             return self.name(self._by_alias[fqn])
@@ -287,9 +309,29 @@ def _shape(t: Tensor) -> tuple[int, ...]:
     return tuple(int(s) for s in t.shape)
 
 
-def _products(func, args, out) -> tuple[str, list[Tensor], int] | None:
-    """(op name, the two multiplied operands, dense MACs) of a multiplying aten op; None for the rest."""
+def _grouped_products(args) -> list[tuple[str, list[Tensor], int]]:
+    """(S, K) @ (E, K, N) with cumulative row ends ``offs``: one product per expert that received rows."""
+    x, w, offs = args[0], args[1], args[2]
+    products, start = [], 0
+    for expert, end in enumerate(offs.tolist()):
+        if end > start:
+            products.append(("grouped_mm", [x[start:end], w[expert]], (end - start) * w.shape[1] * w.shape[2]))
+        start = end
+    return products
+
+
+def _products(func, args, out) -> list[tuple[str, list[Tensor], int]]:
+    """(op name, the two multiplied operands, dense MACs) of each product of a multiplying aten op."""
     name = func.overloadpacket.__name__
+    if name in ("_grouped_mm", "grouped_mm_fallback") and len(args) > 2 and isinstance(args[2], Tensor):
+        if args[0].dim() == 2 and args[1].dim() == 3:
+            return _grouped_products(args)
+    found = _product(name, args, out)
+    return [found] if found is not None else []
+
+
+def _product(name: str, args, out) -> tuple[str, list[Tensor], int] | None:
+    """(op name, the two multiplied operands, dense MACs) of a one-product aten op; None for the rest."""
     if name in ("mm", "addmm", "_addmm_activation"):
         a, b = (args[0], args[1]) if name == "mm" else (args[1], args[2])
         return "mm", [a, b], a.shape[0] * a.shape[1] * b.shape[1]
@@ -319,6 +361,7 @@ class _Taint:
     act: bool = False  # computed from a model input
     param: bool = False  # computed from a parameter
     ids: frozenset = frozenset()  # indices of the parameters it is (elementwise) computed from
+    base: tuple[int, int] | None = None  # (storage offset, dim-0 stride) of a 3-D parameter's value in it
 
 
 _CONSTANT = _Taint()
@@ -355,7 +398,7 @@ class _Recorder(TorchDispatchMode):
         for i, param in enumerate(names.params):
             key = _storage_key(param)
             if key is not None:
-                self.table[key] = _Taint(param=True, ids=frozenset([i]))
+                self.table[key] = _Taint(param=True, ids=frozenset([i]), base=self._base(param, frozenset([i])))
         for t in _tensors(inputs):
             key = _storage_key(t)
             if key is not None:
@@ -375,11 +418,28 @@ class _Recorder(TorchDispatchMode):
             self.opaque.append(name)
         if name in _RANDOM:
             self.random[name] += 1
-        found = _products(func, args, out)
-        if found is not None:
+        for found in _products(func, args, out):
             self._record(found, out)
         self._propagate(func, args, kwargs, inputs, taints, out)
         return out
+
+    def _base(self, t: Tensor, ids: frozenset) -> tuple[int, int] | None:
+        """Where a 3-D parameter's value lies in ``t``'s storage, when ``t`` is that value (one id, its shape)."""
+        if len(ids) != 1:
+            return None
+        param = self.names.params[next(iter(ids))]
+        return (t.storage_offset(), t.stride(0)) if param.dim() == 3 and t.shape == param.shape else None
+
+    def _expert(self, weight: Tensor, ids: list[int]) -> int | None:
+        """e when ``weight`` is the e-th dim-0 slice of a 3-D parameter's value (an expert's matrix)."""
+        base = self.taint(weight).base
+        if len(ids) != 1 or base is None:
+            return None
+        param = self.names.params[ids[0]]
+        if weight.numel() * param.shape[0] != param.numel():
+            return None
+        offset, stride = base
+        return (weight.storage_offset() - offset) // stride
 
     def _role(self, t: Tensor) -> str:
         taint = self.taint(t)
@@ -400,6 +460,9 @@ class _Recorder(TorchDispatchMode):
         param = "+".join(self.names.name(i) for i in ids) if ids else None
         if len(ids) > 1:
             param = "?" + param
+        expert = self._expert(weight, ids)
+        if expert is not None:
+            param = f"{param}[{expert}]"
         self.ops.append(
             MulOp(
                 index,
@@ -422,6 +485,7 @@ class _Recorder(TorchDispatchMode):
         from inputs of the output's numel."""
         act = any(t.act for t in taints)
         param = any(t.param for t in taints)
+        concatenation = func.overloadpacket.__name__ in ("cat", "stack")
         input_keys = {_storage_key(t) for t in inputs}
         written = list(_tensors(out))
         for i, argument in enumerate(func._schema.arguments):
@@ -433,11 +497,13 @@ class _Recorder(TorchDispatchMode):
             key = _storage_key(t)
             if key is None:
                 continue
-            ids = frozenset().union(*(taint.ids for x, taint in zip(inputs, taints) if x.numel() == t.numel()))
-            new = _Taint(act, param, ids)
+            ids = frozenset().union(
+                *(taint.ids for x, taint in zip(inputs, taints) if concatenation or x.numel() == t.numel())
+            )
+            new = _Taint(act, param, ids, self._base(t, ids))
             if key in input_keys:
                 old = self.table.get(key, _CONSTANT)
-                new = _Taint(old.act or act, old.param or param, old.ids | ids)
+                new = _Taint(old.act or act, old.param or param, old.ids | ids, old.base or new.base)
             self.table[key] = new
 
 

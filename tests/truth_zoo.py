@@ -99,6 +99,23 @@ def _hf(config_name: str, model_name: str, inputs: Callable[[], dict[str, Any]],
     return build
 
 
+def _moe(config_name: str, model_name: str, implementation: str | None = None, **config) -> Callable:
+    """A mixture-of-experts decoder (transformers' 3-D expert stacks), 4 experts of which each token takes 2
+    (16 tokens: every expert receives some); ``implementation``: the experts' forward (default grouped_mm)."""
+    build = _hf(config_name, model_name, _text, **{**_DECODER, "intermediate_size": 48, **config})
+
+    def moe():
+        model, inputs = build()
+        if implementation is not None:
+            model.config._experts_implementation = implementation
+        return model, inputs
+
+    return moe
+
+
+_MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24)
+
+
 def _text() -> dict[str, Any]:
     return {"input_ids": _tokens(), "attention_mask": torch.ones(2, 8, dtype=torch.long)}
 
@@ -296,6 +313,33 @@ ZOO: list[ZooModel] = [
             bos_token_id=1,
             eos_token_id=2,
             use_cache=False,
+        ),
+    ),
+    # --- transformers: mixture of experts (3-D expert stacks, grouped_mm or the per-expert loop) --------
+    ZooModel("hf/mixtral-moe", _moe("MixtralConfig", "MixtralForCausalLM", num_local_experts=4, num_experts_per_tok=2)),
+    ZooModel(
+        "hf/mixtral-moe-eager-loop",
+        _moe("MixtralConfig", "MixtralForCausalLM", "eager", num_local_experts=4, num_experts_per_tok=2),
+    ),
+    ZooModel(
+        "hf/qwen2_moe-shared-expert",
+        _moe("Qwen2MoeConfig", "Qwen2MoeForCausalLM", shared_expert_intermediate_size=32, **_MOE),
+    ),
+    ZooModel("hf/qwen3_moe", _moe("Qwen3MoeConfig", "Qwen3MoeForCausalLM", **_MOE)),
+    ZooModel(
+        "hf/olmoe",
+        _moe("OlmoeConfig", "OlmoeForCausalLM", num_experts=4, num_experts_per_tok=2, pad_token_id=1, eos_token_id=2),
+    ),
+    ZooModel(
+        "hf/gpt_oss-transposed-experts",  # experts stored (E, in, out), with biases
+        _moe(
+            "GptOssConfig",
+            "GptOssForCausalLM",
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            head_dim=8,
+            max_position_embeddings=131072,  # 32 x 4096: the YaRN factor the config sets
+            layer_types=["full_attention", "full_attention"],
         ),
     ),
     ZooModel("hf/phi", _hf("PhiConfig", "PhiForCausalLM", _text, use_cache=False, **_TEXT)),
