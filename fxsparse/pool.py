@@ -115,7 +115,7 @@ def tau_is_stale(model: nn.Module) -> bool:
     threshold, weights = get_threshold(model), pooled_weights(model)
     if threshold.is_frozen or not threshold.is_current(weights):
         return False
-    return not torch.equal(threshold.compute_tau(threshold.pool_values(weights)), threshold.tau)
+    return not torch.equal(threshold.compute_tau(threshold.pool_values(weights)), threshold.thresholds())
 
 
 def dense_layers(model: nn.Module) -> dict[str, int]:

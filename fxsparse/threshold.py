@@ -35,6 +35,7 @@ ScoreFn = Callable[[int, Tensor], Tensor]
 __all__ = [
     "ScoreFn",
     "global_quantile",
+    "layer_quantiles",
     "layer_scaled_abs",
     "lerp_like_numpy",
     "quantile_position",
@@ -121,6 +122,41 @@ def global_quantile(
     a NaN/Inf score.
     """
     return _global_quantile(tensors, q, score_fn, group, hint)
+
+
+def layer_quantiles(
+    tensors: Sequence[Tensor],
+    qs: Sequence[float],
+    score_fn: ScoreFn = _abs_score,
+    group: object | None = None,
+    hints: Sequence[float | None] | None = None,
+) -> Tensor:
+    """One exact quantile per tensor: entry l is `global_quantile` of ``score_fn(l, tensors[l])`` alone at
+    ``qs[l]`` (bit-identical to numpy's "linear" quantile of that layer's scores), and 0 where ``qs[l] <= 0``
+    (prune nothing). fp32, shape (len(tensors),). ``hints[l]`` (the previous tau_l) narrows layer l's
+    window as in `global_quantile`; ``group`` as there (every rank passes the same qs)."""
+    if len(qs) != len(tensors):
+        raise ValueError(f"layer_quantiles: {len(qs)} sparsities for {len(tensors)} tensors")
+    device = next((t.device for t in tensors if t.numel()), torch.device("cpu"))
+    out = torch.zeros(len(tensors), dtype=torch.float32, device=device)
+    for index, (tensor, q) in enumerate(zip(tensors, qs)):
+        if q > 0.0:
+            hint = None if hints is None else hints[index]
+            out[index] = global_quantile([tensor], q, _single_layer(score_fn, index), group, hint)
+    return out
+
+
+def _single_layer(score_fn: ScoreFn, index: int) -> ScoreFn:
+    """score_fn seen from a pool of the one tensor ``index`` (its elementwise promise kept)."""
+
+    def score(_: int, tensor: Tensor) -> Tensor:
+        return score_fn(index, tensor)
+
+    score.elementwise = getattr(score_fn, "elementwise", False)  # type: ignore[attr-defined]
+    into = getattr(score_fn, "score_into", None)
+    if into is not None:
+        score.score_into = lambda _, piece, out: into(index, piece, out)  # type: ignore[attr-defined]
+    return score
 
 
 # ----------------------------------------------------------------------------------------------

@@ -148,7 +148,13 @@ def build_training(config: TrainConfig, data: Data | None, saved: dict[str, Any]
     seed_everything(config.seed)
     model = build_model(config.model, data.num_classes, data.in_channels, config.width)
     if config.method != DENSE:
-        model = sparsify(model, config.method, config.sparsity, sparsity_schedule(config, steps_per_epoch))
+        model = sparsify(
+            model,
+            config.method,
+            config.sparsity,
+            sparsity_schedule(config, steps_per_epoch),
+            **config.distribution_options(),
+        )
     model.to(device)
     optimizer = build_optimizer(model, config.lr, config.momentum, config.weight_decay, config.nesterov)
     scheduler = build_lr_scheduler(

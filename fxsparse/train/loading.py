@@ -146,7 +146,13 @@ def _load_run(
     steps_per_epoch = step // saved["epoch"]  # the schedule advances once per optimizer step, every epoch alike
     if steps_per_epoch < 1 or step != steps_per_epoch * saved["epoch"]:
         raise CheckpointError(f"{source} is inconsistent: schedule step {step} after {saved['epoch']} epochs")
-    sparse = sparsify(model, config.method, config.sparsity, sparsity_schedule(config, steps_per_epoch))
+    sparse = sparsify(
+        model,
+        config.method,
+        config.sparsity,
+        sparsity_schedule(config, steps_per_epoch),
+        **config.distribution_options(),
+    )
     _load_state(sparse, saved["model"], source)
     threshold = get_threshold(sparse)
     target = threshold.target_sparsity()
