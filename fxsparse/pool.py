@@ -136,21 +136,43 @@ def _nonzeros(model: nn.Module, fqn: str, numel: int) -> int:
     return int(torch.count_nonzero(value)) if isinstance(value, Tensor) and value.numel() == numel else numel
 
 
+def distribution_record(model: nn.Module) -> dict | None:
+    """How a sparsified model distributes its zeros over layers, JSON-ready: {"name": "global"}, or the
+    per-layer distribution's name, caps and final target sparsity per pooled weight (`LayerTargets.describe`);
+    None for a model that is not sparsified."""
+    if not is_sparsified(model):
+        return None
+    targets = get_threshold(model).targets
+    return {"name": "global"} if targets is None else targets.describe()
+
+
+class LayerDensities(dict):
+    """fqn -> (nonzeros, numel), as returned by `layer_densities`; ``distribution`` is the model's
+    `distribution_record` (None for a plain model)."""
+
+    distribution: dict | None = None
+
+
 @torch.no_grad()
-def layer_densities(model: nn.Module) -> dict[str, tuple[int, int]]:
+def layer_densities(model: nn.Module) -> LayerDensities:
     """fqn -> (nonzeros, numel) of each pooled weight as the next forward sees it (effective weight, tau
     brought up to date first), and of each weight that could not be sparsified (`dense_layers`: its own
     zeros, such as an embedding's padding row, and nothing more). For a plain (e.g. folded) model: every
-    prunable weight (fxsparse.layers) as it is."""
+    prunable weight (fxsparse.layers) as it is. The result's ``.distribution`` records the distribution
+    and, for a per-layer one, each pooled weight's final target sparsity."""
+    out = LayerDensities()
     if not is_sparsified(model):
         weights = {
             join(prefix, name): getattr(module, name)
             for prefix, module in model.named_modules()
             for name in prunable_weights(module)
         }
-        return {fqn: (int(torch.count_nonzero(w)), w.numel()) for fqn, w in weights.items() if isinstance(w, Tensor)}
+        out.update(
+            {fqn: (int(torch.count_nonzero(w)), w.numel()) for fqn, w in weights.items() if isinstance(w, Tensor)}
+        )
+        return out
     refresh_threshold_(model)
-    out = {}
+    out.distribution = distribution_record(model)
     for entry in unique_entries(model):
         weight: Tensor = getattr(entry.module, entry.name)
         out[entry.fqn] = (int(torch.count_nonzero(weight)), weight.numel())
