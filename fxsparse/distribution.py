@@ -59,9 +59,10 @@ class LayerTargets:
         return tuple(k / n for k, n in zip(self.pruned, self.numels))
 
     def quantiles(self) -> tuple[float, ...]:
-        """The quantile q_l each layer's threshold is taken at for its final target: (k - 1/2) / (n - 1), so
-        floor((n - 1) q_l) + 1 = k weights are pruned (with distinct scores) whatever the rounding of q_l
-        (0: prune nothing; 1: prune all)."""
+        """The quantile q_l each layer's threshold is taken at for its final target: (k - 1 + 1/16) / (n - 1), so
+        that h = (n - 1) q_l has floor k - 1 and fraction 1/16 whatever the rounding: tau_l = x_(k-1) + (x_(k) -
+        x_(k-1)) / 16 lies in [x_(k-1), x_(k)) even for adjacent fp32 values, and exactly k weights are pruned
+        when the scores are distinct (0: prune nothing; 1: prune all)."""
         return tuple(_quantile_for(k, n) for k, n in zip(self.pruned, self.numels))
 
     def describe(self) -> dict[str, Any]:
@@ -82,7 +83,7 @@ def _quantile_for(pruned: int, numel: int) -> float:
         return 0.0
     if pruned >= numel:
         return 1.0
-    return (pruned - 0.5) / (numel - 1)
+    return (pruned - 1 + 1 / 16) / (numel - 1)
 
 
 def parse_distribution(text: str) -> DistributionSpec:
@@ -254,17 +255,17 @@ def _infeasible(kept, least, most, low, high, sparsity, total, mapping, no_free)
             f"{abs(kept)} weights ({abs(kept) / total:.4%} of the pool); leave some layers unmatched to absorb the "
             "rest, or set sparsity to the mapping's overall sparsity"
         )
-    what = "the mapping's fixed layers and " if mapping else ""
     if kept < least:
-        short = least - kept
-        raise ValueError(
-            f"infeasible: with {what}max_layer_sparsity={high} the layers keep at least {least} weights, but "
-            f"sparsity={sparsity} keeps {kept}: the caps miss the target by {short} weights ({short / total:.4%} "
-            "of the pool); raise max_layer_sparsity or lower sparsity"
-        )
-    surplus = kept - most
+        by, causes = least - kept, ["the mapping's fixed layers"] if mapping else []
+        causes += [f"max_layer_sparsity={high}"] if high is not None else []
+        advice = "raise max_layer_sparsity, lower the mapping's sparsities or lower sparsity"
+        what = "keep"
+    else:
+        by, causes = kept - most, ["the mapping's fixed layers"] if mapping else []
+        causes += [f"min_layer_sparsity={low}"] if low is not None else []
+        advice = "lower min_layer_sparsity, raise the mapping's sparsities or raise sparsity"
+        what = "prune"
     raise ValueError(
-        f"infeasible: with {what}min_layer_sparsity={low} the layers keep at most {most} weights, but "
-        f"sparsity={sparsity} keeps {kept}: the caps miss the target by {surplus} weights ({surplus / total:.4%} "
-        "of the pool); lower min_layer_sparsity or raise sparsity"
+        f"infeasible: with {' and '.join(causes)} the layers {what} more weights than sparsity={sparsity} allows: the target is "
+        f"missed by {by} weights ({by / total:.4%} of the pool); {advice}"
     )

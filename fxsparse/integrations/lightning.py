@@ -37,7 +37,8 @@ from .common import ExcludeSpec, PaperRamp, ScheduleSpec, SparsifyOptions, sched
 class SparsifyCallback(pl.Callback):
     """Sparse training of the LightningModule it is given, from ``trainer.fit`` to a folded module.
 
-    method, sparsity, exclude, min_numel: as for ``fxsparse.sparsify_``.
+    method, sparsity, exclude, min_numel, distribution, min_layer_sparsity, max_layer_sparsity: as for
+        ``fxsparse.sparsify_``.
     schedule: None (the final sparsity from the first step), "paper" (the ramp placed as in the method's
         paper over this run's optimizer steps) or a callable (step, final_sparsity) -> sparsity, in steps.
     fold_at_end: fold the module when fit ends. A checkpoint written during training still loads into the
@@ -53,8 +54,13 @@ class SparsifyCallback(pl.Callback):
         exclude: ExcludeSpec = None,
         min_numel: int = 0,
         fold_at_end: bool = True,
+        distribution: Any = "global",
+        min_layer_sparsity: float | None = None,
+        max_layer_sparsity: float | None = None,
     ):
-        self.options = SparsifyOptions(method, sparsity, schedule, exclude, min_numel)
+        self.options = SparsifyOptions(
+            method, sparsity, schedule, exclude, min_numel, distribution, min_layer_sparsity, max_layer_sparsity
+        )
         self.fold_at_end = fold_at_end
         self._ramp: PaperRamp | None = None
         self._module: weakref.ref | None = None  # the module this callback sparsified

@@ -36,7 +36,8 @@ from .common import ExcludeSpec, PaperRamp, ScheduleSpec, SparsifyOptions, sched
 class SparsifyCallback(TrainerCallback):
     """Sparse training of the Trainer's model, from ``Trainer(...)`` to a folded model.
 
-    method, sparsity, exclude, min_numel: as for ``fxsparse.sparsify_``.
+    method, sparsity, exclude, min_numel, distribution, min_layer_sparsity, max_layer_sparsity: as for
+        ``fxsparse.sparsify_``.
     schedule: None (the final sparsity from the first step), "paper" (the ramp placed as in the method's
         paper over ``state.max_steps``) or a callable (step, final_sparsity) -> sparsity, in optimizer steps.
     fold_at_end: fold the model when training ends, so that save_pretrained writes plain weights.
@@ -53,8 +54,13 @@ class SparsifyCallback(TrainerCallback):
         exclude: ExcludeSpec = None,
         min_numel: int = 0,
         fold_at_end: bool = True,
+        distribution: Any = "global",
+        min_layer_sparsity: float | None = None,
+        max_layer_sparsity: float | None = None,
     ):
-        self.options = SparsifyOptions(method, sparsity, schedule, exclude, min_numel)
+        self.options = SparsifyOptions(
+            method, sparsity, schedule, exclude, min_numel, distribution, min_layer_sparsity, max_layer_sparsity
+        )
         self.fold_at_end = fold_at_end
         self._ramp: PaperRamp | None = None
         self._model: weakref.ref | None = None  # the model this callback sparsified
