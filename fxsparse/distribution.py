@@ -266,6 +266,6 @@ def _infeasible(kept, least, most, low, high, sparsity, total, mapping, no_free)
         advice = "lower min_layer_sparsity, raise the mapping's sparsities or raise sparsity"
         what = "prune"
     raise ValueError(
-        f"infeasible: with {' and '.join(causes)} the layers {what} more weights than sparsity={sparsity} allows: the target is "
-        f"missed by {by} weights ({by / total:.4%} of the pool); {advice}"
+        f"infeasible: with {' and '.join(causes)} the layers {what} more weights than sparsity={sparsity} allows: "
+        f"the target is missed by {by} weights ({by / total:.4%} of the pool); {advice}"
     )
