@@ -139,10 +139,14 @@ def layer_quantiles(
         raise ValueError(f"layer_quantiles: {len(qs)} sparsities for {len(tensors)} tensors")
     device = next((t.device for t in tensors if t.numel()), torch.device("cpu"))
     out = torch.zeros(len(tensors), dtype=torch.float32, device=device)
+    # chunks and windows sized for the whole pool (memory bound as one pool pass): small layers are walked in
+    # one chunk, not many. Sharded: each rank must take the same decisions, so the per-layer sizes stay.
+    budget = None if group is not None else sum(t.numel() * t.element_size() for t in tensors)
     for index, (tensor, q) in enumerate(zip(tensors, qs)):
         if q > 0.0:
             hint = None if hints is None else hints[index]
-            out[index] = global_quantile([tensor], q, _single_layer(score_fn, index), group, hint)
+            score = _single_layer(score_fn, index)
+            out[index] = _global_quantile([tensor], q, score, group, hint, budget_bytes=budget)
     return out
 
 
@@ -570,8 +574,11 @@ def _radix_select(pool: _Pool, comm: _Comm, r_lo: int, r_hi: int) -> tuple[Tenso
     return values[0], values[1]
 
 
-def _global_quantile(tensors, q, score_fn, group, hint, strategy: str | None = None) -> Tensor:
-    """`global_quantile` with the strategy forced ("window" or "radix") for tests and benchmarks."""
+def _global_quantile(
+    tensors, q, score_fn, group, hint, strategy: str | None = None, budget_bytes: int | None = None
+) -> Tensor:
+    """`global_quantile` with the strategy forced ("window" or "radix") for tests and benchmarks; ``budget_bytes``:
+    size chunks and windows for a pool of that many bytes (`layer_quantiles`: the whole pool, one layer at a time)."""
     if isinstance(tensors, Tensor):
         tensors = [tensors]
     try:
@@ -595,11 +602,11 @@ def _global_quantile(tensors, q, score_fn, group, hint, strategy: str | None = N
             strategy = "window" if pool.device.type == "cpu" else "radix"
         found = None
         if strategy == "window":
-            pool.chunk, cap = _budget(nbytes, pool.device, "window")
+            pool.chunk, cap = _budget(budget_bytes or nbytes, pool.device, "window")
             h = None if hint is None else float(hint)
             found = _window_select(pool, comm, n, nbytes, qf, r_lo, r_hi, cap, h)
         if found is None:
-            pool.chunk, _ = _budget(nbytes, pool.device, "radix")
+            pool.chunk, _ = _budget(budget_bytes or nbytes, pool.device, "radix")
             found = _radix_select(pool, comm, r_lo, r_hi)
         lo, hi = found
         return lerp_like_numpy(lo.to(pool.device), hi.to(pool.device), frac)

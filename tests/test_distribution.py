@@ -12,7 +12,7 @@ from torch import nn
 
 import fxsparse
 from fxsparse.distribution import layer_targets, parse_distribution
-from fxsparse.threshold import reference_quantile
+from fxsparse.threshold import layer_quantiles, reference_quantile
 
 from models import TinyCNN
 
@@ -375,3 +375,13 @@ def test_transformers(distribution, caps):
             sparse = fxsparse.sparsify(model, "feather", 0.9, distribution=spec, trace_model=False, **caps)
             sparse(torch.randint(0, 40, (1, 6)))
             _check_exact(sparse, 0.9)
+
+
+def test_layer_quantiles_match_numpy_whatever_the_hints():
+    tensors = [torch.randn(50, 7), torch.randn(300).to(torch.bfloat16), torch.zeros(10), torch.randn(40)]
+    qs = [0.3, 0.9, 0.5, 0.0]
+    out = layer_quantiles(tensors, qs, hints=[5.0, None, 0.0, 1.0])
+    for tau, tensor, q in zip(out.tolist(), tensors, qs):
+        scores = tensor.abs().float().numpy().reshape(-1)
+        expected = 0.0 if q == 0 else float(np.float32(np.quantile(scores, q, method="linear")))
+        assert tau == expected
