@@ -385,3 +385,63 @@ def test_layer_quantiles_match_numpy_whatever_the_hints():
         scores = tensor.abs().float().numpy().reshape(-1)
         expected = 0.0 if q == 0 else float(np.float32(np.quantile(scores, q, method="linear")))
         assert tau == expected
+
+
+# --- the application: config, command line, callbacks ------------------------------------------------
+
+
+def test_train_config_and_command_line(tmp_path, load_tool):
+    from fxsparse.train import TrainConfig, cli, run
+    from fxsparse.train.config import resolve_config
+    from fxsparse.train.errors import ConfigError
+
+    args = cli.build_parser().parse_args(["train", "--distribution", "conv1.*=0.5", "--max-layer-sparsity", "0.97"])
+    config = resolve_config(None, vars(args))
+    assert config.distribution_options() == {
+        "distribution": {"conv1.*": 0.5},
+        "min_layer_sparsity": None,
+        "max_layer_sparsity": 0.97,
+    }
+    toml = tmp_path / "run.toml"
+    toml.write_text('distribution = "erk"\nmin-layer-sparsity = 0.5\n')
+    assert resolve_config(str(toml), {}).distribution_options()["distribution"] == "erk"
+    with pytest.raises(ConfigError, match="unknown distribution"):
+        TrainConfig(distribution="erdos")
+    with pytest.raises(ConfigError, match="per-layer targets"):
+        TrainConfig(max_layer_sparsity=0.9)
+    tiny = dict(dataset="synthetic", model="cnn", width=0.25, batch_size=64, epochs=1, lr=0.05, threads=1)
+    config = TrainConfig(
+        **tiny, method="st3", sparsity=0.9, distribution="erk", progress=False, export=False, runs_dir=str(tmp_path)
+    )
+    assert config.run_name.endswith("st3-90-erk")
+    summary = run(config)
+    folded = summary["folded_model"]
+    sparse = fxsparse.sparsify(folded, "st3", 0.9, distribution="erk")  # the targets, from the same shapes
+    targets = fxsparse.get_threshold(sparse).targets
+    densities = fxsparse.layer_densities(folded)
+    assert [densities[f][1] - densities[f][0] for f in targets.names] == list(targets.pruned)
+    out = tmp_path / "m.safetensors"
+    assert load_tool("export").main(["--checkpoint", str(config.run_dir / "checkpoint.pt"), "-o", str(out)]) == 0
+    extra = fxsparse.read_csr_metadata(out)["extra"]
+    assert extra["distribution"]["name"] == "erk"
+    assert extra["distribution"]["layer_targets"] == dict(zip(targets.names, targets.sparsities))
+
+
+def test_callbacks_pass_the_distribution_through():
+    from fxsparse.integrations.common import SparsifyOptions
+
+    options = SparsifyOptions("feather", 0.9, None, None, 0, "uniform", None, 0.95)
+    model = small_cnn()
+    options.sparsify_(model)
+    threshold = fxsparse.get_threshold(model)
+    assert threshold.targets.name == "uniform" and threshold.targets.max_layer_sparsity == 0.95
+    assert options.identity()["distribution"] == "uniform"
+    assert "distribution" not in SparsifyOptions("feather", 0.9, None, None, 0).identity()
+    with pytest.raises(ValueError, match="unknown distribution"):
+        SparsifyOptions("feather", 0.9, None, None, 0, "erdos")
+    lightning = pytest.importorskip("fxsparse.integrations.lightning")
+    callback = lightning.SparsifyCallback("st3", 0.9, distribution="erk", max_layer_sparsity=0.97)
+    assert callback.options.distribution == "erk" and callback.options.max_layer_sparsity == 0.97
+    hf = pytest.importorskip("fxsparse.integrations.transformers")
+    callback = hf.SparsifyCallback("st3", 0.9, distribution={"fc.*": 0.5})
+    assert callback.options.distribution == {"fc.*": 0.5}

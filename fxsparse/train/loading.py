@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from ..api import sparsify
 from ..export import NoCsrMetadata, is_sparsified_key, load_checked_, load_csr, load_csr_into_
 from ..fold import fold
-from ..pool import THRESHOLD_NAME, get_threshold
+from ..pool import THRESHOLD_NAME, distribution_record, get_threshold
 from .checkpoint import is_training_checkpoint, load_torch_file, read_checkpoint
 from .config import DENSE, TrainConfig, checked_settings
 from .data import BUILTIN_SHAPES
@@ -156,7 +156,7 @@ def _load_run(
     _load_state(sparse, saved["model"], source)
     threshold = get_threshold(sparse)
     target = threshold.target_sparsity()
-    metadata.update(step=step, target_sparsity=target)
+    metadata.update(step=step, target_sparsity=target, distribution=distribution_record(sparse))
     loaded = LoadedModel(fold(sparse).eval(), config.model, config.method, input_size, metadata=metadata)
     ramp = threshold.schedule
     if target < config.sparsity:
