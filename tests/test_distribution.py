@@ -445,3 +445,16 @@ def test_callbacks_pass_the_distribution_through():
     hf = pytest.importorskip("fxsparse.integrations.transformers")
     callback = hf.SparsifyCallback("st3", 0.9, distribution={"fc.*": 0.5})
     assert callback.options.distribution == {"fc.*": 0.5}
+
+
+def test_layer_tau_stays_fp32_through_dtype_casts():
+    model = fxsparse.sparsify(small_cnn(), "st3", 0.8, distribution="erk")
+    x = torch.randn(2, 3, 8, 8)
+    model(x)
+    before = fxsparse.get_threshold(model).layer_tau.clone()
+    model.to(torch.bfloat16)
+    threshold = fxsparse.get_threshold(model)
+    assert threshold.layer_tau.dtype == torch.float32 and torch.equal(threshold.layer_tau, before)
+    model(x.to(torch.bfloat16))  # recomputed from the bf16 weights: each layer still at its target or above (ties)
+    for (_, (nonzeros, numel)), k in zip(fxsparse.layer_densities(model).items(), threshold.targets.pruned):
+        assert numel - nonzeros >= k
