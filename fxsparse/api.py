@@ -14,11 +14,12 @@ from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
 from .attach import attach_as_pre_hook_
+from .distribution import DistributionSpec, check_spec, layer_targets
 from .global_threshold import GlobalThreshold
 from .layers import DESCRIPTION as PRUNABLE_WEIGHTS
 from .layers import LAYERS as PRUNABLE_LAYERS
 from .methods import Method, get_method
-from .parametrization import SparseWeight
+from .parametrization import SparseWeight, chain_originals
 from .pool import get_threshold, is_sparsified, recompute_threshold_
 from .rewrite import (
     DenseWeight,
@@ -105,6 +106,9 @@ def sparsify(
     trace_model: bool = True,
     leaf_modules: tuple[type, ...] = (),
     include_embedding_tied: bool = False,
+    distribution: DistributionSpec = "global",
+    min_layer_sparsity: float | None = None,
+    max_layer_sparsity: float | None = None,
 ) -> nn.Module:
     """Return a sparse-training copy of ``model``; ``model`` itself is never modified.
 
@@ -119,6 +123,12 @@ def sparsify(
     include_embedding_tied: also sparsify weights tied to an nn.Embedding (a tied LM head), in both uses:
         the embedding then looks up the same sparse effective weight the head multiplies by. By default
         they stay dense, with a warning.
+    distribution: where the zeros go (docs/METHODS.md sec. 8): "global" (one threshold for the pool, the
+        default), "uniform" (every layer at ``sparsity``), "erk" (Erdos-Renyi-Kernel, RigL), or a mapping
+        {glob pattern: sparsity} with the other layers sharing the rest. Per-layer targets are exact to one
+        weight and their total is round(sparsity * pool size).
+    min_layer_sparsity / max_layer_sparsity: bounds on the layers a per-layer distribution sets (the mapping's
+        own layers excepted); the excess is redistributed over the others, and an infeasible target is an error.
     Layers that stay dense (tied weights, grouped transposed convs) are named in a warning; fxsparse.flops
     and save_csr count them dense.
     """
@@ -132,6 +142,7 @@ def sparsify(
         trace_model,
         leaf_modules,
         include_embedding_tied,
+        (distribution, min_layer_sparsity, max_layer_sparsity),
         in_place=False,
     )
     return sparse
@@ -148,6 +159,9 @@ def sparsify_(
     trace_model: bool = True,
     leaf_modules: tuple[type, ...] = (),
     include_embedding_tied: bool = False,
+    distribution: DistributionSpec = "global",
+    min_layer_sparsity: float | None = None,
+    max_layer_sparsity: float | None = None,
 ) -> None:
     """In place: sparsify ``model`` itself, for code that keeps training the object it holds.
 
@@ -170,6 +184,7 @@ def sparsify_(
         trace_model,
         leaf_modules,
         include_embedding_tied,
+        (distribution, min_layer_sparsity, max_layer_sparsity),
         in_place=True,
     )
 
@@ -184,6 +199,7 @@ def _sparsify(
     trace_model,
     leaf_modules,
     include_embedding_tied,
+    distribution_args=("global", None, None),
     *,
     in_place: bool,
 ) -> tuple[nn.Module, PassResult]:
@@ -205,6 +221,7 @@ def _sparsify(
             f"got {schedule!r}"
         )
     layer_filter, patterns = _resolve_exclude(exclude)
+    check_spec(*distribution_args)  # bad distribution arguments fail before any tracing
 
     working = model if in_place else copy.deepcopy(model)
     with _attributes_kept(working) if in_place else contextlib.nullcontext():
@@ -288,13 +305,19 @@ def _sparsify(
             ),
         )
     pool = install_parametrizations_(target, uses, resolved_method)
-    threshold = GlobalThreshold(
-        resolved_method, sparsity, schedule, {item.path: item.original(target) for item in pool}
+    originals = [item.original(target) for item in pool]
+    targets = layer_targets(
+        [item.use.fqn for item in pool], [tuple(w.shape) for w in originals], sparsity, *distribution_args
     )
+    threshold = GlobalThreshold(
+        resolved_method, sparsity, schedule, {item.path: w for item, w in zip(pool, originals)}, targets
+    )
+    index_of = {id(w): i for i, w in enumerate(originals)}
     for use in uses:
-        for sparse_weight in target.get_submodule(use.module_fqn).parametrizations[use.name]:
+        chain = target.get_submodule(use.module_fqn).parametrizations[use.name]
+        for sparse_weight in chain:
             if isinstance(sparse_weight, SparseWeight):
-                sparse_weight.bind_threshold_(threshold)
+                sparse_weight.bind_threshold_(threshold, index_of[id(chain_originals(chain)[sparse_weight.primary])])
     threshold.watch_chains_(
         {i: item.parametrization for i, item in enumerate(pool) if item.parametrization.is_chained()}
     )

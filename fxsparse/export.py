@@ -41,7 +41,7 @@ from .atomic import atomic_write
 from .kernel_layer import kernel_layers
 from .layers import MatrixLayout, prunable_weight_names
 from .parametrization import HOSTED_THRESHOLD_NAME
-from .pool import THRESHOLD_NAME, get_threshold, is_sparsified
+from .pool import THRESHOLD_NAME, distribution_record, get_threshold, is_sparsified
 
 FORMAT_NAME = "fxsparse-csr"
 FORMAT_VERSION = 3  # 2: CSR of the (outputs, inputs) matrix, "output_axis" and "groups" per CSR entry; 3: "experts"
@@ -276,6 +276,7 @@ def _folded_state(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Matrix
 
         threshold = get_threshold(model)
         facts["method"], facts["target_sparsity"] = threshold.method.name, float(threshold.final_sparsity)
+        facts["distribution"] = distribution_record(model)  # per-layer targets too (fxsparse.distribution)
         pooled = {entry.fqn for entry in unique_entries(model)}  # F.conv*/F.linear weights too
         model = fold(model)  # a folded copy: the caller's model stays as it is
         facts["folded_on_export"] = True
@@ -401,6 +402,7 @@ def save_csr(
         "sparsity": (1.0 - pool_nnz / pool_numel) if pool_numel else None,
         "sparsity_scope": scope,
         "folded_on_export": facts.get("folded_on_export", False),
+        "distribution": facts.get("distribution"),
         "tensors": described,
         "crc32": {key: _crc32(t) for key, t in tensors.items()},
         "extra": dict(metadata) if metadata else {},
@@ -575,6 +577,8 @@ def _check_document(path: str, document: Any) -> int:
             _fail(path, f"the fxsparse metadata has no {field!r}; the file is corrupt or not written by fxsparse")
         if not check(document[field]):
             _fail(path, f"metadata field {field!r} must be {what}, got {document[field]!r}")
+    if not isinstance(document.get("distribution"), (dict, type(None))):  # optional: absent in older files
+        _fail(path, f"metadata field 'distribution' must be an object or null, got {document['distribution']!r}")
     for key, crc in document["crc32"].items():
         if not (_is_int(crc) and 0 <= crc < 2**32):
             _fail(path, f"the CRC32 of {key!r} must be an integer in [0, 2**32), got {crc!r}")

@@ -51,7 +51,7 @@ from .fqn import join
 from .kernel_layer import KernelLayer
 from .layers import expert_matrices, expert_stacks, is_linear, weight_layout
 from .op_weight import has_torch_forward
-from .pool import THRESHOLD_NAME, is_sparsified, refresh_threshold_
+from .pool import THRESHOLD_NAME, distribution_record, is_sparsified, refresh_threshold_
 
 META_KEY = "fxsparse.macs"
 
@@ -121,6 +121,7 @@ class FlopReport:
     input_shapes: list[tuple[int, ...]]
     traced: bool  # False: the model ran eagerly (torch.fx could not trace it), no node.meta written
     notes: list[str] = dataclasses.field(default_factory=list)
+    distribution: dict[str, Any] | None = None  # a sparsified model's fxsparse.pool.distribution_record
 
     # --- totals ---------------------------------------------------------------------------------
     @property
@@ -189,7 +190,7 @@ class FlopReport:
             "notes": list(self.notes),
             "rows": [r.to_dict() for r in self.rows],
             "totals": self.totals(),
-        }
+        } | ({"distribution": self.distribution} if self.distribution is not None else {})
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent)
@@ -250,6 +251,9 @@ class FlopReport:
         )
         shapes = ", ".join("x".join(map(str, s)) for s in self.input_shapes)
         parts.append(f"input: {shapes}\n{CONVENTION}")
+        if self.distribution is not None:  # distribution: the per-layer targets are in to_dict()
+            caps = {k: v for k, v in self.distribution.items() if k.endswith("_layer_sparsity") or k == "patterns"}
+            parts.append(f"distribution: {self.distribution['name']}" + (f" {caps}" if caps else ""))
         parts += [f"note: {n}" for n in self.notes]
         return "\n\n".join(parts)
 
@@ -756,4 +760,7 @@ def flops(model: nn.Module, example_input: Tensor | Sequence[Any] | Mapping[str,
         for node, meta in audit.node_macs.items():
             node.meta[META_KEY] = meta
     input_shapes = [_shape(t) for t in (*inputs, *keywords.values()) if isinstance(t, Tensor)]
-    return FlopReport(list(audit.rows.values()), input_shapes, graph_module is not None, [note] if note else [])
+    notes = [note] if note else []
+    return FlopReport(
+        list(audit.rows.values()), input_shapes, graph_module is not None, notes, distribution_record(model)
+    )

@@ -31,10 +31,11 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from .distributed import any_sharded, local_pool, storage_key
+from .distribution import LayerTargets
 from .layers import expert_matrices
 from .methods.base import Method
 from .parametrization import SparseWeight, _Reference
-from .threshold import global_quantile, layer_scaled_abs
+from .threshold import global_quantile, layer_quantiles, layer_scaled_abs
 
 Schedule = Callable[[int, float], float]
 
@@ -60,11 +61,21 @@ class GlobalThreshold(nn.Module):
 
     pool: the path of each raw pooled weight from the model's root (``<module>.parametrizations.<name>.original``)
     -> the weight, in the order the forward passes them; the buffers are created beside the first one.
+    targets: per-layer final targets (`fxsparse.distribution`), or None for the one global threshold. With
+    targets, layer l runs the schedule toward its own target and gets its own exact threshold ``layer_tau[l]``
+    (the scalar ``tau`` then stays 0); with None, nothing differs from a threshold without the argument.
     """
 
     _is_impure = True  # it has no users in the graph; torch.fx's dead-code elimination must keep it
 
-    def __init__(self, method: Method, final_sparsity: float, schedule: Schedule, pool: Mapping[str, Tensor]):
+    def __init__(
+        self,
+        method: Method,
+        final_sparsity: float,
+        schedule: Schedule,
+        pool: Mapping[str, Tensor],
+        targets: LayerTargets | None = None,
+    ):
         super().__init__()
         if not pool:
             raise ValueError("GlobalThreshold needs at least one pooled weight")
@@ -79,6 +90,13 @@ class GlobalThreshold(nn.Module):
         self.register_buffer("step", torch.zeros((), dtype=torch.int64, device=device))
         self.register_buffer("tau", torch.zeros((), dtype=torch.float32, device=device))
         self.register_buffer("frozen", torch.zeros((), dtype=torch.bool, device=device))
+        self.targets = targets
+        if targets is not None:
+            if len(targets.pruned) != len(self.pool_paths):
+                raise ValueError(f"{len(targets.pruned)} layer targets for a pool of {len(self.pool_paths)} weights")
+            self.register_buffer("layer_tau", torch.zeros(len(targets.pruned), dtype=torch.float32, device=device))
+            self._final_quantiles = targets.quantiles()
+        self.layer_prunes: list[bool] = [False] * len(self.pool_paths)  # host flags per layer (per-layer targets)
         self._step = 0  # host mirror of ``step``: no device sync to read the schedule
         self._frozen = False
         self._computed_for: tuple | None = None
@@ -101,6 +119,20 @@ class GlobalThreshold(nn.Module):
         """The scheduled sparsity at ``step`` (default: the current step)."""
         return float(self.schedule(self._step if step is None else step, self.final_sparsity))
 
+    @property
+    def distribution(self) -> str:
+        """ "global", or the per-layer distribution's name ("uniform", "erk", "mapping")."""
+        return "global" if self.targets is None else self.targets.name
+
+    def layer_sparsities(self, step: int | None = None) -> list[float]:
+        """Per-layer targets: the schedule run toward each layer's own final quantile (METHODS.md sec. 8)."""
+        step = self._step if step is None else step
+        return [float(self.schedule(step, q)) for q in self._final_quantiles]
+
+    def thresholds(self) -> Tensor:
+        """The threshold state: ``tau`` (global) or ``layer_tau`` (per-layer targets)."""
+        return self.tau if self.targets is None else self.layer_tau
+
     def advance_(self, steps: int = 1) -> None:
         """Move the schedule on by ``steps`` optimizer steps (a whole number >= 0)."""
         self._step += step_count(steps)
@@ -113,7 +145,10 @@ class GlobalThreshold(nn.Module):
 
     # --- threshold ------------------------------------------------------------------------------
     def compute_tau(self, weights: tuple[Tensor, ...]) -> Tensor:
-        """The exact global threshold for the current step, from the given pooled weights (pure)."""
+        """The exact global threshold for the current step, from the given pooled weights (pure); with per-layer
+        targets, the vector of per-layer thresholds."""
+        if self.targets is not None:
+            return self._compute_layer_taus(weights)
         sparsity = self.target_sparsity()
         if sparsity <= 0.0:
             return torch.zeros((), dtype=torch.float32, device=self.tau.device)
@@ -128,6 +163,27 @@ class GlobalThreshold(nn.Module):
         # the previous tau narrows the selection window (exact either way); read on the host only on CPU
         hint = float(self.tau) if self.prunes and self.tau.device.type == "cpu" else None
         return global_quantile(weights, sparsity, score_fn=score_fn, hint=hint)
+
+    def _compute_layer_taus(self, weights: tuple[Tensor, ...]) -> Tensor:
+        """tau_l = the exact quantile of layer l's own scores at its scheduled sparsity (0: prune nothing)."""
+        method, group, qs = self.method, self.process_group, self.layer_sparsities()
+        if group is not None or any_sharded(weights):
+            weights, score_fn, group = local_pool(weights, method.score, group)
+            return layer_quantiles(weights, qs, score_fn=score_fn, group=group).to(self.layer_tau.device)
+        if type(method).score is Method.score:
+            score_fn = layer_scaled_abs([method.score_scale(w) for w in weights])
+        else:
+            score_fn = lambda index, weight: method.score(weight)  # noqa: E731
+        hints = None
+        if self.layer_tau.device.type == "cpu":
+            hints = [t if prunes else None for t, prunes in zip(self.layer_tau.tolist(), self.layer_prunes)]
+        return layer_quantiles(weights, qs, score_fn=score_fn, hints=hints)
+
+    def _set_prunes(self) -> None:
+        """Host flags of what the installed thresholds prune (no device sync)."""
+        self.prunes = self.target_sparsity() > 0.0
+        if self.targets is not None:
+            self.layer_prunes = [q > 0.0 for q in self.layer_sparsities()]
 
     def watch_chains_(self, chains: Mapping[int, SparseWeight]) -> None:
         """The pooled weights at these positions end a parametrization chain (weight_norm, a lifted weight
@@ -177,8 +233,8 @@ class GlobalThreshold(nn.Module):
             return None
         key = self._key(weights)
         if key != self._computed_for:
-            self.tau.copy_(self.compute_tau(self.pool_values(weights)))
-            self.prunes = self.target_sparsity() > 0.0
+            self.thresholds().copy_(self.compute_tau(self.pool_values(weights)))
+            self._set_prunes()
             self._computed_for = key
         return None
 
@@ -194,17 +250,20 @@ class GlobalThreshold(nn.Module):
         leaves every buffer uninitialised. The host mirrors of step and frozen are the truth; a tau
         materialised from the meta device is recomputed at the next forward.
         """
-        tau = self.tau
+        kept = {name: getattr(self, name) for name in ("tau", "layer_tau") if hasattr(self, name)}
         super()._apply(fn, recurse)
         if self.tau.is_meta:
             return self
         self.step.fill_(self._step)
         self.frozen.fill_(self._frozen)
-        if tau.is_meta:  # nothing to keep: prune nothing until the next forward computes tau
-            self.tau = torch.zeros((), dtype=torch.float32, device=self.tau.device)
-            self.prunes = False
-        elif self.tau.dtype != torch.float32:
-            self.tau = tau.to(device=self.tau.device, dtype=torch.float32)  # the fp32 value, not a rounded one
+        for name, before in kept.items():
+            now = getattr(self, name)
+            if before.is_meta:  # nothing to keep: prune nothing until the next forward computes tau
+                setattr(self, name, torch.zeros(before.shape, dtype=torch.float32, device=now.device))
+                self.prunes = False
+                self.layer_prunes = [False] * len(self.pool_paths)
+            elif now.dtype != torch.float32:
+                setattr(self, name, before.to(device=now.device, dtype=torch.float32))  # the fp32 value, not rounded
         self.invalidate_()
         return self
 
@@ -213,10 +272,11 @@ class GlobalThreshold(nn.Module):
         self._step = int(self.step)
         self._frozen = bool(self.frozen)
         self._computed_for = None
-        self.prunes = self.target_sparsity() > 0.0  # the loaded tau is in force until the next forward
+        self._set_prunes()  # the loaded tau is in force until the next forward
 
     def extra_repr(self) -> str:
         return (
-            f"method={self.method}, final_sparsity={self.final_sparsity}, schedule={self.schedule}, "
+            f"method={self.method}, final_sparsity={self.final_sparsity}, distribution={self.distribution}, "
+            f"schedule={self.schedule}, "
             f"pool_size={self.pool_size}, step={self._step}, runs_as={'pre-hook' if self.pre_hook else 'graph node'}"
         )

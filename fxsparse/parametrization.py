@@ -52,15 +52,18 @@ class SparseWeight(nn.Module):
         self._owner: _Reference | None = None  # the parametrized module, set by attach_
         self.tensor_name = ""
         self.primary = 0  # which original the threshold is given: the one of the weight's shape
+        self.pool_index = 0  # position of its raw weight in the threshold's pool (per-layer thresholds)
         self.register_buffer("mask", None)
 
     @property
     def threshold(self) -> nn.Module:
         return self._threshold.target
 
-    def bind_threshold_(self, threshold: nn.Module) -> None:
-        """Read tau from ``threshold`` (the pass creates the threshold once the pool is known)."""
+    def bind_threshold_(self, threshold: nn.Module, pool_index: int = 0) -> None:
+        """Read tau from ``threshold`` (the pass creates the threshold once the pool is known); with per-layer
+        targets, its entry ``pool_index``."""
         self._threshold = _Reference(threshold)
+        self.pool_index = int(pool_index)
 
     def host_threshold_(self) -> None:
         """Register the threshold as this parametrization's child, so that the model's state_dict holds it."""
@@ -81,18 +84,24 @@ class SparseWeight(nn.Module):
         if mask is not None:
             return weight * mask
         threshold = self._threshold.target
-        if not threshold.prunes:  # before the ramp: the dense weight itself, bitwise
-            return weight
-        if self.experts:  # each expert's matrix is a layer of its own
+        if threshold.targets is None:  # one global threshold
+            if not threshold.prunes:  # before the ramp: the dense weight itself, bitwise
+                return weight
+            tau = threshold.tau
+        else:  # per-layer targets (fxsparse.distribution)
+            if not threshold.layer_prunes[self.pool_index]:
+                return weight
+            tau = threshold.layer_tau[self.pool_index]
+        if self.experts:  # each expert's matrix is a layer of its own, at the stack's threshold
             matrices = expert_matrices(weight, self.output_axis).contiguous()
-            sparse = torch.stack([self.method.apply(matrix, threshold.tau) for matrix in matrices.unbind(0)])
+            sparse = torch.stack([self.method.apply(matrix, tau) for matrix in matrices.unbind(0)])
             return sparse.movedim(1, self.output_axis).contiguous()
         if self.output_axis == 0:
-            return self.method.apply(weight, threshold.tau)
+            return self.method.apply(weight, tau)
         # contiguous both ways: the methods view rows, and the folded weight is stored contiguous,
         # so the sparsified and the folded model run the same kernels (bitwise equal outputs)
         channels_first = weight.movedim(self.output_axis, 0).contiguous()
-        return self.method.apply(channels_first, threshold.tau).movedim(0, self.output_axis).contiguous()
+        return self.method.apply(channels_first, tau).movedim(0, self.output_axis).contiguous()
 
     # --- the chain before it --------------------------------------------------------------------
     def _chain(self) -> nn.ModuleList:

@@ -116,7 +116,7 @@ def tau_is_stale(model: nn.Module) -> bool:
     threshold, weights = get_threshold(model), pooled_weights(model)
     if threshold.is_frozen or not threshold.is_current(weights):
         return False
-    return not torch.equal(threshold.compute_tau(threshold.pool_values(weights)), threshold.tau)
+    return not torch.equal(threshold.compute_tau(threshold.pool_values(weights)), threshold.thresholds())
 
 
 def dense_layers(model: nn.Module) -> dict[str, int]:
@@ -142,15 +142,33 @@ def _counts(fqn: str, layout: MatrixLayout | None, weight: Tensor) -> dict[str, 
     return {name: (int(torch.count_nonzero(part)), part.numel()) for name, part in layer_parts(fqn, layout, weight)}
 
 
+def distribution_record(model: nn.Module) -> dict | None:
+    """How a sparsified model distributes its zeros over layers, JSON-ready: {"name": "global"}, or the
+    per-layer distribution's name, caps and final target sparsity per pooled weight (`LayerTargets.describe`);
+    None for a model that is not sparsified."""
+    if not is_sparsified(model):
+        return None
+    targets = get_threshold(model).targets
+    return {"name": "global"} if targets is None else targets.describe()
+
+
+class LayerDensities(dict):
+    """fqn -> (nonzeros, numel), as returned by `layer_densities`; ``distribution`` is the model's
+    `distribution_record` (None for a plain model)."""
+
+    distribution: dict | None = None
+
+
 @torch.no_grad()
-def layer_densities(model: nn.Module) -> dict[str, tuple[int, int]]:
+def layer_densities(model: nn.Module) -> LayerDensities:
     """fqn -> (nonzeros, numel) of each pooled weight as the next forward sees it (effective weight, tau
     brought up to date first), and of each weight that could not be sparsified (`dense_layers`: its own
     zeros, such as an embedding's padding row, and nothing more). For a plain (e.g. folded) model: every
     prunable weight (fxsparse.layers) as it is, and every sparse layer of an accelerated model (its kernel
     weight's nonzeros, fxsparse.kernel_layer). A mixture-of-experts stack is listed expert by expert,
-    ``<fqn>[<expert>]``, each expert's matrix being a layer of its own."""
-    out = {}
+    ``<fqn>[<expert>]``, each expert's matrix being a layer of its own. The result's ``.distribution``
+    records the distribution and, for a per-layer one, each pooled weight's final target sparsity."""
+    out = LayerDensities()
     if not is_sparsified(model):
         for prefix, module in model.named_modules():
             if isinstance(module, KernelLayer):  # an accelerated model's sparse layer: the nonzeros it multiplies
@@ -162,6 +180,7 @@ def layer_densities(model: nn.Module) -> dict[str, tuple[int, int]]:
                     out.update(_counts(join(prefix, name), layout, weight))
         return out
     refresh_threshold_(model)
+    out.distribution = distribution_record(model)
     for entry in unique_entries(model):
         sparse = entry.parametrization
         layout = MatrixLayout(sparse.output_axis, experts=True) if sparse.experts else None

@@ -35,6 +35,7 @@ ScoreFn = Callable[[int, Tensor], Tensor]
 __all__ = [
     "ScoreFn",
     "global_quantile",
+    "layer_quantiles",
     "layer_scaled_abs",
     "lerp_like_numpy",
     "quantile_position",
@@ -121,6 +122,45 @@ def global_quantile(
     a NaN/Inf score.
     """
     return _global_quantile(tensors, q, score_fn, group, hint)
+
+
+def layer_quantiles(
+    tensors: Sequence[Tensor],
+    qs: Sequence[float],
+    score_fn: ScoreFn = _abs_score,
+    group: object | None = None,
+    hints: Sequence[float | None] | None = None,
+) -> Tensor:
+    """One exact quantile per tensor: entry l is `global_quantile` of ``score_fn(l, tensors[l])`` alone at
+    ``qs[l]`` (bit-identical to numpy's "linear" quantile of that layer's scores), and 0 where ``qs[l] <= 0``
+    (prune nothing). fp32, shape (len(tensors),). ``hints[l]`` (the previous tau_l) narrows layer l's
+    window as in `global_quantile`; ``group`` as there (every rank passes the same qs)."""
+    if len(qs) != len(tensors):
+        raise ValueError(f"layer_quantiles: {len(qs)} sparsities for {len(tensors)} tensors")
+    device = next((t.device for t in tensors if t.numel()), torch.device("cpu"))
+    out = torch.zeros(len(tensors), dtype=torch.float32, device=device)
+    # chunks and windows sized for the whole pool (memory bound as one pool pass): small layers are walked in
+    # one chunk, not many. Sharded: each rank must take the same decisions, so the per-layer sizes stay.
+    budget = None if group is not None else sum(t.numel() * t.element_size() for t in tensors)
+    for index, (tensor, q) in enumerate(zip(tensors, qs)):
+        if q > 0.0:
+            hint = None if hints is None else hints[index]
+            score = _single_layer(score_fn, index)
+            out[index] = _global_quantile([tensor], q, score, group, hint, budget_bytes=budget)
+    return out
+
+
+def _single_layer(score_fn: ScoreFn, index: int) -> ScoreFn:
+    """score_fn seen from a pool of the one tensor ``index`` (its elementwise promise kept)."""
+
+    def score(_: int, tensor: Tensor) -> Tensor:
+        return score_fn(index, tensor)
+
+    score.elementwise = getattr(score_fn, "elementwise", False)  # type: ignore[attr-defined]
+    into = getattr(score_fn, "score_into", None)
+    if into is not None:
+        score.score_into = lambda _, piece, out: into(index, piece, out)  # type: ignore[attr-defined]
+    return score
 
 
 # ----------------------------------------------------------------------------------------------
@@ -534,8 +574,11 @@ def _radix_select(pool: _Pool, comm: _Comm, r_lo: int, r_hi: int) -> tuple[Tenso
     return values[0], values[1]
 
 
-def _global_quantile(tensors, q, score_fn, group, hint, strategy: str | None = None) -> Tensor:
-    """`global_quantile` with the strategy forced ("window" or "radix") for tests and benchmarks."""
+def _global_quantile(
+    tensors, q, score_fn, group, hint, strategy: str | None = None, budget_bytes: int | None = None
+) -> Tensor:
+    """`global_quantile` with the strategy forced ("window" or "radix") for tests and benchmarks; ``budget_bytes``:
+    size chunks and windows for a pool of that many bytes (`layer_quantiles`: the whole pool, one layer at a time)."""
     if isinstance(tensors, Tensor):
         tensors = [tensors]
     try:
@@ -559,11 +602,11 @@ def _global_quantile(tensors, q, score_fn, group, hint, strategy: str | None = N
             strategy = "window" if pool.device.type == "cpu" else "radix"
         found = None
         if strategy == "window":
-            pool.chunk, cap = _budget(nbytes, pool.device, "window")
+            pool.chunk, cap = _budget(budget_bytes or nbytes, pool.device, "window")
             h = None if hint is None else float(hint)
             found = _window_select(pool, comm, n, nbytes, qf, r_lo, r_hi, cap, h)
         if found is None:
-            pool.chunk, _ = _budget(nbytes, pool.device, "radix")
+            pool.chunk, _ = _budget(budget_bytes or nbytes, pool.device, "radix")
             found = _radix_select(pool, comm, r_lo, r_hi)
         lo, hi = found
         return lerp_like_numpy(lo.to(pool.device), hi.to(pool.device), frac)

@@ -10,6 +10,8 @@ a file and the tests below read them. Scenarios:
   fsdp_blocks  fully_shard on whole blocks: refused with the fix when torch.fx inlined them; exact when
            they are kept as leaves (sparsify(..., leaf_modules=(Block,))).
   explicit shard_pool_ with an explicit group on replicated weights: counted once, same tau.
+  fsdp_erk FSDP2 with per-layer targets (distribution="erk", issue 18): every layer's tau_l equals the
+           single-process quantile of that layer's gathered weights, bit for bit, at every step.
 """
 
 import math
@@ -213,6 +215,34 @@ def scenario_fsdp_blocks(rank):
     return out
 
 
+def scenario_fsdp_erk(rank):
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = fxsparse.sparsify(SmallNet(), "st3sigma", 0.7, fxsparse.Cubic(0, 4), distribution="erk")
+    fully_shard(model.conv1)
+    fully_shard(model.conv2)
+    fully_shard(model)
+    threshold = fxsparse.get_threshold(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    fxsparse.hook_optimizer(model, opt)
+    exact = []
+    for step in range(STEPS):
+        weights = [full(model.get_parameter(p)).detach().clone() for p in threshold.pool_paths]
+        expected = [
+            reference_quantile([w], q, lambda i, w: threshold.method.score(w)) if q > 0 else torch.tensor(0.0)
+            for w, q in zip(weights, threshold.layer_sparsities())
+        ]
+        x, y = global_batch(step)
+        local = slice(rank * 4, rank * 4 + 4)
+        loss = F.cross_entropy(model(x[local]), y[local])
+        exact.append(bool(torch.equal(threshold.layer_tau, torch.stack(expected))))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return {"exact": exact, "taus": threshold.layer_tau.tolist()}
+
+
 def scenario_explicit_group(rank):
     torch.manual_seed(0)
     model = fxsparse.sparsify(SmallNet(), "st3sigma", 0.6)
@@ -240,6 +270,7 @@ def _worker(rank, init_file, out_dir):
         ("fsdp", scenario_fsdp),
         ("fsdp_blocks", scenario_fsdp_blocks),
         ("explicit", scenario_explicit_group),
+        ("fsdp_erk", scenario_fsdp_erk),
     )
     for name, fn in scenarios:
         if name.startswith("fsdp") and not FSDP2_ON_CPU:
@@ -287,6 +318,13 @@ def test_fsdp2_sharded_threshold_is_the_exact_global_quantile_at_every_step(resu
             assert all(r["exact"]), (method, r["exact"])
             assert r["q"] == 0.7 and r["zeros"] == zeros_expected(r["total"], 0.7), (method, r)
     assert _get(results, 0, "fsdp")["feather"]["tau"] == _get(results, 1, "fsdp")["feather"]["tau"]
+
+
+@needs_fsdp2_on_cpu
+def test_fsdp2_per_layer_thresholds_are_exact(results):
+    for rank in range(WORLD):
+        assert all(_get(results, rank, "fsdp_erk")["exact"])
+    assert _get(results, 0, "fsdp_erk")["taus"] == _get(results, 1, "fsdp_erk")["taus"]
 
 
 def test_explicit_group_on_replicated_weights_counts_each_weight_once(results):

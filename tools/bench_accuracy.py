@@ -5,6 +5,7 @@
     python tools/bench_accuracy.py --preset gpu                 # Fashion-MNIST, ResNet-20, 30 epochs
     python tools/bench_accuracy.py --quick                      # smoke run on a small subset, 1 epoch
     python tools/bench_accuracy.py --methods st3,gmp --sparsities 0.98 --epochs 5
+    python tools/bench_accuracy.py --methods st3,feather --sparsities 0.9,0.95 --distributions uniform,erk --no-dense
 
 Every run is `fxsparse.train.run` (the same code as `fxsparse train`): the test accuracy is measured on
 the 10k test set once, at the end; nothing is chosen on it. Prints a table (test accuracy, realised
@@ -74,6 +75,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     p.add_argument("--methods", type=_names, default=list(METHODS), help="comma-separated (dense is always run first)")
     p.add_argument("--sparsities", type=_floats, default=[0.9, 0.95, 0.98])
+    p.add_argument(
+        "--distributions",
+        type=_names,
+        default=["global"],
+        help="comma-separated layer-wise distributions: global, uniform, erk (fxsparse.sparsify's distribution=)",
+    )
     p.add_argument("--epochs", type=int, help="override the preset's epochs")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help=f"smoke run: {QUICK}")
@@ -107,13 +114,19 @@ def configs(args: argparse.Namespace) -> list[TrainConfig]:
         base["epochs"] = args.epochs
     tag = f"{args.preset}{'-quick' if args.quick else ''}"
     out = [] if args.no_dense else [TrainConfig(**base, method="dense", sname=f"{tag}-dense")]
-    for sparsity in args.sparsities:
-        for method in args.methods:
-            out.append(
-                TrainConfig(
-                    **base, method=method, sparsity=sparsity, sname=f"{tag}-{method}-{round(sparsity * 100, 2):g}"
+    for distribution in args.distributions:
+        suffix = "" if distribution == "global" else f"-{distribution}"
+        for sparsity in args.sparsities:
+            for method in args.methods:
+                out.append(
+                    TrainConfig(
+                        **base,
+                        method=method,
+                        sparsity=sparsity,
+                        distribution=distribution,
+                        sname=f"{tag}-{method}-{round(sparsity * 100, 2):g}{suffix}",
+                    )
                 )
-            )
     return out
 
 
@@ -126,6 +139,7 @@ def row_of(summary: dict) -> dict:
     dense, sparse = summary.get("dense_macs"), summary.get("sparse_macs")
     return {
         "method": summary["method"],
+        "distribution": summary.get("config", {}).get("distribution", "global"),
         "sparsity": summary["sparsity"],
         "test_acc": summary["test_acc"],
         "val_acc": summary["val_acc"],
@@ -142,6 +156,7 @@ def row_of(summary: dict) -> dict:
 
 def check_bars(rows: list[dict]) -> list[tuple[str, bool, str]]:
     """The benchmark's three bars, on the rows present."""
+    rows = [r for r in rows if r.get("distribution", "global") == "global"]  # the bars are about the global ranking
     by = {(r["method"], round(r["sparsity"], 4)): r for r in rows}
     dense = by.get(("dense", 0.0))
     bars = []
@@ -182,7 +197,8 @@ def check_bars(rows: list[dict]) -> list[tuple[str, bool, str]]:
 
 
 def _order(row: dict) -> tuple:
-    return (row["method"] != "dense", row["sparsity"], METHODS.index(row["method"]) if row["method"] in METHODS else -1)
+    method_rank = METHODS.index(row["method"]) if row["method"] in METHODS else -1
+    return (row["method"] != "dense", row.get("distribution", "global"), row["sparsity"], method_rank)
 
 
 def table(rows: list[dict], tablefmt: str = "github") -> str:
@@ -190,6 +206,7 @@ def table(rows: list[dict], tablefmt: str = "github") -> str:
     body = [
         [
             r["method"],
+            "-" if r["method"] == "dense" else r.get("distribution", "global"),
             "-" if r["method"] == "dense" else f"{r['sparsity']:.0%}",
             f"{r['test_acc']:.2f}",
             f"{r['val_acc']:.2f}",
@@ -203,6 +220,7 @@ def table(rows: list[dict], tablefmt: str = "github") -> str:
         body,
         headers=[
             "method",
+            "distribution",
             "target",
             "test acc %",
             "val acc %",
@@ -222,7 +240,10 @@ def main(argv=None) -> int:
         sys.exit(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
     set_threads(args.threads)  # for loading; run() sets them again per run
     todo = configs(args)
-    json_path = Path(args.json or Path(args.runs_dir) / f"bench_{args.preset}{'_quick' if args.quick else ''}.json")
+    tail = "" if args.distributions == ["global"] else "_" + "_".join(args.distributions)
+    json_path = Path(
+        args.json or Path(args.runs_dir) / f"bench_{args.preset}{'_quick' if args.quick else ''}{tail}.json"
+    )
     json_path.parent.mkdir(parents=True, exist_ok=True)
     first = todo[0]
     data = load_data_of(first)

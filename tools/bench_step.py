@@ -7,6 +7,7 @@ sort-and-interpolate threshold), so slow drifts of a shared machine hit them ali
 median over --repeats steps, and ratios are against dense. Also times sparsify() itself.
 
     python tools/bench_step.py --model resnet50 --batch 16 --repeats 7
+    python tools/bench_step.py --model resnet50 --batch 8 --repeats 5 --threads 1 --distributions erk --no-reference
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import fxsparse
 from fxsparse.threshold import reference_quantile
 
 
-def make_variants(model_name: str, sparsity: float, device: torch.device) -> dict:
+def make_variants(model_name: str, sparsity: float, device: torch.device, distributions=(), reference=True) -> dict:
     import timm
 
     torch.manual_seed(0)
@@ -33,6 +34,10 @@ def make_variants(model_name: str, sparsity: float, device: torch.device) -> dic
     variants = {"dense": base}
     for method in ("st3sigma", "feather"):
         variants[method] = fxsparse.sparsify(base, method, sparsity)
+    for distribution in distributions:  # per-layer thresholds (issue 18)
+        variants[f"st3sigma, {distribution}"] = fxsparse.sparsify(base, "st3sigma", sparsity, distribution=distribution)
+    if not reference:
+        return variants
     naive = fxsparse.sparsify(base, "st3sigma", sparsity)
     threshold = fxsparse.get_threshold(naive)
     method = threshold.method
@@ -87,6 +92,10 @@ def main(argv=None) -> dict:
         help="CPU threads (0: torch's default). On a shared machine, 1 avoids OpenMP stalls "
         "that hit the many small ops of every variant",
     )
+    parser.add_argument(
+        "--distributions", default="", help="also st3sigma under these layer-wise distributions, e.g. uniform,erk"
+    )
+    parser.add_argument("--no-reference", action="store_true", help="skip the sort-based tau variant")
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -94,7 +103,8 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
 
     sparsify_seconds = time_sparsify(args.model, repeats=5)
-    variants = make_variants(args.model, args.sparsity, device)
+    distributions = [d for d in args.distributions.split(",") if d]
+    variants = make_variants(args.model, args.sparsity, device, distributions, reference=not args.no_reference)
     optimizers = {
         name: torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-5)
         for name, model in variants.items()

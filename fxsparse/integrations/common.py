@@ -13,6 +13,7 @@ from typing import Any
 from torch import nn
 
 from .. import Constant, Cubic, Method, fold_, get_method, get_threshold, paper_schedule, realized_sparsity, sparsify_
+from ..distribution import check_spec
 from ..fqn import join
 from ..pool import sparse_entries
 
@@ -61,8 +62,12 @@ class SparsifyOptions:
     schedule: ScheduleSpec
     exclude: ExcludeSpec
     min_numel: int
+    distribution: Any = "global"  # as sparsify_'s distribution= (issue 18)
+    min_layer_sparsity: float | None = None
+    max_layer_sparsity: float | None = None
 
     def __post_init__(self):
+        check_spec(self.distribution, self.min_layer_sparsity, self.max_layer_sparsity)
         get_method(self.method)  # an unknown name fails when the callback is built, not when training starts
         if not (self.schedule is None or self.schedule == PAPER or callable(self.schedule)):
             raise ValueError(
@@ -93,12 +98,18 @@ class SparsifyOptions:
             exclude=self.exclude,
             min_numel=self.min_numel,
             trace_model=trace_model,
+            distribution=self.distribution,
+            min_layer_sparsity=self.min_layer_sparsity,
+            max_layer_sparsity=self.max_layer_sparsity,
         )
         return ramp
 
     def identity(self) -> dict[str, Any]:
         """What a checkpoint records, so that a resume with other options is refused."""
-        return {"method": self.method_name, "sparsity": float(self.sparsity)}
+        identity = {"method": self.method_name, "sparsity": float(self.sparsity)}
+        if self.distribution != "global":  # older checkpoints, all global, have no such key
+            identity["distribution"] = self.distribution
+        return identity
 
     def check_resumed(self, saved: dict[str, Any]) -> None:
         mine = self.identity()

@@ -49,7 +49,8 @@ from .common import (
 class SparsifyCallback(pl.Callback):
     """Sparse training of the LightningModule it is given, from ``trainer.fit`` to a folded module.
 
-    method, sparsity, exclude, min_numel: as for ``fxsparse.sparsify_``.
+    method, sparsity, exclude, min_numel, distribution, min_layer_sparsity, max_layer_sparsity: as for
+        ``fxsparse.sparsify_``.
     schedule: None (the final sparsity from the first step), "paper" (the ramp placed as in the method's
         paper over this run's optimizer steps) or a callable (step, final_sparsity) -> sparsity, in steps.
     fold_at_end: fold the module when fit ends. A checkpoint written during training still loads into the
@@ -69,8 +70,13 @@ class SparsifyCallback(pl.Callback):
         min_numel: int = 0,
         fold_at_end: bool = True,
         finish_ramp: bool = False,
+        distribution: Any = "global",
+        min_layer_sparsity: float | None = None,
+        max_layer_sparsity: float | None = None,
     ):
-        self.options = SparsifyOptions(method, sparsity, schedule, exclude, min_numel)
+        self.options = SparsifyOptions(
+            method, sparsity, schedule, exclude, min_numel, distribution, min_layer_sparsity, max_layer_sparsity
+        )
         self.fold_at_end = fold_at_end
         self.finish_ramp = finish_ramp
         self._ramp: PaperRamp | None = None

@@ -53,7 +53,8 @@ _SPARSIFIED_BY: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model
 class SparsifyCallback(TrainerCallback):
     """Sparse training of the Trainer's model, from ``Trainer(...)`` to a folded model.
 
-    method, sparsity, exclude, min_numel: as for ``fxsparse.sparsify_``.
+    method, sparsity, exclude, min_numel, distribution, min_layer_sparsity, max_layer_sparsity: as for
+        ``fxsparse.sparsify_``.
     schedule: None (the final sparsity from the first step), "paper" (the ramp placed as in the method's
         paper over ``state.max_steps``) or a callable (step, final_sparsity) -> sparsity, in optimizer steps.
     fold_at_end: fold the model when training ends, so that save_pretrained writes plain weights.
@@ -73,8 +74,13 @@ class SparsifyCallback(TrainerCallback):
         min_numel: int = 0,
         fold_at_end: bool = True,
         finish_ramp: bool = False,
+        distribution: Any = "global",
+        min_layer_sparsity: float | None = None,
+        max_layer_sparsity: float | None = None,
     ):
-        self.options = SparsifyOptions(method, sparsity, schedule, exclude, min_numel)
+        self.options = SparsifyOptions(
+            method, sparsity, schedule, exclude, min_numel, distribution, min_layer_sparsity, max_layer_sparsity
+        )
         self.fold_at_end = fold_at_end
         self.finish_ramp = finish_ramp
         self._ramp: PaperRamp | None = None

@@ -51,9 +51,9 @@ class St3(Method):
         return soft_threshold_rescaled(weight, self.layer_threshold(weight, tau))
 
 
-def shape_sum(weight: Tensor) -> int:
-    """S_l of ST-3-sigma: the SUM of the weight tensor's shape dims (not its fan-in)."""
-    return int(sum(weight.shape))
+def shape_sum(weight: Tensor | tuple[int, ...]) -> int:
+    """S_l of ST-3-sigma: the SUM of the weight tensor's shape dims (not its fan-in); a tensor or its shape."""
+    return int(sum(weight.shape if isinstance(weight, Tensor) else weight))
 
 
 @register_method("st3sigma")

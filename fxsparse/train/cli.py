@@ -72,6 +72,16 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--sparsity", type=float, default=S, help=f"final fraction of zero weights, e.g. 0.9 (default {d.sparsity})"
     )
+    # -- layer-wise distribution (issue 18) --
+    g.add_argument(
+        "--distribution",
+        default=S,
+        help="where the zeros go: global (one threshold), uniform, erk, or per-layer glob=sparsity pairs "
+        f"'conv1.*=0.5,fc.*=0.8' with the rest sharing the budget (default {d.distribution})",
+    )
+    g.add_argument("--min-layer-sparsity", type=float, default=S, help="lower bound per layer (not with global)")
+    g.add_argument("--max-layer-sparsity", type=float, default=S, help="upper bound per layer (not with global)")
+    # -- end layer-wise distribution --
 
     g = parser.add_argument_group("data")
     g.add_argument(

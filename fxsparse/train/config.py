@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from ..distribution import check_spec, parse_distribution
 from ..methods import METHODS
 from .data import DATASETS
 from .errors import ConfigError
@@ -35,6 +36,9 @@ class TrainConfig:
     width: float = 1.0
     method: str = "st3sigma"  # st3, st3sigma, feather, gmp, ste, or "dense"
     sparsity: float = 0.9
+    distribution: str = "global"  # global, uniform, erk, or "glob=sparsity,..." (fxsparse.distribution)
+    min_layer_sparsity: float | None = None  # per-layer bounds for a per-layer distribution
+    max_layer_sparsity: float | None = None
     # data
     dataset: str = "fashion-mnist"  # fashion-mnist, cifar10, cifar100, imagefolder, synthetic
     data_dir: str | None = None
@@ -92,6 +96,10 @@ class TrainConfig:
 
         need(self.method in METHODS or self.method == DENSE, "method", f"is one of {', '.join(sorted(METHODS))}, dense")
         need(0.0 <= self.sparsity < 1.0, "sparsity", "is the final fraction of zero weights, in [0, 1) (e.g. 0.9)")
+        try:
+            self.distribution_options()
+        except (TypeError, ValueError) as error:
+            raise ConfigError(f"--distribution/--min-layer-sparsity/--max-layer-sparsity: {error}") from None
         need(
             self.dataset.lower() in DATASETS or self.dataset.lower() in ("fashion_mnist", "fashionmnist", "fmnist"),
             "dataset",
@@ -127,6 +135,13 @@ class TrainConfig:
                     f"--device {self.device!r} is not a device: use auto, cpu, cuda, cuda:N or mps"
                 ) from None
 
+    def distribution_options(self) -> dict[str, Any]:
+        """sparsify()'s distribution arguments (checked)."""
+        spec, low, high = check_spec(
+            parse_distribution(self.distribution), self.min_layer_sparsity, self.max_layer_sparsity
+        )
+        return {"distribution": spec, "min_layer_sparsity": low, "max_layer_sparsity": high}
+
     @property
     def total_epochs(self) -> int:
         return self.epochs + self.finetune_epochs
@@ -136,6 +151,8 @@ class TrainConfig:
         if self.sname:
             return self.sname
         tail = DENSE if self.method == DENSE else f"{self.method}-{round(self.sparsity * 100, 2):g}"
+        if self.method != DENSE and self.distribution != "global":
+            tail += f"-{self.distribution if '=' not in self.distribution else 'mapping'}"
         return f"{self.dataset}-{self.model}{'' if self.width == 1 else f'-w{self.width:g}'}-{tail}"
 
     @property

@@ -149,7 +149,13 @@ def build_training(config: TrainConfig, data: Data | None, saved: dict[str, Any]
     # the settings are the user's (command line, their config file; --resume refuses other ones)
     model = build_model(config.model, data.num_classes, data.in_channels, config.width, allow_import=True)
     if config.method != DENSE:
-        model = sparsify(model, config.method, config.sparsity, sparsity_schedule(config, steps_per_epoch))
+        model = sparsify(
+            model,
+            config.method,
+            config.sparsity,
+            sparsity_schedule(config, steps_per_epoch),
+            **config.distribution_options(),
+        )
     model.to(device)
     optimizer = build_optimizer(model, config.lr, config.momentum, config.weight_decay, config.nesterov)
     scheduler = build_lr_scheduler(

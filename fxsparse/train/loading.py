@@ -24,7 +24,7 @@ from ..api import sparsify
 from ..export import NoCsrMetadata, is_sparsified_key, load_checked_, load_csr, load_csr_into_
 from ..fold import fold
 from ..models import UntrustedModelName, build_model, default_input_size
-from ..pool import THRESHOLD_NAME, get_threshold
+from ..pool import THRESHOLD_NAME, distribution_record, get_threshold
 from .checkpoint import is_training_checkpoint, load_torch_file, read_checkpoint
 from .config import DENSE, TrainConfig, checked_settings
 from .data import BUILTIN_SHAPES
@@ -157,11 +157,17 @@ def _load_run(
     steps_per_epoch = step // saved["epoch"]  # the schedule advances once per optimizer step, every epoch alike
     if steps_per_epoch < 1 or step != steps_per_epoch * saved["epoch"]:
         raise CheckpointError(f"{source} is inconsistent: schedule step {step} after {saved['epoch']} epochs")
-    sparse = sparsify(model, config.method, config.sparsity, sparsity_schedule(config, steps_per_epoch))
+    sparse = sparsify(
+        model,
+        config.method,
+        config.sparsity,
+        sparsity_schedule(config, steps_per_epoch),
+        **config.distribution_options(),
+    )
     _load_state(sparse, saved["model"], source)
     threshold = get_threshold(sparse)
     target = threshold.target_sparsity()
-    metadata.update(step=step, target_sparsity=target)
+    metadata.update(step=step, target_sparsity=target, distribution=distribution_record(sparse))
     loaded = LoadedModel(fold(sparse).eval(), config.model, config.method, input_size, metadata=metadata)
     ramp = threshold.schedule
     if target < config.sparsity:
