@@ -26,6 +26,7 @@ from ..pool import is_sparsified
 from .batchnorm import fold_batchnorms_
 from .chain import chain_linears_
 from .checkpoint import layer_csr, skeleton
+from .end_to_end import default_model_timer, keep_csr_parts, keep_what_wins
 from .layers import DENSE, LayerPlan, Planner, SparseConv2d, SparseLinear, density_of
 from .timing import Timer, default_timer, interleaved_medians
 
@@ -42,6 +43,8 @@ class AccelerationPlan:
     example_shape: tuple[int, ...] | None
     folded_batchnorms: list[str]
     chained_linears: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    # issue 16, never slower: the whole model timed against dense (end_to_end.keep_what_wins); None: not timed
+    end_to_end: dict[str, Any] | None = None
 
     @property
     def sparse_layers(self) -> list[LayerPlan]:
@@ -75,6 +78,12 @@ class AccelerationPlan:
         dense_total = sum(p.dense_ms or 0.0 for p in self.layers)
         chosen_total = sum((p.chosen_ms if p.chosen_ms is not None else p.dense_ms) or 0.0 for p in self.layers)
         rows.append(["total (layers timed alone)", "", "", "", "", ms(dense_total), "", "", "", ms(chosen_total), ""])
+        if self.end_to_end:  # issue 16: what the whole model measured, and what it kept
+            whole = self.end_to_end["ms"]
+            best = min((n for n in whole if n != DENSE), key=whole.get)
+            speedup = f"{whole[DENSE] / whole[best]:.2f}x"
+            row = ["whole model, end to end", "", "", "", "", ms(whole[DENSE]), ms(whole[best]), best, speedup]
+            rows.append(row + [self.end_to_end["chosen"], self.end_to_end["reason"]])
         headers = [
             "layer",
             "kind",
@@ -111,6 +120,7 @@ class AccelerationPlan:
             shape,
             list(data["folded_batchnorms"]),
             [tuple(pair) for pair in data.get("chained_linears", [])],
+            data.get("end_to_end"),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -119,6 +129,7 @@ class AccelerationPlan:
             "example_shape": self.example_shape,
             "folded_batchnorms": self.folded_batchnorms,
             "chained_linears": self.chained_linears,
+            "end_to_end": self.end_to_end,
             "layers": [p.to_dict() for p in self.layers],
         }
 
@@ -220,9 +231,18 @@ def _install_sparse_layers_(
     return kept_dense
 
 
-def _plan_(model: nn.Module, example_input: Any, kept_dense: list[LayerPlan], progress: bool) -> nn.Module:
-    """Fold BatchNorms, run the planning pass, put plain modules back where dense won; returns the model."""
+def _plan_(
+    model: nn.Module,
+    example_input: Any,
+    kept_dense: list[LayerPlan],
+    progress: bool,
+    model_timer: Timer | None = None,
+    min_speedup: float = 1.05,
+) -> nn.Module:
+    """Fold BatchNorms, run the planning pass, put plain modules back where dense won, then (with a
+    model_timer) keep only what wins end to end; returns the model."""
     model, fused = fold_batchnorms_(model)
+    csr_parts = keep_csr_parts(model) if model_timer is not None else {}  # issue 16
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (SparseConv2d, SparseLinear))]
     bar, hooks = None, []
     if progress:
@@ -254,6 +274,11 @@ def _plan_(model: nn.Module, example_input: Any, kept_dense: list[LayerPlan], pr
         plans.append(layer.plan)
         if layer.path == DENSE:
             _replace_submodule_(model, name, layer.plain_module())
+    whole = None  # issue 16, never slower: the whole model against dense, before chaining (which only helps)
+    if model_timer is not None and any(p.path != DENSE for p in plans):
+        run = lambda m: call_model(m, example_input)  # noqa: E731
+        model, whole = keep_what_wins(model, run, csr_parts, model_timer, min_speedup)
+    del csr_parts
     model, chains = chain_linears_(model)
     for producer, consumer in chains:
         for plan in plans:
@@ -262,7 +287,7 @@ def _plan_(model: nn.Module, example_input: Any, kept_dense: list[LayerPlan], pr
                 plan.reason = (plan.reason + "; " if plan.reason else "") + f"feature-first {side}"
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     plans.sort(key=lambda p: order.get(p.name, len(order)))
-    plan = AccelerationPlan(plans, torch.get_num_threads(), _example_shape(example_input), fused, chains)
+    plan = AccelerationPlan(plans, torch.get_num_threads(), _example_shape(example_input), fused, chains, whole)
     setattr(model, PLAN_ATTRIBUTE, plan)
     return model.eval()
 
@@ -289,6 +314,15 @@ def _planner(
     if layouts is not None:
         planner.layouts = tuple(layouts)
     return planner
+
+
+def _model_timer(
+    check: bool | None, model_timer: Timer | None, timer: Timer | None, paths: PathsSpec, min_speedup: float
+) -> tuple[Timer | None, float]:
+    """(the timer of the end-to-end check or None for no check, its margin): see accelerate()'s end_to_end."""
+    if check is None:
+        check = model_timer is not None or (timer is None and not paths)
+    return (model_timer or default_model_timer) if check else None, min_speedup
 
 
 def _check_model(model: nn.Module) -> None:
@@ -330,6 +364,8 @@ def accelerate(
     max_density: float = 0.6,
     paths: PathsSpec = None,
     progress: bool = False,
+    end_to_end: bool | None = None,
+    model_timer: Timer | None = None,
 ) -> nn.Module:
     """An inference copy of ``model`` whose sparse conv and linear layers run on sparse CPU kernels.
 
@@ -343,6 +379,12 @@ def accelerate(
     max_density: denser layers stay dense without being timed.
     paths: {layer name: path} (or a previous model's fxsparse_plan) taken without timing, e.g. to rebuild on
       the deployment machine what was measured once.
+    end_to_end: time the whole model against its dense twin (BatchNorms folded) after the per-layer choice
+      and keep only what wins by ``min_speedup`` (the layers that saved most, or none: a model never runs
+      slower than dense). None (default): on unless ``paths`` is given or a custom ``timer`` decides the
+      layers without a ``model_timer`` (a deterministic policy stays deterministic).
+    model_timer: like ``timer``, for the whole-model candidates "dense", "sparse", "top k"
+      (default: fxsparse.inference.end_to_end.default_model_timer).
     The returned model's ``fxsparse_plan`` (an AccelerationPlan) holds every layer's timings and choice.
     """
     _check_example(example_input)
@@ -351,7 +393,8 @@ def accelerate(
     model.eval()
     planner = _planner(timer, kernels, layouts, min_speedup, max_density, paths)
     kept_dense = _install_sparse_layers_(model, planner, _exclude_filter(exclude))
-    return _plan_(model, example_input, kept_dense, progress)
+    check = _model_timer(end_to_end, model_timer, timer, paths, min_speedup)  # issue 16
+    return _plan_(model, example_input, kept_dense, progress, *check)
 
 
 def accelerate_checkpoint(
@@ -367,6 +410,8 @@ def accelerate_checkpoint(
     max_density: float = 0.6,
     paths: PathsSpec = None,
     progress: bool = False,
+    end_to_end: bool | None = None,
+    model_timer: Timer | None = None,
 ) -> nn.Module:
     """accelerate() straight from a CSR checkpoint: its sparse weights never become dense tensors.
 
@@ -417,7 +462,8 @@ def accelerate_checkpoint(
             "without values; was it written for another architecture?"
         )
     kept_dense = _install_sparse_layers_(model, planner, exclude_filter, kept_dense=kept_dense)
-    return _plan_(model, example_input, kept_dense, progress)
+    check = _model_timer(end_to_end, model_timer, timer, paths, min_speedup)  # issue 16
+    return _plan_(model, example_input, kept_dense, progress, *check)
 
 
 def _materialized_parameter(model: nn.Module, name: str) -> bool:
@@ -464,23 +510,25 @@ def measure_speedup(
     """Accelerate ``model`` (folded or sparsified) and time it end to end against its dense baseline.
 
     Both run eagerly in the same process under torch.inference_mode, interleaved, median of ``repeats``,
-    at the current thread count. Returns JSON-ready figures: dense_ms, accelerated_ms, speedup, threads,
-    example_shape, sparse_layers, layers, and the per-layer plan.
+    at the current thread count, wall clock with more than one thread. Returns JSON-ready figures: dense_ms,
+    accelerated_ms, speedup, threads, example_shape, sparse_layers, layers, end_to_end (what accelerate
+    measured on the whole model), and the per-layer plan. When no layer runs sparse the accelerated model is
+    the dense baseline (the same modules), timed once: speedup 1.0.
     """
     dense = dense_baseline(model)
     fast = accelerated if accelerated is not None else accelerate(model, example_input, **accelerate_kwargs)
-    with torch.inference_mode():
-        times = interleaved_medians(
-            {"dense": lambda: call_model(dense, example_input), "accelerated": lambda: call_model(fast, example_input)},
-            repeats=repeats,
-            warmup=2,
-            min_sample_s=0.0,
-        )
     plan: AccelerationPlan = getattr(fast, PLAN_ATTRIBUTE)
+    candidates = {"dense": lambda: call_model(dense, example_input)}
+    if plan.sparse_layers:  # issue 16: with none, the accelerated model is the dense baseline: one figure
+        candidates["accelerated"] = lambda: call_model(fast, example_input)
+    with torch.inference_mode():
+        times = interleaved_medians(candidates, repeats=repeats, warmup=2, min_sample_s=0.0)
+    times.setdefault("accelerated", times["dense"])
     return {
         "dense_ms": 1e3 * times["dense"],
         "accelerated_ms": 1e3 * times["accelerated"],
         "speedup": times["dense"] / times["accelerated"],
+        "end_to_end": plan.end_to_end,
         "threads": torch.get_num_threads(),
         "example_shape": plan.example_shape,
         "sparse_layers": len(plan.sparse_layers),
