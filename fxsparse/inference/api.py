@@ -26,6 +26,7 @@ from ..pool import is_sparsified
 from .batchnorm import fold_batchnorms_
 from .chain import chain_linears_
 from .checkpoint import layer_csr, skeleton
+from .fuse import fuse_epilogues_
 from .layers import DENSE, LayerPlan, Planner, SparseConv2d, SparseLinear, density_of, is_conv1d
 from .timing import Timer, default_timer, interleaved_medians
 
@@ -262,6 +263,10 @@ def _plan_(model: nn.Module, example_input: Any, kept_dense: list[LayerPlan], pr
             if plan.name in (producer, consumer):
                 side = "output to " + consumer if plan.name == producer else "input from " + producer
                 plan.reason = (plan.reason + "; " if plan.reason else "") + f"feature-first {side}"
+    model, fused_epilogues = fuse_epilogues_(model)  # kernels: ReLU / residual add in the compiled kernels' stores
+    for plan in plans:
+        if plan.name in fused_epilogues:
+            plan.reason = (plan.reason + "; " if plan.reason else "") + "fused epilogue"
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     plans.sort(key=lambda p: order.get(p.name, len(order)))
     plan = AccelerationPlan(plans, torch.get_num_threads(), _example_shape(example_input), fused, chains)

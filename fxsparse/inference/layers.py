@@ -405,11 +405,17 @@ class SparseConv2d(_SparseLayer):
         return {ops.NATIVE_CONV_PATH: (run, keep)}
 
     def _call_native(
-        self, x: Tensor, csr: tuple[Tensor, Tensor, Tensor], bias: Tensor | None, residual: Tensor | None = None
+        self,
+        x: Tensor,
+        csr: tuple[Tensor, Tensor, Tensor],
+        bias: Tensor | None,
+        residual: Tensor | None = None,
+        relu: bool | None = None,
     ) -> Tensor:
         kernel_size, stride, sides, dilation = self._geometry()
+        relu = self.relu if relu is None else relu
         return torch.ops.fxsparse.native_conv2d(
-            x, *csr, bias, residual, self.out_channels, self.groups, kernel_size, stride, sides, dilation, self.relu
+            x, *csr, bias, residual, self.out_channels, self.groups, kernel_size, stride, sides, dilation, relu
         )
 
     def _sparse_candidates(self, x: Tensor, only: str | None = None):
@@ -450,13 +456,12 @@ class SparseConv2d(_SparseLayer):
         before the fused ReLU."""
         if residual is None:
             return super().forward(x)
-        if self.kernel == ops.NATIVE:
-            dtype = x.dtype
-            out = self._call_native(
-                float32_input(x, self.name), (self.indices, self.offsets, self.weights), self.bias, residual.float()
-            )
-            return out.to(dtype)
-        out = super().forward(x) + residual
+        dtype, x = x.dtype, float32_input(x, self.name)
+        csr, bias = (self.indices, self.offsets, self.weights.float()), None if self.bias is None else self.bias.float()
+        ho, wo = ops.conv_output_size(x.shape[-2:], self.kernel_size, self.stride, self.sides, self.dilation)
+        if tuple(residual.shape) == (x.shape[0], self.out_channels, ho, wo):
+            return self._call_native(x, csr, bias, residual.to(torch.float32)).to(dtype)
+        out = self._call_native(x, csr, bias, relu=False).to(dtype) + residual  # broadcast: not fused
         return out.relu() if self.relu else out
 
     def _run(self, x: Tensor) -> Tensor:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -41,6 +42,13 @@ def _build() -> ModuleType:
     finally:
         logger.setLevel(level)
 
+    if shutil.which("ninja") is None:  # the ninja wheel (a dependency) puts its binary outside a bare PATH
+        try:
+            import ninja
+
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+        except ImportError:
+            pass
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # e.g. torch's note about the compiler's ABI
         return cpp_extension.load(
@@ -61,6 +69,7 @@ def kernels() -> ModuleType | None:
     _tried = True
     if os.environ.get(DISABLE_VARIABLE, "") not in ("", "0"):
         _failure = f"{DISABLE_VARIABLE} is set"
+        warnings.warn(f"fxsparse: {_failure}; using the slower torch-op kernels", stacklevel=2)
         return None
     try:
         _module = _build()
