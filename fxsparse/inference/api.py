@@ -27,7 +27,8 @@ from .batchnorm import fold_batchnorms_
 from .chain import chain_linears_
 from .checkpoint import layer_csr, skeleton
 from .end_to_end import default_model_timer, keep_csr_parts, keep_what_wins
-from .layers import DENSE, LayerPlan, Planner, SparseConv2d, SparseLinear, density_of
+from .fuse import fuse_epilogues_
+from .layers import DENSE, LayerPlan, Planner, SparseConv2d, SparseLinear, density_of, is_conv1d
 from .timing import Timer, default_timer, interleaved_medians
 
 PLAN_ATTRIBUTE = "fxsparse_plan"
@@ -195,13 +196,15 @@ def _install_sparse_layers_(
     kept_dense = [] if kept_dense is None else kept_dense
     seen = {plan.name for plan in kept_dense}
     for name, module in list(model.named_modules()):
-        if type(module) not in (nn.Conv2d, nn.Linear) or exclude(name, module) or name in seen:
+        convertible = type(module) in (nn.Conv2d, nn.Linear) or is_conv1d(module)  # kernels: Conv1D as a Linear
+        if not convertible or exclude(name, module) or name in seen:
             continue
         key = f"{name}.weight" if name else "weight"
         shape = tuple(module.weight.shape)
         kind = "conv" if isinstance(module, nn.Conv2d) else "linear"
         stored = checkpoint.entries.get(key) if checkpoint is not None else None
-        from_checkpoint = stored is not None and stored.layout == "csr"
+        # kernels: a Conv1D (stored (in, out)) is converted once loaded densified, like a layer stored dense
+        from_checkpoint = stored is not None and stored.layout == "csr" and not is_conv1d(module)
         if not from_checkpoint and module.weight.device.type == "meta":
             continue  # stored dense in the checkpoint: converted once loaded
         if from_checkpoint:
@@ -285,6 +288,10 @@ def _plan_(
             if plan.name in (producer, consumer):
                 side = "output to " + consumer if plan.name == producer else "input from " + producer
                 plan.reason = (plan.reason + "; " if plan.reason else "") + f"feature-first {side}"
+    model, fused_epilogues = fuse_epilogues_(model)  # kernels: ReLU / residual add in the compiled kernels' stores
+    for plan in plans:
+        if plan.name in fused_epilogues:
+            plan.reason = (plan.reason + "; " if plan.reason else "") + "fused epilogue"
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     plans.sort(key=lambda p: order.get(p.name, len(order)))
     plan = AccelerationPlan(plans, torch.get_num_threads(), _example_shape(example_input), fused, chains, whole)
