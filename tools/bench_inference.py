@@ -196,7 +196,7 @@ def run_config(config: dict[str, Any], args, cache: dict) -> dict[str, Any]:
         if wanted:
             try:
                 onnx_path = os.path.join(workdir, "model.onnx")
-                rt.export_onnx(dense, x, onnx_path)
+                rt.export_onnx(model, dense, x, onnx_path)
             except ImportError as error:
                 onnx_path, _ = None, notes.append(f"ONNX export: skipped (not installed: {error.name})")
             except Exception as error:

@@ -83,15 +83,22 @@ class _Positional(nn.Module):
         return first_tensor(self.model(**dict(zip(self.names, tensors))))
 
 
-def export_onnx(dense: nn.Module, example: Any, path: str) -> None:
-    """The dense (BN-folded) model as ONNX with static shapes (TorchScript exporter; a copy is exported:
-    exporting changed a transformers model's later outputs)."""
+def export_onnx(model: nn.Module, dense: nn.Module, example: Any, path: str) -> None:
+    """The dense model as ONNX with static shapes (TorchScript exporter, on a copy: exporting changed a
+    transformers model's later outputs). The exporter folds eval BatchNorms into the convs itself, so the
+    unfolded ``model`` is exported when that leaves no BatchNormalization node: it keeps the module names the
+    per-layer profile needs (the BN-folded ``dense`` is a torch.fx GraphModule whose names are flat)."""
+    import onnx
+
     inputs = named_inputs(example)
-    wrapper = _Positional(copy.deepcopy(dense), list(inputs)).eval()
-    with torch.no_grad():
-        torch.onnx.export(
-            wrapper, tuple(inputs.values()), path, dynamo=False, input_names=list(inputs), opset_version=17
-        )
+    for source in (model, dense):
+        wrapper = _Positional(copy.deepcopy(source), list(inputs)).eval()
+        with torch.no_grad():
+            torch.onnx.export(
+                wrapper, tuple(inputs.values()), path, dynamo=False, input_names=list(inputs), opset_version=17
+            )
+        if not any(node.op_type == "BatchNormalization" for node in onnx.load(path).graph.node):
+            return
 
 
 class OnnxRuntime(Runtime):
