@@ -1,16 +1,22 @@
 #!/usr/bin/env python
-"""Inference speed of fxsparse.accelerate against the dense-with-zeros model (issue 11).
+"""Inference speed of fxsparse.accelerate against torch eager dense and the runtimes users would pick (issue 16).
 
-For each configuration (model, masks, sparsity, batch, threads) it builds the sparse model, accelerates it
-at that batch and thread count, prints the per-layer table (dense ms, best sparse ms, chosen path) and the
-end-to-end latency of the accelerated model against the same folded model run dense (BatchNorms folded
-into the convs, eager, same process, interleaved runs, medians). With one thread, times are the thread's
-CPU time (robust on a shared machine); with more, wall-clock time (run those on a quiet machine).
+For each configuration (model, masks, sparsity, batch, threads) it builds the sparse model (random init, no
+download; BatchNorm statistics calibrated on random batches after pruning, as a trained model's would be),
+accelerates it at that batch and thread count, and times in the same interleaved rounds (wall clock,
+medians): the baseline, torch eager on the dense-with-zeros model with its BatchNorms folded into the convs;
+fxsparse; and, each optional (skipped with a one-line note when not installed), torch.compile of the dense
+model, ONNX Runtime and OpenVINO (fp32) on the ONNX export of the same model, and DeepSparse 1.8.0 in its own
+venv (--deepsparse-python or $FXSPARSE_DEEPSPARSE_PYTHON). Every runtime's output is checked against the
+baseline's. --table prints the per-layer plan and a per-block comparison (--layers adds ONNX Runtime's and
+DeepSparse's profiles), so the remaining gap shows layer by layer.
 
-Masks: "magnitude" prunes every conv/linear weight to the sparsity by |w|, layer by layer (close to the
-MAC density of a trained ST-3-sigma model); --checkpoint takes a CSR checkpoint instead (e.g. the main
-job's runs/<name>/model.csr.safetensors, with --arch fxsparse.models:SmallCNN --input 1,1,28,28), built
-with fxsparse.accelerate_checkpoint (its sparse weights never densified).
+Models: timm names, bert-base (transformers BERT-base config, 128 tokens), gpt2 (124M config: generate() of
+--new-tokens greedy tokens at batch 1, tokens/s, and whether the tokens equal the folded model's).
+Masks: "magnitude" prunes every conv/linear weight to the sparsity by |w|, layer by layer; "global-sigma" is
+a global ST-3-sigma-shaped mask (score |w| * sqrt(S_l), one threshold), reported against its MAC reduction;
+--checkpoint takes a CSR checkpoint instead (e.g. the main job's runs/<name>/model.csr.safetensors, with
+--arch cnn --input 1,1,28,28), built with fxsparse.accelerate_checkpoint.
 
 --save-checkpoint PATH writes the magnitude-pruned model as a CSR checkpoint (first --model/--sparsity), and
 --memory PATH measures, in this fresh process, the peak memory growth of fxsparse.accelerate_checkpoint
@@ -22,16 +28,17 @@ Results are appended to --results (JSON lines); a configuration already there is
 so an interrupted run resumes and single configurations are cheap to redo. --plot draws speedup against
 sparsity from the results file.
 
-    python tools/bench_inference.py --model resnet50 --sparsity 0.9 0.95 --batch 1 --threads 1 --table
-    python tools/bench_inference.py --model resnet50 vit_small_patch16_224 bert-base --sparsity 0.9 --batch 1 16 \
-        --threads 1 2
-    python tools/bench_inference.py --checkpoint runs/main/model.csr.safetensors --arch fxsparse.models:SmallCNN \
-        --input 1,1,28,28 --batch 1 16
-    python tools/bench_inference.py --plot speedup.png
+    pip install -e .[bench]
+    python3.11 -m venv /opt/ds && /opt/ds/bin/pip install deepsparse==1.8.0
+    export FXSPARSE_DEEPSPARSE_PYTHON=/opt/ds/bin/python
+    python tools/bench_inference.py --model resnet50 --sparsity 0.9 0.95 --batch 1 --threads 1 2 --table --layers
+    python tools/bench_inference.py --model bert-base gpt2 --sparsity 0.9 --threads 1
+    python tools/bench_inference.py --model resnet50 --masks global-sigma --sparsity 0.9 --runtimes
+    python tools/bench_inference.py --checkpoint runs/main/model.csr.safetensors --arch cnn --input 1,1,28,28 --runtimes
     python tools/bench_inference.py --show --table
+    python tools/bench_inference.py --plot speedup.png
     python tools/bench_inference.py --model resnet50 --sparsity 0.9 --save-checkpoint r50.safetensors
     python tools/bench_inference.py --memory r50.safetensors --arch resnet50
-    python tools/bench_inference.py --memory r50.safetensors --paths plan.json
 """
 
 from __future__ import annotations
