@@ -143,13 +143,16 @@ def model_bytes(model: nn.Module) -> int:
 
 @torch.no_grad()
 def global_sigma_prune_(model: nn.Module, sparsity: float) -> None:
-    """A global ST-3-sigma-shaped mask: score |w| * sqrt(S_l) (S_l: the layer's weight count), one threshold over
-    every conv/linear weight, the round(sparsity * total) lowest scores zeroed."""
+    """A global ST-3-sigma-shaped mask: score |w| * sqrt(S_l) (S_l the sum of the weight's shape dims, as
+    fxsparse's st3sigma ranks), one threshold over every conv/linear weight, the lowest round(sparsity * total)
+    scores zeroed."""
+    from fxsparse.methods.st3 import shape_sum
+
     weights = [m.weight for m in model.modules() if isinstance(m, PRUNED)]
-    scores = torch.cat([w.abs().flatten() * math.sqrt(w.numel()) for w in weights])
+    scores = torch.cat([w.abs().flatten() * math.sqrt(shape_sum(w)) for w in weights])
     threshold = scores.kthvalue(round(sparsity * scores.numel())).values
     for weight in weights:
-        weight[weight.abs() * math.sqrt(weight.numel()) <= threshold] = 0
+        weight[weight.abs() * math.sqrt(shape_sum(weight)) <= threshold] = 0
 
 
 def prepared_model(config: dict[str, Any], args, cache: dict) -> nn.Module:
