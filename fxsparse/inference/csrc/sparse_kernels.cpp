@@ -45,7 +45,33 @@ struct Epilogue {
   bool relu = false;
   float* out = nullptr;  // out[m * ldo + p]
   int64_t ldo = 0;
+  // a direct conv's wide columns p = (n*Hq + oh)*Wq + ow (Wq > 0): only oh < Ho, ow < Wo are stored, at
+  // out[((n*M + m)*Ho + oh)*Wo + ow] (NCHW), the residual read at the same place
+  int64_t Wq = 0, Hq = 0, Ho = 0, Wo = 0, M = 0;
 };
+
+// Store the columns [p0, p0 + n) of row m (values in `tile`, bias included) of a wide product into NCHW,
+// with the residual and the ReLU: a few row segments per tile.
+inline void store_wide(const Epilogue& epi, int64_t m, int64_t p0, int64_t n, const float* tile) {
+  int64_t p = p0;
+  const int64_t end = p0 + n, plane = epi.Hq * epi.Wq;
+  while (p < end) {
+    const int64_t sample = p / plane, oh = (p % plane) / epi.Wq, ow = p % epi.Wq;
+    const int64_t run = std::min(epi.Wq - ow, end - p);
+    if (oh < epi.Ho && ow < epi.Wo) {
+      const int64_t count = std::min(run, epi.Wo - ow);
+      const int64_t at = ((sample * epi.M + m) * epi.Ho + oh) * epi.Wo + ow;
+      const float* from = tile + (p - p0);
+      float* to = epi.out + at;
+      const float* r = epi.residual ? epi.residual + at : nullptr;
+      for (int64_t k = 0; k < count; ++k) {
+        const float v = from[k] + (r ? r[k] : 0.0f);
+        to[k] = epi.relu && v < 0.0f ? 0.0f : v;
+      }
+    }
+    p += run;
+  }
+}
 
 template <typename Index>
 struct Product {
@@ -90,6 +116,10 @@ void spmm_rows(const Product<Index>& job, int64_t m0, int64_t m1) {
         const float* s = job.x + static_cast<int64_t>(job.col[e]) * job.ld + p0;
         const float w = job.val[e];
         for (int64_t k = 0; k < n; ++k) acc[k] += w * s[k];
+      }
+      if (job.epi.Wq) {
+        store_wide(job.epi, m, p0, n, acc);
+        continue;
       }
       float* o = job.epi.out + m * job.epi.ldo + p0;
       const float* r = job.epi.residual ? job.epi.residual + m * job.epi.ldr + p0 : nullptr;
@@ -495,9 +525,17 @@ at::Tensor conv2d(const at::Tensor& x, const at::Tensor& indices, const at::Tens
             continue;
           }
           const float* in_row = src + n * s_n + c * s_c + ih * s_h;
-          for (int64_t q = 0; q < Wq; ++q) {
-            const int64_t iw = q * sw + bb - pl;
-            row[q] = iw >= 0 && iw < Wd ? in_row[iw * s_w] : 0.0f;
+          // the columns q whose input column iw = q*sw + bb - pl lies in [0, Wd): [q_lo, q_hi)
+          const int64_t q_lo = std::min(Wq, std::max<int64_t>(0, (pl - bb + sw - 1) / sw));
+          const int64_t q_hi = std::max(q_lo, std::min(Wq, (Wd - 1 + pl - bb) / sw + 1));
+          std::fill(row, row + q_lo, 0.0f);
+          std::fill(row + q_hi, row + Wq, 0.0f);
+          const float* from = in_row + (q_lo * sw + bb - pl) * s_w;
+          if (sw * s_w == 1) {
+            std::memcpy(row + q_lo, from, sizeof(float) * (q_hi - q_lo));
+          } else {
+            const int64_t step = sw * s_w;
+            for (int64_t q = q_lo; q < q_hi; ++q) row[q] = from[(q - q_lo) * step];
           }
         }
     }
@@ -513,32 +551,17 @@ at::Tensor conv2d(const at::Tensor& x, const at::Tensor& indices, const at::Tens
     for (int64_t e = rowptr[m]; e < rowptr[m + 1]; ++e)
       off[e] = static_cast<int32_t>((col[e] / taps + first_channel) * plane + tap_offset[col[e] % taps]);
   }
-  // the wide output p = (n*Hq + oh)*Wq + ow; NCHW directly when it has no extra columns and one sample
+  // the wide output p = (n*Hq + oh)*Wq + ow: stored as it is when it is NCHW (one sample, no extra columns),
+  // else each tile row segment by row segment (store_wide)
   const int64_t P = ((N - 1) * Hq + Ho - 1) * Wq + Wo;
   if (N == 1 && Wq == Wo) {
     Epilogue epi{b, res, Ho * Wo, relu, out.data_ptr<float>(), Ho * Wo};
     run_product(Product<int32_t>{xp, 1, rowptr, off.data(), val, P, epi}, out_channels);
     return out;
   }
-  at::Tensor wide = at::empty({out_channels, P}, x.options());
-  float* w = wide.data_ptr<float>();
-  run_product(Product<int32_t>{xp, 1, rowptr, off.data(), val, P, Epilogue{b, nullptr, 0, false, w, P}},
-              out_channels);
-  float* o = out.data_ptr<float>();
-  at::parallel_for(0, out_channels, 8, [&](int64_t begin, int64_t end) {
-    for (int64_t m = begin; m < end; ++m)
-      for (int64_t n = 0; n < N; ++n)
-        for (int64_t oh = 0; oh < Ho; ++oh) {
-          const float* from = w + m * P + (n * Hq + oh) * Wq;
-          const int64_t at = ((n * out_channels + m) * Ho + oh) * Wo;
-          float* to = o + at;
-          const float* r = res ? res + at : nullptr;
-          for (int64_t ow = 0; ow < Wo; ++ow) {
-            float v = from[ow] + (r ? r[ow] : 0.0f);
-            to[ow] = relu && v < 0.0f ? 0.0f : v;
-          }
-        }
-  });
+  Epilogue epi{b, res, 0, relu, out.data_ptr<float>(), 0};
+  epi.Wq = Wq, epi.Hq = Hq, epi.Ho = Ho, epi.Wo = Wo, epi.M = out_channels;
+  run_product(Product<int32_t>{xp, 1, rowptr, off.data(), val, P, epi}, out_channels);
   return out;
 }
 
