@@ -26,7 +26,7 @@ from ..pool import is_sparsified
 from .batchnorm import fold_batchnorms_
 from .chain import chain_linears_
 from .checkpoint import layer_csr, skeleton
-from .fuse import fuse_epilogues_
+from .fuse import fuse_epilogues_, replace_max_pools_
 from .layers import DENSE, LayerPlan, Planner, SparseConv2d, SparseLinear, density_of, is_conv1d
 from .timing import Timer, default_timer, interleaved_medians
 
@@ -264,6 +264,7 @@ def _plan_(model: nn.Module, example_input: Any, kept_dense: list[LayerPlan], pr
                 side = "output to " + consumer if plan.name == producer else "input from " + producer
                 plan.reason = (plan.reason + "; " if plan.reason else "") + f"feature-first {side}"
     model, fused_epilogues = fuse_epilogues_(model)  # kernels: ReLU / residual add in the compiled kernels' stores
+    replace_max_pools_(model)  # kernels: the compiled max pooling
     for plan in plans:
         if plan.name in fused_epilogues:
             plan.reason = (plan.reason + "; " if plan.reason else "") + "fused epilogue"

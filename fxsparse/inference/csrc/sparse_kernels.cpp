@@ -26,6 +26,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <string>
@@ -565,11 +566,55 @@ at::Tensor conv2d(const at::Tensor& x, const at::Tensor& indices, const at::Tens
   return out;
 }
 
+// ---------------------------------------------------------------------------------------------------------
+// max pooling (NCHW, float32, dilation 1, floor mode): the max over the window's rows first (contiguous,
+// vectorised), then over its columns; NaN propagates as in torch
+// ---------------------------------------------------------------------------------------------------------
+inline float nan_max(float m, float v) { return (v > m || v != v) ? v : m; }  // v != v: NaN
+
+at::Tensor max_pool2d(const at::Tensor& x_in, std::vector<int64_t> kernel_size, std::vector<int64_t> stride,
+                      std::vector<int64_t> padding) {
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat && x_in.dim() == 4, "fxsparse max_pool2d: (N, C, H, W) float32");
+  const at::Tensor x = x_in.contiguous();
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t kh = kernel_size[0], kw = kernel_size[1], sh = stride[0], sw = stride[1], ph = padding[0],
+                pw = padding[1];
+  TORCH_CHECK(2 * ph <= kh && 2 * pw <= kw, "fxsparse max_pool2d: pad should be at most half of the kernel size");
+  const int64_t Ho = (H + 2 * ph - kh) / sh + 1, Wo = (W + 2 * pw - kw) / sw + 1;
+  TORCH_CHECK(H + 2 * ph >= kh && W + 2 * pw >= kw && Ho > 0 && Wo > 0, "fxsparse max_pool2d: output size is too small");
+  at::Tensor out = at::empty({N, C, Ho, Wo}, x.options());
+  const float* src = x.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  at::parallel_for(0, N * C, 4, [&](int64_t begin, int64_t end) {
+    std::vector<float> rows(W);
+    for (int64_t plane = begin; plane < end; ++plane) {
+      const float* in = src + plane * H * W;
+      float* o = dst + plane * Ho * Wo;
+      for (int64_t oh = 0; oh < Ho; ++oh) {
+        const int64_t i0 = std::max<int64_t>(0, oh * sh - ph), i1 = std::min(H, oh * sh - ph + kh);
+        std::copy(in + i0 * W, in + i0 * W + W, rows.begin());
+        for (int64_t i = i0 + 1; i < i1; ++i) {
+          const float* r = in + i * W;
+          for (int64_t w = 0; w < W; ++w) rows[w] = nan_max(rows[w], r[w]);
+        }
+        for (int64_t ow = 0; ow < Wo; ++ow) {
+          const int64_t j0 = std::max<int64_t>(0, ow * sw - pw), j1 = std::min(W, ow * sw - pw + kw);
+          float m = rows[j0];
+          for (int64_t j = j0 + 1; j < j1; ++j) m = nan_max(m, rows[j]);
+          o[oh * Wo + ow] = m;
+        }
+      }
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear", &linear, "sparse linear (CSR weight), float32");
   m.def("conv2d", &conv2d, "direct sparse conv2d (CSR weight), float32");
+  m.def("max_pool2d", &max_pool2d, "max pooling, NCHW float32");
   m.def("isa", &isa, "the instruction set in use");
   m.def("force_isa", &force_isa, "select avx512, avx2, portable or auto");
 }
