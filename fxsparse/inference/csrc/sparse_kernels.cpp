@@ -414,10 +414,14 @@ at::Tensor linear(const at::Tensor& x_in, const at::Tensor& indices, const at::T
     shape.push_back(out_features);
   at::Tensor out = at::empty(shape, x.options());
   if (T == 0 || out_features == 0) return out;
-  if (in == 0) {
+  if (in == 0) {  // no inputs: the bias alone
     out.zero_();
-    if (b) out.add_(features_first_out ? bias->view({out_features, 1}).expand({out_features, T}).reshape(shape)
-                                       : *bias);
+    if (b) {
+      if (features_first_out)
+        out.view({out_features, T}).add_(bias->view({out_features, 1}));
+      else
+        out.view({T, out_features}).add_(*bias);
+    }
     return relu ? out.clamp_min_(0) : out;
   }
   const int32_t* rowptr = offsets.data_ptr<int32_t>();
