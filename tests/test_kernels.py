@@ -418,3 +418,28 @@ def test_sparse_layers_report_native_path():
     fast = fxsparse.accelerate(model, torch.randn(1, 3, 6, 6), timer=native_only)
     assert isinstance(fast[0], SparseConv2d) and fast[0].kernel == "native" and fast[0].indices.dtype == torch.int32
     assert isinstance(fast[2], SparseLinear) and fast[2].indices.dtype == torch.int16  # compact decode indices
+
+
+@pytest.mark.parametrize(
+    "shape, kernel, stride, padding",
+    [((1, 4, 12, 12), 3, 2, 1), ((2, 3, 9, 8), 3, 2, 1), ((1, 5, 7, 7), 2, 2, 0), ((0, 3, 9, 9), 3, 1, 1)]
+    + [((1, 2, 10, 11), (3, 2), (1, 2), (1, 0)), ((1, 1, 3, 3), 3, 1, 0)],
+)
+def test_native_max_pool_equals_max_pool2d(shape, kernel, stride, padding, threads):
+    x = torch.randn(shape)
+    if x.numel():
+        x.view(-1)[3] = float("nan")  # propagates, as in torch
+    pair = nn.modules.utils._pair
+    out = torch.ops.fxsparse.native_max_pool2d(x, list(pair(kernel)), list(pair(stride)), list(pair(padding)))
+    ref = F.max_pool2d(x, kernel, stride, padding)
+    assert torch.equal(out.isnan(), ref.isnan()) and torch.equal(out.nan_to_num(), ref.nan_to_num())
+
+
+def test_accelerate_replaces_exact_max_pools():
+    model = prune_(nn.Sequential(nn.Conv2d(3, 4, 3), nn.MaxPool2d(3, 2, 1), nn.MaxPool2d(2, ceil_mode=True)))
+    x = torch.randn(2, 3, 11, 11)
+    fast = fxsparse.accelerate(model, x, timer=native_only)
+    assert type(fast[1]).__name__ == "MaxPool2d" and type(fast[1]) is not nn.MaxPool2d
+    assert type(fast[2]) is nn.MaxPool2d  # ceil mode: torch's own
+    with torch.no_grad():
+        assert rel_error(fast(x), model(x)) <= 1e-5

@@ -27,7 +27,7 @@ from .batchnorm import fold_batchnorms_
 from .chain import chain_linears_
 from .checkpoint import layer_csr, skeleton
 from .end_to_end import default_model_timer, keep_csr_parts, keep_what_wins
-from .fuse import fuse_epilogues_
+from .fuse import fuse_epilogues_, replace_max_pools_
 from .layers import DENSE, LayerPlan, Planner, SparseConv2d, SparseLinear, density_of, is_conv1d
 from .timing import Timer, default_timer, interleaved_medians
 
@@ -289,6 +289,7 @@ def _plan_(
                 side = "output to " + consumer if plan.name == producer else "input from " + producer
                 plan.reason = (plan.reason + "; " if plan.reason else "") + f"feature-first {side}"
     model, fused_epilogues = fuse_epilogues_(model)  # kernels: ReLU / residual add in the compiled kernels' stores
+    replace_max_pools_(model)  # kernels: the compiled max pooling
     for plan in plans:
         if plan.name in fused_epilogues:
             plan.reason = (plan.reason + "; " if plan.reason else "") + "fused epilogue"

@@ -55,6 +55,7 @@ _LIBRARY.define(
     "int out_channels, int groups, int[2] kernel_size, int[2] stride, int[4] padding, int[2] dilation, bool relu) "
     "-> Tensor"
 )
+_LIBRARY.define("native_max_pool2d(Tensor x, int[2] kernel_size, int[2] stride, int[2] padding) -> Tensor")
 _LIBRARY.define(
     "native_linear(Tensor x, Tensor indices, Tensor offsets, Tensor weights, Tensor? bias, int out_features, "
     "bool features_first_in, bool features_first_out, bool relu) -> Tensor"
@@ -332,6 +333,21 @@ def _native_linear(x, indices, offsets, weights, bias, out_features, features_fi
     return module.linear(x, indices, offsets, weights, bias, out_features, features_first_in, features_first_out, relu)
 
 
+def _native_max_pool2d(x, kernel_size, stride, padding):
+    """F.max_pool2d (dilation 1, floor mode) on the compiled kernel for float32 inputs (torch's own elsewhere)."""
+    from . import native
+
+    module = native.kernels()
+    if module is None or x.dtype != torch.float32 or x.dim() != 4:
+        return F.max_pool2d(x, kernel_size, stride, padding)
+    return module.max_pool2d(x, kernel_size, stride, padding)
+
+
+def _native_max_pool2d_fake(x, kernel_size, stride, padding):
+    (kh, kw), (sh, sw), (ph, pw) = kernel_size, stride, padding
+    return x.new_empty((*x.shape[:-2], (x.shape[-2] + 2 * ph - kh) // sh + 1, (x.shape[-1] + 2 * pw - kw) // sw + 1))
+
+
 def _native_conv2d_fake(
     x, indices, offsets, weights, bias, residual, out_channels, groups, kernel_size, stride, padding, dilation, relu
 ):
@@ -346,6 +362,8 @@ def _native_linear_fake(x, indices, offsets, weights, bias, out_features, featur
 _LIBRARY.impl("conv2d", _conv2d, "CPU")
 _LIBRARY.impl("native_conv2d", _native_conv2d, "CPU")
 _LIBRARY.impl("native_linear", _native_linear, "CPU")
+_LIBRARY.impl("native_max_pool2d", _native_max_pool2d, "CPU")
+torch.library.register_fake("fxsparse::native_max_pool2d", _native_max_pool2d_fake, lib=_LIBRARY)
 torch.library.register_fake("fxsparse::native_conv2d", _native_conv2d_fake, lib=_LIBRARY)
 torch.library.register_fake("fxsparse::native_linear", _native_linear_fake, lib=_LIBRARY)
 _LIBRARY.impl("linear", _linear, "CPU")

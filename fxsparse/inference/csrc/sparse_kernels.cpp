@@ -26,6 +26,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <string>
@@ -45,7 +46,33 @@ struct Epilogue {
   bool relu = false;
   float* out = nullptr;  // out[m * ldo + p]
   int64_t ldo = 0;
+  // a direct conv's wide columns p = (n*Hq + oh)*Wq + ow (Wq > 0): only oh < Ho, ow < Wo are stored, at
+  // out[((n*M + m)*Ho + oh)*Wo + ow] (NCHW), the residual read at the same place
+  int64_t Wq = 0, Hq = 0, Ho = 0, Wo = 0, M = 0;
 };
+
+// Store the columns [p0, p0 + n) of row m (values in `tile`, bias included) of a wide product into NCHW,
+// with the residual and the ReLU: a few row segments per tile.
+inline void store_wide(const Epilogue& epi, int64_t m, int64_t p0, int64_t n, const float* tile) {
+  int64_t p = p0;
+  const int64_t end = p0 + n, plane = epi.Hq * epi.Wq;
+  while (p < end) {
+    const int64_t sample = p / plane, oh = (p % plane) / epi.Wq, ow = p % epi.Wq;
+    const int64_t run = std::min(epi.Wq - ow, end - p);
+    if (oh < epi.Ho && ow < epi.Wo) {
+      const int64_t count = std::min(run, epi.Wo - ow);
+      const int64_t at = ((sample * epi.M + m) * epi.Ho + oh) * epi.Wo + ow;
+      const float* from = tile + (p - p0);
+      float* to = epi.out + at;
+      const float* r = epi.residual ? epi.residual + at : nullptr;
+      for (int64_t k = 0; k < count; ++k) {
+        const float v = from[k] + (r ? r[k] : 0.0f);
+        to[k] = epi.relu && v < 0.0f ? 0.0f : v;
+      }
+    }
+    p += run;
+  }
+}
 
 template <typename Index>
 struct Product {
@@ -90,6 +117,10 @@ void spmm_rows(const Product<Index>& job, int64_t m0, int64_t m1) {
         const float* s = job.x + static_cast<int64_t>(job.col[e]) * job.ld + p0;
         const float w = job.val[e];
         for (int64_t k = 0; k < n; ++k) acc[k] += w * s[k];
+      }
+      if (job.epi.Wq) {
+        store_wide(job.epi, m, p0, n, acc);
+        continue;
       }
       float* o = job.epi.out + m * job.epi.ldo + p0;
       const float* r = job.epi.residual ? job.epi.residual + m * job.epi.ldr + p0 : nullptr;
@@ -383,10 +414,14 @@ at::Tensor linear(const at::Tensor& x_in, const at::Tensor& indices, const at::T
     shape.push_back(out_features);
   at::Tensor out = at::empty(shape, x.options());
   if (T == 0 || out_features == 0) return out;
-  if (in == 0) {
+  if (in == 0) {  // no inputs: the bias alone
     out.zero_();
-    if (b) out.add_(features_first_out ? bias->view({out_features, 1}).expand({out_features, T}).reshape(shape)
-                                       : *bias);
+    if (b) {
+      if (features_first_out)
+        out.view({out_features, T}).add_(bias->view({out_features, 1}));
+      else
+        out.view({T, out_features}).add_(*bias);
+    }
     return relu ? out.clamp_min_(0) : out;
   }
   const int32_t* rowptr = offsets.data_ptr<int32_t>();
@@ -495,9 +530,17 @@ at::Tensor conv2d(const at::Tensor& x, const at::Tensor& indices, const at::Tens
             continue;
           }
           const float* in_row = src + n * s_n + c * s_c + ih * s_h;
-          for (int64_t q = 0; q < Wq; ++q) {
-            const int64_t iw = q * sw + bb - pl;
-            row[q] = iw >= 0 && iw < Wd ? in_row[iw * s_w] : 0.0f;
+          // the columns q whose input column iw = q*sw + bb - pl lies in [0, Wd): [q_lo, q_hi)
+          const int64_t q_lo = std::min(Wq, std::max<int64_t>(0, (pl - bb + sw - 1) / sw));
+          const int64_t q_hi = std::max(q_lo, std::min(Wq, (Wd - 1 + pl - bb) / sw + 1));
+          std::fill(row, row + q_lo, 0.0f);
+          std::fill(row + q_hi, row + Wq, 0.0f);
+          const float* from = in_row + (q_lo * sw + bb - pl) * s_w;
+          if (sw * s_w == 1) {
+            std::memcpy(row + q_lo, from, sizeof(float) * (q_hi - q_lo));
+          } else {
+            const int64_t step = sw * s_w;
+            for (int64_t q = q_lo; q < q_hi; ++q) row[q] = from[(q - q_lo) * step];
           }
         }
     }
@@ -513,31 +556,59 @@ at::Tensor conv2d(const at::Tensor& x, const at::Tensor& indices, const at::Tens
     for (int64_t e = rowptr[m]; e < rowptr[m + 1]; ++e)
       off[e] = static_cast<int32_t>((col[e] / taps + first_channel) * plane + tap_offset[col[e] % taps]);
   }
-  // the wide output p = (n*Hq + oh)*Wq + ow; NCHW directly when it has no extra columns and one sample
+  // the wide output p = (n*Hq + oh)*Wq + ow: stored as it is when it is NCHW (one sample, no extra columns),
+  // else each tile row segment by row segment (store_wide)
   const int64_t P = ((N - 1) * Hq + Ho - 1) * Wq + Wo;
   if (N == 1 && Wq == Wo) {
     Epilogue epi{b, res, Ho * Wo, relu, out.data_ptr<float>(), Ho * Wo};
     run_product(Product<int32_t>{xp, 1, rowptr, off.data(), val, P, epi}, out_channels);
     return out;
   }
-  at::Tensor wide = at::empty({out_channels, P}, x.options());
-  float* w = wide.data_ptr<float>();
-  run_product(Product<int32_t>{xp, 1, rowptr, off.data(), val, P, Epilogue{b, nullptr, 0, false, w, P}},
-              out_channels);
-  float* o = out.data_ptr<float>();
-  at::parallel_for(0, out_channels, 8, [&](int64_t begin, int64_t end) {
-    for (int64_t m = begin; m < end; ++m)
-      for (int64_t n = 0; n < N; ++n)
-        for (int64_t oh = 0; oh < Ho; ++oh) {
-          const float* from = w + m * P + (n * Hq + oh) * Wq;
-          const int64_t at = ((n * out_channels + m) * Ho + oh) * Wo;
-          float* to = o + at;
-          const float* r = res ? res + at : nullptr;
-          for (int64_t ow = 0; ow < Wo; ++ow) {
-            float v = from[ow] + (r ? r[ow] : 0.0f);
-            to[ow] = relu && v < 0.0f ? 0.0f : v;
-          }
+  Epilogue epi{b, res, 0, relu, out.data_ptr<float>(), 0};
+  epi.Wq = Wq, epi.Hq = Hq, epi.Ho = Ho, epi.Wo = Wo, epi.M = out_channels;
+  run_product(Product<int32_t>{xp, 1, rowptr, off.data(), val, P, epi}, out_channels);
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// max pooling (NCHW, float32, dilation 1, floor mode): the max over the window's rows first (contiguous,
+// vectorised), then over its columns; NaN propagates as in torch
+// ---------------------------------------------------------------------------------------------------------
+inline float nan_max(float m, float v) { return (v > m || v != v) ? v : m; }  // v != v: NaN
+
+at::Tensor max_pool2d(const at::Tensor& x_in, std::vector<int64_t> kernel_size, std::vector<int64_t> stride,
+                      std::vector<int64_t> padding) {
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat && x_in.dim() == 4, "fxsparse max_pool2d: (N, C, H, W) float32");
+  const at::Tensor x = x_in.contiguous();
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t kh = kernel_size[0], kw = kernel_size[1], sh = stride[0], sw = stride[1], ph = padding[0],
+                pw = padding[1];
+  TORCH_CHECK(2 * ph <= kh && 2 * pw <= kw, "fxsparse max_pool2d: pad should be at most half of the kernel size");
+  const int64_t Ho = (H + 2 * ph - kh) / sh + 1, Wo = (W + 2 * pw - kw) / sw + 1;
+  TORCH_CHECK(H + 2 * ph >= kh && W + 2 * pw >= kw && Ho > 0 && Wo > 0, "fxsparse max_pool2d: output size is too small");
+  at::Tensor out = at::empty({N, C, Ho, Wo}, x.options());
+  const float* src = x.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  at::parallel_for(0, N * C, 4, [&](int64_t begin, int64_t end) {
+    std::vector<float> rows(W);
+    for (int64_t plane = begin; plane < end; ++plane) {
+      const float* in = src + plane * H * W;
+      float* o = dst + plane * Ho * Wo;
+      for (int64_t oh = 0; oh < Ho; ++oh) {
+        const int64_t i0 = std::max<int64_t>(0, oh * sh - ph), i1 = std::min(H, oh * sh - ph + kh);
+        std::copy(in + i0 * W, in + i0 * W + W, rows.begin());
+        for (int64_t i = i0 + 1; i < i1; ++i) {
+          const float* r = in + i * W;
+          for (int64_t w = 0; w < W; ++w) rows[w] = nan_max(rows[w], r[w]);
         }
+        for (int64_t ow = 0; ow < Wo; ++ow) {
+          const int64_t j0 = std::max<int64_t>(0, ow * sw - pw), j1 = std::min(W, ow * sw - pw + kw);
+          float m = rows[j0];
+          for (int64_t j = j0 + 1; j < j1; ++j) m = nan_max(m, rows[j]);
+          o[oh * Wo + ow] = m;
+        }
+      }
+    }
   });
   return out;
 }
@@ -547,6 +618,7 @@ at::Tensor conv2d(const at::Tensor& x, const at::Tensor& indices, const at::Tens
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear", &linear, "sparse linear (CSR weight), float32");
   m.def("conv2d", &conv2d, "direct sparse conv2d (CSR weight), float32");
+  m.def("max_pool2d", &max_pool2d, "max pooling, NCHW float32");
   m.def("isa", &isa, "the instruction set in use");
   m.def("force_isa", &force_isa, "select avx512, avx2, portable or auto");
 }

@@ -11,8 +11,7 @@
 // Two accumulator sets (even / odd nonzeros), so that more FMAs are in flight than one set allows.
 template <int NV, typename Index>
 static void spmm_tile(const Product<Index>& job, int64_t m0, int64_t m1, int64_t p0, int64_t n) {
-  constexpr bool TWO = true;
-  const typename V::mask last = V::tail(n - (NV - 1) * V::W);
+    const typename V::mask last = V::tail(n - (NV - 1) * V::W);
   const float* x = job.x + p0;
   for (int64_t m = m0; m < m1; ++m) {
     typename V::reg a[NV], b[NV];
@@ -23,8 +22,7 @@ static void spmm_tile(const Product<Index>& job, int64_t m0, int64_t m1, int64_t
     }
     int64_t e = job.rowptr[m];
     const int64_t end = job.rowptr[m + 1];
-    if (TWO) {
-      for (; e + 1 < end; e += 2) {
+    for (; e + 1 < end; e += 2) {
         const float* s0 = x + static_cast<int64_t>(job.col[e]) * job.ld;
         const float* s1 = x + static_cast<int64_t>(job.col[e + 1]) * job.ld;
         const typename V::reg w0 = V::set1(job.val[e]), w1 = V::set1(job.val[e + 1]);
@@ -34,7 +32,6 @@ static void spmm_tile(const Product<Index>& job, int64_t m0, int64_t m1, int64_t
         }
         a[NV - 1] = V::fma(w0, V::load_tail(s0 + (NV - 1) * V::W, last), a[NV - 1]);
         b[NV - 1] = V::fma(w1, V::load_tail(s1 + (NV - 1) * V::W, last), b[NV - 1]);
-      }
     }
     for (; e < end; ++e) {
       const float* s0 = x + static_cast<int64_t>(job.col[e]) * job.ld;
@@ -42,8 +39,13 @@ static void spmm_tile(const Product<Index>& job, int64_t m0, int64_t m1, int64_t
       for (int v = 0; v < NV - 1; ++v) a[v] = V::fma(w0, V::load(s0 + v * V::W), a[v]);
       a[NV - 1] = V::fma(w0, V::load_tail(s0 + (NV - 1) * V::W, last), a[NV - 1]);
     }
-    if (TWO)
-      for (int v = 0; v < NV; ++v) a[v] = V::add(a[v], b[v]);
+    for (int v = 0; v < NV; ++v) a[v] = V::add(a[v], b[v]);
+    if (job.epi.Wq) {  // a direct conv's wide columns: through a buffer, row segment by row segment
+      alignas(64) float tile[NV * V::W];
+      for (int v = 0; v < NV; ++v) V::store(tile + v * V::W, a[v]);
+      store_wide(job.epi, m, p0, n, tile);
+      continue;
+    }
     if (job.epi.residual) {
       const float* r = job.epi.residual + m * job.epi.ldr + p0;
       for (int v = 0; v < NV - 1; ++v) a[v] = V::add(a[v], V::load(r + v * V::W));
