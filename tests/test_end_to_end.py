@@ -26,16 +26,17 @@ def prune_(model: nn.Module, density: float = 0.2) -> nn.Module:
 
 
 class Net(nn.Module):
-    """conv-BN-ReLU, conv, a head: three convertible layers and one foldable BatchNorm."""
+    """conv-BN-ReLU, max pooling, conv, a head: three convertible layers and one foldable BatchNorm."""
 
     def __init__(self):
         super().__init__()
         self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.pool = nn.MaxPool2d(2)
         self.conv2 = nn.Conv2d(8, 16, 1)
         self.fc = nn.Linear(16, 5)
 
     def forward(self, x):
-        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.pool(F.relu(self.bn1(self.conv1(x))))
         return self.fc(F.relu(self.conv2(x)).mean((2, 3)))
 
 
@@ -94,6 +95,7 @@ def test_model_where_sparse_cannot_win_comes_back_dense():
     assert timer.calls == [["dense", "sparse"], ["dense", "top 1"]]
     assert [type(m) for m in (fast.conv1, fast.conv2, fast.fc)] == [nn.Conv2d, nn.Conv2d, nn.Linear]
     assert not any(isinstance(m, (SparseConv2d, SparseLinear, nn.BatchNorm2d)) for m in fast.modules())
+    assert all(type(m).__module__.startswith("torch.") for m in fast.modules())  # the dense model, nothing else
     plan = fast.fxsparse_plan
     assert plan.end_to_end["chosen"] == "dense" and plan.end_to_end["sparse_layers"] == 0
     assert set(plan.end_to_end["ms"]) == {"dense", "sparse", "top 1"}
