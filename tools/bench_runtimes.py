@@ -195,10 +195,11 @@ class DeepSparseRuntime(Runtime):
             env=env,
         )
         line = self._read()
-        while line and line != "ready":  # DeepSparse prints its own banner lines first
+        while line and not line.startswith("ready"):  # DeepSparse prints its own banner lines first
             line = self._read()
-        if line != "ready":
+        if not line.startswith("ready"):
             raise RuntimeError("the DeepSparse worker exited before its engine was ready (see its messages above)")
+        self.version = line.partition(" ")[2]
 
     def _read(self) -> str:
         return self.process.stdout.readline().strip()

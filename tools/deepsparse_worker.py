@@ -3,7 +3,7 @@ numpy 1.x and onnx < 1.15, which the project's environment does not pin).
 
     python deepsparse_worker.py MODEL.onnx INPUTS.npz THREADS BATCH
 
-Compiles the engine, prints "ready", then answers one line per command on stdin:
+Compiles the engine, prints "ready VERSION", then answers one line per command on stdin:
     run           -> seconds of one engine.run on the inputs (time.perf_counter around the call)
     output PATH   -> writes the first output to PATH (.npy), answers "ok"
     profile PATH  -> per-layer times of DeepSparse's debug analysis as JSON at PATH (or the error), answers "ok"
@@ -22,12 +22,13 @@ import numpy as np  # noqa: E402
 
 def main() -> None:
     onnx_path, inputs_path, threads, batch = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    import deepsparse
     from deepsparse import compile_model
 
     arrays = np.load(inputs_path)
     inputs = [arrays[name] for name in arrays.files]
     engine = compile_model(onnx_path, batch_size=batch, num_cores=threads)
-    print("ready", flush=True)
+    print("ready", deepsparse.__version__, flush=True)
     for line in sys.stdin:
         command, _, argument = line.strip().partition(" ")
         if command == "run":
