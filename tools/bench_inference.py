@@ -1,16 +1,22 @@
 #!/usr/bin/env python
-"""Inference speed of fxsparse.accelerate against the dense-with-zeros model (issue 11).
+"""Inference speed of fxsparse.accelerate against torch eager dense and the runtimes users would pick (issue 16).
 
-For each configuration (model, masks, sparsity, batch, threads) it builds the sparse model, accelerates it
-at that batch and thread count, prints the per-layer table (dense ms, best sparse ms, chosen path) and the
-end-to-end latency of the accelerated model against the same folded model run dense (BatchNorms folded
-into the convs, eager, same process, interleaved runs, medians). With one thread, times are the thread's
-CPU time (robust on a shared machine); with more, wall-clock time (run those on a quiet machine).
+For each configuration (model, masks, sparsity, batch, threads) it builds the sparse model (random init, no
+download; BatchNorm statistics calibrated on random batches after pruning, as a trained model's would be),
+accelerates it at that batch and thread count, and times in the same interleaved rounds (wall clock,
+medians): the baseline, torch eager on the dense-with-zeros model with its BatchNorms folded into the convs;
+fxsparse; and, each optional (skipped with a one-line note when not installed), torch.compile of the dense
+model, ONNX Runtime and OpenVINO (fp32) on the ONNX export of the same model, and DeepSparse 1.8.0 in its own
+venv (--deepsparse-python or $FXSPARSE_DEEPSPARSE_PYTHON). Every runtime's output is checked against the
+baseline's. --table prints the per-layer plan and a per-block comparison (--layers adds ONNX Runtime's and
+DeepSparse's profiles), so the remaining gap shows layer by layer.
 
-Masks: "magnitude" prunes every conv/linear weight to the sparsity by |w|, layer by layer (close to the
-MAC density of a trained ST-3-sigma model); --checkpoint takes a CSR checkpoint instead (e.g. the main
-job's runs/<name>/model.csr.safetensors, with --arch fxsparse.models:SmallCNN --input 1,1,28,28), built
-with fxsparse.accelerate_checkpoint (its sparse weights never densified).
+Models: timm names, bert-base (transformers BERT-base config, 128 tokens), gpt2 (124M config: generate() of
+--new-tokens greedy tokens at batch 1, tokens/s, and whether the tokens equal the folded model's).
+Masks: "magnitude" prunes every conv/linear weight to the sparsity by |w|, layer by layer; "global-sigma" is
+a global ST-3-sigma-shaped mask (score |w| * sqrt(S_l), one threshold), reported against its MAC reduction;
+--checkpoint takes a CSR checkpoint instead (e.g. the main job's runs/<name>/model.csr.safetensors, with
+--arch cnn --input 1,1,28,28), built with fxsparse.accelerate_checkpoint.
 
 --save-checkpoint PATH writes the magnitude-pruned model as a CSR checkpoint (first --model/--sparsity), and
 --memory PATH measures, in this fresh process, the peak memory growth of fxsparse.accelerate_checkpoint
@@ -22,16 +28,17 @@ Results are appended to --results (JSON lines); a configuration already there is
 so an interrupted run resumes and single configurations are cheap to redo. --plot draws speedup against
 sparsity from the results file.
 
-    python tools/bench_inference.py --model resnet50 --sparsity 0.9 0.95 --batch 1 --threads 1 --table
-    python tools/bench_inference.py --model resnet50 vit_small_patch16_224 bert-base --sparsity 0.9 --batch 1 16 \
-        --threads 1 2
-    python tools/bench_inference.py --checkpoint runs/main/model.csr.safetensors --arch fxsparse.models:SmallCNN \
-        --input 1,1,28,28 --batch 1 16
-    python tools/bench_inference.py --plot speedup.png
+    pip install -e .[bench]
+    python3.11 -m venv /opt/ds && /opt/ds/bin/pip install deepsparse==1.8.0
+    export FXSPARSE_DEEPSPARSE_PYTHON=/opt/ds/bin/python
+    python tools/bench_inference.py --model resnet50 --sparsity 0.9 0.95 --batch 1 --threads 1 2 --table --layers
+    python tools/bench_inference.py --model bert-base gpt2 --sparsity 0.9 --threads 1
+    python tools/bench_inference.py --model resnet50 --masks global-sigma --sparsity 0.9 --runtimes
+    python tools/bench_inference.py --checkpoint runs/main/model.csr.safetensors --arch cnn --input 1,1,28,28 --runtimes
     python tools/bench_inference.py --show --table
+    python tools/bench_inference.py --plot speedup.png
     python tools/bench_inference.py --model resnet50 --sparsity 0.9 --save-checkpoint r50.safetensors
     python tools/bench_inference.py --memory r50.safetensors --arch resnet50
-    python tools/bench_inference.py --memory r50.safetensors --paths plan.json
 """
 
 from __future__ import annotations
@@ -53,7 +60,9 @@ from fxsparse.inference import interleaved_medians
 from fxsparse.inference.timing import clock_name
 
 BERT = "bert-base"
-MODELS = ("resnet50", "vit_small_patch16_224", BERT)
+GPT2 = "gpt2"  # generate() of --new-tokens tokens, batch 1 (tokens/s)
+MODELS = ("resnet50", "vit_small_patch16_224", BERT, GPT2)
+OPTIONAL_RUNTIMES = ("compile", "onnxruntime", "openvino", "deepsparse")
 
 
 def build(model_name: str, seed: int = 0) -> nn.Module:
@@ -76,11 +85,27 @@ def example(model_name: str, batch: int, input_shape: list[int] | None = None) -
     return torch.randn(batch, *shape, generator=torch.Generator().manual_seed(0))
 
 
+def _pruned_types() -> tuple[type, ...]:
+    """Conv2d, Linear and transformers' Conv1D (GPT-2), whose weights are pruned."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+
+        return (nn.Conv2d, nn.Linear, Conv1D)
+    except ImportError:
+        return (nn.Conv2d, nn.Linear)
+
+
+PRUNED = _pruned_types()
+
+
 @torch.no_grad()
 def magnitude_prune_(model: nn.Module, sparsity: float) -> None:
-    """Zero the round(sparsity * numel) smallest |w| of every conv/linear weight (ties broken by position)."""
+    """Zero the round(sparsity * numel) smallest |w| of every conv/linear weight (ties broken by position; a tied
+    weight, e.g. GPT-2's lm_head and embedding, is pruned once)."""
+    seen = set()
     for module in model.modules():
-        if isinstance(module, (nn.Conv2d, nn.Linear)):
+        if isinstance(module, PRUNED) and id(module.weight) not in seen:
+            seen.add(id(module.weight))
             weight = module.weight.view(-1)
             weight[weight.abs().argsort(stable=True)[: round(sparsity * weight.numel())]] = 0
 
@@ -116,64 +141,196 @@ def model_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
 
 
+@torch.no_grad()
+def global_sigma_prune_(model: nn.Module, sparsity: float) -> None:
+    """A global ST-3-sigma-shaped mask: score |w| * sqrt(S_l) (S_l the sum of the weight's shape dims, as
+    fxsparse's st3sigma ranks), one threshold over every conv/linear weight, the lowest round(sparsity * total)
+    scores zeroed."""
+    from fxsparse.methods.st3 import shape_sum
+
+    weights = [m.weight for m in model.modules() if isinstance(m, PRUNED)]
+    scores = torch.cat([w.abs().flatten() * math.sqrt(shape_sum(w)) for w in weights])
+    threshold = scores.kthvalue(round(sparsity * scores.numel())).values
+    for weight in weights:
+        weight[weight.abs() * math.sqrt(shape_sum(weight)) <= threshold] = 0
+
+
+def prepared_model(config: dict[str, Any], args, cache: dict) -> nn.Module:
+    """The pruned model with trained-like BatchNorm statistics (cached across batch and thread counts)."""
+    key = (config["model"], config["masks"], config["sparsity"])
+    if key not in cache:  # a new model: what was compiled for the last one goes too
+        cache.clear()
+        if config["masks"] == "checkpoint":
+            from fxsparse.train.loading import load_model
+
+            cache[key] = load_model(args.arch, args.checkpoint).model.eval()
+            return cache[key]
+        model = build(config["model"])
+        (global_sigma_prune_ if config["masks"] == "global-sigma" else magnitude_prune_)(model, config["sparsity"])
+        calibrate_batchnorms_(model, example(config["model"], 8, args.input))
+        cache[key] = model
+    return cache[key]
+
+
 def run_config(config: dict[str, Any], args, cache: dict) -> dict[str, Any]:
+    """fxsparse and every other runtime against torch eager on the dense model (BN folded), same rounds."""
+    import tempfile
+
+    import bench_runtimes as rt
+
     torch.set_num_threads(config["threads"])
-    clock = {"auto": None, "cpu": time.thread_time, "wall": time.perf_counter}[args.clock]
+    clock = {"auto": None, "cpu": time.thread_time, "wall": time.perf_counter}[args.clock]  # accelerate's choices
 
     def timer(candidates):
         return interleaved_medians(candidates, repeats=args.layer_repeats, min_sample_s=1e-3, clock=clock)
 
-    x = example(config["model"] if config["masks"] == "magnitude" else "", config["batch"], args.input)
-    start = time.perf_counter()
-    if config["masks"] == "magnitude":
-        key = (config["model"], config["sparsity"])
-        if key not in cache:
-            cache.clear()
-            model = build(config["model"])
-            magnitude_prune_(model, config["sparsity"])
-            calibrate_batchnorms_(model, example(config["model"], 8, args.input))
-            cache[key] = model
-        model = cache[key]
-        fast = fxsparse.accelerate(model, x, timer=timer, progress=not args.no_progress)
-    else:
-        from fxsparse.train.loading import load_model
+    def model_timer(candidates):
+        return interleaved_medians(candidates, repeats=7, warmup=2, min_sample_s=5e-3, clock=clock)
 
-        model = load_model(args.arch, args.checkpoint).model
-        fast = fxsparse.accelerate_checkpoint(args.checkpoint, args.arch, x, timer=timer, progress=not args.no_progress)
+    model = prepared_model(config, args, cache)
+    x = example(config["model"] if config["masks"] != "checkpoint" else "", config["batch"], args.input)
+    options = dict(timer=timer, model_timer=model_timer, progress=not args.no_progress)
+    start = time.perf_counter()
+    if config["masks"] == "checkpoint":
+        fast = fxsparse.accelerate_checkpoint(args.checkpoint, args.arch, x, **options)
+    else:
+        fast = fxsparse.accelerate(model, x, **options)
     plan_s = time.perf_counter() - start
     dense = fxsparse.inference.dense_baseline(model)
-    with torch.no_grad():
-        reference = fxsparse.inference.call_model(dense, x)
-        output = fxsparse.inference.call_model(fast, x)
-    reference = getattr(reference, "last_hidden_state", reference)
-    output = getattr(output, "last_hidden_state", output)
-    error = float((output - reference).abs().max() / reference.abs().max())
-    with torch.inference_mode():
-        times = interleaved_medians(
-            {
-                "dense": lambda: fxsparse.inference.call_model(dense, x),
-                "accelerated": lambda: fxsparse.inference.call_model(fast, x),
-            },
-            repeats=args.repeats,
-            warmup=2,
-            min_sample_s=0.0,
-            clock=clock,
+    baseline = rt.TorchRuntime(BASELINE, dense, x)
+    runtimes: list = [baseline, rt.TorchRuntime("fxsparse", fast, x)]
+    notes: list[str] = []
+    with tempfile.TemporaryDirectory() as workdir:
+        onnx_path = None
+        wanted = [r for r in args.runtimes if r != "compile"]
+        if wanted:
+            try:
+                onnx_path = os.path.join(workdir, "model.onnx")
+                rt.export_onnx(model, dense, x, onnx_path)
+            except ImportError as error:
+                onnx_path, _ = None, notes.append(f"ONNX export: skipped (not installed: {error.name})")
+            except Exception as error:
+                onnx_path = None
+                notes.append(f"ONNX export: failed ({type(error).__name__}: {str(error).splitlines()[0][:200]})")
+        if "compile" in args.runtimes and ("compiled", config["batch"]) not in cache:  # compiled once per shape
+            cache["compiled", config["batch"]] = torch.compile(dense)
+        compiled = cache.get(("compiled", config["batch"]))
+        ds_python = rt.deepsparse_python(args.deepsparse_python)
+        others, more = rt.make_runtimes(
+            args.runtimes, dense, x, config["threads"], config["batch"], workdir, onnx_path, ds_python, compiled
         )
+        runtimes += others
+        notes += more
+        reference = baseline.output()
+        errors = {r.name: rt.relative_error(r.output(), reference) for r in runtimes}
+        times = rt.interleaved_rounds(runtimes, repeats=args.repeats)  # wall clock, every runtime
+        layer_ms = {}
+        for runtime in others:
+            if args.layers and hasattr(runtime, "layer_ms"):
+                if isinstance(runtime, rt.OnnxRuntime):  # a profiling session of its own
+                    layer_ms[runtime.name] = rt.OnnxRuntime(onnx_path, x, config["threads"], profile=True).layer_ms()
+                else:
+                    layer_ms[runtime.name] = runtime.layer_ms()
+        for runtime in runtimes:
+            runtime.close()
+    for note in notes:
+        print(note, flush=True)
+    plan = fast.fxsparse_plan
+    base = times[BASELINE]
+    return {
+        **config,
+        "dense_ms": 1e3 * base,
+        "accelerated_ms": 1e3 * times["fxsparse"],
+        "speedup": base / times["fxsparse"],
+        "runtimes": {
+            name: {"ms": 1e3 * t, "speedup": base / t, "relative_error": errors[name]} for name, t in times.items()
+        },
+        "versions": {r.name: getattr(r, "version", torch.__version__) for r in runtimes},
+        "notes": notes,
+        "relative_error": errors["fxsparse"],
+        "clock": "wall clock",
+        "plan_clock": clock_name(clock),
+        "plan_seconds": plan_s,
+        "sparse_layers": len(plan.sparse_layers),
+        "layers": len(plan.layers),
+        "mac_reduction": mac_reduction(dense, x),
+        "dense_bytes": model_bytes(dense),
+        "accelerated_bytes": model_bytes(fast),
+        "torch": torch.__version__,
+        "machine": cpu_name(),
+        "cpus": os.cpu_count(),
+        "plan": plan.to_dict(),
+        "layer_ms": layer_ms,
+        "table": plan.table(),
+    }
+
+
+BASELINE = "torch eager (dense, BN folded)"
+
+
+def mac_reduction(dense: nn.Module, x: Any) -> float:
+    """dense MACs / sparse MACs of one forward (fxsparse.flops)."""
+    report = fxsparse.flops(dense, x)
+    return report.dense_macs / max(report.sparse_macs, 1)
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def run_generate(config: dict[str, Any], args) -> dict[str, Any]:
+    """GPT-2 (124M config, random init, every linear/Conv1D weight magnitude-pruned): generate() of
+    ``--new-tokens`` greedy tokens at batch 1, tokens/s of the accelerated model against the folded model."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.set_num_threads(config["threads"])
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config()).eval()
+    magnitude_prune_(model, config["sparsity"])
+    prompt = torch.randint(0, 50257, (1, 8), generator=torch.Generator().manual_seed(0))
+    start = time.perf_counter()
+    fast = fxsparse.accelerate(model, {"input_ids": prompt[:, :1]}, progress=not args.no_progress)
+    plan_s = time.perf_counter() - start
+    dense = fxsparse.inference.dense_baseline(model)
+    kwargs = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
+
+    def generate(m):
+        with torch.inference_mode():
+            return m.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), **kwargs)
+
+    same = bool(torch.equal(generate(dense), generate(fast)))
+    times = interleaved_medians(
+        {BASELINE: lambda: generate(dense), "fxsparse": lambda: generate(fast)},
+        repeats=max(3, args.repeats // 3),
+        warmup=1,
+        min_sample_s=0.0,
+        clock=time.perf_counter,
+    )
     plan = fast.fxsparse_plan
     return {
         **config,
-        "dense_ms": 1e3 * times["dense"],
-        "accelerated_ms": 1e3 * times["accelerated"],
-        "speedup": times["dense"] / times["accelerated"],
-        "relative_error": error,
-        "clock": clock_name(clock),
+        "dense_ms": 1e3 * times[BASELINE],
+        "accelerated_ms": 1e3 * times["fxsparse"],
+        "speedup": times[BASELINE] / times["fxsparse"],
+        "tokens_per_s": {name: args.new_tokens / t for name, t in times.items()},
+        "same_tokens": same,
+        "runtimes": {name: {"ms": 1e3 * t, "speedup": times[BASELINE] / t} for name, t in times.items()},
+        "relative_error": 0.0 if same else float("nan"),
+        "clock": "wall clock",
         "plan_seconds": plan_s,
         "sparse_layers": len(plan.sparse_layers),
         "layers": len(plan.layers),
         "dense_bytes": model_bytes(dense),
         "accelerated_bytes": model_bytes(fast),
         "torch": torch.__version__,
-        "machine": platform.processor() or platform.machine(),
+        "machine": cpu_name(),
         "cpus": os.cpu_count(),
         "plan": plan.to_dict(),
         "table": plan.table(),
@@ -284,13 +441,93 @@ def memory(args) -> None:
 
 
 def summary_line(r: dict[str, Any]) -> str:
-    return (
+    line = (
         f"{r['model']} ({r['masks']} masks) sparsity {r['sparsity']} batch {r['batch']} threads {r['threads']}: "
         f"dense {r['dense_ms']:.2f} ms, accelerated {r['accelerated_ms']:.2f} ms, speedup {r['speedup']:.2f}x "
         f"({r['sparse_layers']}/{r['layers']} layers sparse, {r['clock']}, "
         f"max rel. error {r['relative_error']:.1e}, "
         f"model {r['accelerated_bytes'] / 2**20:.1f} MiB vs dense {r['dense_bytes'] / 2**20:.1f} MiB)"
     )
+    if r.get("mac_reduction"):
+        ratio = r["speedup"] / r["mac_reduction"]
+        line += f"; MAC reduction {r['mac_reduction']:.2f}x (speedup / MAC reduction {ratio:.2f})"
+    if "tokens_per_s" in r:
+        tokens = ", ".join(f"{name} {value:.1f}" for name, value in r["tokens_per_s"].items())
+        line += f"; tokens/s: {tokens}; same tokens as the folded model: {r['same_tokens']}"
+    return line
+
+
+def runtimes_table(r: dict[str, Any]) -> str:
+    """One configuration, every runtime: median ms, speed-up against torch eager dense (BN folded), max error."""
+    from tabulate import tabulate
+
+    rows = [
+        [name, f"{v['ms']:.2f}", f"{v['speedup']:.2f}x", f"{v['relative_error']:.1e}" if "relative_error" in v else "-"]
+        for name, v in r["runtimes"].items()
+    ]
+    title = f"{r['model']}, {r['masks']} {100 * r['sparsity']:g}%, batch {r['batch']}, {r['threads']} thread(s)"
+    return f"{title} ({r['clock']}, medians)\n" + tabulate(
+        rows, ["runtime", "ms", "vs torch eager dense", "max rel. error"], tablefmt="simple", disable_numparse=True
+    )
+
+
+def layers_table(r: dict[str, Any]) -> str:
+    """Per block (a layer's parent module): torch dense and fxsparse timed alone (the plan's conv/linear layers),
+    and where profiled ONNX Runtime in the model (every node of the block: it fuses ReLUs and adds into its
+    convs and names them after the activation, so its per-layer names do not match ours)."""
+    from tabulate import tabulate
+
+    def block(name: str) -> str:
+        return name.rpartition(".")[0] or name
+
+    ort = r.get("layer_ms", {}).get("onnxruntime", {})
+    ort_blocks: dict[str, float] = {}
+    for name, ms in ort.items():
+        ort_blocks[block(name)] = ort_blocks.get(block(name), 0.0) + ms
+    ours: dict[str, list] = {}
+    for layer in r["plan"]["layers"]:
+        dense, chosen = layer["times"].get("dense"), layer["times"].get(layer["path"])
+        entry = ours.setdefault(block(layer["name"]), [0.0, 0.0, 0, 0])
+        entry[0] += 1e3 * (dense or 0.0)
+        entry[1] += 1e3 * (chosen if chosen is not None else dense or 0.0)
+        entry[2] += 1
+        entry[3] += layer["path"] != "dense"
+    rows = []
+    for name, (dense, chosen, count, sparse) in ours.items():
+        other = ort_blocks.get(name)
+        rows.append(
+            [
+                name,
+                f"{sparse}/{count}",
+                f"{dense:.3f}",
+                f"{chosen:.3f}",
+                f"{dense / chosen:.2f}x" if chosen else "-",
+                "-" if other is None else f"{other:.3f}",
+                "-" if other is None or not chosen else f"{other / chosen:.2f}",
+            ]
+        )
+    headers = [
+        "block",
+        "sparse layers",
+        "torch dense ms",
+        "fxsparse ms",
+        "speedup",
+        "ORT ms (profiled)",
+        "ORT/fxsparse",
+    ]
+    text = "per block, conv/linear layers timed alone (ORT: all its nodes in the block, in the model)\n"
+    text += tabulate(rows, headers, tablefmt="simple", disable_numparse=True)
+    deepsparse = r.get("layer_ms", {}).get("deepsparse")
+    if deepsparse:
+        if "error" in deepsparse:
+            text += f"\nDeepSparse per-layer profile: not obtained ({deepsparse['error'][:200]})"
+        else:
+            top = sorted(deepsparse["layers"], key=lambda e: -(e["ms"] or 0))[:15]
+            text += f"\nDeepSparse debug analysis ({deepsparse.get('total_ms')} ms in all), its slowest layers:\n"
+            text += tabulate(
+                [[e["name"], e["ms"]] for e in top], ["layer (DeepSparse's name)", "ms"], tablefmt="simple"
+            )
+    return text
 
 
 def plot(results: list[dict[str, Any]], path: str) -> None:
@@ -352,8 +589,28 @@ def main(argv: list[str] | None = None) -> None:
         "--clock",
         choices=("auto", "cpu", "wall"),
         default="auto",
-        help="auto: thread CPU time with one thread, wall clock with more",
+        help="the clock of accelerate's per-layer and whole-model choices (auto: the library's, thread CPU time with "
+        "one thread); the comparison of the runtimes is always wall clock",
     )
+    parser.add_argument(
+        "--masks",
+        choices=("magnitude", "global-sigma"),
+        default="magnitude",
+        help="magnitude: each conv/linear weight pruned to the sparsity; global-sigma: one threshold on |w|*sqrt(S_l)",
+    )
+    parser.add_argument(
+        "--runtimes",
+        nargs="*",
+        default=list(OPTIONAL_RUNTIMES),
+        help=f"the optional runtimes compared (default all: {' '.join(OPTIONAL_RUNTIMES)}); each one not installed is "
+        "skipped with a note",
+    )
+    parser.add_argument(
+        "--deepsparse-python",
+        help="python of a venv with deepsparse==1.8.0 (default: $FXSPARSE_DEEPSPARSE_PYTHON; docs/INFERENCE.md)",
+    )
+    parser.add_argument("--layers", action="store_true", help="profile ONNX Runtime (and DeepSparse) per layer")
+    parser.add_argument("--new-tokens", type=int, default=64, help="gpt2: tokens generate() makes (batch 1)")
     parser.add_argument("--results", default="bench_inference.jsonl", help="JSON lines, appended (resumable)")
     parser.add_argument("--force", action="store_true", help="rerun configurations already in --results")
     parser.add_argument("--table", action="store_true", help="print each configuration's per-layer table")
@@ -382,6 +639,9 @@ def main(argv: list[str] | None = None) -> None:
         for result in load_results(args.results):
             if args.table:
                 print(fxsparse.inference.AccelerationPlan.from_dict(result["plan"]).table())
+                print(layers_table(result))
+            if "runtimes" in result:
+                print(runtimes_table(result))
             print(summary_line(result))
         return None
     if args.save_checkpoint:
@@ -410,7 +670,7 @@ def main(argv: list[str] | None = None) -> None:
         ]
     for model in args.model:
         configs += [
-            {"model": model, "masks": "magnitude", "sparsity": s, "batch": b, "threads": t}
+            {"model": model, "masks": args.masks, "sparsity": s, "batch": b, "threads": t}
             for s in args.sparsity
             for b in args.batch
             for t in args.threads
@@ -421,9 +681,12 @@ def main(argv: list[str] | None = None) -> None:
         if config_key(config) in done and not args.force:
             print(f"skip (in {args.results}): {config_key(config)}")
             continue
-        result = run_config(config, args, cache)
+        result = run_generate(config, args) if config["model"] == GPT2 else run_config(config, args, cache)
         if args.table:
             print(result["table"])
+            if "layer_ms" in result:
+                print(layers_table(result))
+        print(runtimes_table(result))
         print(summary_line(result), flush=True)
         with open(args.results, "a") as handle:
             handle.write(json.dumps({k: v for k, v in result.items() if k != "table"}) + "\n")

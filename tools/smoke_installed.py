@@ -54,6 +54,12 @@ def main() -> int:
     check(zeros == round(0.75 * total), f"folded model has {zeros} zeros of {total} weights, expected 75%")
     print(f"smoke test: sparsify + fold: {zeros}/{total} weights zero")
 
+    from fxsparse.inference import native
+
+    sources = [native.CSRC / name for name in native.SOURCES]
+    check(all(path.is_file() for path in sources), f"the wheel lacks the kernel sources {sources}")
+    print(f"smoke test: the compiled kernels' sources ship in {native.CSRC}")
+
     cli = str(Path(sys.executable).parent / "fxsparse")
     with tempfile.TemporaryDirectory() as outside:  # no configs/ or fxsparse/ to find by accident
         check("train" in run([cli, "--help"], outside), "`fxsparse --help` does not list `train`")

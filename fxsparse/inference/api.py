@@ -28,8 +28,10 @@ from . import ops
 from .batchnorm import fold_batchnorms_
 from .chain import chain_linears_
 from .checkpoint import layer_csr, skeleton
+from .end_to_end import default_model_timer, keep_csr_parts, keep_what_wins
+from .fuse import fuse_epilogues_, replace_max_pools_
 from .hooks import Hooks, carry_forward_hooks_, forward_hooks, remove_forward_hooks_
-from .layers import DENSE, LayerPlan, Planner, SparseConv2d, SparseLinear, density_of
+from .layers import DENSE, LayerPlan, Planner, SparseConv2d, SparseLinear, density_of, is_conv1d
 from .timing import Timer, default_timer, interleaved_medians
 
 PLAN_ATTRIBUTE = "fxsparse_plan"
@@ -45,6 +47,8 @@ class AccelerationPlan:
     example_shape: tuple[int, ...] | None
     folded_batchnorms: list[str]
     chained_linears: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    # issue 16, never slower: the whole model timed against dense (end_to_end.keep_what_wins); None: not timed
+    end_to_end: dict[str, Any] | None = None
 
     @property
     def sparse_layers(self) -> list[LayerPlan]:
@@ -78,6 +82,12 @@ class AccelerationPlan:
         dense_total = sum(p.dense_ms or 0.0 for p in self.layers)
         chosen_total = sum((p.chosen_ms if p.chosen_ms is not None else p.dense_ms) or 0.0 for p in self.layers)
         rows.append(["total (layers timed alone)", "", "", "", "", ms(dense_total), "", "", "", ms(chosen_total), ""])
+        if self.end_to_end:  # issue 16: what the whole model measured, and what it kept
+            whole = self.end_to_end["ms"]
+            best = min((n for n in whole if n != DENSE), key=whole.get)
+            speedup = f"{whole[DENSE] / whole[best]:.2f}x"
+            row = ["whole model, end to end", "", "", "", "", ms(whole[DENSE]), ms(whole[best]), best, speedup]
+            rows.append(row + [self.end_to_end["chosen"], self.end_to_end["reason"]])
         headers = [
             "layer",
             "kind",
@@ -114,6 +124,7 @@ class AccelerationPlan:
             shape,
             list(data["folded_batchnorms"]),
             [tuple(pair) for pair in data.get("chained_linears", [])],
+            data.get("end_to_end"),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -122,6 +133,7 @@ class AccelerationPlan:
             "example_shape": self.example_shape,
             "folded_batchnorms": self.folded_batchnorms,
             "chained_linears": self.chained_linears,
+            "end_to_end": self.end_to_end,
             "layers": [p.to_dict() for p in self.layers],
         }
 
@@ -196,13 +208,15 @@ def _install_sparse_layers_(
     kept_dense = [] if kept_dense is None else kept_dense
     seen = {plan.name for plan in kept_dense}
     for name, module in list(model.named_modules()):
-        if type(module) not in (nn.Conv2d, nn.Linear) or exclude(name, module) or name in seen:
+        convertible = type(module) in (nn.Conv2d, nn.Linear) or is_conv1d(module)  # kernels: Conv1D as a Linear
+        if not convertible or exclude(name, module) or name in seen:
             continue
         key = f"{name}.weight" if name else "weight"
         shape = tuple(module.weight.shape)
         kind = "conv" if isinstance(module, nn.Conv2d) else "linear"
         stored = checkpoint.entries.get(key) if checkpoint is not None else None
-        from_checkpoint = stored is not None and stored.layout == "csr"
+        # kernels: a Conv1D (stored (in, out)) is converted once loaded densified, like a layer stored dense
+        from_checkpoint = stored is not None and stored.layout == "csr" and not is_conv1d(module)
         if not from_checkpoint and module.weight.device.type == "meta":
             continue  # stored dense in the checkpoint: converted once loaded
         if from_checkpoint:
@@ -233,11 +247,19 @@ def _install_sparse_layers_(
 
 
 def _plan_(
-    model: nn.Module, example_input: Any, kept_dense: list[LayerPlan], progress: bool, hooks: Hooks
+    model: nn.Module,
+    example_input: Any,
+    kept_dense: list[LayerPlan],
+    progress: bool,
+    hooks: Hooks,
+    model_timer: Timer | None = None,
+    min_speedup: float = 1.05,
 ) -> nn.Module:
-    """Fold BatchNorms, run the planning pass, put plain modules back where dense won, give the modules the
-    forward hooks of their names (``hooks``, taken off the model before); returns the model."""
+    """Fold BatchNorms, run the planning pass, put plain modules back where dense won, then (with a
+    model_timer) keep only what wins end to end, and give the modules the forward hooks of their names
+    (``hooks``, taken off the model before); returns the model."""
     model, fused = fold_batchnorms_(model)
+    csr_parts = keep_csr_parts(model) if model_timer is not None else {}  # issue 16
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (SparseConv2d, SparseLinear))]
     bar, bar_hooks = None, []
     if progress:
@@ -269,15 +291,26 @@ def _plan_(
         plans.append(layer.plan)
         if layer.path == DENSE:
             _replace_submodule_(model, name, layer.plain_module())
+    whole = None  # issue 16, never slower: the whole model against dense, before chaining (which only helps)
+    if model_timer is not None and any(p.path != DENSE for p in plans):
+        run = lambda m: call_model(m, example_input)  # noqa: E731
+        model, whole = keep_what_wins(model, run, csr_parts, model_timer, min_speedup)
+    del csr_parts
     model, chains = chain_linears_(model)
     for producer, consumer in chains:
         for plan in plans:
             if plan.name in (producer, consumer):
                 side = "output to " + consumer if plan.name == producer else "input from " + producer
                 plan.reason = (plan.reason + "; " if plan.reason else "") + f"feature-first {side}"
+    model, fused_epilogues = fuse_epilogues_(model)  # kernels: ReLU / residual add in the compiled kernels' stores
+    if any(p.path != DENSE for p in plans):  # issue 16: a model with no sparse layer comes back as the dense model
+        replace_max_pools_(model)  # kernels: the compiled max pooling
+    for plan in plans:
+        if plan.name in fused_epilogues:
+            plan.reason = (plan.reason + "; " if plan.reason else "") + "fused epilogue"
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     plans.sort(key=lambda p: order.get(p.name, len(order)))
-    plan = AccelerationPlan(plans, torch.get_num_threads(), _example_shape(example_input), fused, chains)
+    plan = AccelerationPlan(plans, torch.get_num_threads(), _example_shape(example_input), fused, chains, whole)
     setattr(model, PLAN_ATTRIBUTE, plan)
     carry_forward_hooks_(model, hooks, fused)
     return model.eval()
@@ -316,6 +349,15 @@ def _choices(option: str, given: str | Sequence[str], valid: Sequence[str]) -> t
             f"{option}={given!r}: {'unknown ' + repr(unknown) if unknown else 'empty'}; choose among {list(valid)}"
         )
     return chosen
+
+
+def _model_timer(
+    check: bool | None, model_timer: Timer | None, timer: Timer | None, paths: PathsSpec, min_speedup: float
+) -> tuple[Timer | None, float]:
+    """(the timer of the end-to-end check or None for no check, its margin): see accelerate()'s end_to_end."""
+    if check is None:
+        check = model_timer is not None or (timer is None and not paths)
+    return (model_timer or default_model_timer) if check else None, min_speedup
 
 
 def _check_model(model: nn.Module) -> None:
@@ -369,6 +411,8 @@ def accelerate(
     max_density: float = 0.6,
     paths: PathsSpec = None,
     progress: bool = False,
+    end_to_end: bool | None = None,
+    model_timer: Timer | None = None,
 ) -> nn.Module:
     """An inference copy of ``model`` whose sparse conv and linear layers run on sparse CPU kernels.
 
@@ -382,6 +426,12 @@ def accelerate(
     max_density: denser layers stay dense without being timed.
     paths: {layer name: path} (or a previous model's fxsparse_plan) taken without timing, e.g. to rebuild on
       the deployment machine what was measured once.
+    end_to_end: time the whole model against its dense twin (BatchNorms folded) after the per-layer choice
+      and keep only what wins by ``min_speedup`` (the layers that saved most, or none: a model never runs
+      slower than dense). None (default): on unless ``paths`` is given or a custom ``timer`` decides the
+      layers without a ``model_timer`` (a deterministic policy stays deterministic).
+    model_timer: like ``timer``, for the whole-model candidates "dense", "sparse", "top k"
+      (default: fxsparse.inference.end_to_end.default_model_timer).
     The returned model's ``fxsparse_plan`` (an AccelerationPlan) holds every layer's timings and choice.
     """
     _check_example(example_input)
@@ -393,7 +443,8 @@ def accelerate(
     model.eval()
     planner = _planner(timer, kernels, layouts, min_speedup, max_density, paths)
     kept_dense = _install_sparse_layers_(model, planner, _exclude_filter(exclude, model))
-    return _plan_(model, example_input, kept_dense, progress, hooks)
+    check = _model_timer(end_to_end, model_timer, timer, paths, min_speedup)  # issue 16
+    return _plan_(model, example_input, kept_dense, progress, hooks, *check)
 
 
 def accelerate_checkpoint(
@@ -409,6 +460,8 @@ def accelerate_checkpoint(
     max_density: float = 0.6,
     paths: PathsSpec = None,
     progress: bool = False,
+    end_to_end: bool | None = None,
+    model_timer: Timer | None = None,
 ) -> nn.Module:
     """accelerate() straight from a CSR checkpoint: its sparse weights never become dense tensors.
 
@@ -454,7 +507,8 @@ def accelerate_checkpoint(
             "without values; was it written for another architecture?"
         )
     kept_dense = _install_sparse_layers_(model, planner, exclude_filter, kept_dense=kept_dense)
-    return _plan_(model, example_input, kept_dense, progress, hooks)
+    check = _model_timer(end_to_end, model_timer, timer, paths, min_speedup)  # issue 16
+    return _plan_(model, example_input, kept_dense, progress, hooks, *check)
 
 
 def _build_architecture(checkpoint: CsrReader, name: str | None) -> nn.Module:
@@ -531,23 +585,25 @@ def measure_speedup(
     """Accelerate ``model`` (folded or sparsified) and time it end to end against its dense baseline.
 
     Both run eagerly in the same process under torch.inference_mode, interleaved, median of ``repeats``,
-    at the current thread count. Returns JSON-ready figures: dense_ms, accelerated_ms, speedup, threads,
-    example_shape, sparse_layers, layers, and the per-layer plan.
+    at the current thread count, wall clock with more than one thread. Returns JSON-ready figures: dense_ms,
+    accelerated_ms, speedup, threads, example_shape, sparse_layers, layers, end_to_end (what accelerate
+    measured on the whole model), and the per-layer plan. When no layer runs sparse the accelerated model is
+    the dense baseline (the same modules), timed once: speedup 1.0.
     """
     dense = dense_baseline(model)
     fast = accelerated if accelerated is not None else accelerate(model, example_input, **accelerate_kwargs)
-    with torch.inference_mode():
-        times = interleaved_medians(
-            {"dense": lambda: call_model(dense, example_input), "accelerated": lambda: call_model(fast, example_input)},
-            repeats=repeats,
-            warmup=2,
-            min_sample_s=0.0,
-        )
     plan: AccelerationPlan = getattr(fast, PLAN_ATTRIBUTE)
+    candidates = {"dense": lambda: call_model(dense, example_input)}
+    if plan.sparse_layers:  # issue 16: with none, the accelerated model is the dense baseline: one figure
+        candidates["accelerated"] = lambda: call_model(fast, example_input)
+    with torch.inference_mode():
+        times = interleaved_medians(candidates, repeats=repeats, warmup=2, min_sample_s=0.0)
+    times.setdefault("accelerated", times["dense"])
     return {
         "dense_ms": 1e3 * times["dense"],
         "accelerated_ms": 1e3 * times["accelerated"],
         "speedup": times["dense"] / times["accelerated"],
+        "end_to_end": plan.end_to_end,
         "threads": torch.get_num_threads(),
         "example_shape": plan.example_shape,
         "sparse_layers": len(plan.sparse_layers),

@@ -2,10 +2,11 @@
 
 A layer is built from its weight's CSR (crow, col, values of the 2-D view (out, in/groups*kh*kw), as in
 docs/FORMAT.md) and its bias, with or without the dense weight. It chooses its path on its first call
-(the planning pass of fxsparse.accelerate): every candidate path (dense, and each layout and kernel of
-ops.py) is timed on that very input at the current thread count, and the fastest sparse one is kept when it
-beats dense by ``min_speedup``; otherwise the layer is dense and accelerate() puts a plain module back.
-After planning it keeps only what its path needs, as plain buffers (indices, offsets, weights).
+(the planning pass of fxsparse.accelerate): every candidate path (dense, the compiled kernel when it is
+available, and each layout and kernel of ops.py) is timed on that very input at the current thread count,
+and the fastest sparse one is kept when it beats dense by ``min_speedup``; otherwise the layer is dense and
+accelerate() puts a plain module back. After planning it keeps only what its path needs, as plain buffers
+(indices, offsets, weights; the compiled kernel also keeps the bias and may fuse a ReLU, see fuse.py).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from torch import Tensor, nn
 
 from ..export import from_csr
 from ..kernel_layer import KernelLayer, KernelWeight
-from . import ops
+from . import native, ops
 from .timing import Timer, default_timer
 
 DENSE = "dense"
@@ -32,8 +33,8 @@ class Planner:
     """How layers choose their path: the timer, the allowed kernels and layouts, and the rules."""
 
     timer: Timer = default_timer
-    kernels: tuple[str, ...] = ops.KERNELS
-    layouts: tuple[str, ...] = ops.CONV_LAYOUTS
+    kernels: tuple[str, ...] = (ops.NATIVE, *ops.KERNELS)
+    layouts: tuple[str, ...] = (ops.DIRECT, *ops.CONV_LAYOUTS)
     min_speedup: float = 1.05  # a sparse path must be this much faster than dense to be chosen
     max_density: float = 0.6  # denser layers stay dense without timing
     max_row_entries: int = 16_000_000  # the rows layout is not tried when its bags would be larger (8 B/entry)
@@ -85,6 +86,35 @@ def density_of(nnz: int, shape: Sequence[int]) -> float:
     return nnz / max(math.prod(shape), 1)
 
 
+_dtype_warned: set[torch.dtype] = set()
+
+
+def float32_input(x: Tensor, name: str) -> Tensor:
+    """x in float32, the sparse kernels' dtype; another dtype (autocast, .half(), .bfloat16()) is converted,
+    with a warning once per dtype, and the caller converts the result back."""
+    if x.dtype == torch.float32:
+        return x
+    if not x.is_floating_point():
+        raise TypeError(f"{name}: the sparse kernels take floating-point inputs, got {x.dtype}")
+    if x.dtype not in _dtype_warned:
+        _dtype_warned.add(x.dtype)
+        warnings.warn(
+            f"fxsparse.accelerate: {name} got a {x.dtype} input; the sparse kernels compute in float32 and the "
+            f"result is converted back to {x.dtype}",
+            stacklevel=3,
+        )
+    return x.float()
+
+
+def native_csr(crow: Tensor, col: Tensor, values: Tensor, columns: int) -> tuple[Tensor, Tensor, Tensor] | None:
+    """(indices, offsets, weights) of the compiled kernels: column indices in int16 when there are fewer than
+    32768 columns (int32 otherwise), int32 row pointers, float32 values; None when the CSR is too large."""
+    if values.numel() >= 2**31:
+        return None
+    index_dtype = torch.int16 if columns < 2**15 else torch.int32
+    return col.to(index_dtype).contiguous(), crow.to(torch.int32).contiguous(), values.float().contiguous()
+
+
 class _SparseLayer(KernelLayer):
     """Shared by SparseConv2d and SparseLinear: the CSR weight, the bias and the planning pass."""
 
@@ -109,6 +139,7 @@ class _SparseLayer(KernelLayer):
             self.register_buffer(name, None)
         self.nnz = int(values.numel())
         self.has_bias = bias is not None
+        self.relu = False  # a ReLU fused into the compiled kernel's epilogue (fuse.py)
         self.dense_weight = None if dense_weight is None else dense_weight.detach()
         self.path: str | None = None
         self.planner: Planner | None = None
@@ -280,7 +311,7 @@ class SparseConv2d(_SparseLayer):
         self.sides = four_sided_padding(self.padding, kernel_size, dilation)
         self.layout = self.kernel = ""
         self.input_size: tuple[int, int] = (0, 0)
-        self._rows_cache: dict[tuple[int, int], tuple[Tensor, Tensor, Tensor]] = {}
+        self._rows_cache: dict[tuple[int, int], tuple[Tensor, Tensor, Tensor]] = {}  # rows bags of other heights
 
     @classmethod
     def from_module(cls, conv: nn.Conv2d, keep_dense: bool = True) -> SparseConv2d:
@@ -352,12 +383,46 @@ class SparseConv2d(_SparseLayer):
             x, *bags, self.out_channels, kernel_size, stride, sides, dilation, list(input_size), layout, kernel
         )
 
+    def _native_candidate(self, x: Tensor) -> dict:
+        """{"direct+native": (run, keep)} when the compiled kernels are available, else {}."""
+        csr = native_csr(self.crow, self.col, self.values, 2**31) if native.available() else None
+        if csr is None:
+            return {}
+        bias = None if self.bias is None else self.bias.float().contiguous()
+
+        def run():
+            return self._call_native(x, csr, bias)
+
+        def keep():
+            self.layout, self.kernel = ops.DIRECT, ops.NATIVE
+            self.indices, self.offsets, self.weights = csr
+            self.bias = bias
+            self.crow = self.col = self.values = None
+
+        return {ops.NATIVE_CONV_PATH: (run, keep)}
+
+    def _call_native(
+        self,
+        x: Tensor,
+        csr: tuple[Tensor, Tensor, Tensor],
+        bias: Tensor | None,
+        residual: Tensor | None = None,
+        relu: bool | None = None,
+    ) -> Tensor:
+        kernel_size, stride, sides, dilation = self._geometry()
+        relu = self.relu if relu is None else relu
+        return torch.ops.fxsparse.native_conv2d(
+            x, *csr, bias, residual, self.out_channels, self.groups, kernel_size, stride, sides, dilation, relu
+        )
+
     def _sparse_candidates(self, x: Tensor, only: str | None = None):
         input_size = (int(x.shape[-2]), int(x.shape[-1]))
         output_height = ops.conv_output_size(input_size, self.kernel_size, self.stride, self.sides, self.dilation)[0]
         candidates = {}
         layouts = self.planner.layouts if only is None else [only.partition("+")[0]]
         kernels = self.planner.kernels if only is None else [only.partition("+")[2]]
+        if ops.DIRECT in layouts and ops.NATIVE in kernels:
+            candidates.update(self._native_candidate(x))
         rows_entries = ops.rows_bag_entries(self.nnz + self.out_channels, output_height)
         for layout in layouts:
             if (
@@ -381,16 +446,42 @@ class SparseConv2d(_SparseLayer):
                 candidates[f"{layout}+{kernel}"] = (run, keep)
         return candidates
 
+    ROWS_CACHE_SIZE = 4  # rows bags kept for this many other input sizes
+
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        """The conv of x; with ``residual`` (set up by fuse.py for the compiled kernel), conv(x) + residual
+        before the fused ReLU."""
+        if residual is None:
+            return super().forward(x)
+        dtype, x = x.dtype, float32_input(x, self.name)
+        csr, bias = (self.indices, self.offsets, self.weights.float()), None if self.bias is None else self.bias.float()
+        ho, wo = ops.conv_output_size(x.shape[-2:], self.kernel_size, self.stride, self.sides, self.dilation)
+        if tuple(residual.shape) == (x.shape[0], self.out_channels, ho, wo):
+            return self._call_native(x, csr, bias, residual.to(torch.float32)).to(dtype)
+        out = self._call_native(x, csr, bias, relu=False).to(dtype) + residual  # broadcast: not fused
+        return out.relu() if self.relu else out
+
     def _run(self, x: Tensor) -> Tensor:
-        if x.dtype != self.weights.dtype:
-            raise TypeError(f"{self.name}: the sparse kernel runs in {self.weights.dtype}, got a {x.dtype} input")
-        bags, input_size = (self.indices, self.offsets, self.weights), self.input_size
+        dtype = x.dtype
+        x = float32_input(x, self.name)
+        weights = self.weights.float()
+        if self.kernel == ops.NATIVE:
+            bias = None if self.bias is None else self.bias.float()
+            return self._call_native(x, (self.indices, self.offsets, weights), bias).to(dtype)
+        bags, input_size = (self.indices, self.offsets, weights), self.input_size
+        if self.layout == "rows" and not all(isinstance(s, int) for s in x.shape[-2:]):
+            # traced with a symbolic height or width (torch.export with a dynamic dim): rows bags exist for one
+            # input size only, so the traced program runs the shape-agnostic direct conv on the layer's CSR
+            csr = (self.col.to(torch.int32), self.crow.to(torch.int32), self.values.float())
+            return self._call_native(x, csr, None if self.bias is None else self.bias.float()).to(dtype)
         if self.layout == "rows" and tuple(x.shape[-2:]) != self.input_size:
             input_size = (int(x.shape[-2]), int(x.shape[-1]))
-            if input_size not in self._rows_cache:
-                self._rows_cache = {input_size: self._bags("rows", input_size)}
+            if input_size not in self._rows_cache:  # one set of bags per input size, a few sizes kept
+                if len(self._rows_cache) >= self.ROWS_CACHE_SIZE:
+                    del self._rows_cache[next(iter(self._rows_cache))]
+                self._rows_cache[input_size] = self._bags("rows", input_size)
             bags = self._rows_cache[input_size]
-        return self._call_op(x, bags, self.layout, self.kernel, input_size)
+        return self._call_op(x, bags, self.layout, self.kernel, input_size).to(dtype)
 
     def extra_repr(self) -> str:
         return (
@@ -422,23 +513,22 @@ class SparseLinear(_SparseLayer):
         self.register_buffer("separate_bias", None)
 
     @classmethod
-    def from_module(cls, linear: nn.Linear, keep_dense: bool = True) -> SparseLinear:
-        dense_weight = linear.weight.detach() if keep_dense else None
-        return cls.from_csr(linear, *_dense_to_csr(linear.weight), linear.bias, dense_weight)
+    def from_module(cls, linear: nn.Module, keep_dense: bool = True) -> SparseLinear:
+        """From an nn.Linear, or transformers' Conv1D (GPT-2), whose weight is stored (in, out)."""
+        weight = linear.weight.detach()
+        if is_conv1d(linear):
+            weight = weight.t().contiguous()
+        return cls.from_csr(linear, *_dense_to_csr(weight), linear.bias, weight if keep_dense else None)
 
     @classmethod
     def from_csr(
-        cls, linear: nn.Linear, crow: Tensor, col: Tensor, values: Tensor, bias: Tensor | None, dense_weight=None
+        cls, linear: nn.Module, crow: Tensor, col: Tensor, values: Tensor, bias: Tensor | None, dense_weight=None
     ) -> SparseLinear:
-        """The layer of ``linear``'s shape with the given CSR weight (its own weight is not read)."""
+        """The layer of ``linear``'s shape (nn.Linear or Conv1D) with the given CSR weight of the (out, in) matrix
+        (its own weight is not read)."""
+        in_features, out_features = linear_features(linear)
         return cls(
-            crow,
-            col,
-            values,
-            bias,
-            in_features=linear.in_features,
-            out_features=linear.out_features,
-            dense_weight=dense_weight,
+            crow, col, values, bias, in_features=in_features, out_features=out_features, dense_weight=dense_weight
         )
 
     def _plain_module(self) -> nn.Module:
@@ -447,12 +537,32 @@ class SparseLinear(_SparseLayer):
     def _dense(self, x: Tensor, weight: Tensor) -> Tensor:
         return F.linear(x, weight, self.bias)
 
-    def _sparse_candidates(self, x: Tensor, only: str | None = None):
-        if only is not None and only not in ops.KERNELS:
+    def _native_candidate(self, x: Tensor) -> dict:
+        """{"native": (run, keep)} when the compiled kernels are available, else {}."""
+        csr = native_csr(self.crow, self.col, self.values, self.in_features) if native.available() else None
+        if csr is None:
             return {}
+        bias = None if self.bias is None else self.bias.float().contiguous()
+
+        def run():
+            return torch.ops.fxsparse.native_linear(x, *csr, bias, self.out_features, False, False, False)
+
+        def keep():
+            self.kernel = ops.NATIVE
+            self.indices, self.offsets, self.weights = csr
+            self.bias = bias
+            self.crow = self.col = self.values = None
+
+        return {ops.NATIVE: (run, keep)}
+
+    def _sparse_candidates(self, x: Tensor, only: str | None = None):
+        kernels = self.planner.kernels if only is None else [only]
+        candidates = self._native_candidate(x) if ops.NATIVE in kernels else {}
+        kernels = [k for k in kernels if k in ops.KERNELS]
+        if not kernels:
+            return candidates
         bags = ops.dense_bags(self.crow, self.col, self.values, self.bias, self.in_features)
-        candidates = {}
-        for kernel in self.planner.kernels if only is None else [only]:
+        for kernel in kernels:
             if kernel == "mkl" and bags[0].numel() == 0:
                 continue
 
@@ -467,23 +577,41 @@ class SparseLinear(_SparseLayer):
         return candidates
 
     def _run(self, x: Tensor) -> Tensor:
-        if x.dtype != self.weights.dtype:
-            raise TypeError(f"{self.name}: the sparse kernel runs in {self.weights.dtype}, got a {x.dtype} input")
+        dtype = x.dtype
+        x = float32_input(x, self.name)
+        if self.kernel == ops.NATIVE:
+            bias = None if self.bias is None else self.bias.float()
+            out = torch.ops.fxsparse.native_linear(
+                x,
+                self.indices,
+                self.offsets,
+                self.weights.float(),
+                bias,
+                self.out_features,
+                self.features_first_in,
+                self.features_first_out,
+                self.relu,
+            )
+            return out.to(dtype)
+        separate_bias = None if self.separate_bias is None else self.separate_bias.float()
         return torch.ops.fxsparse.linear(
             x,
             self.indices,
             self.offsets,
-            self.weights,
-            self.separate_bias,
+            self.weights.float(),
+            separate_bias,
             self.out_features,
             self.features_first_in,
             self.features_first_out,
             self.kernel,
-        )
+        ).to(dtype)
 
     def read_features_first_(self) -> None:
         """Take (in, ...) inputs from a chained layer: the input is the table itself, so the bias, which sat on
-        the table's row of ones, is added to the output instead."""
+        the table's row of ones, is added to the output instead (the compiled kernel keeps its bias apart)."""
+        if self.kernel == ops.NATIVE:
+            self.features_first_in = True
+            return
         bags, bias = ops.split_bias((self.indices, self.offsets, self.weights), self.in_features)
         self.indices, self.offsets, self.weights = bags
         if self.has_bias:
@@ -498,6 +626,19 @@ class SparseLinear(_SparseLayer):
             f"in_features={self.in_features}, out_features={self.out_features}, nnz={self.nnz}, "
             f"path={self.path}{chained}"
         )
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' Conv1D (GPT-2's linear layers: y = x W + b with W stored (in, out)), matched by name so
+    that transformers is not imported."""
+    return type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers.")
+
+
+def linear_features(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of an nn.Linear or a Conv1D."""
+    if is_conv1d(module):
+        return int(module.weight.shape[0]), int(module.weight.shape[1])
+    return module.in_features, module.out_features
 
 
 def _dense_to_csr(weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:

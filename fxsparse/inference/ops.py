@@ -35,8 +35,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-KERNELS = ("ebag", "mkl")
+KERNELS = ("ebag", "mkl")  # the bag kernels (torch's own products)
 CONV_LAYOUTS = ("im2col", "rows")
+NATIVE = "native"  # the compiled kernels (csrc/, native.py): path "native" for linears, "direct+native" for convs
+DIRECT = "direct"  # the conv layout of the compiled kernel: no table at all
+NATIVE_CONV_PATH = f"{DIRECT}+{NATIVE}"
 
 _LIBRARY = torch.library.Library("fxsparse", "DEF")
 _LIBRARY.define(
@@ -46,6 +49,16 @@ _LIBRARY.define(
 _LIBRARY.define(
     "linear(Tensor x, Tensor indices, Tensor offsets, Tensor weights, Tensor? bias, int out_features, "
     "bool features_first_in, bool features_first_out, str kernel) -> Tensor"
+)
+_LIBRARY.define(
+    "native_conv2d(Tensor x, Tensor indices, Tensor offsets, Tensor weights, Tensor? bias, Tensor? residual, "
+    "int out_channels, int groups, int[2] kernel_size, int[2] stride, int[4] padding, int[2] dilation, bool relu) "
+    "-> Tensor"
+)
+_LIBRARY.define("native_max_pool2d(Tensor x, int[2] kernel_size, int[2] stride, int[2] padding) -> Tensor")
+_LIBRARY.define(
+    "native_linear(Tensor x, Tensor indices, Tensor offsets, Tensor weights, Tensor? bias, int out_features, "
+    "bool features_first_in, bool features_first_out, bool relu) -> Tensor"
 )
 
 
@@ -62,6 +75,19 @@ def conv_output_size(
     """(Ho, Wo) of a conv over an (H, W) input; padding is (top, bottom, left, right)."""
     (h, w), (kh, kw), (sh, sw), (pt, pb, pl, pr), (dh, dw) = size, kernel_size, stride, padding, dilation
     return (h + pt + pb - dh * (kh - 1) - 1) // sh + 1, (w + pl + pr - dw * (kw - 1) - 1) // sw + 1
+
+
+def check_input_size(
+    size: Sequence[int], kernel_size: Sequence[int], padding: Sequence[int], dilation: Sequence[int]
+) -> None:
+    """Raise F.conv2d's error (a RuntimeError) when the padded input is smaller than the dilated kernel."""
+    (h, w), (kh, kw), (pt, pb, pl, pr), (dh, dw) = size, kernel_size, padding, dilation
+    hp, wp, eh, ew = h + pt + pb, w + pl + pr, dh * (kh - 1) + 1, dw * (kw - 1) + 1
+    if hp < eh or wp < ew:
+        raise RuntimeError(
+            f"Calculated padded input size per channel: ({hp} x {wp}). Kernel size: ({eh} x {ew}). "
+            "Kernel size can't be greater than actual input size"
+        )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -160,7 +186,10 @@ def _conv2d(
     """One product per sample, each on that sample's table: a table of a whole batch outgrows the caches
     (16 ResNet-50 images: 38 MB for one 3x3 layer), and the products come out in NCHW order."""
     n, _, h, w = x.shape
+    check_input_size((h, w), kernel_size, padding, dilation)
     ho, wo = conv_output_size((h, w), kernel_size, stride, padding, dilation)
+    if n == 0:
+        return x.new_empty((0, out_channels, ho, wo))
     if layout == "im2col":
         table = im2col_table
     elif layout == "rows":
@@ -204,6 +233,8 @@ def _linear(
     else:
         lead, x2d = x.shape[:-1], x.reshape(-1, x.shape[-1])  # (tokens, in)
         tokens, chunk = x2d.shape[0], token_chunk(x2d.shape[1] + 1, x2d.shape[0])
+    if tokens == 0:  # an empty batch: an empty result, as F.linear gives
+        return x.new_empty((out_features, *lead) if features_first_out else (*lead, out_features))
 
     def product(start: int, stop: int) -> Tensor:  # (out_features, stop - start), bias included
         if features_first_in:
@@ -240,7 +271,101 @@ def _linear_fake(x, indices, offsets, weights, bias, out_features, features_firs
     return x.new_empty((out_features, *lead) if features_first_out else (*lead, out_features))
 
 
+# ------------------------------------------------------------------------------------------------
+# the compiled kernels' ops, with their plain torch reference (used when the extension is unavailable)
+# ------------------------------------------------------------------------------------------------
+def native_conv2d_reference(
+    x, indices, offsets, weights, bias, residual, out_channels, groups, kernel_size, stride, padding, dilation, relu
+):
+    """What fxsparse::native_conv2d computes, in torch ops: the CSR weight densified, then F.conv2d."""
+    in_per_group = x.shape[1] // groups
+    weight = _densify(offsets, indices, weights, (out_channels, in_per_group * kernel_size[0] * kernel_size[1]))
+    weight = weight.view(out_channels, in_per_group, *kernel_size)
+    pt, pb, pl, pr = padding
+    out = F.conv2d(F.pad(x, (pl, pr, pt, pb)), weight.to(x.dtype), bias, stride, 0, dilation, groups)
+    if residual is not None:
+        out = out + residual
+    return out.relu() if relu else out
+
+
+def native_linear_reference(
+    x, indices, offsets, weights, bias, out_features, features_first_in, features_first_out, relu
+):
+    """What fxsparse::native_linear computes, in torch ops: the CSR weight densified, then F.linear."""
+    if features_first_in:
+        x = x.movedim(0, -1)
+    weight = _densify(offsets, indices, weights, (out_features, x.shape[-1]))
+    out = F.linear(x, weight.to(x.dtype), bias)
+    out = out.relu() if relu else out
+    return out.movedim(-1, 0).contiguous() if features_first_out else out
+
+
+def _densify(offsets: Tensor, indices: Tensor, weights: Tensor, shape: tuple[int, int]) -> Tensor:
+    dense = torch.zeros(shape, dtype=weights.dtype)
+    rows = torch.repeat_interleave(torch.arange(shape[0]), offsets.to(torch.int64).diff(), output_size=weights.numel())
+    dense[rows, indices.to(torch.int64)] = weights
+    return dense
+
+
+def _native_conv2d(
+    x, indices, offsets, weights, bias, residual, out_channels, groups, kernel_size, stride, padding, dilation, relu
+):
+    from . import native
+
+    module = native.kernels()
+    args = (x, indices, offsets, weights, bias, residual, out_channels, groups, kernel_size, stride, padding, dilation)
+    if module is None:
+        return native_conv2d_reference(*args, relu)
+    check_input_size(x.shape[-2:], kernel_size, padding, dilation)
+    if residual is not None:
+        residual = residual.contiguous()
+    return module.conv2d(*args[:5], residual, *args[6:], relu)
+
+
+def _native_linear(x, indices, offsets, weights, bias, out_features, features_first_in, features_first_out, relu):
+    from . import native
+
+    module = native.kernels()
+    if module is None:
+        return native_linear_reference(
+            x, indices, offsets, weights, bias, out_features, features_first_in, features_first_out, relu
+        )
+    return module.linear(x, indices, offsets, weights, bias, out_features, features_first_in, features_first_out, relu)
+
+
+def _native_max_pool2d(x, kernel_size, stride, padding):
+    """F.max_pool2d (dilation 1, floor mode) on the compiled kernel for float32 inputs (torch's own elsewhere)."""
+    from . import native
+
+    module = native.kernels()
+    if module is None or x.dtype != torch.float32 or x.dim() != 4:
+        return F.max_pool2d(x, kernel_size, stride, padding)
+    return module.max_pool2d(x, kernel_size, stride, padding)
+
+
+def _native_max_pool2d_fake(x, kernel_size, stride, padding):
+    (kh, kw), (sh, sw), (ph, pw) = kernel_size, stride, padding
+    return x.new_empty((*x.shape[:-2], (x.shape[-2] + 2 * ph - kh) // sh + 1, (x.shape[-1] + 2 * pw - kw) // sw + 1))
+
+
+def _native_conv2d_fake(
+    x, indices, offsets, weights, bias, residual, out_channels, groups, kernel_size, stride, padding, dilation, relu
+):
+    ho, wo = conv_output_size(x.shape[-2:], kernel_size, stride, padding, dilation)
+    return x.new_empty((x.shape[0], out_channels, ho, wo))
+
+
+def _native_linear_fake(x, indices, offsets, weights, bias, out_features, features_first_in, features_first_out, relu):
+    return _linear_fake(x, indices, offsets, weights, bias, out_features, features_first_in, features_first_out, "")
+
+
 _LIBRARY.impl("conv2d", _conv2d, "CPU")
+_LIBRARY.impl("native_conv2d", _native_conv2d, "CPU")
+_LIBRARY.impl("native_linear", _native_linear, "CPU")
+_LIBRARY.impl("native_max_pool2d", _native_max_pool2d, "CPU")
+torch.library.register_fake("fxsparse::native_max_pool2d", _native_max_pool2d_fake, lib=_LIBRARY)
+torch.library.register_fake("fxsparse::native_conv2d", _native_conv2d_fake, lib=_LIBRARY)
+torch.library.register_fake("fxsparse::native_linear", _native_linear_fake, lib=_LIBRARY)
 _LIBRARY.impl("linear", _linear, "CPU")
 torch.library.register_fake("fxsparse::conv2d", _conv2d_fake, lib=_LIBRARY)
 torch.library.register_fake("fxsparse::linear", _linear_fake, lib=_LIBRARY)
@@ -409,6 +534,12 @@ def rows_bag_entries(nnz: int, output_height: int) -> int:
 __all__ = [
     "KERNELS",
     "CONV_LAYOUTS",
+    "NATIVE",
+    "DIRECT",
+    "NATIVE_CONV_PATH",
+    "check_input_size",
+    "native_conv2d_reference",
+    "native_linear_reference",
     "conv_output_size",
     "linear_table",
     "im2col_table",

@@ -1,0 +1,624 @@
+// fxsparse's compiled sparse CPU kernels (docs/INFERENCE.md, "How the kernels work").
+//
+// One product does all the work: a CSR weight (rows = output channels or features) times a dense operand x
+// whose rows are read at an offset per nonzero, vectorised over the columns p (pixels or tokens):
+//
+//     out[m, p] = epilogue(bias[m] + sum_{e in row m} val[e] * x[col[e] * ld + p]),
+//     epilogue(v) = max(v + residual[m, p], 0) (residual and ReLU optional).
+//
+// * linear, many tokens: x = the input transposed, (in, tokens); col = input feature, ld = tokens.
+// * conv, direct (no im2col copy): x = the input zero-padded and split by stride phase, channel-major,
+//   samples side by side: x[phase][c][n][r][q] = input[n, c, r*sh + a - pt, q*sw + b - pl] for phase (a, b).
+//   A nonzero at (c, i, j) then reads a whole shifted window of x: its offset is
+//   phase(i*dh % sh, j*dw % sw) + c*plane + (i*dh / sh) * Wq + (j*dw / sw), and the product runs over the
+//   "wide" output p = (n*Hq + oh)*Wq + ow (the columns past Wo are computed and dropped). Any kernel size,
+//   stride, dilation, groups and padding; the batch is folded into p; offsets are computed per call, so the
+//   kernel works at any input size. A 1x1 stride-1 conv reads its input as it is.
+// * linear, one to a few tokens (decode): a gathered dot product per output feature over the token's row,
+//   with int16 column indices when the layer has fewer than 32768 inputs (memory-bound: 6 bytes a nonzero).
+//
+// Threads (at::parallel_for, torch's thread count) split the output rows into contiguous blocks of equal
+// nonzero counts. The vector code is spmm_simd.h, compiled for AVX-512 and for AVX2+FMA; a portable scalar
+// version (auto-vectorised for the compiler's baseline) runs elsewhere. The instruction set is chosen at run
+// time (force_isa() overrides it, for the tests).
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define FXSPARSE_X86 1
+#include <immintrin.h>
+#endif
+
+namespace {
+
+struct Epilogue {
+  const float* bias = nullptr;      // [M] or null
+  const float* residual = nullptr;  // residual[m * ldr + p] or null
+  int64_t ldr = 0;
+  bool relu = false;
+  float* out = nullptr;  // out[m * ldo + p]
+  int64_t ldo = 0;
+  // a direct conv's wide columns p = (n*Hq + oh)*Wq + ow (Wq > 0): only oh < Ho, ow < Wo are stored, at
+  // out[((n*M + m)*Ho + oh)*Wo + ow] (NCHW), the residual read at the same place
+  int64_t Wq = 0, Hq = 0, Ho = 0, Wo = 0, M = 0;
+};
+
+// Store the columns [p0, p0 + n) of row m (values in `tile`, bias included) of a wide product into NCHW,
+// with the residual and the ReLU: a few row segments per tile.
+inline void store_wide(const Epilogue& epi, int64_t m, int64_t p0, int64_t n, const float* tile) {
+  int64_t p = p0;
+  const int64_t end = p0 + n, plane = epi.Hq * epi.Wq;
+  while (p < end) {
+    const int64_t sample = p / plane, oh = (p % plane) / epi.Wq, ow = p % epi.Wq;
+    const int64_t run = std::min(epi.Wq - ow, end - p);
+    if (oh < epi.Ho && ow < epi.Wo) {
+      const int64_t count = std::min(run, epi.Wo - ow);
+      const int64_t at = ((sample * epi.M + m) * epi.Ho + oh) * epi.Wo + ow;
+      const float* from = tile + (p - p0);
+      float* to = epi.out + at;
+      const float* r = epi.residual ? epi.residual + at : nullptr;
+      for (int64_t k = 0; k < count; ++k) {
+        const float v = from[k] + (r ? r[k] : 0.0f);
+        to[k] = epi.relu && v < 0.0f ? 0.0f : v;
+      }
+    }
+    p += run;
+  }
+}
+
+template <typename Index>
+struct Product {
+  const float* x;
+  int64_t ld;  // row stride of x, in floats: a nonzero's row starts at x + col * ld
+  const int32_t* rowptr;
+  const Index* col;
+  const float* val;
+  int64_t P;  // columns
+  Epilogue epi;
+};
+
+template <typename Index>
+struct Gathered {
+  const float* x;
+  int64_t ldx;  // row stride of x (one row per token)
+  int64_t T;    // tokens
+  const int32_t* rowptr;
+  const Index* col;
+  const float* val;
+  const float* bias;
+  bool relu;
+  float* out;
+  int64_t ldo_t, ldo_m;
+};
+
+// ---------------------------------------------------------------------------------------------------------
+// portable scalar kernels (also the reading of what the vector ones compute)
+// ---------------------------------------------------------------------------------------------------------
+namespace portable {
+
+template <typename Index>
+void spmm_rows(const Product<Index>& job, int64_t m0, int64_t m1) {
+  constexpr int64_t TILE = 64;
+  float acc[TILE];
+  for (int64_t p0 = 0; p0 < job.P; p0 += TILE) {
+    const int64_t n = std::min(TILE, job.P - p0);
+    for (int64_t m = m0; m < m1; ++m) {
+      const float start = job.epi.bias ? job.epi.bias[m] : 0.0f;
+      for (int64_t k = 0; k < n; ++k) acc[k] = start;
+      for (int64_t e = job.rowptr[m]; e < job.rowptr[m + 1]; ++e) {
+        const float* s = job.x + static_cast<int64_t>(job.col[e]) * job.ld + p0;
+        const float w = job.val[e];
+        for (int64_t k = 0; k < n; ++k) acc[k] += w * s[k];
+      }
+      if (job.epi.Wq) {
+        store_wide(job.epi, m, p0, n, acc);
+        continue;
+      }
+      float* o = job.epi.out + m * job.epi.ldo + p0;
+      const float* r = job.epi.residual ? job.epi.residual + m * job.epi.ldr + p0 : nullptr;
+      for (int64_t k = 0; k < n; ++k) {
+        float v = acc[k] + (r ? r[k] : 0.0f);
+        o[k] = job.epi.relu && v < 0.0f ? 0.0f : v;
+      }
+    }
+  }
+}
+
+template <typename Index>
+void spmv_rows(const Gathered<Index>& job, int64_t m0, int64_t m1) {
+  for (int64_t m = m0; m < m1; ++m) {
+    for (int64_t t = 0; t < job.T; ++t) {
+      const float* xt = job.x + t * job.ldx;
+      float a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+      int64_t e = job.rowptr[m];
+      const int64_t end = job.rowptr[m + 1];
+      for (; e + 4 <= end; e += 4) {
+        a0 += job.val[e] * xt[job.col[e]];
+        a1 += job.val[e + 1] * xt[job.col[e + 1]];
+        a2 += job.val[e + 2] * xt[job.col[e + 2]];
+        a3 += job.val[e + 3] * xt[job.col[e + 3]];
+      }
+      for (; e < end; ++e) a0 += job.val[e] * xt[job.col[e]];
+      float y = (a0 + a1) + (a2 + a3) + (job.bias ? job.bias[m] : 0.0f);
+      if (job.relu && y < 0.0f) y = 0.0f;
+      job.out[t * job.ldo_t + m * job.ldo_m] = y;
+    }
+  }
+}
+
+}  // namespace portable
+
+#ifdef FXSPARSE_X86
+// ---------------------------------------------------------------------------------------------------------
+// AVX-512 (F, BW, VL)
+// ---------------------------------------------------------------------------------------------------------
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx2,fma")
+namespace avx512 {
+struct V {
+  using reg = __m512;
+  using mask = __mmask16;
+  static constexpr int W = 16;
+  static inline mask tail(int64_t n) { return n >= 16 ? mask(0xFFFF) : mask((1u << n) - 1u); }
+  static inline reg zero() { return _mm512_setzero_ps(); }
+  static inline reg set1(float f) { return _mm512_set1_ps(f); }
+  static inline reg load(const float* p) { return _mm512_loadu_ps(p); }
+  static inline reg load_tail(const float* p, mask m) { return _mm512_maskz_loadu_ps(m, p); }
+  static inline reg fma(reg a, reg b, reg c) { return _mm512_fmadd_ps(a, b, c); }
+  static inline reg add(reg a, reg b) { return _mm512_add_ps(a, b); }
+  static inline reg max0(reg a) { return _mm512_max_ps(a, _mm512_setzero_ps()); }
+  static inline void store(float* p, reg v) { _mm512_storeu_ps(p, v); }
+  static inline void store_tail(float* p, reg v, mask m) { _mm512_mask_storeu_ps(p, m, v); }
+  static inline reg gather(const float* base, const int16_t* idx, int64_t n) {
+    const mask m = tail(n);
+    const __m512i i = _mm512_cvtepi16_epi32(_mm256_maskz_loadu_epi16(m, idx));
+    return _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, i, base, 4);
+  }
+  static inline reg gather(const float* base, const int32_t* idx, int64_t n) {
+    const mask m = tail(n);
+    return _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, _mm512_maskz_loadu_epi32(m, idx), base, 4);
+  }
+  static inline float reduce(reg v) { return _mm512_reduce_add_ps(v); }
+};
+#include "spmm_simd.h"
+}  // namespace avx512
+#pragma GCC pop_options
+
+// ---------------------------------------------------------------------------------------------------------
+// AVX2 + FMA
+// ---------------------------------------------------------------------------------------------------------
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2 {
+struct V {
+  using reg = __m256;
+  using mask = __m256i;
+  static constexpr int W = 8;
+  static inline mask tail(int64_t n) {
+    const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::min<int64_t>(n, 8))), lanes);
+  }
+  static inline reg zero() { return _mm256_setzero_ps(); }
+  static inline reg set1(float f) { return _mm256_set1_ps(f); }
+  static inline reg load(const float* p) { return _mm256_loadu_ps(p); }
+  static inline reg load_tail(const float* p, mask m) { return _mm256_maskload_ps(p, m); }
+  static inline reg fma(reg a, reg b, reg c) { return _mm256_fmadd_ps(a, b, c); }
+  static inline reg add(reg a, reg b) { return _mm256_add_ps(a, b); }
+  static inline reg max0(reg a) { return _mm256_max_ps(a, _mm256_setzero_ps()); }
+  static inline void store(float* p, reg v) { _mm256_storeu_ps(p, v); }
+  static inline void store_tail(float* p, reg v, mask m) { _mm256_maskstore_ps(p, m, v); }
+  template <typename Index>
+  static inline reg gather(const float* base, const Index* idx, int64_t n) {
+    alignas(32) int32_t lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (int64_t k = 0; k < n && k < 8; ++k) lanes[k] = idx[k];
+    const __m256i i = _mm256_load_si256(reinterpret_cast<const __m256i*>(lanes));
+    return _mm256_mask_i32gather_ps(_mm256_setzero_ps(), base, i, _mm256_castsi256_ps(tail(n)), 4);
+  }
+  static inline float reduce(reg v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+};
+#include "spmm_simd.h"
+}  // namespace avx2
+#pragma GCC pop_options
+#endif  // FXSPARSE_X86
+
+// ---------------------------------------------------------------------------------------------------------
+// instruction set and threads
+// ---------------------------------------------------------------------------------------------------------
+enum class Isa { portable, avx2, avx512 };
+
+Isa detected_isa() {
+#ifdef FXSPARSE_X86
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl"))
+    return Isa::avx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::avx2;
+#endif
+  return Isa::portable;
+}
+
+Isa& current_isa() {
+  static Isa isa = detected_isa();
+  return isa;
+}
+
+std::string isa_name(Isa isa) {
+  return isa == Isa::avx512 ? "avx512" : isa == Isa::avx2 ? "avx2" : "portable";
+}
+
+std::string isa() { return isa_name(current_isa()); }
+
+// Select an instruction set ("avx512", "avx2", "portable", or "auto"); one the CPU lacks is refused.
+std::string force_isa(const std::string& name) {
+  const Isa best = detected_isa();
+  Isa wanted;
+  if (name == "auto") {
+    wanted = best;
+  } else if (name == "avx512") {
+    wanted = Isa::avx512;
+  } else if (name == "avx2") {
+    wanted = Isa::avx2;
+  } else if (name == "portable") {
+    wanted = Isa::portable;
+  } else {
+    TORCH_CHECK(false, "unknown instruction set '", name, "'; expected avx512, avx2, portable or auto");
+  }
+  TORCH_CHECK(static_cast<int>(wanted) <= static_cast<int>(best), "this CPU does not support ", name);
+  current_isa() = wanted;
+  return isa_name(wanted);
+}
+
+// Run body(m0, m1) over the rows [0, M) split into blocks of about equal nonzero counts, one per thread; one
+// block when the product is small (`work`: multiply-adds), where waking threads costs more than it saves.
+template <typename Body>
+void over_row_blocks(const int32_t* rowptr, int64_t M, int64_t work, const Body& body) {
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), M);
+  if (threads <= 1 || work < 32768) {
+    body(0, M);
+    return;
+  }
+  std::vector<int64_t> bounds(threads + 1, M);
+  bounds[0] = 0;
+  const int64_t nnz = rowptr[M];
+  for (int64_t k = 1; k < threads; ++k) {
+    const int64_t target = nnz * k / threads;
+    bounds[k] = std::lower_bound(rowptr, rowptr + M + 1, static_cast<int32_t>(target)) - rowptr;
+    bounds[k] = std::max(bounds[k], bounds[k - 1]);
+  }
+  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k)
+      if (bounds[k] < bounds[k + 1]) body(bounds[k], bounds[k + 1]);
+  });
+}
+
+template <typename Index>
+void run_product(const Product<Index>& job, int64_t M) {
+  if (job.P <= 0 || M <= 0) return;
+  const Isa isa = current_isa();
+  over_row_blocks(job.rowptr, M, static_cast<int64_t>(job.rowptr[M]) * job.P, [&](int64_t m0, int64_t m1) {
+#ifdef FXSPARSE_X86
+    if (isa == Isa::avx512) return avx512::spmm_rows(job, m0, m1);
+    if (isa == Isa::avx2) return avx2::spmm_rows(job, m0, m1);
+#endif
+    portable::spmm_rows(job, m0, m1);
+  });
+}
+
+template <typename Index>
+void run_gathered(const Gathered<Index>& job, int64_t M) {
+  if (job.T <= 0 || M <= 0) return;
+  const Isa isa = current_isa();
+  over_row_blocks(job.rowptr, M, static_cast<int64_t>(job.rowptr[M]) * job.T, [&](int64_t m0, int64_t m1) {
+#ifdef FXSPARSE_X86
+    if (isa == Isa::avx512) return avx512::spmv_rows(job, m0, m1);
+    if (isa == Isa::avx2) return avx2::spmv_rows(job, m0, m1);
+#endif
+    portable::spmv_rows(job, m0, m1);
+  });
+}
+
+void check_csr(const at::Tensor& indices, const at::Tensor& offsets, const at::Tensor& weights, int64_t rows) {
+  TORCH_CHECK(offsets.scalar_type() == at::kInt && offsets.is_contiguous() && offsets.numel() == rows + 1,
+              "fxsparse native kernel: offsets must be a contiguous int32 tensor of ", rows + 1, " entries");
+  TORCH_CHECK(weights.scalar_type() == at::kFloat && weights.is_contiguous(),
+              "fxsparse native kernel: weights must be contiguous float32");
+  TORCH_CHECK((indices.scalar_type() == at::kInt || indices.scalar_type() == at::kShort) && indices.is_contiguous() &&
+                  indices.numel() == weights.numel(),
+              "fxsparse native kernel: indices must be contiguous int16 or int32, one per weight");
+}
+
+const float* optional_data(const c10::optional<at::Tensor>& t, int64_t numel, const char* what) {
+  if (!t.has_value() || !t->defined()) return nullptr;
+  TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == numel, "fxsparse native kernel: ",
+              what, " must be contiguous float32 with ", numel, " entries");
+  return t->data_ptr<float>();
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// linear
+// ---------------------------------------------------------------------------------------------------------
+constexpr int64_t GATHER_MAX_TOKENS = 4;  // up to this many tokens, a gathered dot product per output and token
+
+template <typename Index>
+void linear_impl(const float* x, int64_t T, int64_t in, bool features_first_in, const at::Tensor& indices,
+                 const int32_t* rowptr, const float* val, const float* bias, int64_t M, bool relu, float* out,
+                 bool features_first_out) {
+  const Index* col = indices.data_ptr<Index>();
+  if (T <= GATHER_MAX_TOKENS) {
+    at::Tensor rows;  // (T, in)
+    const float* xr = x;
+    if (features_first_in && T > 1) {
+      rows = torch::from_blob(const_cast<float*>(x), {in, T}, at::kFloat).t().contiguous();
+      xr = rows.data_ptr<float>();
+    }
+    Gathered<Index> job{xr, in, T, rowptr, col, val, bias, relu, out,
+                        features_first_out ? 1 : M, features_first_out ? T : 1};
+    run_gathered(job, M);
+    return;
+  }
+  at::Tensor table;  // (in, T)
+  const float* xt = x;
+  if (!features_first_in) {
+    table = torch::from_blob(const_cast<float*>(x), {T, in}, at::kFloat).t().contiguous();
+    xt = table.data_ptr<float>();
+  }
+  at::Tensor product;  // (M, T)
+  float* target = out;
+  if (!features_first_out) {
+    product = at::empty({M, T}, at::kFloat);
+    target = product.data_ptr<float>();
+  }
+  Product<Index> job{xt, T, rowptr, col, val, T, Epilogue{bias, nullptr, 0, relu, target, T}};
+  run_product(job, M);
+  if (!features_first_out) torch::from_blob(out, {T, M}, at::kFloat).copy_(product.t());
+}
+
+// y = x W^T + b (optionally ReLU). x is (..., in), or (in, ...) when features_first_in; the result is
+// (..., out), or (out, ...) when features_first_out.
+at::Tensor linear(const at::Tensor& x_in, const at::Tensor& indices, const at::Tensor& offsets,
+                  const at::Tensor& weights, const c10::optional<at::Tensor>& bias, int64_t out_features,
+                  bool features_first_in, bool features_first_out, bool relu) {
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat, "fxsparse native kernel: float32 input expected, got ",
+              x_in.scalar_type());
+  TORCH_CHECK(x_in.dim() >= 1, "fxsparse native kernel: the input needs a feature dimension");
+  check_csr(indices, offsets, weights, out_features);
+  const float* b = optional_data(bias, out_features, "bias");
+  const at::Tensor x = x_in.contiguous();
+  std::vector<int64_t> lead = x.sizes().vec();
+  int64_t in;
+  if (features_first_in) {
+    in = lead.front();
+    lead.erase(lead.begin());
+  } else {
+    in = lead.back();
+    lead.pop_back();
+  }
+  int64_t T = 1;
+  for (int64_t s : lead) T *= s;
+  std::vector<int64_t> shape = lead;
+  if (features_first_out)
+    shape.insert(shape.begin(), out_features);
+  else
+    shape.push_back(out_features);
+  at::Tensor out = at::empty(shape, x.options());
+  if (T == 0 || out_features == 0) return out;
+  if (in == 0) {  // no inputs: the bias alone
+    out.zero_();
+    if (b) {
+      if (features_first_out)
+        out.view({out_features, T}).add_(bias->view({out_features, 1}));
+      else
+        out.view({T, out_features}).add_(*bias);
+    }
+    return relu ? out.clamp_min_(0) : out;
+  }
+  const int32_t* rowptr = offsets.data_ptr<int32_t>();
+  if (indices.scalar_type() == at::kShort)
+    linear_impl<int16_t>(x.data_ptr<float>(), T, in, features_first_in, indices, rowptr, weights.data_ptr<float>(), b,
+                         out_features, relu, out.data_ptr<float>(), features_first_out);
+  else
+    linear_impl<int32_t>(x.data_ptr<float>(), T, in, features_first_in, indices, rowptr, weights.data_ptr<float>(), b,
+                         out_features, relu, out.data_ptr<float>(), features_first_out);
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// conv2d, direct
+// ---------------------------------------------------------------------------------------------------------
+int64_t output_extent(int64_t size, int64_t before, int64_t after, int64_t k, int64_t s, int64_t d) {
+  return (size + before + after - d * (k - 1) - 1) / s + 1;
+}
+
+// out = conv2d(x, W) (+ bias, + residual, ReLU) for a CSR weight of shape (O, C/groups * kh * kw) whose
+// columns are (c, i, j) taps of the group's channels. padding is (top, bottom, left, right).
+at::Tensor conv2d(const at::Tensor& x, const at::Tensor& indices, const at::Tensor& offsets,
+                  const at::Tensor& weights, const c10::optional<at::Tensor>& bias,
+                  const c10::optional<at::Tensor>& residual, int64_t out_channels, int64_t groups,
+                  std::vector<int64_t> kernel_size, std::vector<int64_t> stride, std::vector<int64_t> padding,
+                  std::vector<int64_t> dilation, bool relu) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "fxsparse native kernel: float32 input expected, got ", x.scalar_type());
+  TORCH_CHECK(x.dim() == 4, "fxsparse native conv2d: expected an (N, C, H, W) input, got ", x.dim(), " dims");
+  TORCH_CHECK(indices.scalar_type() == at::kInt, "fxsparse native conv2d: int32 indices expected");
+  check_csr(indices, offsets, weights, out_channels);
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), Wd = x.size(3);
+  const int64_t kh = kernel_size[0], kw = kernel_size[1], sh = stride[0], sw = stride[1];
+  const int64_t pt = padding[0], pb = padding[1], pl = padding[2], pr = padding[3], dh = dilation[0], dw = dilation[1];
+  TORCH_CHECK(groups >= 1 && C % groups == 0 && out_channels % groups == 0,
+              "fxsparse native conv2d: channels not divisible by groups");
+  const int64_t Hp = H + pt + pb, Wp = Wd + pl + pr;
+  TORCH_CHECK(Hp >= dh * (kh - 1) + 1 && Wp >= dw * (kw - 1) + 1, "Calculated padded input size per channel: (", Hp,
+              " x ", Wp, "). Kernel size: (", dh * (kh - 1) + 1, " x ", dw * (kw - 1) + 1,
+              "). Kernel size can't be greater than actual input size");
+  const int64_t Ho = output_extent(H, pt, pb, kh, sh, dh), Wo = output_extent(Wd, pl, pr, kw, sw, dw);
+  at::Tensor out = at::empty({N, out_channels, Ho, Wo}, x.options());
+  const float* res = optional_data(residual, N * out_channels * Ho * Wo, "residual");
+  const float* b = optional_data(bias, out_channels, "bias");
+  if (N == 0 || out_channels == 0) return out;
+  const int32_t* rowptr = offsets.data_ptr<int32_t>();
+  const int32_t* col = indices.data_ptr<int32_t>();
+  const float* val = weights.data_ptr<float>();
+  const int64_t nnz = weights.numel(), taps = kh * kw, cg = C / groups, og = out_channels / groups;
+
+  // a 1x1 stride-1 unpadded conv reads each sample's (C, H*W) as it is, with its epilogue fused
+  if (kh == 1 && kw == 1 && sh == 1 && sw == 1 && pt == 0 && pb == 0 && pl == 0 && pr == 0 && x.is_contiguous() &&
+      (N == 1 || H * Wd >= 256) && C * H * Wd < (int64_t(1) << 31)) {
+    std::vector<int32_t> off(nnz);
+    for (int64_t m = 0; m < out_channels; ++m)
+      for (int64_t e = rowptr[m]; e < rowptr[m + 1]; ++e)
+        off[e] = static_cast<int32_t>((col[e] + (m / og) * cg) * H * Wd);
+    for (int64_t n = 0; n < N; ++n) {
+      const int64_t image = out_channels * H * Wd;
+      Epilogue epi{b, res ? res + n * image : nullptr, H * Wd, relu, out.data_ptr<float>() + n * image, H * Wd};
+      Product<int32_t> job{x.data_ptr<float>() + n * C * H * Wd, 1, rowptr, off.data(), val, H * Wd, epi};
+      run_product(job, out_channels);
+    }
+    return out;
+  }
+
+  // phases (a, b) of the stride that some tap reads, each packed as [c][n][Hq][Wq]
+  const int64_t Hq = (Hp + sh - 1) / sh, Wq = (Wp + sw - 1) / sw;
+  std::vector<int64_t> slot(sh * sw, -1);
+  std::vector<std::pair<int64_t, int64_t>> phases;
+  for (int64_t i = 0; i < kh; ++i)
+    for (int64_t j = 0; j < kw; ++j) {
+      const int64_t a = (i * dh) % sh, bb = (j * dw) % sw;
+      if (slot[a * sw + bb] < 0) {
+        slot[a * sw + bb] = static_cast<int64_t>(phases.size());
+        phases.emplace_back(a, bb);
+      }
+    }
+  const int64_t plane = N * Hq * Wq, phase_size = C * plane;
+  const int64_t total = static_cast<int64_t>(phases.size()) * phase_size;
+  if (total >= (int64_t(1) << 31) && N > 1) {  // int32 offsets: split the batch
+    std::vector<at::Tensor> parts;
+    const int64_t half = N / 2;
+    for (auto range : {std::make_pair(int64_t(0), half), std::make_pair(half, N)}) {
+      c10::optional<at::Tensor> part_res;
+      if (res) part_res = residual->slice(0, range.first, range.second);
+      parts.push_back(conv2d(x.slice(0, range.first, range.second), indices, offsets, weights, bias, part_res,
+                             out_channels, groups, kernel_size, stride, padding, dilation, relu));
+    }
+    return at::cat(parts, 0);
+  }
+  TORCH_CHECK(total < (int64_t(1) << 31), "fxsparse native conv2d: one sample is too large for int32 offsets");
+  at::Tensor packed = at::empty({total}, x.options());
+  float* xp = packed.data_ptr<float>();
+  const float* src = x.data_ptr<float>();
+  const int64_t s_n = x.stride(0), s_c = x.stride(1), s_h = x.stride(2), s_w = x.stride(3);
+  const int64_t nphases = static_cast<int64_t>(phases.size());
+  at::parallel_for(0, nphases * C, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t pc = begin; pc < end; ++pc) {
+      const int64_t ph = pc / C, c = pc % C, a = phases[ph].first, bb = phases[ph].second;
+      for (int64_t n = 0; n < N; ++n)
+        for (int64_t r = 0; r < Hq; ++r) {
+          float* row = xp + ph * phase_size + c * plane + (n * Hq + r) * Wq;
+          const int64_t ih = r * sh + a - pt;
+          if (ih < 0 || ih >= H) {
+            std::fill(row, row + Wq, 0.0f);
+            continue;
+          }
+          const float* in_row = src + n * s_n + c * s_c + ih * s_h;
+          // the columns q whose input column iw = q*sw + bb - pl lies in [0, Wd): [q_lo, q_hi)
+          const int64_t q_lo = std::min(Wq, std::max<int64_t>(0, (pl - bb + sw - 1) / sw));
+          const int64_t q_hi = std::max(q_lo, std::min(Wq, (Wd - 1 + pl - bb) / sw + 1));
+          std::fill(row, row + q_lo, 0.0f);
+          std::fill(row + q_hi, row + Wq, 0.0f);
+          const float* from = in_row + (q_lo * sw + bb - pl) * s_w;
+          if (sw * s_w == 1) {
+            std::memcpy(row + q_lo, from, sizeof(float) * (q_hi - q_lo));
+          } else {
+            const int64_t step = sw * s_w;
+            for (int64_t q = q_lo; q < q_hi; ++q) row[q] = from[(q - q_lo) * step];
+          }
+        }
+    }
+  });
+  std::vector<int32_t> tap_offset(taps);
+  for (int64_t i = 0; i < kh; ++i)
+    for (int64_t j = 0; j < kw; ++j)
+      tap_offset[i * kw + j] = static_cast<int32_t>(slot[((i * dh) % sh) * sw + (j * dw) % sw] * phase_size +
+                                                    ((i * dh) / sh) * Wq + (j * dw) / sw);
+  std::vector<int32_t> off(nnz);
+  for (int64_t m = 0; m < out_channels; ++m) {
+    const int64_t first_channel = (m / og) * cg;
+    for (int64_t e = rowptr[m]; e < rowptr[m + 1]; ++e)
+      off[e] = static_cast<int32_t>((col[e] / taps + first_channel) * plane + tap_offset[col[e] % taps]);
+  }
+  // the wide output p = (n*Hq + oh)*Wq + ow: stored as it is when it is NCHW (one sample, no extra columns),
+  // else each tile row segment by row segment (store_wide)
+  const int64_t P = ((N - 1) * Hq + Ho - 1) * Wq + Wo;
+  if (N == 1 && Wq == Wo) {
+    Epilogue epi{b, res, Ho * Wo, relu, out.data_ptr<float>(), Ho * Wo};
+    run_product(Product<int32_t>{xp, 1, rowptr, off.data(), val, P, epi}, out_channels);
+    return out;
+  }
+  Epilogue epi{b, res, 0, relu, out.data_ptr<float>(), 0};
+  epi.Wq = Wq, epi.Hq = Hq, epi.Ho = Ho, epi.Wo = Wo, epi.M = out_channels;
+  run_product(Product<int32_t>{xp, 1, rowptr, off.data(), val, P, epi}, out_channels);
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// max pooling (NCHW, float32, dilation 1, floor mode): the max over the window's rows first (contiguous,
+// vectorised), then over its columns; NaN propagates as in torch
+// ---------------------------------------------------------------------------------------------------------
+inline float nan_max(float m, float v) { return (v > m || v != v) ? v : m; }  // v != v: NaN
+
+at::Tensor max_pool2d(const at::Tensor& x_in, std::vector<int64_t> kernel_size, std::vector<int64_t> stride,
+                      std::vector<int64_t> padding) {
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat && x_in.dim() == 4, "fxsparse max_pool2d: (N, C, H, W) float32");
+  const at::Tensor x = x_in.contiguous();
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t kh = kernel_size[0], kw = kernel_size[1], sh = stride[0], sw = stride[1], ph = padding[0],
+                pw = padding[1];
+  TORCH_CHECK(2 * ph <= kh && 2 * pw <= kw, "fxsparse max_pool2d: pad should be at most half of the kernel size");
+  const int64_t Ho = (H + 2 * ph - kh) / sh + 1, Wo = (W + 2 * pw - kw) / sw + 1;
+  TORCH_CHECK(H + 2 * ph >= kh && W + 2 * pw >= kw && Ho > 0 && Wo > 0, "fxsparse max_pool2d: output size is too small");
+  at::Tensor out = at::empty({N, C, Ho, Wo}, x.options());
+  const float* src = x.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  at::parallel_for(0, N * C, 4, [&](int64_t begin, int64_t end) {
+    std::vector<float> rows(W);
+    for (int64_t plane = begin; plane < end; ++plane) {
+      const float* in = src + plane * H * W;
+      float* o = dst + plane * Ho * Wo;
+      for (int64_t oh = 0; oh < Ho; ++oh) {
+        const int64_t i0 = std::max<int64_t>(0, oh * sh - ph), i1 = std::min(H, oh * sh - ph + kh);
+        std::copy(in + i0 * W, in + i0 * W + W, rows.begin());
+        for (int64_t i = i0 + 1; i < i1; ++i) {
+          const float* r = in + i * W;
+          for (int64_t w = 0; w < W; ++w) rows[w] = nan_max(rows[w], r[w]);
+        }
+        for (int64_t ow = 0; ow < Wo; ++ow) {
+          const int64_t j0 = std::max<int64_t>(0, ow * sw - pw), j1 = std::min(W, ow * sw - pw + kw);
+          float m = rows[j0];
+          for (int64_t j = j0 + 1; j < j1; ++j) m = nan_max(m, rows[j]);
+          o[oh * Wo + ow] = m;
+        }
+      }
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("linear", &linear, "sparse linear (CSR weight), float32");
+  m.def("conv2d", &conv2d, "direct sparse conv2d (CSR weight), float32");
+  m.def("max_pool2d", &max_pool2d, "max pooling, NCHW float32");
+  m.def("isa", &isa, "the instruction set in use");
+  m.def("force_isa", &force_isa, "select avx512, avx2, portable or auto");
+}

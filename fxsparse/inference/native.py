@@ -1,0 +1,101 @@
+"""The compiled sparse kernels (csrc/): built on first use with torch.utils.cpp_extension, cached, optional.
+
+``kernels()`` returns the extension module, or None when it cannot be had: no C++ compiler (or ninja), a
+failed build, or ``FXSPARSE_NO_NATIVE=1`` in the environment. Then fxsparse.accelerate uses its torch-op
+kernels (ops.py) and says so once. The build is cached by torch (``TORCH_EXTENSIONS_DIR``, by default
+``~/.cache/torch_extensions``) under a name that includes a hash of the sources, so a changed source is
+rebuilt and an unchanged one is only loaded (a second or so).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+SOURCES = ("sparse_kernels.cpp", "spmm_simd.h")
+CSRC = Path(__file__).with_name("csrc")
+DISABLE_VARIABLE = "FXSPARSE_NO_NATIVE"
+
+_module: ModuleType | None = None
+_tried = False
+_failure = ""
+
+
+def _build_name() -> str:
+    digest = hashlib.sha256()
+    for name in SOURCES:
+        digest.update((CSRC / name).read_bytes())
+    return f"fxsparse_kernels_{digest.hexdigest()[:12]}"
+
+
+def _build() -> ModuleType:
+    logger = logging.getLogger("torch.utils.cpp_extension")  # its import logs a note about CUDA on CPU machines
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        import torch.utils.cpp_extension as cpp_extension
+    finally:
+        logger.setLevel(level)
+
+    if shutil.which("ninja") is None:  # the ninja wheel (a dependency) puts its binary outside a bare PATH
+        try:
+            import ninja
+
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+        except ImportError:
+            pass
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # e.g. torch's note about the compiler's ABI
+        return cpp_extension.load(
+            name=_build_name(),
+            sources=[str(CSRC / "sparse_kernels.cpp")],
+            extra_include_paths=[str(CSRC)],
+            extra_cflags=["-O3", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            verbose=False,
+        )
+
+
+def kernels() -> ModuleType | None:
+    """The compiled kernels, built on the first call (None, with a one-line warning, when unavailable)."""
+    global _module, _tried, _failure
+    if _tried:
+        return _module
+    _tried = True
+    if os.environ.get(DISABLE_VARIABLE, "") not in ("", "0"):
+        _failure = f"{DISABLE_VARIABLE} is set"
+        warnings.warn(f"fxsparse: {_failure}; using the slower torch-op kernels", stacklevel=2)
+        return None
+    try:
+        _module = _build()
+    except Exception as error:  # no compiler, no ninja, a failed build: the torch-op kernels remain
+        _failure = " ".join(str(error).split())[:300] or type(error).__name__
+        warnings.warn(
+            "fxsparse: the compiled sparse kernels are unavailable (needs a C++ compiler and ninja; "
+            f"{type(error).__name__}: {_failure[:160]}); using the slower torch-op kernels",
+            stacklevel=2,
+        )
+    return _module
+
+
+def available() -> bool:
+    return kernels() is not None
+
+
+def failure() -> str:
+    """Why the compiled kernels are unavailable ("" when they load or were not asked for yet)."""
+    return _failure
+
+
+def reset() -> None:
+    """Forget the outcome of the first kernels() call (tests: simulate another environment)."""
+    global _module, _tried, _failure
+    _module, _tried, _failure = None, False, ""
+
+
+__all__ = ["kernels", "available", "failure", "reset", "DISABLE_VARIABLE"]

@@ -1,0 +1,445 @@
+"""The compiled sparse kernels (fxsparse/inference/csrc, native.py): every instruction-set path equal to the
+torch reference (ops.native_*_reference) and to the folded model, over conv geometries, batch sizes, thread
+counts, layouts and dtypes; fused epilogues; Conv1D (GPT-2); compile/export; and the fallback without them."""
+
+import io
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxsparse
+from fxsparse.export import to_csr
+from fxsparse.inference import SparseConv2d, SparseLinear, native, ops
+
+kernels = native.kernels()
+pytestmark = pytest.mark.skipif(kernels is None, reason=f"compiled kernels unavailable: {native.failure()}")
+
+
+def _supported_isas() -> list[str]:
+    if kernels is None:
+        return []
+    found = []
+    for isa in ("avx512", "avx2", "portable"):
+        try:
+            kernels.force_isa(isa)
+            found.append(isa)
+        except RuntimeError:
+            pass
+    kernels.force_isa("auto")
+    return found
+
+
+ISAS = _supported_isas()
+
+
+# (instruction set, threads): every vector path, and the best one at 1 and 2 threads
+ISA_THREADS = [
+    (isa, threads) for isa in ISAS for threads in ((1, 2) if isa == ISAS[0] else (2 if isa == "avx2" else 1,))
+]
+
+
+@pytest.fixture(params=ISA_THREADS, ids=[f"{isa}-{t}threads" for isa, t in ISA_THREADS])
+def isa(request):
+    before = torch.get_num_threads()
+    kernels.force_isa(request.param[0])
+    torch.set_num_threads(request.param[1])
+    yield request.param
+    kernels.force_isa("auto")
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(params=[1, 2])
+def threads(request):
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    assert out.shape == ref.shape and out.dtype == ref.dtype, (out.shape, ref.shape, out.dtype, ref.dtype)
+    if ref.numel() == 0:
+        return 0.0
+    return float((out - ref).abs().max()) / max(float(ref.abs().max()), 1e-12)
+
+
+def sparse_weight(shape, density, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g) * (torch.rand(shape, generator=g) < density)
+
+
+def csr32(weight):
+    crow, col, values = to_csr(weight.reshape(weight.shape[0], -1))
+    return col.to(torch.int32), crow.to(torch.int32), values
+
+
+# ------------------------------------------------------------------------------------------------
+# the ops against F.conv2d / F.linear and the torch reference
+# ------------------------------------------------------------------------------------------------
+CONVS = {  # name: (in, out, kernel, stride, padding (t, b, l, r), dilation, groups, input (H, W))
+    "1x1": (6, 10, (1, 1), (1, 1), (0, 0, 0, 0), (1, 1), 1, (7, 9)),
+    "1x1-large": (5, 7, (1, 1), (1, 1), (0, 0, 0, 0), (1, 1), 1, (17, 16)),  # the no-copy path (H W >= 256)
+    "1x1-strided": (6, 10, (1, 1), (2, 2), (0, 0, 0, 0), (1, 1), 1, (9, 9)),
+    "3x3": (6, 10, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1, (9, 8)),
+    "3x3-strided": (6, 10, (3, 3), (2, 2), (1, 1, 1, 1), (1, 1), 1, (11, 10)),
+    "5x3-stride-2x1": (4, 5, (5, 3), (2, 1), (0, 0, 0, 0), (1, 1), 1, (12, 9)),
+    "dilated": (6, 8, (3, 3), (1, 1), (2, 2, 2, 2), (2, 2), 1, (10, 10)),
+    "dilated-strided": (3, 4, (3, 3), (2, 3), (1, 2, 0, 3), (2, 3), 1, (13, 14)),
+    "grouped": (6, 9, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 3, (8, 8)),
+    "depthwise": (6, 6, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 6, (8, 8)),
+    "7x7-stem": (3, 8, (7, 7), (2, 2), (3, 3, 3, 3), (1, 1), 1, (17, 15)),
+    "asymmetric-same": (4, 5, (4, 4), (1, 1), (1, 2, 1, 2), (1, 1), 1, (9, 8)),
+    "kernel-equals-input": (3, 4, (3, 3), (1, 1), (0, 0, 0, 0), (1, 1), 1, (3, 3)),
+}
+
+
+def conv_reference(x, weight, bias, stride, sides, dilation, groups):
+    pt, pb, pl, pr = sides
+    return F.conv2d(F.pad(x, (pl, pr, pt, pb)), weight, bias, stride, 0, dilation, groups)
+
+
+@pytest.mark.parametrize("name", list(CONVS))
+@pytest.mark.parametrize("batch", [0, 1, 3])
+def test_native_conv_equals_conv2d(name, batch, isa):
+    cin, cout, kernel, stride, sides, dilation, groups, (h, w) = CONVS[name]
+    for density, bias in [(0.3, True), (0.0, True), (1.0, False)]:  # 0% and 100% sparse layers too
+        weight = sparse_weight((cout, cin // groups, *kernel), density)
+        b = torch.randn(cout) if bias else None
+        x = torch.randn(batch, cin, h, w)
+        ref = conv_reference(x, weight, b, stride, sides, dilation, groups)
+        args = (*csr32(weight), b, None, cout, groups, list(kernel), list(stride), list(sides), list(dilation))
+        out = torch.ops.fxsparse.native_conv2d(x, *args, False)
+        assert rel_error(out, ref) <= 1e-5, (name, density)
+        assert rel_error(ops.native_conv2d_reference(x, *args, False), ref) <= 1e-5
+        residual = torch.randn_like(ref)
+        fused = torch.ops.fxsparse.native_conv2d(x, *args[:4], residual, *args[5:], True)
+        assert rel_error(fused, (ref + residual).relu()) <= 1e-5
+        if batch:
+            channels_last = x.contiguous(memory_format=torch.channels_last)
+            assert rel_error(torch.ops.fxsparse.native_conv2d(channels_last, *args, False), ref) <= 1e-5
+
+
+def test_native_conv_input_smaller_than_kernel_raises_like_conv2d():
+    weight = sparse_weight((4, 3, 3, 3), 0.5)
+    x = torch.randn(1, 3, 2, 2)
+    with pytest.raises(RuntimeError, match="Kernel size can't be greater"):
+        F.conv2d(x, weight)
+    args = (*csr32(weight), None, None, 4, 1, [3, 3], [1, 1], [0, 0, 0, 0], [1, 1], False)
+    with pytest.raises(RuntimeError, match="Kernel size can't be greater"):
+        torch.ops.fxsparse.native_conv2d(x, *args)
+    with pytest.raises(RuntimeError, match="Kernel size can't be greater"):
+        kernels.conv2d(x, *args)  # the extension checks too
+
+
+@pytest.mark.parametrize("lead", [(), (0,), (3,), (2, 3), (1, 130), (2, 0, 4)])
+@pytest.mark.parametrize("index_dtype", [torch.int16, torch.int32])
+def test_native_linear_equals_linear(lead, index_dtype, isa):
+    for density, bias in [(0.2, True), (0.0, False), (1.0, True)]:
+        weight = sparse_weight((37, 50), density)
+        b = torch.randn(37) if bias else None
+        x = torch.randn(*lead, 50)
+        ref = F.linear(x, weight, b)
+        col, crow, values = csr32(weight)
+        for first_in in (False, True):
+            for first_out in (False, True):
+                for relu in (False, True):
+                    given = x.movedim(-1, 0).contiguous() if first_in else x
+                    args = (given, col.to(index_dtype), crow, values, b, 37, first_in, first_out, relu)
+                    out = torch.ops.fxsparse.native_linear(*args)
+                    want = ref.relu() if relu else ref
+                    want = want.movedim(-1, 0).contiguous() if first_out else want
+                    assert rel_error(out, want) <= 1e-5, (lead, density, first_in, first_out, relu)
+                    assert rel_error(ops.native_linear_reference(*args), want) <= 1e-5
+
+
+def test_native_ops_fake_kernels_match_real_shapes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    weight = sparse_weight((6, 2, 3, 3), 0.5)
+    x = torch.randn(2, 4, 9, 7)
+    args = (*csr32(weight), None, None, 6, 2, [3, 3], [2, 1], [1, 1, 0, 2], [1, 2], True)
+    real = torch.ops.fxsparse.native_conv2d(x, *args)
+    linear_args = (*csr32(sparse_weight((5, 7), 0.5)), None, 5, False, True, False)
+    real_linear = torch.ops.fxsparse.native_linear(torch.randn(3, 4, 7), *linear_args)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fake = torch.ops.fxsparse.native_conv2d(mode.from_tensor(x), *args)
+        fake_linear = torch.ops.fxsparse.native_linear(mode.from_tensor(torch.randn(3, 4, 7)), *linear_args)
+    assert fake.shape == real.shape and fake_linear.shape == real_linear.shape == (5, 3, 4)
+
+
+# ------------------------------------------------------------------------------------------------
+# accelerate on the compiled kernels: equal to the folded model
+# ------------------------------------------------------------------------------------------------
+def prune_(model, density=0.3):
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (nn.Conv2d, nn.Linear)):
+                module.weight.mul_(torch.rand_like(module.weight) < density)
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.normal_()
+                module.running_var.uniform_(0.5, 2.0)
+                module.weight.normal_()
+                module.bias.normal_()
+    return model.eval()
+
+
+def native_only(candidates):
+    """A timer under which the compiled kernel wins everywhere."""
+    return {name: 1.0 if "native" in name else 2.0 if name == "dense" else 3.0 for name in candidates}
+
+
+class Block(nn.Module):
+    """A ResNet bottleneck: conv-BN-ReLU twice, conv-BN, + shortcut (a strided 1x1 conv), ReLU."""
+
+    def __init__(self, cin=6, mid=4, cout=8, stride=2):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(cin, mid, 1, bias=False), nn.BatchNorm2d(mid)
+        self.conv2, self.bn2 = nn.Conv2d(mid, mid, 3, stride, 1, bias=False), nn.BatchNorm2d(mid)
+        self.conv3, self.bn3 = nn.Conv2d(mid, cout, 1, bias=False), nn.BatchNorm2d(cout)
+        self.down = nn.Conv2d(cin, cout, 1, stride)
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        shortcut = x
+        x = self.act(self.bn1(self.conv1(x)))
+        x = F.relu(self.bn2(self.conv2(x)))
+        x = self.bn3(self.conv3(x))
+        x += self.down(shortcut)
+        return self.act(x)
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 6, 3, padding=1)
+        self.block = Block()
+        self.head = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 5))
+
+    def forward(self, x):
+        return self.head(self.block(torch.relu(self.stem(x))).mean((2, 3)))
+
+
+def test_accelerate_native_equals_folded_with_fused_epilogues(threads):
+    model = prune_(Net())
+    x = torch.randn(2, 3, 10, 11)
+    fast = fxsparse.accelerate(model, x, timer=native_only)
+    plan = {p.name: p for p in fast.fxsparse_plan.layers}
+    assert {p.path for p in plan.values()} == {"direct+native", "native"}
+    fused = {name for name, p in plan.items() if "fused epilogue" in p.reason}
+    assert {"stem", "block.conv1", "block.conv2", "block.conv3", "head.0"} <= fused
+    assert fast.block.conv3.relu and not fast.block.down.relu
+    assert "add" not in str(fast.code) and "relu" not in str(fast.code)  # all in the kernels' epilogues
+    with torch.no_grad():
+        for shape in [(2, 3, 10, 11), (1, 3, 7, 6), (3, 3, 16, 9)]:  # other sizes than planned
+            x = torch.randn(shape)
+            assert rel_error(fast(x), model(x)) <= 1e-5
+        empty = fast(torch.randn(0, 3, 10, 11))
+        assert empty.shape == model(torch.randn(0, 3, 10, 11)).shape == (0, 5)
+        x = torch.randn(2, 3, 10, 11).contiguous(memory_format=torch.channels_last)
+        assert rel_error(fast(x), model(x)) <= 1e-5
+
+
+def test_accelerate_small_input_raises_like_folded_model():
+    model = prune_(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3)))
+    for path in ({"0": "direct+native", "2": "direct+native"}, {"0": "im2col+ebag", "2": "rows+ebag"}):
+        fast = fxsparse.accelerate(model, torch.randn(1, 3, 8, 8), paths=path)
+        with pytest.raises(RuntimeError, match="Kernel size can't be greater"):
+            model(torch.randn(1, 3, 4, 4))
+        with pytest.raises(RuntimeError, match="Kernel size can't be greater"):
+            fast(torch.randn(1, 3, 4, 4))
+
+
+def test_accelerate_empty_batch_on_every_path():
+    model = prune_(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Flatten(), nn.Linear(4 * 36, 5)))
+    x = torch.randn(1, 3, 6, 6)
+    for conv, linear in [("direct+native", "native"), ("im2col+ebag", "ebag"), ("rows+mkl", "mkl")]:
+        fast = fxsparse.accelerate(model, x, paths={"0": conv, "2": linear})
+        with torch.no_grad():
+            assert fast(torch.randn(0, 3, 6, 6)).shape == (0, 5)
+            assert fast[2](torch.randn(0, 4 * 36)).shape == (0, 5)
+
+
+def test_padding_modes_other_than_zeros_stay_dense():
+    model = prune_(nn.Sequential(*[nn.Conv2d(3, 3, 3, padding=1, padding_mode=m) for m in ("reflect", "circular")]))
+    x = torch.randn(1, 3, 7, 7)
+    fast = fxsparse.accelerate(model, x, timer=native_only)
+    assert all(p.path == "dense" for p in fast.fxsparse_plan.layers)
+    with torch.no_grad():
+        assert rel_error(fast(x), model(x)) <= 1e-6
+
+
+def test_other_dtypes_run_in_float32_with_a_warning():
+    model = prune_(Net())
+    x = torch.randn(1, 3, 8, 8)
+    fast = fxsparse.accelerate(model, x, timer=native_only)
+    with torch.no_grad():
+        want = model(x)
+        with pytest.warns(UserWarning, match="compute in float32"):
+            half = fast.half()(x.half())
+        assert half.dtype == torch.float16 and rel_error(half.float(), want) <= 1e-2
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = fast.float()(x)
+        assert rel_error(out.float(), want) <= 3e-2
+
+
+def test_rows_layout_alternating_heights_builds_bags_once_per_height(monkeypatch):
+    model = prune_(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1)))
+    fast = fxsparse.accelerate(model, torch.randn(1, 3, 8, 8), paths={"0": "rows+ebag"})
+    built = []
+    real = ops.rows_bags
+    monkeypatch.setattr(ops, "rows_bags", lambda *a, **k: built.append(a[-1]) or real(*a, **k))
+    with torch.no_grad():
+        for _ in range(3):
+            for h in (8, 10, 12):
+                x = torch.randn(1, 3, h, 8)
+                assert rel_error(fast(x), model(x)) <= 1e-5
+    assert sorted(built) == [(10, 8), (12, 8)]
+
+
+# ------------------------------------------------------------------------------------------------
+# transformers' Conv1D (GPT-2): converted, generate() gives the folded model's tokens
+# ------------------------------------------------------------------------------------------------
+def test_gpt2_conv1d_runs_sparse_and_generates_the_same_tokens():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=101, n_positions=64)
+    torch.manual_seed(0)
+    model = prune_(transformers.GPT2LMHeadModel(config).eval())
+    with torch.no_grad():
+        for module in model.modules():
+            if type(module).__name__ == "Conv1D":
+                module.weight.mul_(torch.rand_like(module.weight) < 0.3)
+    prompt = torch.randint(0, 101, (1, 5))
+    fast = fxsparse.accelerate(model, {"input_ids": prompt}, timer=native_only)
+    converted = [n for n, m in fast.named_modules() if isinstance(m, SparseLinear)]
+    assert "transformer.h.0.attn.c_attn" in converted and "transformer.h.1.mlp.c_proj" in converted
+    with torch.no_grad():
+        want = model.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0)
+        got = fast.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0)
+        assert torch.equal(got, want)
+        assert rel_error(fast(prompt).logits, model(prompt).logits) <= 1e-5
+
+
+# ------------------------------------------------------------------------------------------------
+# torch.compile and torch.export
+# ------------------------------------------------------------------------------------------------
+def test_native_export_round_trip_with_dynamic_height():
+    model = prune_(Net())
+    x = torch.randn(2, 3, 10, 11)
+    fast = fxsparse.accelerate(model, x, timer=native_only)
+    height = torch.export.Dim("height", min=4, max=64)
+    program = torch.export.export(fast, (x,), dynamic_shapes=({2: height},))
+    targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert {"fxsparse.native_conv2d.default", "fxsparse.native_linear.default"} <= targets
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    buffer.seek(0)
+    loaded = torch.export.load(buffer).module()
+    with torch.no_grad():
+        for h in (10, 17):
+            x = torch.randn(2, 3, h, 11)
+            assert rel_error(loaded(x), model(x)) <= 1e-5
+    compiled = torch.compile(fast, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        assert rel_error(compiled(x), model(x)) <= 1e-5
+
+
+def test_rows_layout_exports_with_dynamic_height():
+    model = prune_(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU()))
+    x = torch.randn(1, 3, 8, 8)
+    fast = fxsparse.accelerate(model, x, paths={"0": "rows+ebag"})
+    program = torch.export.export(fast, (x,), dynamic_shapes=({2: torch.export.Dim("height", min=4, max=32)},))
+    with torch.no_grad():
+        for h in (8, 13):
+            x = torch.randn(1, 3, h, 8)
+            assert rel_error(program.module()(x), model(x)) <= 1e-5
+
+
+# ------------------------------------------------------------------------------------------------
+# without the compiled kernels: the torch-op kernels, with a one-line notice
+# ------------------------------------------------------------------------------------------------
+FALLBACK_SCRIPT = textwrap.dedent(
+    """
+    import warnings, torch, fxsparse
+    from torch import nn
+    from fxsparse.inference import native
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Flatten(), nn.Linear(4 * 36, 5)).eval()
+    with torch.no_grad():
+        for m in model:
+            if hasattr(m, "weight"):
+                m.weight.mul_(torch.rand_like(m.weight) < 0.2)
+    x = torch.randn(2, 3, 6, 6)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fast = fxsparse.accelerate(model, x)
+    notices = [str(w.message) for w in caught if "compiled sparse kernels" in str(w.message)
+               or "torch-op kernels" in str(w.message)]
+    assert len(notices) == 1 and "\\n" not in notices[0], notices
+    assert native.kernels() is None
+    assert all("native" not in p.path for p in fast.fxsparse_plan.layers)
+    with torch.no_grad():
+        assert (fast(x) - model(x)).abs().max() < 1e-4
+    # a program using the native ops still runs, on the torch reference
+    from fxsparse.export import to_csr
+    w = torch.randn(4, 3, 3, 3)
+    crow, col, val = to_csr(w.view(4, -1))
+    out = torch.ops.fxsparse.native_conv2d(x, col.int(), crow.int(), val, None, None, 4, 1, [3, 3], [1, 1],
+                                           [1, 1, 1, 1], [1, 1], False)
+    assert (out - torch.nn.functional.conv2d(x, w, padding=1)).abs().max() < 1e-4
+    print("fallback ok:", notices[0])
+    """
+)
+
+
+@pytest.mark.parametrize("how", ["variable", "no-compiler"])
+def test_fallback_without_compiled_kernels(how, tmp_path):
+    env = dict(os.environ)
+    if how == "variable":
+        env[native.DISABLE_VARIABLE] = "1"
+    else:  # a fresh build directory and no compiler to be found
+        env["TORCH_EXTENSIONS_DIR"] = str(tmp_path)
+        env["CXX"] = str(tmp_path / "no-such-compiler")
+        env["CC"] = env["CXX"]
+    result = subprocess.run(
+        [sys.executable, "-c", FALLBACK_SCRIPT], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "fallback ok" in result.stdout
+
+
+def test_sparse_layers_report_native_path():
+    model = prune_(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 16, 3)))
+    fast = fxsparse.accelerate(model, torch.randn(1, 3, 6, 6), timer=native_only)
+    assert isinstance(fast[0], SparseConv2d) and fast[0].kernel == "native" and fast[0].indices.dtype == torch.int32
+    assert isinstance(fast[2], SparseLinear) and fast[2].indices.dtype == torch.int16  # compact decode indices
+
+
+@pytest.mark.parametrize(
+    "shape, kernel, stride, padding",
+    [((1, 4, 12, 12), 3, 2, 1), ((2, 3, 9, 8), 3, 2, 1), ((1, 5, 7, 7), 2, 2, 0), ((0, 3, 9, 9), 3, 1, 1)]
+    + [((1, 2, 10, 11), (3, 2), (1, 2), (1, 0)), ((1, 1, 3, 3), 3, 1, 0)],
+)
+def test_native_max_pool_equals_max_pool2d(shape, kernel, stride, padding, threads):
+    x = torch.randn(shape)
+    if x.numel():
+        x.view(-1)[3] = float("nan")  # propagates, as in torch
+    pair = nn.modules.utils._pair
+    out = torch.ops.fxsparse.native_max_pool2d(x, list(pair(kernel)), list(pair(stride)), list(pair(padding)))
+    ref = F.max_pool2d(x, kernel, stride, padding)
+    assert torch.equal(out.isnan(), ref.isnan()) and torch.equal(out.nan_to_num(), ref.nan_to_num())
+
+
+def test_accelerate_replaces_exact_max_pools():
+    model = prune_(nn.Sequential(nn.Conv2d(3, 4, 3), nn.MaxPool2d(3, 2, 1), nn.MaxPool2d(2, ceil_mode=True)))
+    x = torch.randn(2, 3, 11, 11)
+    fast = fxsparse.accelerate(model, x, timer=native_only)
+    assert type(fast[1]).__name__ == "MaxPool2d" and type(fast[1]) is not nn.MaxPool2d
+    assert type(fast[2]) is nn.MaxPool2d  # ceil mode: torch's own
+    with torch.no_grad():
+        assert rel_error(fast(x), model(x)) <= 1e-5
