@@ -443,3 +443,12 @@ def test_accelerate_replaces_exact_max_pools():
     assert type(fast[2]) is nn.MaxPool2d  # ceil mode: torch's own
     with torch.no_grad():
         assert rel_error(fast(x), model(x)) <= 1e-5
+
+
+def test_native_linear_without_inputs_gives_the_bias():
+    empty = torch.zeros(5, 0)
+    b = torch.randn(5)
+    for first_out in (False, True):
+        out = torch.ops.fxsparse.native_linear(torch.randn(3, 0), *csr32(empty), b, 5, False, first_out, True)
+        want = F.linear(torch.randn(3, 0), empty, b).relu()
+        assert rel_error(out, want.t().contiguous() if first_out else want) == 0.0
