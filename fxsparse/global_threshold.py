@@ -168,12 +168,12 @@ class GlobalThreshold(nn.Module):
         """tau_l = the exact quantile of layer l's own scores at its scheduled sparsity (0: prune nothing)."""
         method, group, qs = self.method, self.process_group, self.layer_sparsities()
         if group is not None or any_sharded(weights):
-            weights, score_fn, group = local_pool(weights, method.score, group)
+            weights, score_fn, group = local_pool(weights, self.layer_score, group)
             return layer_quantiles(weights, qs, score_fn=score_fn, group=group).to(self.layer_tau.device)
         if type(method).score is Method.score:
-            score_fn = layer_scaled_abs([method.score_scale(w) for w in weights])
+            score_fn = layer_scaled_abs([self.layer_score_scale(i, w) for i, w in enumerate(weights)])
         else:
-            score_fn = lambda index, weight: method.score(weight)  # noqa: E731
+            score_fn = self.layer_score
         hints = None
         if self.layer_tau.device.type == "cpu":
             hints = [t if prunes else None for t, prunes in zip(self.layer_tau.tolist(), self.layer_prunes)]

@@ -527,12 +527,27 @@ class SparseLinear(_SparseLayer):
         """The layer of ``linear``'s shape (nn.Linear or Conv1D) with the given CSR weight of the (out, in) matrix
         (its own weight is not read)."""
         in_features, out_features = linear_features(linear)
-        return cls(
+        layer = cls(
             crow, col, values, bias, in_features=in_features, out_features=out_features, dense_weight=dense_weight
         )
+        layer.conv1d_class = type(linear) if is_conv1d(linear) else None
+        return layer
+
+    conv1d_class: type | None = None  # transformers' Conv1D this layer replaces (its plain module), or None
 
     def _plain_module(self) -> nn.Module:
+        if self.conv1d_class is not None:
+            return self.conv1d_class(self.out_features, self.in_features)
         return nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+
+    def plain_module(self) -> nn.Module:
+        """The equivalent nn.Linear, or the Conv1D it replaced (weight stored (in, out) again)."""
+        module = super().plain_module()
+        if self.conv1d_class is not None:
+            module.weight = nn.Parameter(module.weight.detach().t().contiguous(), requires_grad=False)
+            if module.bias is None:  # Conv1D always has a bias
+                module.bias = nn.Parameter(torch.zeros(self.out_features), requires_grad=False)
+        return module
 
     def _dense(self, x: Tensor, weight: Tensor) -> Tensor:
         return F.linear(x, weight, self.bias)
