@@ -17,6 +17,8 @@ import warnings
 from pathlib import Path
 from types import ModuleType
 
+import torch
+
 SOURCES = ("sparse_kernels.cpp", "spmm_simd.h")
 CSRC = Path(__file__).with_name("csrc")
 DISABLE_VARIABLE = "FXSPARSE_NO_NATIVE"
@@ -27,7 +29,7 @@ _failure = ""
 
 
 def _build_name() -> str:
-    digest = hashlib.sha256()
+    digest = hashlib.sha256(torch.__version__.encode())  # a build links against one torch: one build per version
     for name in SOURCES:
         digest.update((CSRC / name).read_bytes())
     return f"fxsparse_kernels_{digest.hexdigest()[:12]}"
