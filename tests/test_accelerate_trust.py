@@ -96,7 +96,7 @@ class TimmStyleNet(nn.Module):
         from timm.layers import BatchNormAct2d
 
         self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
-        self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1, bias=False), BatchNormAct2d(8, act_layer=nn.GELU)
+        self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1, bias=False), BatchNormAct2d(8, act_layer=nn.SiLU)
         self.head = nn.Linear(8, 4)
 
     def forward_features(self, x):

@@ -19,6 +19,26 @@ RESUMES = pytest.mark.skipif(
 )
 
 
+def _loader_sorts_mixed_keys() -> bool:
+    """transformers 5.0's from_pretrained sorts state-dict keys by their dot-separated parts and fails where one
+    key has a number and another a name at the same place (a parametrized layer's ``.0.`` and ``.original``)."""
+    try:
+        from transformers.core_model_loading import dot_natural_key
+    except ImportError:
+        return True
+    try:
+        sorted(["a.0", "a.b"], key=dot_natural_key)
+    except TypeError:
+        return False
+    return True
+
+
+LOADS_SPARSE_STATE = pytest.mark.skipif(
+    not _loader_sorts_mixed_keys(),
+    reason="this transformers' from_pretrained cannot sort a sparse model's state-dict keys (fixed after 5.0)",
+)
+
+
 def tiny_bert():
     config = transformers.BertConfig(
         vocab_size=VOCAB,
@@ -260,6 +280,7 @@ def assert_reloads_with(directory, want):
         assert torch.equal(got[key], want[key]), key
 
 
+@LOADS_SPARSE_STATE
 def test_save_after_evaluate_alone_reloads_the_weights(tmp_path):
     """The callback sparsifies the model when the Trainer is built; save_model after evaluate() alone must still
     write weights from_pretrained loads (they were silently re-initialised)."""
@@ -288,6 +309,7 @@ class RaiseAtStep(transformers.TrainerCallback):
             raise KeyboardInterrupt
 
 
+@LOADS_SPARSE_STATE
 def test_save_after_an_interrupted_train_reloads_the_sparse_models_weights(tmp_path):
     model = fresh("bert")
     trainer = transformers.Trainer(

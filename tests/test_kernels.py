@@ -350,6 +350,10 @@ def test_native_export_round_trip_with_dynamic_height():
         assert rel_error(compiled(x), model(x)) <= 1e-5
 
 
+@pytest.mark.skipif(
+    tuple(int(part) for part in torch.__version__.split(".")[:2]) < (2, 6),
+    reason="torch < 2.6's export specialises the height of the rows layout's custom op",
+)
 def test_rows_layout_exports_with_dynamic_height():
     model = prune_(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU()))
     x = torch.randn(1, 3, 8, 8)

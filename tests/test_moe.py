@@ -129,6 +129,8 @@ def test_flops_per_expert_equal_the_hand_count_on_the_routed_tokens(implementati
             pytest.skip("this transformers has no grouped_mm fallback")
         monkeypatch.setattr(moe, "_can_use_grouped_mm", lambda *args: False)
         implementation = "grouped_mm"
+    elif implementation == "grouped_mm" and not hasattr(torch, "_grouped_mm"):
+        pytest.skip("torch._grouped_mm needs a newer torch (transformers asks for 2.9)")
     model = tiny_mixtral(implementation)
     sparse, _ = sparsified(model)
     inputs = tokens()
