@@ -49,6 +49,14 @@ ELEMENTWISE_FUNCTIONS = {
 }
 
 
+def accelerated_graph(model: nn.Module) -> fx.GraphModule | None:
+    """The model as a torch.fx GraphModule whose sparse layers are leaves (itself if it is one; traced
+    otherwise), or None when it cannot be traced."""
+    if isinstance(model, fx.GraphModule):
+        return model
+    return trace(model, extra_leaf_types=(SparseConv2d, SparseLinear)).graph_module
+
+
 def _elementwise(node: fx.Node, graph_module: fx.GraphModule) -> bool:
     """A node that maps its first argument elementwise, with no other tensor input."""
     if (
@@ -78,11 +86,7 @@ def chain_linears_(model: nn.Module) -> tuple[nn.Module, list[tuple[str, str]]]:
     """
     if not any(isinstance(m, SparseLinear) and m.path != DENSE for m in model.modules()):
         return model, []
-    graph_module = (
-        model
-        if isinstance(model, fx.GraphModule)
-        else trace(model, extra_leaf_types=(SparseConv2d, SparseLinear)).graph_module
-    )
+    graph_module = accelerated_graph(model)
     if graph_module is None:
         return model, []
     calls = Counter(node.target for node in graph_module.graph.nodes if node.op == "call_module")

@@ -21,8 +21,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from ..trace import trace
 from . import ops
+from .chain import accelerated_graph
 from .layers import SparseConv2d, SparseLinear
 
 RELU_FUNCTIONS = {F.relu, torch.relu, torch.relu_}
@@ -66,11 +66,7 @@ def fuse_epilogues_(model: nn.Module) -> tuple[nn.Module, list[str]]:
     """(the model with ReLUs and residual adds fused into its compiled-kernel layers, the fused layers' names)."""
     if not any(isinstance(m, (SparseConv2d, SparseLinear)) and m.kernel == ops.NATIVE for m in model.modules()):
         return model, []
-    graph_module = (
-        model
-        if isinstance(model, fx.GraphModule)
-        else trace(model, extra_leaf_types=(SparseConv2d, SparseLinear)).graph_module
-    )
+    graph_module = accelerated_graph(model)
     if graph_module is None:
         return model, []
     graph = graph_module.graph
