@@ -12,17 +12,11 @@ from torch import nn
 import fxsparse
 from fxsparse.inference import AccelerationPlan, SparseConv2d, SparseLinear, skeleton
 
+from test_inference import prune_ as prune_at_random_
+
 
 def prune_(model: nn.Module, density: float = 0.2) -> nn.Module:
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, (nn.Conv2d, nn.Linear)):
-                module.weight.mul_(torch.rand_like(module.weight) < density)
-            if isinstance(module, nn.BatchNorm2d):
-                module.running_mean.normal_()
-                module.running_var.uniform_(0.5, 2.0)
-    return model.eval()
+    return prune_at_random_(model, density, seed=0)
 
 
 class Net(nn.Module):

@@ -19,8 +19,11 @@ CONV_PATHS = [f"{layout}+{kernel}" for layout, kernel in itertools.product(ops.C
 LINEAR_PATHS = list(ops.KERNELS)
 
 
-def prune_(model: nn.Module, density: float = 0.25) -> nn.Module:
-    """Zero all but a random ``density`` of every conv/linear weight (and give BatchNorms real statistics)."""
+def prune_(model: nn.Module, density: float = 0.25, seed: int | None = None) -> nn.Module:
+    """Zero all but a random ``density`` of every conv/linear weight (and give BatchNorms real statistics);
+    ``seed`` seeds torch's generator first."""
+    if seed is not None:
+        torch.manual_seed(seed)
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, (nn.Conv2d, nn.Linear)):

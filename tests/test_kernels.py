@@ -17,6 +17,8 @@ import fxsparse
 from fxsparse.export import to_csr
 from fxsparse.inference import SparseConv2d, SparseLinear, native, ops
 
+from test_inference import prune_ as prune_at_random_
+
 kernels = native.kernels()
 pytestmark = pytest.mark.skipif(kernels is None, reason=f"compiled kernels unavailable: {native.failure()}")
 
@@ -176,18 +178,8 @@ def test_native_ops_fake_kernels_match_real_shapes():
 # ------------------------------------------------------------------------------------------------
 # accelerate on the compiled kernels: equal to the folded model
 # ------------------------------------------------------------------------------------------------
-def prune_(model, density=0.3):
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, (nn.Conv2d, nn.Linear)):
-                module.weight.mul_(torch.rand_like(module.weight) < density)
-            if isinstance(module, nn.BatchNorm2d):
-                module.running_mean.normal_()
-                module.running_var.uniform_(0.5, 2.0)
-                module.weight.normal_()
-                module.bias.normal_()
-    return model.eval()
+def prune_(model: nn.Module, density: float = 0.3) -> nn.Module:
+    return prune_at_random_(model, density, seed=0)
 
 
 def native_only(candidates):

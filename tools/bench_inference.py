@@ -137,6 +137,24 @@ def load_results(path: str) -> list[dict[str, Any]]:
         return [json.loads(line) for line in handle if line.strip()]
 
 
+def accelerated_record(dense: nn.Module, fast: nn.Module, plan_s: float) -> dict:
+    """The fields every result records of the accelerated model, its plan and the machine."""
+    plan = fast.fxsparse_plan
+    return {
+        "clock": "wall clock",
+        "plan_seconds": plan_s,
+        "sparse_layers": len(plan.sparse_layers),
+        "layers": len(plan.layers),
+        "dense_bytes": model_bytes(dense),
+        "accelerated_bytes": model_bytes(fast),
+        "torch": torch.__version__,
+        "machine": cpu_name(),
+        "cpus": os.cpu_count(),
+        "plan": plan.to_dict(),
+        "table": plan.table(),
+    }
+
+
 def model_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
 
@@ -235,7 +253,6 @@ def run_config(config: dict[str, Any], args, cache: dict) -> dict[str, Any]:
             runtime.close()
     for note in notes:
         print(note, flush=True)
-    plan = fast.fxsparse_plan
     base = times[BASELINE]
     return {
         **config,
@@ -248,20 +265,10 @@ def run_config(config: dict[str, Any], args, cache: dict) -> dict[str, Any]:
         "versions": {r.name: getattr(r, "version", torch.__version__) for r in runtimes},
         "notes": notes,
         "relative_error": errors["fxsparse"],
-        "clock": "wall clock",
         "plan_clock": clock_name(clock),
-        "plan_seconds": plan_s,
-        "sparse_layers": len(plan.sparse_layers),
-        "layers": len(plan.layers),
         "mac_reduction": mac_reduction(dense, x),
-        "dense_bytes": model_bytes(dense),
-        "accelerated_bytes": model_bytes(fast),
-        "torch": torch.__version__,
-        "machine": cpu_name(),
-        "cpus": os.cpu_count(),
-        "plan": plan.to_dict(),
         "layer_ms": layer_ms,
-        "table": plan.table(),
+        **accelerated_record(dense, fast, plan_s),
     }
 
 
@@ -313,7 +320,6 @@ def run_generate(config: dict[str, Any], args) -> dict[str, Any]:
         min_sample_s=0.0,
         clock=time.perf_counter,
     )
-    plan = fast.fxsparse_plan
     return {
         **config,
         "dense_ms": 1e3 * times[BASELINE],
@@ -323,17 +329,7 @@ def run_generate(config: dict[str, Any], args) -> dict[str, Any]:
         "same_tokens": same,
         "runtimes": {name: {"ms": 1e3 * t, "speedup": times[BASELINE] / t} for name, t in times.items()},
         "relative_error": 0.0 if same else float("nan"),
-        "clock": "wall clock",
-        "plan_seconds": plan_s,
-        "sparse_layers": len(plan.sparse_layers),
-        "layers": len(plan.layers),
-        "dense_bytes": model_bytes(dense),
-        "accelerated_bytes": model_bytes(fast),
-        "torch": torch.__version__,
-        "machine": cpu_name(),
-        "cpus": os.cpu_count(),
-        "plan": plan.to_dict(),
-        "table": plan.table(),
+        **accelerated_record(dense, fast, plan_s),
     }
 
 
