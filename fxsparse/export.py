@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from .atomic import atomic_write
-from .kernel_layer import kernel_layers
+from .kernel_layer import kernel_layers, kernel_table_owner
 from .layers import MatrixLayout, prunable_weight_names
 from .parametrization import HOSTED_THRESHOLD_NAME
 from .pool import THRESHOLD_NAME, distribution_record, get_threshold, is_sparsified
@@ -332,6 +332,12 @@ def save_csr(
         state_dict, layouts, scope_names, facts = _folded_state(model)
         scope = SPARSITY_SCOPE
     elif isinstance(model, Mapping):
+        owner = kernel_table_owner(model.keys())
+        if owner is not None:
+            raise ValueError(
+                f"save_csr: this state_dict is an accelerated model's ({owner!r} holds a sparse kernel's tables, not "
+                "its weight): save the folded model it was built from, or its state_dict"
+            )
         state_dict, layouts = dict(model), {}
         scope_names = {
             k for k, v in state_dict.items() if isinstance(v, Tensor) and v.is_floating_point() and v.dim() >= 2

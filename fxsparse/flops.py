@@ -36,6 +36,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -47,6 +48,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from .atomic import atomic_write
 from .fqn import join
 from .kernel_layer import KernelLayer
 from .layers import expert_matrices, expert_stacks, is_linear, weight_layout
@@ -287,8 +289,11 @@ class FlopReport:
         ax_macs.set_xticks(index)
         ax_macs.set_xticklabels([r.name for r in rows], rotation=90, fontsize=5)
         fig.tight_layout()
-        fig.savefig(path, dpi=150)
-        plt.close(fig)
+        suffix = os.path.splitext(os.fspath(path))[1].lstrip(".").lower() or "png"
+        try:  # through a temporary file: an error never leaves half a figure over an existing one
+            atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=150, format=suffix))
+        finally:
+            plt.close(fig)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -93,3 +93,17 @@ class KernelLayer(nn.Module):
 def kernel_layers(model: nn.Module) -> dict[str, KernelLayer]:
     """name -> every kernel layer of ``model``."""
     return {name: module for name, module in model.named_modules() if isinstance(module, KernelLayer)}
+
+
+def kernel_table_owner(keys) -> str | None:
+    """The first module name whose state_dict entries are a kernel layer's tables (row pointers and column
+    indices: crow/col or offsets/indices, as fxsparse.inference.layers registers them) and no ``weight``, or
+    None: how a state_dict of an accelerated model is recognised."""
+    keys = set(keys)
+    for key in sorted(keys):
+        owner, _, leaf = key.rpartition(".")
+        if leaf in ("offsets", "crow") and f"{owner}.weight" not in keys:
+            partner = "indices" if leaf == "offsets" else "col"
+            if f"{owner}.{partner}" in keys:
+                return owner
+    return None

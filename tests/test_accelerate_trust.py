@@ -11,7 +11,7 @@ from torch import nn
 
 import fxsparse
 from fxsparse.inference import SparseConv2d, SparseLinear, dense_baseline
-from fxsparse.kernel_layer import WeightStandIn
+from fxsparse.kernel_layer import WeightStandIn, kernel_layers
 
 from test_inference import ConvBnNet, Mlp, assert_close, prefer, prune_, run
 
@@ -47,6 +47,12 @@ def test_save_csr_refuses_an_accelerated_model(tmp_path):
     with pytest.raises(ValueError, match="save the folded model"):
         fxsparse.save_csr(fast, tmp_path / "fast.safetensors")
     assert not (tmp_path / "fast.safetensors").exists()
+    state = fast.state_dict()  # its state_dict holds the kernels' tables, not the weights: refused as well
+    assert not any(key.endswith(".weight") for key in state if key.rpartition(".")[0] in kernel_layers(fast))
+    with pytest.raises(ValueError, match="state_dict is an accelerated model's"):
+        fxsparse.save_csr(state, tmp_path / "fast.safetensors")
+    assert not (tmp_path / "fast.safetensors").exists()
+    fxsparse.save_csr(model.state_dict(), tmp_path / "folded.safetensors")  # a folded state_dict still saves
 
 
 def test_the_weight_of_a_sparse_layer_gives_its_metadata_and_refuses_arithmetic():

@@ -465,6 +465,24 @@ def test_table_json_and_plot(tmp_path):
     assert (tmp_path / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_a_failed_plot_leaves_the_existing_file_whole(tmp_path, monkeypatch):
+    matplotlib_figure = pytest.importorskip("matplotlib.figure")
+    report = flops(SdpaBlock(), torch.randn(1, 3, 16))
+    chart = tmp_path / "chart.png"
+    chart.write_bytes(b"the previous chart")
+
+    def half_then_fail(self, target, **kwargs):
+        with open(target, "wb") as f:
+            f.write(b"\x89PNG half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(matplotlib_figure.Figure, "savefig", half_then_fail)
+    with pytest.raises(OSError, match="disk full"):
+        report.plot(str(chart))
+    assert chart.read_bytes() == b"the previous chart"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["chart.png"]
+
+
 def test_plot_without_matplotlib_says_what_to_install(monkeypatch, tmp_path):
     import builtins
 

@@ -56,6 +56,7 @@ import torch
 from torch import nn
 
 import fxsparse
+from fxsparse.atomic import atomic_write
 from fxsparse.inference import interleaved_medians
 from fxsparse.inference.timing import clock_name
 
@@ -557,7 +558,7 @@ def plot(results: list[dict[str, Any]], path: str) -> None:
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     print(f"wrote {path}")
 
 
