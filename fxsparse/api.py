@@ -13,7 +13,7 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
-from .attach import attach_as_pre_hook_
+from .attach import attach_as_pre_hook_, cache_expert_stacks_
 from .distribution import DistributionSpec, check_spec, layer_targets
 from .global_threshold import GlobalThreshold
 from .layers import DESCRIPTION as PRUNABLE_WEIGHTS
@@ -324,6 +324,8 @@ def _sparsify(
     threshold.set_expert_stacks_(
         {i: item.parametrization.output_axis for i, item in enumerate(pool) if item.parametrization.experts}
     )
+    for module_fqn in dict.fromkeys(item.use.module_fqn for item in pool if item.parametrization.experts):
+        cache_expert_stacks_(target.get_submodule(module_fqn))
     threshold.pass_result = result = PassResult(
         pooled=tuple(item.use.fqn for item in pool),
         chained=tuple(item.use.fqn for item in pool if item.parametrization.is_chained()),

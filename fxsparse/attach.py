@@ -6,12 +6,15 @@ the hook's handle is recorded on the threshold (``threshold.pre_hook``), which i
 to remove. torch.fx's GraphModule drops forward hooks when deep-copied: on a GraphModule root, a
 deepcopy hook attaches the copy's threshold to the copy; a torch without deepcopy hooks (< 2.6) carries
 the root's pre-hooks over as a "user-preserved attribute" of the GraphModule's meta.
+A module holding mixture-of-experts stacks also gets hooks that compute each stack once per forward.
 """
 
 from __future__ import annotations
 
+import torch
 import torch.fx as fx
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .global_threshold import GlobalThreshold
 from .parametrization import HOSTED_THRESHOLD_NAME, SparseWeight
@@ -78,3 +81,48 @@ def _preserved_attributes(model: fx.GraphModule) -> dict:
     if not isinstance(getattr(model, "meta", None), dict):
         model.meta = {}
     return model.meta.setdefault(_PRESERVED, {})
+
+
+class _ComputeStacksOncePerForward:
+    """Forward hooks of a module holding mixture-of-experts stacks (docs/GRAPH_PASS.md): its forward runs
+    inside torch.nn.utils.parametrize.cached(), so that each read of a stack (transformers' eager loop reads
+    ``self.gate_up_proj[e]`` once per routed expert) reuses one effective weight instead of recomputing the
+    whole stack; the gradient flows through that one weight. Not while torch.compile traces (it computes the
+    weight once anyway)."""
+
+    def __init__(self):
+        self.open: list = []  # the entered cached() contexts, one per forward in progress (None: tracing)
+
+    def enter(self, module: nn.Module, args) -> None:
+        context = None if torch.compiler.is_compiling() else parametrize.cached()
+        if context is not None:
+            context.__enter__()
+        self.open.append(context)
+
+    def leave(self, module: nn.Module, args, output) -> None:
+        context = self.open.pop() if self.open else None
+        if context is not None:
+            context.__exit__(None, None, None)
+
+    def __deepcopy__(self, memo) -> _ComputeStacksOncePerForward:
+        return type(self)()  # no forward is in progress in a copy
+
+
+def cache_expert_stacks_(module: nn.Module) -> None:
+    """Compute ``module``'s parametrized stacks once per forward (see _ComputeStacksOncePerForward)."""
+    hooks = _ComputeStacksOncePerForward()
+    module.register_forward_pre_hook(hooks.enter)
+    module.register_forward_hook(hooks.leave, always_call=True)  # also when the forward raises
+
+
+def uncache_expert_stacks_(module: nn.Module) -> None:
+    """Undo cache_expert_stacks_ (fold)."""
+    ids = [
+        key
+        for registry in (module._forward_pre_hooks, module._forward_hooks)
+        for key, hook in registry.items()
+        if isinstance(getattr(hook, "__self__", None), _ComputeStacksOncePerForward)
+    ]
+    for key in ids:
+        for registry in (module._forward_pre_hooks, module._forward_hooks, module._forward_hooks_always_called):
+            registry.pop(key, None)

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .attach import detach_pre_hook_
+from .attach import detach_pre_hook_, uncache_expert_stacks_
 from .global_threshold import GlobalThreshold
 from .pool import (
     THRESHOLD_NAME,
@@ -94,6 +94,8 @@ def fold_(model: nn.Module) -> None:
     baked = _effective_weights(model)
     for entry in sparse_entries(model):
         _own_parametrized_class_(entry.module)
+        if entry.parametrization.experts:
+            uncache_expert_stacks_(entry.module)
         if entry.module.parametrizations[entry.name].is_tensor:
             parametrize.remove_parametrizations(entry.module, entry.name, leave_parametrized=False)
         else:  # several originals (weight_norm's g and v): a new parameter, which needs grad mode to be one

@@ -300,3 +300,55 @@ def test_experts_train_and_fix_mask():
     with torch.no_grad():
         torch.testing.assert_close(sparse(**inputs).logits, before, rtol=1e-5, atol=1e-6)
     assert fxsparse.layer_densities(sparse) == zeros
+
+
+def test_the_eager_loop_computes_each_stack_once_per_forward(monkeypatch):
+    """transformers' eager loop reads a stack once per routed expert: each read recomputed the whole stack
+    (O(experts^2) per forward); the experts module now computes each stack once, with the same loss and
+    gradients as recomputing, and fold leaves no hook behind."""
+    from fxsparse.attach import uncache_expert_stacks_
+    from fxsparse.parametrization import SparseWeight
+
+    inputs = tokens()
+    computed = Counter()
+    forward = SparseWeight.forward
+
+    def counting(self, *args):
+        computed[self.experts] += 1
+        return forward(self, *args)
+
+    monkeypatch.setattr(SparseWeight, "forward", counting)
+
+    def loss_and_grads(model):
+        model.zero_grad()
+        loss = model(**inputs, labels=inputs["input_ids"]).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    sparse, _ = sparsified(tiny_mixtral("eager"), "st3")
+    sparse.train()
+    loss, grads = loss_and_grads(sparse)
+    assert (
+        computed[True] == 2 * len(experts_modules(sparse)) < sum(len(r) for r in routed_tokens(sparse, inputs).values())
+    )
+    recomputing = sparsified(tiny_mixtral("eager"), "st3")[0].train()
+    for module in experts_modules(recomputing).values():
+        uncache_expert_stacks_(module)
+    computed.clear()
+    reference_loss, reference_grads = loss_and_grads(recomputing)
+    assert computed[True] > 2 * len(experts_modules(sparse))  # without the hooks: once per routed expert
+    assert torch.equal(loss, reference_loss)
+    assert grads.keys() == reference_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], reference_grads[name], rtol=1e-6, atol=1e-7)
+    folded = fxsparse.fold(sparse)
+    for module in experts_modules(folded).values():
+        assert not module._forward_pre_hooks and not module._forward_hooks
+
+    def failing(self, *args):
+        raise RuntimeError("inside the experts")
+
+    monkeypatch.setattr(SparseWeight, "forward", failing)
+    with pytest.raises(RuntimeError, match="inside the experts"):
+        sparse.model.layers[0].mlp(torch.randn(1, 3, HIDDEN))
+    assert getattr(torch.nn.utils.parametrize, "_cache_enabled", 0) == 0  # the cache closed with the forward
