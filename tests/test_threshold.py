@@ -360,10 +360,24 @@ shards = [[layers[0], big[:cut], layers[5]], [layers[1], layers[2], big[cut:], l
 for q in (0.42, 0.9):
     for score_fn in (absolute, signed):
         check("b", shards[rank], shards[0] + shards[1], q, score_fn, hints=(None, "ref"))
+# (f) one quantile per layer (layer_quantiles), layers split across ranks: uneven, empty on a rank, on both
+def check_layers(tag):
+    local = [layers[0] if rank == 0 else torch.empty(0), shards[rank][1] if rank == 0 else shards[rank][2],
+             layers[5] if rank == 1 else torch.empty(0), layers[6], layers[4]]
+    union = [layers[0], big, layers[5], torch.cat([layers[6], layers[6]]), torch.cat([layers[4], layers[4]])]
+    qs = [0.9, 0.42, 0.5, 0.7, 0.0]
+    for score_fn in (absolute, signed):
+        ref = [th.reference_quantile([u], q, score_fn) if q > 0 else torch.tensor(0.0) for u, q in zip(union, qs)]
+        ref = torch.stack(ref)
+        for hints in (None, ref.tolist(), [5.0, 0.0, None, -1.0, 1.0]):
+            got = th.layer_quantiles(local, qs, score_fn, WORLD, hints)
+            assert torch.equal(got, ref), (tag, rank, hints, got.tolist(), ref.tolist())
+check_layers("f")
 # (c) an empty shard on rank 1; tiny chunks and window cap: many chunks, overflow, fallback
 th._budget = lambda nbytes, device, strategy: (5000, 3000)
 for q in (0.1, 0.9):
     check("c", layers if rank == 0 else [], layers, q, hints=(None, "ref"))
+check_layers("f, tiny chunks and windows")
 # (e) a tiny pool: three scores on rank 0, two on rank 1
 tiny = [torch.tensor([0.5, -2.0, 0.0])] if rank == 0 else [torch.tensor([1.0, 0.25])]
 for q in (0.0, 0.3, 0.5, 1.0):
@@ -418,3 +432,95 @@ def test_two_gloo_ranks_match_the_union(tmp_path):
             raise
     for rank, (proc, out) in enumerate(zip(procs, outputs)):
         assert proc.returncode == 0 and f"rank {rank} OK" in out, (proc.returncode, out[-3000:])
+
+
+# -- layer_quantiles: every layer's quantile in one pass -----------------------------------------
+
+
+def _layer_reference(tensors, qs, score_fn):
+    """Each layer's quantile by sort-and-interpolate on that layer alone (0 where q <= 0)."""
+    out = []
+    for i, (t, q) in enumerate(zip(tensors, qs)):
+        one = lambda _, x, i=i: score_fn(i, x)  # noqa: E731
+        out.append(reference_quantile([t], q, one) if q > 0 else torch.zeros((), dtype=torch.float32))
+    return torch.stack(out)
+
+
+def _layer_pool(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(64, 3, 7, 7), (128, 64, 3, 3), (256, 64), (4000,), (7,), ()]
+    tensors = [torch.randn(s, generator=g) * (0.05 * (1 + i)) for i, s in enumerate(shapes)]
+    tensors[1] = tensors[1].to(torch.bfloat16)
+    tensors.append(torch.zeros(500))  # all ties
+    tensors.append(torch.randint(0, 3, (900,), generator=g).half() * 0.01)  # many ties
+    return tensors
+
+
+@pytest.mark.parametrize("score", ["abs", "scaled", "whole-layer", "signed"])
+def test_layer_quantiles_equal_each_layers_sort(monkeypatch, score):
+    """Bitwise the sort-based quantile of each layer alone, whatever the hints (none, right, wrong, odd), with
+    chunks smaller than the layers and windows that overflow (radix fallback)."""
+    tensors = _layer_pool()
+    scales = [0.5 + i for i in range(len(tensors))]
+    score_fn = {
+        "abs": th._abs_score,
+        "scaled": layer_scaled_abs(scales),
+        "whole-layer": _sigma_score,
+        "signed": _identity_score,
+    }[score]
+    qs = [0.9, 0.5, 0.0, 1.0, 0.3, 0.7, 0.95, 0.6]
+    ref = _layer_reference(tensors, qs, score_fn)
+    near = [float(t) * 1.001 for t in ref]
+    for budget in (None, (777, 1 << 20), (1000, 40)):
+        if budget is not None:
+            monkeypatch.setattr(th, "_budget", lambda nbytes, device, strategy, b=budget: b)
+        for hints in (None, near, [float(t) for t in ref], [5.0, -1.0, 0.0, math.nan, math.inf, 1e-30, None, 2.0]):
+            got = th.layer_quantiles(tensors, qs, score_fn, hints=hints)
+            assert got.dtype == torch.float32 and torch.equal(got, ref), (budget, hints, got, ref)
+
+
+def test_layer_quantiles_is_one_pass(monkeypatch):
+    """Every layer in the same pass over the pool: warm (right hints) one pass, cold one pass for elementwise
+    scores (sampled off the weights) and two for a whole-layer score_fn; a missed hint costs one more pass, over
+    the layers that missed only."""
+    g = torch.Generator().manual_seed(3)
+    tensors = [torch.randn(200, 300, generator=g), torch.randn(5000, generator=g), torch.randn(64, 9, generator=g)]
+    qs = [0.9, 0.5, 0.8]
+    warm = [float(t) for t in th.layer_quantiles(tensors, qs)]
+    stepped = [t + 1e-4 * torch.randn(t.shape, generator=g) for t in tensors]
+    passes: list[list[int]] = []
+    chunks = th._Pool.layer_chunks
+
+    def spy(self, layers=None):
+        passes.append(list(range(len(self.tensors))) if layers is None else list(layers))
+        return chunks(self, layers)
+
+    monkeypatch.setattr(th._Pool, "layer_chunks", spy)
+    ref = _layer_reference(stepped, qs, th._abs_score)
+    missed = [warm[0], 3.0 * warm[1], warm[2]]
+    for score_fn, hints, expected in (
+        (th._abs_score, None, [[0, 1, 2]]),
+        (th._abs_score, warm, [[0, 1, 2]]),
+        (th._abs_score, missed, [[0, 1, 2], [1]]),
+        (_abs, None, [[0, 1, 2], [0, 1, 2]]),
+        (_abs, warm, [[0, 1, 2]]),
+        (_abs, missed, [[0, 1, 2], [1]]),
+    ):
+        passes.clear()
+        assert torch.equal(th.layer_quantiles(stepped, qs, score_fn, hints=hints), ref)
+        assert passes == expected, (score_fn.__name__, hints, passes)
+
+
+def test_layer_quantiles_errors():
+    with pytest.raises(ValueError, match="2 sparsities for 1 tensors"):
+        th.layer_quantiles([torch.randn(4)], [0.5, 0.5])
+    with pytest.raises(ValueError, match="q must be in"):
+        th.layer_quantiles([torch.randn(4)], [1.5])
+    with pytest.raises(ValueError, match=r"tensors\[1\] is empty"):
+        th.layer_quantiles([torch.randn(4), torch.empty(0)], [0.5, 0.5])
+    bad = [torch.randn(40), torch.randn(30), torch.randn(20)]
+    bad[2][3] = math.nan
+    for hints in (None, [0.5, 0.5, 0.5]):
+        with pytest.raises(ValueError, match=r"non-finite weight in the sparsity pool \(layer index 2"):
+            th.layer_quantiles(bad, [0.5, 0.5, 0.5], hints=hints)
+    assert torch.equal(th.layer_quantiles(bad, [0.5, 0.5, 0.0])[2], torch.tensor(0.0))  # layer 2 is not ranked
