@@ -37,6 +37,7 @@ ScoreFn = Callable[[int, Tensor], Tensor]
 
 __all__ = [
     "ScoreFn",
+    "capped_threshold",
     "global_quantile",
     "layer_quantiles",
     "layer_scaled_abs",
@@ -176,6 +177,54 @@ def layer_quantiles(
             lo, hi = found[index]
             out[index] = lerp_like_numpy(lo.to(pool.device), hi.to(pool.device), ranks[index][2])
     return out
+
+
+def capped_threshold(
+    tensors: Sequence[Tensor],
+    lows: Sequence[int],
+    highs: Sequence[int],
+    count: int,
+    score_fn: ScoreFn = _abs_score,
+    group: object | None = None,
+    hint: float | None = None,
+) -> tuple[Tensor, list[int]]:
+    """One shared threshold over a pool whose layers' pruned counts are bounded (docs/METHODS.md sec. 8, caps with
+    the global distribution): the smallest score t with
+
+        g(t) = sum_l clamp(c_l(t), lows[l], highs[l]) >= count,    c_l(t) = #{scores of layer l <= t},
+
+    and each layer's c_l(t). A layer with lows[l] <= c_l(t) <= highs[l] prunes its scores <= t; the others are held
+    at their bound (their own threshold, `layer_quantiles`). With distinct scores g(t) = count exactly: ``count``
+    weights pruned in all. g(t) - sum(lows) counts the scores of layer l whose rank in the layer lies in
+    (lows[l], highs[l]], so t is the (count - sum(lows))-th smallest of those, ties included.
+    Needs sum(lows) < count <= sum(highs) (else ValueError). fp32 scalar t, like `global_quantile`; ``hint`` (the
+    previous t) tries a window around it first (one pass), else exact radix selection on g (four passes of
+    8-bit digits, per-layer histograms); ``group`` as there."""
+    if not (len(lows) == len(highs) == len(tensors)):
+        raise ValueError(f"capped_threshold: {len(lows)} lows and {len(highs)} highs for {len(tensors)} tensors")
+    if not sum(lows) < count <= sum(highs):
+        raise ValueError(
+            f"capped_threshold: count={count} outside (sum(lows), sum(highs)] = ({sum(lows)}, {sum(highs)}]"
+        )
+    pool = _Pool(tensors, score_fn)
+    comm = _Comm(group, pool)
+    with torch.no_grad(), _one_thread(pool.device.type == "cpu"):
+        sizes = comm.all_reduce(
+            torch.tensor([[t.numel(), t.numel() * t.element_size()] for t in pool.tensors], dtype=torch.int64)
+        ).tolist()
+        for index, ((n, _), low, high) in enumerate(zip(sizes, lows, highs)):
+            if not 0 <= low <= high <= n:
+                raise ValueError(f"capped_threshold: layer {index} has bounds [{low}, {high}] for {n} scores")
+        pool_bytes = sum(nbytes for _, nbytes in sizes)
+        found = None
+        if pool.device.type == "cpu" and hint is not None and math.isfinite(hint):
+            pool.chunk, _ = _budget(pool_bytes, pool.device, "window")
+            found = _capped_window(pool, comm, sizes, list(lows), list(highs), count, float(hint))
+        if found is None:
+            pool.chunk, _ = _budget(pool_bytes, pool.device, "radix")
+            found = _capped_radix(pool, comm, list(lows), list(highs), count)
+        tau, counts = found
+        return tau.to(pool.device), counts
 
 
 def _single_layer(score_fn: ScoreFn, index: int) -> ScoreFn:
@@ -739,6 +788,79 @@ def _sample_windows(
         local = [torch.cat(parts[i]) if parts[i] else _empty_scores(pool.device) for i in layers]
     samples = _gather_per_layer(comm, local)
     return {i: _window_from_sample(sample, levels[i]) for i, sample in zip(layers, samples)}
+
+
+# -- the shared threshold of a pool with per-layer bounds (capped_threshold) ------------------------
+
+
+def _clamped(counts: Sequence[int], lows: Sequence[int], highs: Sequence[int]) -> int:
+    """g at a point where layer l counts counts[l] scores at or below it: sum_l clamp(counts[l], lows[l], highs[l])."""
+    return sum(min(max(c, lo), hi) for c, lo, hi in zip(counts, lows, highs))
+
+
+def _capped_window(
+    pool: _Pool, comm: _Comm, sizes: list[list[int]], lows: list[int], highs: list[int], count: int, hint: float
+) -> tuple[Tensor, list[int]] | None:
+    """`capped_threshold` from one pass over a window around ``hint``, or None when the window misses it."""
+    h = _fp32(hint)
+    a, b = _fp32(h - abs(h) * _HINT_WIDTH), _fp32(h + abs(h) * _HINT_WIDTH)
+    layers = list(range(len(pool.tensors)))
+    caps = {i: max(_TINY, sizes[i][1] // 100) for i in layers}
+    passed = _layer_window_pass(pool, comm, layers, dict.fromkeys(layers, (a, b)), caps, set(layers))
+    below = [passed[i][0] for i in layers]
+    top = [passed[i][0] + passed[i][1] for i in layers]
+    base = _clamped(below, lows, highs)  # g just below a
+    if not base < count <= _clamped(top, lows, highs):
+        return None
+    if a == b:  # every score in the window equals a
+        return torch.tensor(a, dtype=torch.float32), top
+    if any(passed[i][2] is None for i in layers):  # a window too full to gather
+        return None
+    local = [torch.cat(passed[i][2]) if passed[i][2] else _empty_scores(pool.device) for i in layers]
+    windows = _gather_per_layer(comm, local)
+    bands = []
+    for i, window in zip(layers, windows):
+        # the window's j-th smallest score has rank below + j + 1 in its layer: in the band if in (low, high]
+        first, last = max(lows[i] - below[i], 0), min(highs[i] - below[i], window.numel())
+        if first >= last:
+            continue
+        bands.append(window if last - first == window.numel() else torch.sort(window).values[first:last])
+    tau = torch.kthvalue(torch.cat(bands), count - base).values
+    counts = [below[i] + int(torch.count_nonzero(window <= tau)) for i, window in zip(layers, windows)]
+    return tau, counts
+
+
+def _capped_radix(pool: _Pool, comm: _Comm, lows: list[int], highs: list[int], count: int) -> tuple[Tensor, list[int]]:
+    """`capped_threshold` by radix selection on g: the fp32 key of t, 8 bits per pass, from per-layer histograms of
+    the next digit among the scores that share the digits found so far (layers x 256 counts)."""
+    layers, dev = len(pool.tensors), pool.device
+    prefix = 0  # the key's digits found so far, as an unsigned number
+    total = torch.zeros((), dtype=torch.float32, device=dev)
+    for shift in (24, 16, 8, 0):
+        hist = torch.zeros(layers, 256, dtype=torch.int64, device=dev)
+        below = torch.zeros(layers, dtype=torch.int64, device=dev)
+        for i, _, s in pool.layer_chunks():
+            key = _keys(s).to(torch.int64) + (1 << 31)  # unsigned, in float order
+            if shift == 24:
+                total += s.sum()  # NaN/Inf anywhere make it non-finite
+                digits = key >> 24
+            else:
+                high = key >> (shift + 8)
+                below[i] += torch.count_nonzero(high < prefix)
+                digits = (key[high == prefix] >> shift) & 255
+            hist[i] += _count(digits, 256)
+        if shift == 24:
+            alarm = not bool(torch.isfinite(total))
+            _raise_if_non_finite(pool, alarm, bool(comm.all_reduce(torch.tensor([int(alarm)]), "max")[0]), comm)
+        hist, below = comm.all_reduce(hist), comm.all_reduce(below)
+        at_most = (below[:, None] + torch.cumsum(hist, 1)).cpu()  # c_l at the top of each digit's range
+        lo = torch.tensor(lows, dtype=torch.int64)[:, None]
+        hi = torch.tensor(highs, dtype=torch.int64)[:, None]
+        g = torch.minimum(torch.maximum(at_most, lo), hi).sum(0)
+        digit = int(torch.searchsorted(g, torch.tensor([count]))[0])  # the first digit with g >= count
+        prefix = (prefix << 8) | digit
+    key = torch.tensor([prefix - (1 << 31)], dtype=torch.int64).to(torch.int32)
+    return _float_of_key(key)[0], at_most[:, digit].tolist()
 
 
 # -- radix selection (CUDA; the CPU fallback) ---------------------------------------------------
