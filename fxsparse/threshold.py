@@ -204,7 +204,7 @@ def capped_threshold(
         raise ValueError(f"capped_threshold: {len(lows)} lows and {len(highs)} highs for {len(tensors)} tensors")
     if not sum(lows) < count <= sum(highs):
         raise ValueError(
-            f"capped_threshold: count={count} outside (sum(lows), sum(highs)] = ({sum(lows)}, {sum(highs)}]"
+            f"capped_threshold: count={count} is outside (sum(lows), sum(highs)] = ({sum(lows)}, {sum(highs)}]"
         )
     pool = _Pool(tensors, score_fn)
     comm = _Comm(group, pool)

@@ -373,11 +373,31 @@ def check_layers(tag):
             got = th.layer_quantiles(local, qs, score_fn, WORLD, hints)
             assert torch.equal(got, ref), (tag, rank, hints, got.tolist(), ref.tolist())
 check_layers("f")
+# (g) the shared threshold with per-layer bounds (capped_threshold), the same layout
+def check_capped(tag):
+    local = [layers[0] if rank == 0 else torch.empty(0), shards[rank][1] if rank == 0 else shards[rank][2],
+             layers[5] if rank == 1 else torch.empty(0), layers[6], layers[4]]
+    union = [layers[0], big, layers[5], torch.cat([layers[6], layers[6]]), torch.cat([layers[4], layers[4]])]
+    numels = [u.numel() for u in union]
+    lows, highs = [0, 100, 0, 300, 5], [int(0.95 * n) for n in numels]
+    for score_fn in (absolute, signed):
+        ordered = [score_fn(i, u).reshape(-1).sort().values for i, u in enumerate(union)]
+        candidates = torch.cat(ordered).unique()
+        at = torch.stack([torch.searchsorted(o, candidates, right=True) for o in ordered])
+        g = torch.minimum(torch.maximum(at, torch.tensor(lows)[:, None]), torch.tensor(highs)[:, None]).sum(0)
+        for count in (sum(lows) + 1, int(0.9 * sum(numels)), sum(highs)):
+            first = int(torch.nonzero(g >= count)[0])
+            ref, ref_counts = candidates[first], at[:, first].tolist()
+            for hint in (None, float(ref), 5.0):
+                got, counts = th.capped_threshold(local, lows, highs, count, score_fn, WORLD, hint)
+                assert torch.equal(got, ref) and counts == ref_counts, (tag, rank, count, hint, got, ref)
+check_capped("g")
 # (c) an empty shard on rank 1; tiny chunks and window cap: many chunks, overflow, fallback
 th._budget = lambda nbytes, device, strategy: (5000, 3000)
 for q in (0.1, 0.9):
     check("c", layers if rank == 0 else [], layers, q, hints=(None, "ref"))
 check_layers("f, tiny chunks and windows")
+check_capped("g, tiny chunks and windows")
 # (e) a tiny pool: three scores on rank 0, two on rank 1
 tiny = [torch.tensor([0.5, -2.0, 0.0])] if rank == 0 else [torch.tensor([1.0, 0.25])]
 for q in (0.0, 0.3, 0.5, 1.0):
@@ -524,3 +544,83 @@ def test_layer_quantiles_errors():
         with pytest.raises(ValueError, match=r"non-finite weight in the sparsity pool \(layer index 2"):
             th.layer_quantiles(bad, [0.5, 0.5, 0.5], hints=hints)
     assert torch.equal(th.layer_quantiles(bad, [0.5, 0.5, 0.0])[2], torch.tensor(0.0))  # layer 2 is not ranked
+
+
+# -- capped_threshold: one shared threshold with per-layer bounds ---------------------------------
+
+
+def _capped_by_sorting(tensors, lows, highs, count, score_fn):
+    """The smallest pool score t with sum_l clamp(#{layer l <= t}, lows[l], highs[l]) >= count, and each layer's
+    count at t: every layer sorted, every distinct score tried."""
+    ordered = [score_fn(i, t).reshape(-1).sort().values for i, t in enumerate(tensors)]
+    candidates = torch.cat(ordered).unique()
+    at = torch.stack([torch.searchsorted(o, candidates, right=True) for o in ordered])
+    g = torch.minimum(torch.maximum(at, torch.tensor(lows)[:, None]), torch.tensor(highs)[:, None]).sum(0)
+    first = int(torch.nonzero(g >= count)[0])
+    return candidates[first], at[:, first].tolist()
+
+
+@pytest.mark.parametrize("score", ["abs", "scaled", "whole-layer", "signed"])
+def test_capped_threshold_equals_a_sort(monkeypatch, score):
+    """Bitwise the brute-force t and counts, for bounds of every kind (none, tight, the whole layer), whatever the
+    hint, with windows that overflow (radix) and chunks smaller than the layers; ties included."""
+    g = torch.Generator().manual_seed(2)
+    shapes = [(32, 3, 5, 5), (64, 16, 3, 3), (100, 64), (2000,), (7,), ()]
+    tensors = [torch.randn(s, generator=g) * (0.05 * (1 + i)) for i, s in enumerate(shapes)]
+    tensors[1] = tensors[1].to(torch.bfloat16)
+    tensors += [torch.zeros(300), torch.randint(0, 3, (500,), generator=g).half() * 0.01]  # ties
+    score_fn = {
+        "abs": th._abs_score,
+        "scaled": layer_scaled_abs([0.5 + i for i in range(len(tensors))]),
+        "whole-layer": _sigma_score,
+        "signed": _identity_score,
+    }[score]
+    numels = [t.numel() for t in tensors]
+    cases = [
+        ([0] * len(numels), [int(0.95 * n) for n in numels]),
+        ([int(0.3 * n) for n in numels], numels),
+        ([int(0.3 * n) for n in numels], [int(0.95 * n) for n in numels]),
+        ([0, 10, 0, 2000, 0, 0, 0, 0], [2400, 20, 100, 2000, 7, 1, 300, 500]),
+    ]
+    for budget in (None, (777, 40)):
+        if budget is not None:
+            monkeypatch.setattr(th, "_budget", lambda nbytes, device, strategy, b=budget: b)
+        for lows, highs in cases:
+            for fraction in (0.2, 0.9, 1.0):
+                count = max(sum(lows) + 1, min(sum(highs), round(fraction * sum(numels))))
+                ref, ref_counts = _capped_by_sorting(tensors, lows, highs, count, score_fn)
+                for hint in (None, float(ref), float(ref) * 1.001, 3.0, 0.0):
+                    tau, counts = th.capped_threshold(tensors, lows, highs, count, score_fn, hint=hint)
+                    assert torch.equal(tau, ref) and counts == ref_counts, (budget, lows, count, hint, tau, ref)
+
+
+def test_capped_threshold_one_pass_when_the_hint_holds(monkeypatch):
+    g = torch.Generator().manual_seed(4)
+    tensors = [torch.randn(300, 200, generator=g), torch.randn(5000, generator=g) * 3, torch.randn(90, generator=g)]
+    lows, highs, count = [0, 0, 10], [50000, 4000, 80], 50000
+    tau, _ = th.capped_threshold(tensors, lows, highs, count)
+    passes = {"n": 0}
+    chunks = th._Pool.layer_chunks
+
+    def spy(self, layers=None):
+        passes["n"] += 1
+        return chunks(self, layers)
+
+    monkeypatch.setattr(th._Pool, "layer_chunks", spy)
+    assert torch.equal(th.capped_threshold(tensors, lows, highs, count, hint=float(tau))[0], tau)
+    assert passes["n"] == 1
+    passes["n"] = 0
+    assert torch.equal(th.capped_threshold(tensors, lows, highs, count)[0], tau)
+    assert passes["n"] == 4  # radix: four 8-bit digits
+
+
+def test_capped_threshold_errors():
+    w = [torch.randn(10), torch.randn(5)]
+    with pytest.raises(ValueError, match=r"count=3 is outside \(sum\(lows\), sum\(highs\)\] = \(3, 15\]"):
+        th.capped_threshold(w, [3, 0], [10, 5], 3)
+    with pytest.raises(ValueError, match="layer 1 has bounds"):
+        th.capped_threshold(w, [0, 0], [10, 6], 4)
+    w[1][2] = math.inf
+    for hint in (None, 0.5):
+        with pytest.raises(ValueError, match=r"non-finite weight in the sparsity pool \(layer index 1"):
+            th.capped_threshold(w, [0, 0], [10, 5], 4, hint=hint)
