@@ -17,6 +17,7 @@ from fxsparse.threshold import layer_quantiles, reference_quantile
 from models import TinyCNN
 
 METHODS = ("st3", "st3sigma", "feather", "gmp", "ste")
+GLOBAL_CAPS = {"max_layer_sparsity": 0.95, "min_layer_sparsity": 0.6}  # they hold layers of the CNNs at 0.9
 
 
 def small_cnn() -> nn.Module:
@@ -286,18 +287,19 @@ def test_parse_distribution():
 # --- in place, state, outputs ---------------------------------------------------------------------------
 
 
-def test_in_place_and_resume_bit_exact():
+@pytest.mark.parametrize("spec", [{"distribution": "erk"}, {"distribution": "global", **GLOBAL_CAPS}])
+def test_in_place_and_resume_bit_exact(spec):
     base = small_cnn()
     schedule = fxsparse.Cubic(0, 6)
-    model = fxsparse.sparsify(base, "st3sigma", 0.9, schedule, distribution="erk")
+    model = fxsparse.sparsify(base, "st3sigma", 0.9, schedule, **spec)
     in_place = small_cnn()
     in_place.load_state_dict(base.state_dict())
-    fxsparse.sparsify_(in_place, "st3sigma", 0.9, schedule, distribution="erk")
+    fxsparse.sparsify_(in_place, "st3sigma", 0.9, schedule, **spec)
     train_steps(model, 3)
     train_steps(in_place, 3)
     x = torch.randn(2, 3, 8, 8)
     assert torch.equal(model(x), in_place(x))
-    resumed = fxsparse.sparsify(base, "st3sigma", 0.9, schedule, distribution="erk")
+    resumed = fxsparse.sparsify(base, "st3sigma", 0.9, schedule, **spec)
     resumed.load_state_dict(model.state_dict())
     train_steps(model, 4, seed=1)
     train_steps(resumed, 4, seed=1)
@@ -361,7 +363,7 @@ def _check_capped(model, sparsity) -> None:
     count, lows, highs = caps.counts(sparsity, caps.min_layer_sparsity, caps.max_layer_sparsity)
     weights = threshold.pool_values(fxsparse.pool.pooled_weights(model))
     pruned = pruned_per_layer(model)
-    total = 0
+    total = held = 0
     for i, (fqn, w, low, high) in enumerate(zip(caps.names, weights, lows, highs)):
         scores = threshold.layer_score(i, w).reshape(-1)
         at_tau = int((scores <= threshold.tau).sum())
@@ -371,15 +373,12 @@ def _check_capped(model, sparsity) -> None:
             k = low if at_tau < low else high
             ordered = scores.sort().values
             assert pruned[fqn] == (0 if k == 0 else int((ordered <= ordered[k - 1]).sum())), fqn
-            at_tau = k
+            at_tau, held = k, held + 1
         total += at_tau
     assert bool(
         (torch.cat([threshold.layer_score(i, w).reshape(-1) for i, w in enumerate(weights)]) == threshold.tau).any()
     )
-    assert total == count == round(sparsity * sum(caps.numels))
-
-
-GLOBAL_CAPS = {"max_layer_sparsity": 0.95, "min_layer_sparsity": 0.6}
+    assert total == count == round(sparsity * sum(caps.numels)) and held > 0
 
 
 @pytest.mark.parametrize("distribution,caps", SPECS)
@@ -420,7 +419,8 @@ def test_transformers(distribution, caps):
             sparse(torch.randint(0, 40, (1, 6)))
             _check_exact(sparse, 0.9)
         if distribution == "uniform":  # and the global distribution with caps
-            sparse = fxsparse.sparsify(model, "feather", 0.9, trace_model=False, **GLOBAL_CAPS)
+            tight = {"max_layer_sparsity": 0.91, "min_layer_sparsity": 0.89}  # the layers are near 0.9 already
+            sparse = fxsparse.sparsify(model, "feather", 0.9, trace_model=False, **tight)
             sparse(torch.randint(0, 40, (1, 6)))
             _check_capped(sparse, 0.9)
 
@@ -597,6 +597,15 @@ def test_callbacks_pass_the_distribution_through():
     assert "distribution" not in SparsifyOptions("feather", 0.9, None, None, 0).identity()
     with pytest.raises(ValueError, match="unknown distribution"):
         SparsifyOptions("feather", 0.9, None, None, 0, "erdos")
+    capped = SparsifyOptions("st3", 0.9, None, None, 0, "global", None, 0.95)  # the global distribution with a cap
+    model = small_cnn()
+    capped.sparsify_(model)
+    assert fxsparse.layer_densities(model).distribution == {"name": "global", "max_layer_sparsity": 0.95}
+    assert capped.identity() == {"method": "st3", "sparsity": 0.9, "max_layer_sparsity": 0.95}
+    with pytest.raises(
+        ValueError, match="max_layer_sparsity=0.95 and this SparsifyCallback has max_layer_sparsity=0.9"
+    ):
+        SparsifyOptions("st3", 0.9, None, None, 0, "global", None, 0.9).check_resumed(capped.identity())
     lightning = pytest.importorskip("fxsparse.integrations.lightning")
     callback = lightning.SparsifyCallback("st3", 0.9, distribution="erk", max_layer_sparsity=0.97)
     assert callback.options.distribution == "erk" and callback.options.max_layer_sparsity == 0.97
