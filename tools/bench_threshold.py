@@ -3,7 +3,8 @@
     python tools/bench_threshold.py                # resnet50 pool + a 102.5M-weight pool, CPU
     python tools/bench_threshold.py --quick        # tiny smoke run
     python tools/bench_threshold.py --device cuda
-    python tools/bench_threshold.py --distributions uniform,erk --no-memory   # + per-layer thresholds (issue 18)
+    python tools/bench_threshold.py --distributions uniform,erk --global-max-layer-sparsity 0.95 --threads 1 \
+        --only-distributions                     # per-layer thresholds and caps (issue 18)
 
 Methods, all exact (the table says whether each value is torch.equal to sort-and-interpolate):
   sort-and-interpolate   fxsparse.threshold.reference_quantile (cat + sort, what the reference code does)
@@ -16,7 +17,9 @@ Methods, all exact (the table says whether each value is torch.equal to sort-and
 --distributions adds, for the resnet50 pool, one exact threshold per layer (`layer_quantiles`, warm: hints = the
 previous step's thresholds) at each distribution's per-layer quantiles, next to the global warm call and to the
 same per-layer quantiles taken one layer at a time (a `global_quantile` call per layer, the algorithm before
-issue 18's second round); "identical" then compares with each layer's sort-and-interpolate.
+issue 18's second round); "identical" then compares with each layer's sort-and-interpolate. A second table times
+the whole threshold recompute of a sparsified resnet50 (st3sigma) per distribution, the global one with
+--global-max-layer-sparsity too, after the same simulated training step.
 Timings are medians over --repeats, the methods interleaved round-robin inside every repeat so that
 load from other processes on a shared machine hits them alike. Peak extra memory is measured, not
 estimated: on CPU, each method runs once in a fresh child process that loads the saved pool, resets
@@ -313,6 +316,49 @@ def bench_distributions(label: str, pool, q: float, distributions: list[str], re
     return rows
 
 
+def bench_recompute(q: float, distributions: list[str], max_layer_sparsity: float | None, repeats: int) -> list:
+    """The whole threshold recompute of a sparsified timm resnet50 (st3sigma; GlobalThreshold.compute_tau with the
+    hints a training step leaves) under each distribution, after the same simulated training step; medians."""
+    import timm
+
+    import fxsparse
+
+    torch.manual_seed(0)
+    base = timm.create_model("resnet50")
+    specs = {"global": {}} | {d: {"distribution": d} for d in distributions}
+    if max_layer_sparsity is not None:
+        specs[f"global, max_layer_sparsity={max_layer_sparsity}"] = {"max_layer_sparsity": max_layer_sparsity}
+    variants = {}
+    for name, spec in specs.items():
+        model = fxsparse.sparsify(base, "st3sigma", q, **spec)
+        threshold = fxsparse.get_threshold(model)
+        weights = tuple(model.get_parameter(path) for path in threshold.pool_paths)
+        variants[name] = (threshold, weights)
+
+    def recompute(threshold, weights) -> float:
+        start = time.perf_counter()
+        threshold.thresholds().copy_(threshold.compute_tau(threshold.pool_values(weights)))
+        threshold._set_prunes()
+        return time.perf_counter() - start
+
+    for threshold, weights in variants.values():
+        recompute(threshold, weights)  # cold: the hints for the first timed (warm) call
+    names = list(variants)
+    times = {name: [] for name in names}
+    for r in range(repeats):
+        for name in names:
+            with torch.no_grad():
+                training_step_(list(variants[name][1]), seed=100 + r)
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            times[name].append(recompute(*variants[name]))
+    base_median = statistics.median(times["global"])
+    return [
+        [name, f"{statistics.median(times[name]) * 1e3:.1f}", f"{min(times[name]) * 1e3:.1f}"]
+        + [f"{statistics.median(times[name]) / base_median:.2f}x"]
+        for name in names
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per method (median reported)")
@@ -327,6 +373,12 @@ def main() -> None:
         "--distributions", default="", help="also per-layer thresholds on the first pool, e.g. uniform,erk (issue 18)"
     )
     parser.add_argument("--threads", type=int, default=0, help="intra-op threads (0: torch's default)")
+    parser.add_argument(
+        "--global-max-layer-sparsity",
+        type=float,
+        default=None,
+        help="with --distributions: also the recompute of the global distribution with this cap",
+    )
     parser.add_argument("--only-distributions", action="store_true", help="skip the global methods table")
     parser.add_argument("--_memory-child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -363,6 +415,10 @@ def main() -> None:
         table = bench_distributions(label, pool, args.q, distributions, repeats, args.device)
         headers = ["pool", "thresholds", "median ms", "min ms", "vs global warm", "identical"]
         print(f"\nper-layer thresholds, q={args.q}, median of {repeats} interleaved repeats")
+        print(tabulate(table, headers=headers, tablefmt="github", disable_numparse=True))
+        table = bench_recompute(args.q, distributions, args.global_max_layer_sparsity, repeats)
+        print(f"\nthreshold recompute of timm resnet50 (st3sigma, warm), q={args.q}, median of {repeats}")
+        headers = ["distribution", "median ms", "min ms", "vs global"]
         print(tabulate(table, headers=headers, tablefmt="github", disable_numparse=True))
         if args.only_distributions:
             return
