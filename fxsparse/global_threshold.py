@@ -100,6 +100,7 @@ class GlobalThreshold(nn.Module):
             self._final_quantiles = targets.quantiles() if isinstance(targets, LayerTargets) else ()
         self.layer_prunes: list[bool] = [False] * len(self.pool_paths)  # host flags per layer (per-layer targets)
         self._held_prunes: list[bool] | None = None  # global caps: what the last computation prunes, per layer
+        self._held_at_max: dict[int, bool] = {}  # global caps: the layers the last computation held (at the maximum?)
         self._step = 0  # host mirror of ``step``: no device sync to read the schedule
         self._frozen = False
         self._computed_for: tuple | None = None
@@ -200,32 +201,48 @@ class GlobalThreshold(nn.Module):
     def _compute_capped(self, weights: tuple[Tensor, ...]) -> Tensor:
         """The global distribution with caps (METHODS.md sec. 8): the shared threshold of `capped_threshold` for the
         layers it leaves within their scheduled bounds, each other layer held at its bound by its own exact
-        threshold. Also writes the shared threshold to ``tau`` (the next call's hint)."""
+        threshold. The layers the previous call held are tried as held again, in the same pass. Also writes the
+        shared threshold to ``tau`` (the next call's hint)."""
         caps, sparsity, layers = self.targets, self.target_sparsity(), len(self.pool_paths)
         device = self.layer_tau.device
         if sparsity <= 0.0:
-            self._held_prunes = [False] * layers
+            self._held_prunes, self._held_at_max = [False] * layers, {}
             return torch.zeros(layers, dtype=torch.float32, device=device)
         low, high = (None if c is None else float(self.schedule(self._step, c)) for c in caps.bounds())
         count, lows, highs = caps.counts(sparsity, low, high)
         count = min(max(count, sum(lows)), sum(highs))  # a schedule not proportional to its target: caps win
         weights, score_fn, group, use_hints = self._scored_pool(weights)
-        shared = None
-        counts = [0] * layers  # count == sum(lows): every layer at its least, nothing shared
+        shared, own = None, {}
+        counts: list[int | None] = [0] * layers  # count == sum(lows): every layer at its least, nothing shared
         if count > sum(lows):
             hint = float(self.tau) if use_hints and self.prunes else None
-            shared, counts = capped_threshold(weights, lows, highs, count, score_fn, group, hint)
+            previous = self.layer_tau.tolist() if use_hints else []
+            held_before = {
+                i: (count_quantile(highs[i] if at_max else lows[i], caps.numels[i]), previous[i], at_max)
+                for i, at_max in self._held_at_max.items()
+                if use_hints
+            }
+            shared, counts, own = capped_threshold(weights, lows, highs, count, score_fn, group, hint, held_before)
             self.tau.copy_(shared)
-        held = [lo if c < lo else hi if c > hi else None for c, lo, hi in zip(counts, lows, highs)]
-        qs = [0.0 if k is None else count_quantile(k, n) for k, n in zip(held, caps.numels)]
+        at_max = {i: self._held_at_max[i] for i, c in enumerate(counts) if c is None}  # proven held again
+        at_max |= {i: c > highs[i] for i, c in enumerate(counts) if c is not None and not lows[i] <= c <= highs[i]}
+        own = {i: tau for i, tau in own.items() if at_max.get(i) == self._held_at_max[i]}  # held on the same side
+        qs = [0.0] * layers
+        for i, side in at_max.items():
+            if i not in own:
+                qs[i] = count_quantile(highs[i] if side else lows[i], caps.numels[i])
         taus = torch.zeros(layers, dtype=torch.float32, device=device)
         if any(q > 0.0 for q in qs):
-            hints = self._layer_hints(use_hints, [k is not None for k in held])
+            hints = self._layer_hints(use_hints, [q > 0.0 for q in qs])
             taus = layer_quantiles(weights, qs, score_fn=score_fn, group=group, hints=hints).to(device)
+        for i, tau in own.items():
+            taus[i] = tau.to(device)
         if shared is not None:
-            free = torch.tensor([k is None for k in held], device=device)
+            free = torch.tensor([i not in at_max for i in range(layers)], device=device)
             taus = torch.where(free, shared.to(device), taus)
-        self._held_prunes = [shared is not None if k is None else k > 0 for k in held]
+        bound = {i: highs[i] if side else lows[i] for i, side in at_max.items()}
+        self._held_prunes = [bound[i] > 0 if i in at_max else shared is not None for i in range(layers)]
+        self._held_at_max = at_max
         return taus
 
     def _set_prunes(self) -> None:
@@ -324,7 +341,7 @@ class GlobalThreshold(nn.Module):
         self._step = int(self.step)
         self._frozen = bool(self.frozen)
         self._computed_for = None
-        self._held_prunes = None
+        self._held_prunes, self._held_at_max = None, {}
         self._set_prunes()  # the loaded tau is in force until the next forward
 
     def extra_repr(self) -> str:

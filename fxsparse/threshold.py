@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -187,7 +188,8 @@ def capped_threshold(
     score_fn: ScoreFn = _abs_score,
     group: object | None = None,
     hint: float | None = None,
-) -> tuple[Tensor, list[int]]:
+    held: Mapping[int, tuple[float, float, bool]] | None = None,
+) -> tuple[Tensor, list[int | None], dict[int, Tensor]]:
     """One shared threshold over a pool whose layers' pruned counts are bounded (docs/METHODS.md sec. 8, caps with
     the global distribution): the smallest score t with
 
@@ -199,7 +201,14 @@ def capped_threshold(
     (lows[l], highs[l]], so t is the (count - sum(lows))-th smallest of those, ties included.
     Needs sum(lows) < count <= sum(highs) (else ValueError). fp32 scalar t, like `global_quantile`; ``hint`` (the
     previous t) tries a window around it first (one pass), else exact radix selection on g (four passes of
-    8-bit digits, per-layer histograms); ``group`` as there."""
+    8-bit digits, per-layer histograms); ``group`` as there.
+
+    ``held``: {layer: (q, its previous threshold, held at its maximum)} for the layers the previous step held at a
+    bound, q the quantile of that bound (`layer_quantiles`' convention). In the same pass each is compared with a
+    window around its own previous threshold instead of the shared one, which gives its own threshold at q
+    (bitwise `layer_quantiles`' value; the third result) when the window holds it. A layer whose bound's order
+    statistic lies beyond the shared window is held whatever t is: its count is returned as None; the others get
+    one more pass over them with the shared window. Ignored on the radix path."""
     if not (len(lows) == len(highs) == len(tensors)):
         raise ValueError(f"capped_threshold: {len(lows)} lows and {len(highs)} highs for {len(tensors)} tensors")
     if not sum(lows) < count <= sum(highs):
@@ -219,12 +228,23 @@ def capped_threshold(
         found = None
         if pool.device.type == "cpu" and hint is not None and math.isfinite(hint):
             pool.chunk, _ = _budget(pool_bytes, pool.device, "window")
-            found = _capped_window(pool, comm, sizes, list(lows), list(highs), count, float(hint))
+            bounds = _Bounds(list(lows), list(highs), count, sizes)
+            found = _capped_window(pool, comm, bounds, float(hint), _usable_held(held, sizes))
         if found is None:
             pool.chunk, _ = _budget(pool_bytes, pool.device, "radix")
-            found = _capped_radix(pool, comm, list(lows), list(highs), count)
-        tau, counts = found
-        return tau.to(pool.device), counts
+            tau, counts = _capped_radix(pool, comm, list(lows), list(highs), count)
+            found = tau, counts, {}
+        tau, counts, own = found
+        return tau.to(pool.device), counts, {i: t.to(pool.device) for i, t in own.items()}
+
+
+def _usable_held(held, sizes) -> dict[int, tuple[float, float, bool]]:
+    """The held layers whose bound is strictly inside the layer (0 < q < 1) and whose previous threshold is finite."""
+    usable = {}
+    for index, (q, previous, at_max) in (held or {}).items():
+        if 0.0 < q < 1.0 and previous is not None and math.isfinite(previous) and sizes[index][0] > 1:
+            usable[index] = (_check_q(q), float(previous), bool(at_max))
+    return usable
 
 
 def _single_layer(score_fn: ScoreFn, index: int) -> ScoreFn:
@@ -798,36 +818,67 @@ def _clamped(counts: Sequence[int], lows: Sequence[int], highs: Sequence[int]) -
     return sum(min(max(c, lo), hi) for c, lo, hi in zip(counts, lows, highs))
 
 
-def _capped_window(
-    pool: _Pool, comm: _Comm, sizes: list[list[int]], lows: list[int], highs: list[int], count: int, hint: float
-) -> tuple[Tensor, list[int]] | None:
-    """`capped_threshold` from one pass over a window around ``hint``, or None when the window misses it."""
+class _Bounds(NamedTuple):
+    """What `capped_threshold` selects: per-layer bounds on the counts, the pool's count, the layers' sizes."""
+
+    lows: list[int]
+    highs: list[int]
+    count: int
+    sizes: list[list[int]]
+
+
+def _hint_window(hint: float) -> tuple[float, float]:
     h = _fp32(hint)
-    a, b = _fp32(h - abs(h) * _HINT_WIDTH), _fp32(h + abs(h) * _HINT_WIDTH)
+    return _fp32(h - abs(h) * _HINT_WIDTH), _fp32(h + abs(h) * _HINT_WIDTH)
+
+
+def _capped_window(
+    pool: _Pool, comm: _Comm, bounds: _Bounds, hint: float, held: dict[int, tuple[float, float, bool]]
+) -> tuple[Tensor, list[int | None], dict[int, Tensor]] | None:
+    """`capped_threshold` from one pass over a window around ``hint`` (the ``held`` layers around their own), or
+    None when the window misses t."""
+    a, b = _hint_window(hint)
     layers = list(range(len(pool.tensors)))
-    caps = {i: max(_TINY, sizes[i][1] // 100) for i in layers}
-    passed = _layer_window_pass(pool, comm, layers, dict.fromkeys(layers, (a, b)), caps, set(layers))
-    below = [passed[i][0] for i in layers]
-    top = [passed[i][0] + passed[i][1] for i in layers]
-    base = _clamped(below, lows, highs)  # g just below a
-    if not base < count <= _clamped(top, lows, highs):
+    caps = {i: max(_TINY, bounds.sizes[i][1] // 100) for i in layers}
+    windows = {i: _hint_window(held[i][1]) if i in held else (a, b) for i in layers}
+    passed = _layer_window_pass(pool, comm, layers, windows, caps, set(layers))
+    own: dict[int, Tensor] = {}
+    proven: set[int] = set()
+    if held:  # each held layer's own order statistics, and whether they keep it held across [a, b]
+        ranks = {i: quantile_position(bounds.sizes[i][0], q) for i, (q, _, _) in held.items()}
+        stats = _layer_select(comm, pool.device, {i: passed[i] for i in held}, windows, ranks)
+        for i, (lo, hi) in stats.items():
+            own[i] = lerp_like_numpy(lo, hi, ranks[i][2])
+            if (held[i][2] and float(hi) < a) or (not held[i][2] and float(lo) > b):
+                proven.add(i)
+        recount = [i for i in held if i not in proven]  # not proven held: the shared window for them too
+        if recount:
+            passed.update(_layer_window_pass(pool, comm, recount, dict.fromkeys(recount, (a, b)), caps, set()))
+    free = [i for i in layers if i not in proven]
+    fixed = sum(bounds.highs[i] if held[i][2] else bounds.lows[i] for i in proven)  # g's part from proven-held
+    below = {i: passed[i][0] for i in free}
+    lows, highs = [bounds.lows[i] for i in free], [bounds.highs[i] for i in free]
+    base = fixed + _clamped([below[i] for i in free], lows, highs)  # g just below a
+    top = {i: passed[i][0] + passed[i][1] for i in free}
+    if not base < bounds.count <= fixed + _clamped([top[i] for i in free], lows, highs):
         return None
     if a == b:  # every score in the window equals a
-        return torch.tensor(a, dtype=torch.float32), top
-    if any(passed[i][2] is None for i in layers):  # a window too full to gather
+        counts = [top.get(i) for i in layers]
+        return torch.tensor(a, dtype=torch.float32), counts, own
+    if any(passed[i][2] is None for i in free):  # a window too full to gather
         return None
-    local = [torch.cat(passed[i][2]) if passed[i][2] else _empty_scores(pool.device) for i in layers]
-    windows = _gather_per_layer(comm, local)
+    local = [torch.cat(passed[i][2]) if passed[i][2] else _empty_scores(pool.device) for i in free]
+    gathered = dict(zip(free, _gather_per_layer(comm, local)))
     bands = []
-    for i, window in zip(layers, windows):
+    for i in free:
         # the window's j-th smallest score has rank below + j + 1 in its layer: in the band if in (low, high]
-        first, last = max(lows[i] - below[i], 0), min(highs[i] - below[i], window.numel())
-        if first >= last:
-            continue
-        bands.append(window if last - first == window.numel() else torch.sort(window).values[first:last])
-    tau = torch.kthvalue(torch.cat(bands), count - base).values
-    counts = [below[i] + int(torch.count_nonzero(window <= tau)) for i, window in zip(layers, windows)]
-    return tau, counts
+        window = gathered[i]
+        first, last = max(bounds.lows[i] - below[i], 0), min(bounds.highs[i] - below[i], window.numel())
+        if first < last:
+            bands.append(window if last - first == window.numel() else torch.sort(window).values[first:last])
+    tau = torch.kthvalue(torch.cat(bands), bounds.count - base).values
+    counts = [below[i] + int(torch.count_nonzero(gathered[i] <= tau)) if i in gathered else None for i in layers]
+    return tau, counts, own
 
 
 def _capped_radix(pool: _Pool, comm: _Comm, lows: list[int], highs: list[int], count: int) -> tuple[Tensor, list[int]]:

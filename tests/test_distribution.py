@@ -514,9 +514,10 @@ def test_global_caps_tie_rule():
         assert list(pruned_per_layer(sparse).values()) == expected and sum(expected) > count
 
 
-def test_global_caps_window_after_the_first_step(monkeypatch):
-    """The shared threshold comes from one window pass around the previous one once training runs; radix selection
-    only cold (the first computation) or when the window misses."""
+def test_global_caps_one_pass_after_the_first_step(monkeypatch):
+    """The shared threshold comes from one window pass around the previous one once training runs, the held layers'
+    own thresholds from the same pass; radix selection only cold (the first computation) or when the window
+    misses."""
     from fxsparse import threshold as th
 
     calls = {"radix": 0}
@@ -528,8 +529,29 @@ def test_global_caps_window_after_the_first_step(monkeypatch):
 
     monkeypatch.setattr(th, "_capped_radix", spy)
     model = fxsparse.sparsify(small_cnn(), "st3", 0.9, **GLOBAL_CAPS)
+    with torch.no_grad():  # layer 1 far below the others: held at 95%, its own threshold far below the shared one
+        fxsparse.pool.pooled_weights(model)[1].mul_(0.1)
     train_steps(model, 6)
     assert calls["radix"] == 1
+    # the layers held at the last step are tried as held again in the same pass: one pass in all
+    threshold = fxsparse.get_threshold(model)
+    assert threshold._held_at_max[1]
+    passes = []
+    chunks = th._Pool.layer_chunks
+
+    def count(self, layers=None):
+        passes.append(list(range(len(self.tensors))) if layers is None else list(layers))
+        return chunks(self, layers)
+
+    monkeypatch.setattr(th._Pool, "layer_chunks", count)
+    with torch.no_grad():
+        for w in fxsparse.pool.pooled_weights(model):
+            w.mul_(1.0001)
+    fxsparse.pool.refresh_threshold_(model)
+    # one pass; a held layer whose own threshold is near the shared one (not layer 1) may need its count too
+    assert passes[0] == [0, 1, 2, 3] and len(passes) <= 2 and all(1 not in p for p in passes[1:])
+    count, lows, highs = threshold.targets.counts(0.9, 0.6, 0.95)
+    assert list(pruned_per_layer(model).values()) == capped_by_sorting(_pool_scores(model), count, lows, highs)
 
 
 def test_layer_quantiles_match_numpy_whatever_the_hints():

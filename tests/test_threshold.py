@@ -389,7 +389,7 @@ def check_capped(tag):
             first = int(torch.nonzero(g >= count)[0])
             ref, ref_counts = candidates[first], at[:, first].tolist()
             for hint in (None, float(ref), 5.0):
-                got, counts = th.capped_threshold(local, lows, highs, count, score_fn, WORLD, hint)
+                got, counts, _ = th.capped_threshold(local, lows, highs, count, score_fn, WORLD, hint)
                 assert torch.equal(got, ref) and counts == ref_counts, (tag, rank, count, hint, got, ref)
 check_capped("g")
 # (c) an empty shard on rank 1; tiny chunks and window cap: many chunks, overflow, fallback
@@ -590,7 +590,7 @@ def test_capped_threshold_equals_a_sort(monkeypatch, score):
                 count = max(sum(lows) + 1, min(sum(highs), round(fraction * sum(numels))))
                 ref, ref_counts = _capped_by_sorting(tensors, lows, highs, count, score_fn)
                 for hint in (None, float(ref), float(ref) * 1.001, 3.0, 0.0):
-                    tau, counts = th.capped_threshold(tensors, lows, highs, count, score_fn, hint=hint)
+                    tau, counts, _ = th.capped_threshold(tensors, lows, highs, count, score_fn, hint=hint)
                     assert torch.equal(tau, ref) and counts == ref_counts, (budget, lows, count, hint, tau, ref)
 
 
@@ -598,7 +598,7 @@ def test_capped_threshold_one_pass_when_the_hint_holds(monkeypatch):
     g = torch.Generator().manual_seed(4)
     tensors = [torch.randn(300, 200, generator=g), torch.randn(5000, generator=g) * 3, torch.randn(90, generator=g)]
     lows, highs, count = [0, 0, 10], [50000, 4000, 80], 50000
-    tau, _ = th.capped_threshold(tensors, lows, highs, count)
+    tau = th.capped_threshold(tensors, lows, highs, count)[0]
     passes = {"n": 0}
     chunks = th._Pool.layer_chunks
 
@@ -624,3 +624,42 @@ def test_capped_threshold_errors():
     for hint in (None, 0.5):
         with pytest.raises(ValueError, match=r"non-finite weight in the sparsity pool \(layer index 1"):
             th.capped_threshold(w, [0, 0], [10, 5], 4, hint=hint)
+
+
+def test_capped_threshold_with_the_previously_held_layers(monkeypatch):
+    """Layers expected held are compared with a window around their own threshold in the same pass: those proven
+    held get count None and their own threshold (bitwise layer_quantiles'), every other result is the sort's; a
+    wrong expectation (a free layer, a wrong side, a far threshold) costs at most a pass, never exactness."""
+    g = torch.Generator().manual_seed(5)
+    tensors = [torch.randn(s, generator=g) * (1 + i) for i, s in enumerate([(64, 30), (4000,), (50, 20), (300,)])]
+    numels = [t.numel() for t in tensors]
+    lows, highs = [0, 1000, 100, 250], [int(0.8 * numels[0]), numels[1], 900, 300]
+    count = int(0.6 * sum(numels))
+    ref, ref_counts = _capped_by_sorting(tensors, lows, highs, count, th._abs_score)
+    held = {i: c > highs[i] for i, c in enumerate(ref_counts) if not lows[i] <= c <= highs[i]}
+    assert set(held.values()) == {True, False}  # the case holds layers at both bounds
+    bound = {i: highs[i] if at_max else lows[i] for i, at_max in held.items()}
+    quantile = {i: (k - 1 + 1 / 16) / (numels[i] - 1) for i, k in bound.items()}  # exactly k pruned
+    own_ref = {i: th.layer_quantiles([tensors[i]], [q])[0] for i, q in quantile.items()}
+    passes = {"n": 0}
+    chunks = th._Pool.layer_chunks
+
+    def spy(self, layers=None):
+        passes["n"] += 1
+        return chunks(self, layers)
+
+    monkeypatch.setattr(th._Pool, "layer_chunks", spy)
+    expected = {i: (quantile[i], float(own_ref[i]), at_max) for i, at_max in held.items()}
+    passes["n"] = 0
+    tau, counts, own = th.capped_threshold(tensors, lows, highs, count, hint=float(ref), held=expected)
+    assert passes["n"] == 1 and torch.equal(tau, ref)
+    assert set(own) == set(held) and all(torch.equal(own[i], own_ref[i]) for i in held)
+    assert [None if i in held else c for i, c in enumerate(ref_counts)] == counts
+    free = next(i for i in range(len(tensors)) if i not in held)
+    wrong = dict(expected)
+    wrong[free] = (0.5, 1e-3, True)  # a free layer expected held
+    first = next(iter(held))
+    wrong[first] = (expected[first][0], 100.0, expected[first][2])  # a threshold far off
+    tau, counts, own = th.capped_threshold(tensors, lows, highs, count, hint=float(ref), held=wrong)
+    assert torch.equal(tau, ref) and counts[free] == ref_counts[free] and counts[first] == ref_counts[first]
+    assert all(torch.equal(own[i], own_ref[i]) for i in own) and free not in own and first not in own
