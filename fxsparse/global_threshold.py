@@ -216,12 +216,12 @@ class GlobalThreshold(nn.Module):
         counts: list[int | None] = [0] * layers  # count == sum(lows): every layer at its least, nothing shared
         if count > sum(lows):
             hint = float(self.tau) if use_hints and self.prunes else None
-            previous = self.layer_tau.tolist() if use_hints else []
-            held_before = {
-                i: (count_quantile(highs[i] if at_max else lows[i], caps.numels[i]), previous[i], at_max)
-                for i, at_max in self._held_at_max.items()
-                if use_hints
-            }
+            held_before = {}  # the layers held last time: tried as held again, around their own thresholds
+            if use_hints:
+                previous = self.layer_tau.tolist()
+                for i, at_max in self._held_at_max.items():
+                    bound = highs[i] if at_max else lows[i]
+                    held_before[i] = (count_quantile(bound, caps.numels[i]), previous[i], at_max)
             shared, counts, own = capped_threshold(weights, lows, highs, count, score_fn, group, hint, held_before)
             self.tau.copy_(shared)
         at_max = {i: self._held_at_max[i] for i, c in enumerate(counts) if c is None}  # proven held again
