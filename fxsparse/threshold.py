@@ -18,6 +18,8 @@ Scores and tau are always fp32.
 
 `layer_quantiles` takes one exact quantile per layer in the same way, every layer in the same pass: each chunk
 (of one layer) is compared with that layer's window, then a small selection per layer follows.
+`capped_threshold` is the shared threshold of a global ranking whose layers have bounds on their pruned counts
+(the global distribution with caps): a window pass around the previous one, radix selection as the fallback.
 
 Every pass walks the pool chunk by chunk; the extra memory stays within about 8% of the pool's bytes
 (see `_budget`), plus one layer's scores when ``score_fn`` is not elementwise. The result is exact
