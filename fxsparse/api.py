@@ -127,8 +127,10 @@ def sparsify(
         default), "uniform" (every layer at ``sparsity``), "erk" (Erdos-Renyi-Kernel, RigL), or a mapping
         {glob pattern: sparsity} with the other layers sharing the rest. Per-layer targets are exact to one
         weight and their total is round(sparsity * pool size).
-    min_layer_sparsity / max_layer_sparsity: bounds on the layers a per-layer distribution sets (the mapping's
-        own layers excepted); the excess is redistributed over the others, and an infeasible target is an error.
+    min_layer_sparsity / max_layer_sparsity: bounds on every layer's sparsity (a mapping's own layers excepted),
+        the total still exact: a per-layer distribution redistributes the excess over the other layers; "global"
+        keeps one shared threshold for the layers it leaves within their bounds and holds the others at their
+        bound. An infeasible target is an error that says by how many weights it misses.
     Layers that stay dense (tied weights, grouped transposed convs) are named in a warning; fxsparse.flops
     and save_csr count them dense.
     """

@@ -11,10 +11,12 @@ prunes at the final sparsity, so that the pool's total is exactly ``round(sparsi
 * a mapping {glob pattern on the weight's name: sparsity}: matched layers at their sparsity (the first
   matching pattern wins), the remaining layers sharing what is left of the budget at one sparsity.
 
-``min_layer_sparsity`` / ``max_layer_sparsity`` bound every layer the mapping does not fix; the densities are
-then clamp(eps * a_l, 1 - max, 1 - min) with one eps for the pool (a_l = 1 uniform, sum(dims) / prod(dims) for
-ERK), so the capped layers' excess is redistributed over the others in proportion to a_l. Real-valued kept
-counts become whole ones by largest remainders (each layer within one weight of its real share).
+With ``"global"`` the caps keep the one global ranking: one shared threshold over the layers it leaves within
+their bounds, the others held at their bound, the pool's total still exact (`GlobalCaps`). For the other
+distributions ``min_layer_sparsity`` / ``max_layer_sparsity`` bound every layer the mapping does not fix; the
+densities are then clamp(eps * a_l, 1 - max, 1 - min) with one eps for the pool (a_l = 1 uniform, sum(dims) /
+prod(dims) for ERK), so the capped layers' excess is redistributed over the others in proportion to a_l.
+Real-valued kept counts become whole ones by largest remainders (each layer within one weight of its real share).
 """
 
 from __future__ import annotations
@@ -31,7 +33,17 @@ from .methods.st3 import shape_sum
 DistributionSpec = str | Mapping[str, float]
 NAMES = ("global", "uniform", "erk")
 
-__all__ = ["DistributionSpec", "LayerTargets", "check_spec", "erk_scale", "layer_targets", "parse_distribution"]
+__all__ = [
+    "DistributionSpec",
+    "GlobalCaps",
+    "LayerTargets",
+    "check_spec",
+    "count_quantile",
+    "erk_scale",
+    "layer_targets",
+    "parse_distribution",
+    "pruned_count",
+]
 
 
 def erk_scale(shape: Sequence[int]) -> float:
@@ -63,7 +75,7 @@ class LayerTargets:
         that h = (n - 1) q_l has floor k - 1 and fraction 1/16 whatever the rounding: tau_l = x_(k-1) + (x_(k) -
         x_(k-1)) / 16 lies in [x_(k-1), x_(k)) even for adjacent fp32 values, and exactly k weights are pruned
         when the scores are distinct (0: prune nothing; 1: prune all)."""
-        return tuple(_quantile_for(k, n) for k, n in zip(self.pruned, self.numels))
+        return tuple(count_quantile(k, n) for k, n in zip(self.pruned, self.numels))
 
     def describe(self) -> dict[str, Any]:
         """A JSON-ready record (FLOP report, CSR metadata, layer_densities)."""
@@ -78,7 +90,47 @@ class LayerTargets:
         return record
 
 
-def _quantile_for(pruned: int, numel: int) -> float:
+@dataclasses.dataclass(frozen=True)
+class GlobalCaps:
+    """``distribution="global"`` with min_layer_sparsity / max_layer_sparsity: one global ranking whose layers are
+    kept within their bounds (METHODS.md sec. 8). The bounds ramp with the schedule, as every target does: at a
+    scheduled sparsity s(t) = schedule(t, q), layer l prunes between ceil(schedule(t, min) * n_l) and
+    floor(schedule(t, max) * n_l) weights, and the pool round(s(t) * N)."""
+
+    names: tuple[str, ...]
+    numels: tuple[int, ...]
+    min_layer_sparsity: float | None = None
+    max_layer_sparsity: float | None = None
+    name: str = "global"
+
+    def counts(self, sparsity: float, low: float | None, high: float | None) -> tuple[int, list[int], list[int]]:
+        """(pruned in the pool, per-layer least, per-layer most) at pool sparsity ``sparsity`` and bounds
+        ``low`` / ``high`` (the scheduled caps; None: unbounded)."""
+        lows = [math.ceil(Fraction(low) * n) if low is not None else 0 for n in self.numels]
+        highs = [math.floor(Fraction(high) * n) if high is not None else n for n in self.numels]
+        return pruned_count(sparsity, sum(self.numels)), lows, highs
+
+    def bounds(self) -> tuple[float | None, float | None]:
+        """(min_layer_sparsity, max_layer_sparsity) at the final sparsity."""
+        return self.min_layer_sparsity, self.max_layer_sparsity
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-ready record (FLOP report, CSR metadata, layer_densities)."""
+        record: dict[str, Any] = {"name": self.name}
+        if self.min_layer_sparsity is not None:
+            record["min_layer_sparsity"] = self.min_layer_sparsity
+        if self.max_layer_sparsity is not None:
+            record["max_layer_sparsity"] = self.max_layer_sparsity
+        return record
+
+
+def pruned_count(sparsity: float, total: int) -> int:
+    """The pool's pruned weights at ``sparsity``: round(sparsity * total), halves up, in exact arithmetic."""
+    return math.floor(Fraction(sparsity) * total + Fraction(1, 2))
+
+
+def count_quantile(pruned: int, numel: int) -> float:
+    """The quantile at which ``numel`` distinct scores prune exactly ``pruned`` (see `LayerTargets.quantiles`)."""
     if pruned <= 0:
         return 0.0
     if pruned >= numel:
@@ -136,11 +188,6 @@ def check_spec(
     high = None if max_layer_sparsity is None else _check_fraction(max_layer_sparsity, "max_layer_sparsity")
     if low is not None and high is not None and low > high:
         raise ValueError(f"min_layer_sparsity={low} is above max_layer_sparsity={high}")
-    if spec == "global" and (low is not None or high is not None):
-        raise ValueError(
-            "min_layer_sparsity/max_layer_sparsity need per-layer targets: use distribution='uniform', 'erk' or a "
-            "mapping (the global distribution has one threshold and no per-layer target)"
-        )
     return spec, low, high
 
 
@@ -151,14 +198,22 @@ def layer_targets(
     distribution: DistributionSpec,
     min_layer_sparsity: float | None = None,
     max_layer_sparsity: float | None = None,
-) -> LayerTargets | None:
-    """Pruned weights per layer for the pool (``names``/``shapes`` in pool order); None for "global"."""
+) -> LayerTargets | GlobalCaps | None:
+    """Pruned weights per layer for the pool (``names``/``shapes`` in pool order); None for "global", `GlobalCaps`
+    for "global" with caps (checked feasible at the final sparsity)."""
     spec, low, high = check_spec(distribution, min_layer_sparsity, max_layer_sparsity)
-    if spec == "global":
-        return None
     numels = [math.prod(shape) for shape in shapes]
     total = sum(numels)
-    pruned_total = math.floor(Fraction(sparsity) * total + Fraction(1, 2))  # round(sparsity * N), halves up
+    if spec == "global":
+        if low is None and high is None:
+            return None
+        caps = GlobalCaps(tuple(names), tuple(numels), low, high)
+        pruned_total, lows, highs = caps.counts(sparsity, low, high)
+        if not sum(lows) <= pruned_total <= sum(highs):
+            kept, least, most = total - pruned_total, total - sum(highs), total - sum(lows)
+            _infeasible(kept, least, most, low, high, sparsity, total, False, False)
+        return caps
+    pruned_total = pruned_count(sparsity, total)
     fixed: dict[int, int] = {}
     patterns: tuple[tuple[str, float], ...] = ()
     if isinstance(spec, dict):
@@ -258,12 +313,14 @@ def _infeasible(kept, least, most, low, high, sparsity, total, mapping, no_free)
     if kept < least:
         by, causes = least - kept, ["the mapping's fixed layers"] if mapping else []
         causes += [f"max_layer_sparsity={high}"] if high is not None else []
-        advice = "raise max_layer_sparsity, lower the mapping's sparsities or lower sparsity"
+        advice = "raise max_layer_sparsity" + (", lower the mapping's sparsities" if mapping else "")
+        advice += " or lower sparsity"
         what = "keep"
     else:
         by, causes = kept - most, ["the mapping's fixed layers"] if mapping else []
         causes += [f"min_layer_sparsity={low}"] if low is not None else []
-        advice = "lower min_layer_sparsity, raise the mapping's sparsities or raise sparsity"
+        advice = "lower min_layer_sparsity" + (", raise the mapping's sparsities" if mapping else "")
+        advice += " or raise sparsity"
         what = "prune"
     raise ValueError(
         f"infeasible: with {' and '.join(causes)} the layers {what} more weights than sparsity={sparsity} allows: "

@@ -31,11 +31,11 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from .distributed import any_sharded, local_pool, storage_key
-from .distribution import LayerTargets
+from .distribution import GlobalCaps, LayerTargets, count_quantile
 from .layers import expert_matrices
 from .methods.base import Method
 from .parametrization import SparseWeight, _Reference
-from .threshold import global_quantile, layer_quantiles, layer_scaled_abs
+from .threshold import capped_threshold, global_quantile, layer_quantiles, layer_scaled_abs
 
 Schedule = Callable[[int, float], float]
 
@@ -63,7 +63,9 @@ class GlobalThreshold(nn.Module):
     -> the weight, in the order the forward passes them; the buffers are created beside the first one.
     targets: per-layer final targets (`fxsparse.distribution`), or None for the one global threshold. With
     targets, layer l runs the schedule toward its own target and gets its own exact threshold ``layer_tau[l]``
-    (the scalar ``tau`` then stays 0); with None, nothing differs from a threshold without the argument.
+    (the scalar ``tau`` then stays 0); with None, nothing differs from a threshold without the argument. With
+    `GlobalCaps` (the global distribution with caps), ``tau`` is the shared threshold and ``layer_tau[l]`` is it
+    for the layers within their bounds, each held layer's own threshold for the others.
     """
 
     _is_impure = True  # it has no users in the graph; torch.fx's dead-code elimination must keep it
@@ -92,11 +94,13 @@ class GlobalThreshold(nn.Module):
         self.register_buffer("frozen", torch.zeros((), dtype=torch.bool, device=device))
         self.targets = targets
         if targets is not None:
-            if len(targets.pruned) != len(self.pool_paths):
-                raise ValueError(f"{len(targets.pruned)} layer targets for a pool of {len(self.pool_paths)} weights")
-            self.register_buffer("layer_tau", torch.zeros(len(targets.pruned), dtype=torch.float32, device=device))
-            self._final_quantiles = targets.quantiles()
+            if len(targets.numels) != len(self.pool_paths):
+                raise ValueError(f"{len(targets.numels)} layer targets for a pool of {len(self.pool_paths)} weights")
+            self.register_buffer("layer_tau", torch.zeros(len(targets.numels), dtype=torch.float32, device=device))
+            self._final_quantiles = targets.quantiles() if isinstance(targets, LayerTargets) else ()
         self.layer_prunes: list[bool] = [False] * len(self.pool_paths)  # host flags per layer (per-layer targets)
+        self._held_prunes: list[bool] | None = None  # global caps: what the last computation prunes, per layer
+        self._held_at_max: dict[int, bool] = {}  # global caps: the layers the last computation held (at the maximum?)
         self._step = 0  # host mirror of ``step``: no device sync to read the schedule
         self._frozen = False
         self._computed_for: tuple | None = None
@@ -125,7 +129,8 @@ class GlobalThreshold(nn.Module):
         return "global" if self.targets is None else self.targets.name
 
     def layer_sparsities(self, step: int | None = None) -> list[float]:
-        """Per-layer targets: the schedule run toward each layer's own final quantile (METHODS.md sec. 8)."""
+        """Per-layer targets: the schedule run toward each layer's own final quantile (METHODS.md sec. 8); empty for
+        the global distribution (with caps too: its layers have bounds, not targets)."""
         step = self._step if step is None else step
         return [float(self.schedule(step, q)) for q in self._final_quantiles]
 
@@ -147,6 +152,8 @@ class GlobalThreshold(nn.Module):
     def compute_tau(self, weights: tuple[Tensor, ...]) -> Tensor:
         """The exact global threshold for the current step, from the given pooled weights (pure); with per-layer
         targets, the vector of per-layer thresholds."""
+        if isinstance(self.targets, GlobalCaps):
+            return self._compute_capped(weights)
         if self.targets is not None:
             return self._compute_layer_taus(weights)
         sparsity = self.target_sparsity()
@@ -164,25 +171,87 @@ class GlobalThreshold(nn.Module):
         hint = float(self.tau) if self.prunes and self.tau.device.type == "cpu" else None
         return global_quantile(weights, sparsity, score_fn=score_fn, hint=hint)
 
-    def _compute_layer_taus(self, weights: tuple[Tensor, ...]) -> Tensor:
-        """tau_l = the exact quantile of layer l's own scores at its scheduled sparsity (0: prune nothing)."""
-        method, group, qs = self.method, self.process_group, self.layer_sparsities()
+    def _scored_pool(self, weights: tuple[Tensor, ...]) -> tuple[list[Tensor], object, object | None, bool]:
+        """(the local pool, its score function, the process group, whether host hints may be passed): a sharded
+        pool's local part, else the weights scored slice by slice when the method scores |w| * a scale."""
+        group = self.process_group
         if group is not None or any_sharded(weights):
             weights, score_fn, group = local_pool(weights, self.layer_score, group)
-            return layer_quantiles(weights, qs, score_fn=score_fn, group=group).to(self.layer_tau.device)
-        if type(method).score is Method.score:
+            return weights, score_fn, group, False
+        if type(self.method).score is Method.score:
             score_fn = layer_scaled_abs([self.layer_score_scale(i, w) for i, w in enumerate(weights)])
         else:
             score_fn = self.layer_score
-        hints = None
-        if self.layer_tau.device.type == "cpu":
-            hints = [t if prunes else None for t, prunes in zip(self.layer_tau.tolist(), self.layer_prunes)]
-        return layer_quantiles(weights, qs, score_fn=score_fn, hints=hints)
+        return list(weights), score_fn, None, self.layer_tau.device.type == "cpu"
+
+    def _layer_hints(self, use: bool, layers: Sequence[bool] | None = None) -> list[float | None] | None:
+        """The thresholds in force as hints for the next (``layers``: only those layers'), read on the host."""
+        if not use:
+            return None
+        layers = self.layer_prunes if layers is None else [a and b for a, b in zip(layers, self.layer_prunes)]
+        return [t if wanted else None for t, wanted in zip(self.layer_tau.tolist(), layers)]
+
+    def _compute_layer_taus(self, weights: tuple[Tensor, ...]) -> Tensor:
+        """tau_l = the exact quantile of layer l's own scores at its scheduled sparsity (0: prune nothing)."""
+        weights, score_fn, group, hints = self._scored_pool(weights)
+        qs = self.layer_sparsities()
+        taus = layer_quantiles(weights, qs, score_fn=score_fn, group=group, hints=self._layer_hints(hints))
+        return taus.to(self.layer_tau.device)
+
+    def _compute_capped(self, weights: tuple[Tensor, ...]) -> Tensor:
+        """The global distribution with caps (METHODS.md sec. 8): the shared threshold of `capped_threshold` for the
+        layers it leaves within their scheduled bounds, each other layer held at its bound by its own exact
+        threshold. The layers the previous call held are tried as held again, in the same pass. Also writes the
+        shared threshold to ``tau`` (the next call's hint)."""
+        caps, sparsity, layers = self.targets, self.target_sparsity(), len(self.pool_paths)
+        device = self.layer_tau.device
+        if sparsity <= 0.0:
+            self._held_prunes, self._held_at_max = [False] * layers, {}
+            return torch.zeros(layers, dtype=torch.float32, device=device)
+        low, high = (None if c is None else float(self.schedule(self._step, c)) for c in caps.bounds())
+        count, lows, highs = caps.counts(sparsity, low, high)
+        count = min(max(count, sum(lows)), sum(highs))  # a schedule not proportional to its target: caps win
+        weights, score_fn, group, use_hints = self._scored_pool(weights)
+        shared, own = None, {}
+        counts: list[int | None] = [0] * layers  # count == sum(lows): every layer at its least, nothing shared
+        if count > sum(lows):
+            hint = float(self.tau) if use_hints and self.prunes else None
+            held_before = {}  # the layers held last time: tried as held again, around their own thresholds
+            if use_hints:
+                previous = self.layer_tau.tolist()
+                for i, at_max in self._held_at_max.items():
+                    bound = highs[i] if at_max else lows[i]
+                    held_before[i] = (count_quantile(bound, caps.numels[i]), previous[i], at_max)
+            shared, counts, own = capped_threshold(weights, lows, highs, count, score_fn, group, hint, held_before)
+            self.tau.copy_(shared)
+        at_max = {i: self._held_at_max[i] for i, c in enumerate(counts) if c is None}  # proven held again
+        at_max |= {i: c > highs[i] for i, c in enumerate(counts) if c is not None and not lows[i] <= c <= highs[i]}
+        own = {i: tau for i, tau in own.items() if at_max.get(i) == self._held_at_max[i]}  # held on the same side
+        qs = [0.0] * layers
+        for i, side in at_max.items():
+            if i not in own:
+                qs[i] = count_quantile(highs[i] if side else lows[i], caps.numels[i])
+        taus = torch.zeros(layers, dtype=torch.float32, device=device)
+        if any(q > 0.0 for q in qs):
+            hints = self._layer_hints(use_hints, [q > 0.0 for q in qs])
+            taus = layer_quantiles(weights, qs, score_fn=score_fn, group=group, hints=hints).to(device)
+        for i, tau in own.items():
+            taus[i] = tau.to(device)
+        if shared is not None:
+            free = torch.tensor([i not in at_max for i in range(layers)], device=device)
+            taus = torch.where(free, shared.to(device), taus)
+        bound = {i: highs[i] if side else lows[i] for i, side in at_max.items()}
+        self._held_prunes = [bound[i] > 0 if i in at_max else shared is not None for i in range(layers)]
+        self._held_at_max = at_max
+        return taus
 
     def _set_prunes(self) -> None:
         """Host flags of what the installed thresholds prune (no device sync)."""
         self.prunes = self.target_sparsity() > 0.0
-        if self.targets is not None:
+        if isinstance(self.targets, GlobalCaps):  # what the last computation found (after a load: every layer)
+            held = self._held_prunes
+            self.layer_prunes = list(held) if held is not None else [self.prunes] * len(self.pool_paths)
+        elif self.targets is not None:
             self.layer_prunes = [q > 0.0 for q in self.layer_sparsities()]
 
     def watch_chains_(self, chains: Mapping[int, SparseWeight]) -> None:
@@ -272,6 +341,7 @@ class GlobalThreshold(nn.Module):
         self._step = int(self.step)
         self._frozen = bool(self.frozen)
         self._computed_for = None
+        self._held_prunes, self._held_at_max = None, {}
         self._set_prunes()  # the loaded tau is in force until the next forward
 
     def extra_repr(self) -> str:

@@ -16,6 +16,11 @@ Scores and tau are always fp32.
   selected bin(s), gives the exact keys of both ranks. Two passes, no data-dependent shapes, one host
   sync, and the histograms add up across ranks with all_reduce.
 
+`layer_quantiles` takes one exact quantile per layer in the same way, every layer in the same pass: each chunk
+(of one layer) is compared with that layer's window, then a small selection per layer follows.
+`capped_threshold` is the shared threshold of a global ranking whose layers have bounds on their pruned counts
+(the global distribution with caps): a window pass around the previous one, radix selection as the fallback.
+
 Every pass walks the pool chunk by chunk; the extra memory stays within about 8% of the pool's bytes
 (see `_budget`), plus one layer's scores when ``score_fn`` is not elementwise. The result is exact
 whichever path runs: a window only decides how much work is done, never the value.
@@ -25,7 +30,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -34,6 +40,7 @@ ScoreFn = Callable[[int, Tensor], Tensor]
 
 __all__ = [
     "ScoreFn",
+    "capped_threshold",
     "global_quantile",
     "layer_quantiles",
     "layer_scaled_abs",
@@ -134,20 +141,112 @@ def layer_quantiles(
     """One exact quantile per tensor: entry l is `global_quantile` of ``score_fn(l, tensors[l])`` alone at
     ``qs[l]`` (bit-identical to numpy's "linear" quantile of that layer's scores), and 0 where ``qs[l] <= 0``
     (prune nothing). fp32, shape (len(tensors),). ``hints[l]`` (the previous tau_l) narrows layer l's
-    window as in `global_quantile`; ``group`` as there (every rank passes the same qs)."""
+    window as in `global_quantile`; ``group`` as there (every rank passes the same qs and hints).
+
+    On CPU every layer is selected in the same pass over the pool: each chunk (of one layer) is compared with
+    that layer's window, and a small selection per layer follows; layers whose window missed get a second
+    pass, then radix selection, as in `global_quantile`."""
     if len(qs) != len(tensors):
         raise ValueError(f"layer_quantiles: {len(qs)} sparsities for {len(tensors)} tensors")
-    device = next((t.device for t in tensors if t.numel()), torch.device("cpu"))
-    out = torch.zeros(len(tensors), dtype=torch.float32, device=device)
-    # chunks and windows sized for the whole pool (memory bound as one pool pass): small layers are walked in
-    # one chunk, not many. Sharded: each rank must take the same decisions, so the per-layer sizes stay.
-    budget = None if group is not None else sum(t.numel() * t.element_size() for t in tensors)
-    for index, (tensor, q) in enumerate(zip(tensors, qs)):
-        if q > 0.0:
-            hint = None if hints is None else hints[index]
-            score = _single_layer(score_fn, index)
-            out[index] = _global_quantile([tensor], q, score, group, hint, budget_bytes=budget)
+    if hints is not None and len(hints) != len(tensors):
+        raise ValueError(f"layer_quantiles: {len(hints)} hints for {len(tensors)} tensors")
+    levels = [_check_q(q) if q > 0.0 else 0.0 for q in qs]
+    pool = _Pool(tensors, score_fn)
+    comm = _Comm(group, pool)
+    out = torch.zeros(len(tensors), dtype=torch.float32, device=pool.device)
+    active = [index for index, q in enumerate(levels) if q > 0.0]
+    if not active:
+        return out
+    with torch.no_grad(), _one_thread(pool.device.type == "cpu"):
+        sizes = comm.all_reduce(
+            torch.tensor([[t.numel(), t.numel() * t.element_size()] for t in pool.tensors], dtype=torch.int64)
+        ).tolist()
+        for index in active:
+            if sizes[index][0] == 0:
+                raise ValueError(f"layer_quantiles: tensors[{index}] is empty; there is no quantile to take")
+        ranks = {index: quantile_position(sizes[index][0], levels[index]) for index in active}
+        found: dict[int, tuple[Tensor, Tensor]] = {}
+        pool_bytes = sum(nbytes for _, nbytes in sizes)
+        if pool.device.type == "cpu":
+            pool.chunk, _ = _budget(pool_bytes, pool.device, "window")
+            layer_hints = {i: None if hints is None or hints[i] is None else float(hints[i]) for i in active}
+            found = _layer_window_select(pool, comm, active, sizes, levels, ranks, layer_hints)
+        for index in active:
+            if index not in found:  # window missed or overflowed: this layer alone, by radix selection
+                layer = _Pool([pool.tensors[index]], _single_layer(score_fn, index))
+                layer.chunk, _ = _budget(pool_bytes, layer.device, "radix")
+                found[index] = _radix_select(layer, _Comm(group, layer), ranks[index][0], ranks[index][1])
+        for index in active:
+            lo, hi = found[index]
+            out[index] = lerp_like_numpy(lo.to(pool.device), hi.to(pool.device), ranks[index][2])
     return out
+
+
+def capped_threshold(
+    tensors: Sequence[Tensor],
+    lows: Sequence[int],
+    highs: Sequence[int],
+    count: int,
+    score_fn: ScoreFn = _abs_score,
+    group: object | None = None,
+    hint: float | None = None,
+    held: Mapping[int, tuple[float, float, bool]] | None = None,
+) -> tuple[Tensor, list[int | None], dict[int, Tensor]]:
+    """One shared threshold over a pool whose layers' pruned counts are bounded (docs/METHODS.md sec. 8, caps with
+    the global distribution): the smallest score t with
+
+        g(t) = sum_l clamp(c_l(t), lows[l], highs[l]) >= count,    c_l(t) = #{scores of layer l <= t},
+
+    and each layer's c_l(t). A layer with lows[l] <= c_l(t) <= highs[l] prunes its scores <= t; the others are held
+    at their bound (their own threshold, `layer_quantiles`). With distinct scores g(t) = count exactly: ``count``
+    weights pruned in all. g(t) - sum(lows) counts the scores of layer l whose rank in the layer lies in
+    (lows[l], highs[l]], so t is the (count - sum(lows))-th smallest of those, ties included.
+    Needs sum(lows) < count <= sum(highs) (else ValueError). fp32 scalar t, like `global_quantile`; ``hint`` (the
+    previous t) tries a window around it first (one pass), else exact radix selection on g (four passes of
+    8-bit digits, per-layer histograms); ``group`` as there.
+
+    ``held``: {layer: (q, its previous threshold, held at its maximum)} for the layers the previous step held at a
+    bound, q the quantile of that bound (`layer_quantiles`' convention). In the same pass each is compared with a
+    window around its own previous threshold instead of the shared one, which gives its own threshold at q
+    (bitwise `layer_quantiles`' value; the third result) when the window holds it. A layer whose bound's order
+    statistic lies beyond the shared window is held whatever t is: its count is returned as None; the others get
+    one more pass over them with the shared window. Ignored on the radix path."""
+    if not (len(lows) == len(highs) == len(tensors)):
+        raise ValueError(f"capped_threshold: {len(lows)} lows and {len(highs)} highs for {len(tensors)} tensors")
+    if not sum(lows) < count <= sum(highs):
+        raise ValueError(
+            f"capped_threshold: count={count} is outside (sum(lows), sum(highs)] = ({sum(lows)}, {sum(highs)}]"
+        )
+    pool = _Pool(tensors, score_fn)
+    comm = _Comm(group, pool)
+    with torch.no_grad(), _one_thread(pool.device.type == "cpu"):
+        sizes = comm.all_reduce(
+            torch.tensor([[t.numel(), t.numel() * t.element_size()] for t in pool.tensors], dtype=torch.int64)
+        ).tolist()
+        for index, ((n, _), low, high) in enumerate(zip(sizes, lows, highs)):
+            if not 0 <= low <= high <= n:
+                raise ValueError(f"capped_threshold: layer {index} has bounds [{low}, {high}] for {n} scores")
+        pool_bytes = sum(nbytes for _, nbytes in sizes)
+        found = None
+        if pool.device.type == "cpu" and hint is not None and math.isfinite(hint):
+            pool.chunk, _ = _budget(pool_bytes, pool.device, "window")
+            bounds = _Bounds(list(lows), list(highs), count, sizes)
+            found = _capped_window(pool, comm, bounds, float(hint), _usable_held(held, sizes))
+        if found is None:
+            pool.chunk, _ = _budget(pool_bytes, pool.device, "radix")
+            tau, counts = _capped_radix(pool, comm, list(lows), list(highs), count)
+            found = tau, counts, {}
+        tau, counts, own = found
+        return tau.to(pool.device), counts, {i: t.to(pool.device) for i, t in own.items()}
+
+
+def _usable_held(held, sizes) -> dict[int, tuple[float, float, bool]]:
+    """The held layers whose bound is strictly inside the layer (0 < q < 1) and whose previous threshold is finite."""
+    usable = {}
+    for index, (q, previous, at_max) in (held or {}).items():
+        if 0.0 < q < 1.0 and previous is not None and math.isfinite(previous) and sizes[index][0] > 1:
+            usable[index] = (_check_q(q), float(previous), bool(at_max))
+    return usable
 
 
 def _single_layer(score_fn: ScoreFn, index: int) -> ScoreFn:
@@ -243,10 +342,26 @@ class _Pool:
     def chunks(self) -> Iterator[tuple[int, Tensor]]:
         """Yield (offset of the chunk in the local pool, its 1-D fp32 scores). The scores may live in
         a buffer that the next chunk overwrites: copy what must outlive the iteration."""
-        offset, step = 0, self.chunk
+        offsets = self.offsets()
+        for i, start, scores in self.layer_chunks():
+            yield offsets[i] + start, scores
+
+    def offsets(self) -> list[int]:
+        """Offset of each local tensor in the local pool."""
+        out, offset = [], 0
+        for t in self.tensors:
+            out.append(offset)
+            offset += t.numel()
+        return out
+
+    def layer_chunks(self, layers: Sequence[int] | None = None) -> Iterator[tuple[int, int, Tensor]]:
+        """Yield (tensor index, offset of the chunk in that tensor, its 1-D fp32 scores), over ``layers`` (default:
+        all) in pool order; a chunk never spans two tensors. The buffer caveat of `chunks` applies."""
+        step = self.chunk
         into = getattr(self.score_fn, "score_into", None) if self.elementwise else None
         buffer = torch.empty(step, dtype=torch.float32, device=self.device) if into is not None else None
-        for i, t in enumerate(self.tensors):
+        for i in range(len(self.tensors)) if layers is None else layers:
+            t = self.tensors[i]
             n = t.numel()
             if n == 0:
                 continue
@@ -255,29 +370,32 @@ class _Pool:
                 for start in range(0, n, step):
                     piece = flat[start : start + step]
                     if into is not None and piece.device == self.device:
-                        yield offset + start, into(i, piece, buffer[: piece.numel()])
+                        yield i, start, into(i, piece, buffer[: piece.numel()])
                     else:
-                        yield offset + start, self._check(i, piece, self.score_fn(i, piece))
+                        yield i, start, self._check(i, piece, self.score_fn(i, piece))
             else:
                 scores = self._check(i, t, self.score_fn(i, t))
                 for start in range(0, n, step):
-                    yield offset + start, scores[start : start + step]
+                    yield i, start, scores[start : start + step]
                 del scores
-            offset += n
 
     def sample(self, stride: int) -> Tensor | None:
         """Scores of every stride-th entry of the local pool, scoring nothing else: only for an
         elementwise score_fn (else None: sampling costs a pass, see `_sample_pass`)."""
         if not self.elementwise:
             return None
-        parts, offset = [], 0
-        for i, t in enumerate(self.tensors):
-            first = (-offset) % stride
-            if first < t.numel():
-                piece = _flat(t.detach())[first::stride]
-                parts.append(self._check(i, piece, self.score_fn(i, piece)))
-            offset += t.numel()
+        parts = [self.layer_sample(i, stride, offset) for i, offset in enumerate(self.offsets())]
+        parts = [p for p in parts if p.numel()]
         return torch.cat(parts) if parts else _empty_scores(self.device)
+
+    def layer_sample(self, i: int, stride: int, offset: int = 0) -> Tensor:
+        """Scores of tensor i's entries at pool positions offset + j that are multiples of stride (elementwise)."""
+        t = self.tensors[i]
+        first = (-offset) % stride
+        if first >= t.numel():
+            return _empty_scores(self.device)
+        piece = _flat(t.detach())[first::stride]
+        return self._check(i, piece, self.score_fn(i, piece))
 
     def _check(self, i: int, given: Tensor, scores: Tensor) -> Tensor:
         if not isinstance(scores, Tensor) or scores.numel() != given.numel():
@@ -293,10 +411,11 @@ class _Pool:
             )
         return scores.reshape(-1)
 
-    def first_non_finite(self) -> str | None:
-        """Describe the first local layer with a NaN/Inf score (slow: only after an alarm)."""
+    def first_non_finite(self, layers: Sequence[int] | None = None) -> str | None:
+        """Describe the first local layer (of ``layers``, default all) with a NaN/Inf score (slow: only after an
+        alarm)."""
         for i, t in enumerate(self.tensors):
-            if t.numel() == 0:
+            if t.numel() == 0 or (layers is not None and i not in layers):
                 continue
             scores = self._check(i, t, self.score_fn(i, t))
             finite = torch.isfinite(scores)
@@ -369,12 +488,14 @@ class _Comm:
         return torch.cat([p[:k] for p, k in zip(parts, lengths)]).to(t.device)
 
 
-def _raise_if_non_finite(pool: _Pool, local_alarm: bool, any_alarm: bool, comm: _Comm) -> None:
-    """An alarm is a non-finite fp32 sum of a rank's scores: a NaN/Inf score, or (false alarm) huge
-    finite scores overflowing the sum. A per-layer scan tells them apart; all ranks agree."""
+def _raise_if_non_finite(
+    pool: _Pool, local_alarm: bool, any_alarm: bool, comm: _Comm, layers: Sequence[int] | None = None
+) -> None:
+    """An alarm is a non-finite fp32 sum of a rank's scores (of ``layers``, default all): a NaN/Inf score, or
+    (false alarm) huge finite scores overflowing the sum. A per-layer scan tells them apart; all ranks agree."""
     if not any_alarm:
         return
-    found = pool.first_non_finite() if local_alarm else None
+    found = pool.first_non_finite(layers) if local_alarm else None
     anywhere = comm.all_reduce(torch.tensor([int(found is not None)], dtype=torch.int64), "max")
     if found is not None:
         raise _non_finite_error(found)
@@ -397,6 +518,20 @@ def _sample_pass(pool: _Pool, comm: _Comm, stride: int) -> Tensor:
     alarm = not bool(torch.isfinite(total))
     _raise_if_non_finite(pool, alarm, bool(comm.all_reduce(torch.tensor([int(alarm)]), "max")[0]), comm)
     return comm.all_gather_cat(torch.cat(parts) if parts else _empty_scores(pool.device))
+
+
+def _split_chunk(s: Tensor, a: float, b: float, gather: bool) -> tuple[int, int, Tensor | None]:
+    """How many of the chunk's scores are < a and in [a, b], and (if ``gather`` and any) those in [a, b]. A chunk
+    with none inside costs two comparisons and two counts; masked_select is about twice as fast as index_select on
+    nonzero() when some are (it casts the mask to int64: 8 bytes per score of the chunk)."""
+    lt = s < a
+    n_lt = int(torch.count_nonzero(lt))
+    mask = s <= b
+    n_in = int(torch.count_nonzero(mask)) - n_lt
+    if not gather or n_in == 0:
+        return n_lt, n_in, None
+    mask.logical_xor_(lt)  # a <= s <= b, as s < a implies s <= b
+    return n_lt, n_in, s.masked_select(mask)
 
 
 def _window_pass(
@@ -422,16 +557,11 @@ def _window_pass(
             total += s.sum()  # NaN/Inf anywhere make it non-finite
         if samples is not None and (-offset) % stride < s.numel():
             samples.append(s[(-offset) % stride :: stride].clone())
-        lt = s < a
-        n_lt = int(torch.count_nonzero(lt))
+        n_lt, n_in, window = _split_chunk(s, a, b, not (tie or overflow))
         below += n_lt
-        mask = s <= b
-        if tie or overflow:
-            inside += int(torch.count_nonzero(mask)) - n_lt
+        inside += n_in
+        if window is None:
             continue
-        mask.logical_xor_(lt)  # a <= s <= b, as s < a implies s <= b
-        window = s.index_select(0, mask.nonzero().view(-1))  # masked_select casts the mask to int64
-        inside += window.numel()
         if inside > cap:
             overflow, parts = True, []
         else:
@@ -455,14 +585,21 @@ def _select_in_window(
 ) -> tuple[Tensor, Tensor] | None:
     """The order statistics r_lo, r_hi if the window (this rank's part of it) holds them, else None.
     The decision rests on global counts, so every rank takes it alike."""
-    if not (below <= r_lo and r_hi < below + inside):
+    if not _window_holds(below, inside, window, a, b, r_lo, r_hi):
         return None
     if a == b:
         value = torch.tensor(a, dtype=torch.float32)
         return value, value
-    if window is None:  # too many scores inside to gather
-        return None
-    window = comm.all_gather_cat(window)
+    return _order_statistics(comm.all_gather_cat(window), below, r_lo, r_hi)
+
+
+def _window_holds(below: int, inside: int, window: Tensor | None, a: float, b: float, r_lo: int, r_hi: int) -> bool:
+    """True when ranks r_lo..r_hi lie in the window [a, b] and its scores are at hand (or all equal a == b)."""
+    return below <= r_lo and r_hi < below + inside and (a == b or window is not None)
+
+
+def _order_statistics(window: Tensor, below: int, r_lo: int, r_hi: int) -> tuple[Tensor, Tensor]:
+    """Order statistics r_lo and r_hi (r_hi <= r_lo + 1) of the pool, from the whole window above ``below`` scores."""
     k = r_lo - below  # 0-based rank inside the window
     lo = torch.kthvalue(window, k + 1).values
     if r_hi == r_lo or int(torch.count_nonzero(window <= lo)) > k + 1:
@@ -515,6 +652,268 @@ def _window_select(
     del sample
     below, inside, window = _window_pass(pool, comm, a, b, cap, check_finite)
     return _select_in_window(comm, below, inside, window, a, b, r_lo, r_hi)
+
+
+# -- window selection of every layer's quantile in one pass (CPU; layer_quantiles) -----------------
+
+
+def _gather_per_layer(comm: _Comm, parts: list[Tensor]) -> list[Tensor]:
+    """Every rank's parts[j] concatenated in rank order, for each j: three collectives whatever len(parts)."""
+    if comm.group is None or not parts:
+        return parts
+    lengths = comm.all_gather_rows(torch.tensor([p.numel() for p in parts], dtype=torch.int64)).tolist()
+    flat = comm.all_gather_cat(torch.cat(parts))
+    pieces: list[list[Tensor]] = [[] for _ in parts]
+    offset = 0
+    for row in lengths:  # rank by rank, its parts in order
+        for j, count in enumerate(row):
+            pieces[j].append(flat[offset : offset + count])
+            offset += count
+    return [torch.cat(p) for p in pieces]
+
+
+def _layer_window_pass(
+    pool: _Pool,
+    comm: _Comm,
+    layers: list[int],
+    bounds: dict[int, tuple[float, float]],
+    caps: dict[int, int],
+    check: set[int],
+    samples: dict[int, list[Tensor]] | None = None,
+    strides: dict[int, int] | None = None,
+) -> dict[int, tuple[int, int, Tensor | None]]:
+    """`_window_pass` for many layers at once: one pass over ``layers``, each chunk (of one layer l) compared with
+    l's window bounds[l] = [a_l, b_l]. Returns l -> (scores < a_l, scores in the window, the window's scores or
+    None past caps[l]), global over ranks. Checks the scores of the layers in ``check`` for NaN/Inf; appends
+    every strides[l]-th score of layer l to samples[l] if given."""
+    below = dict.fromkeys(layers, 0)
+    inside = dict.fromkeys(layers, 0)
+    parts: dict[int, list[Tensor]] = {i: [] for i in layers}
+    overflow: set[int] = set()
+    total = torch.zeros((), dtype=torch.float32, device=pool.device)
+    for i, start, s in pool.layer_chunks(layers):
+        if i in check:
+            total += s.sum()  # NaN/Inf anywhere make it non-finite
+        if samples is not None and i in samples and (-start) % strides[i] < s.numel():
+            samples[i].append(s[(-start) % strides[i] :: strides[i]].clone())
+        a, b = bounds[i]
+        n_lt, n_in, window = _split_chunk(s, a, b, not (a == b or i in overflow))
+        below[i] += n_lt
+        inside[i] += n_in
+        if window is None:
+            continue
+        if inside[i] > caps[i]:
+            overflow.add(i)
+            parts[i] = []
+        else:
+            parts[i].append(window)
+    alarm = bool(check) and not bool(torch.isfinite(total))
+    row = [below[i] for i in layers] + [inside[i] for i in layers] + [float(i in overflow) for i in layers]
+    row += [float(alarm)] + [bounds[i][0] for i in layers] + [bounds[i][1] for i in layers]
+    rows = comm.all_gather_rows(torch.tensor(row, dtype=torch.float64))
+    _raise_if_non_finite(pool, alarm, bool(rows[:, 3 * len(layers)].any()), comm, sorted(check))
+    if not bool((rows == rows[:1]).all(0)[3 * len(layers) + 1 :].all()):
+        raise ValueError("layer_quantiles: ranks passed different hints; pass the same hints on every rank")
+    counts = rows[:, : 3 * len(layers)].sum(0).tolist()
+    result = {}
+    for j, i in enumerate(layers):
+        n_below, n_inside, overflowed = int(counts[j]), int(counts[len(layers) + j]), counts[2 * len(layers) + j]
+        window = None if overflowed or n_inside > caps[i] or bounds[i][0] == bounds[i][1] else parts[i]
+        result[i] = (n_below, n_inside, window)
+    return result
+
+
+def _layer_select(
+    comm: _Comm,
+    device: torch.device,
+    passed: dict[int, tuple[int, int, Tensor | list[Tensor] | None]],
+    bounds: dict[int, tuple[float, float]],
+    ranks: dict[int, tuple[int, int, float]],
+) -> dict[int, tuple[Tensor, Tensor]]:
+    """`_select_in_window` for every layer of a `_layer_window_pass`: the layers whose window holds their ranks."""
+    found: dict[int, tuple[Tensor, Tensor]] = {}
+    gather = []
+    for i, (below, inside, window) in passed.items():
+        a, b = bounds[i]
+        if not _window_holds(below, inside, window, a, b, ranks[i][0], ranks[i][1]):
+            continue
+        if a == b:
+            value = torch.tensor(a, dtype=torch.float32)
+            found[i] = value, value
+        else:
+            gather.append(i)
+    local = [torch.cat(passed[i][2]) if passed[i][2] else _empty_scores(device) for i in gather]
+    for i, window in zip(gather, _gather_per_layer(comm, local)):
+        found[i] = _order_statistics(window, passed[i][0], ranks[i][0], ranks[i][1])
+    return found
+
+
+def _layer_window_select(
+    pool: _Pool,
+    comm: _Comm,
+    layers: list[int],
+    sizes: list[list[int]],
+    levels: list[float],
+    ranks: dict[int, tuple[int, int, float]],
+    hints: dict[int, float | None],
+) -> dict[int, tuple[Tensor, Tensor]]:
+    """`_window_select` for every layer in ``layers`` at once: one pass over them with each layer's window (around
+    its hint, else from its sample), then one pass over the layers whose hinted window missed, with windows from
+    their samples. Returns the order statistics of the layers found; the others need radix selection."""
+    strides = {i: _sample_stride(sizes[i][0], sizes[i][1]) for i in layers}
+    caps = {i: max(_TINY, sizes[i][1] // 100) for i in layers}  # ~4% of the layer's scores, as for a pool
+    hinted = [i for i in layers if hints[i] is not None and math.isfinite(hints[i])]
+    cold = [i for i in layers if i not in hinted]
+    bounds: dict[int, tuple[float, float]] = {}
+    for i in hinted:
+        h = _fp32(hints[i])
+        bounds[i] = _fp32(h - abs(h) * _HINT_WIDTH), _fp32(h + abs(h) * _HINT_WIDTH)
+    checked: set[int] = set()
+    if cold:
+        bounds.update(_sample_windows(pool, comm, cold, strides, levels, checked))
+    # a whole-layer score_fn cannot be sampled for free: sample on the way, in case a hint missed
+    samples = None if pool.elementwise else {i: [] for i in hinted}
+    passed = _layer_window_pass(pool, comm, layers, bounds, caps, set(layers) - checked, samples, strides)
+    found = _layer_select(comm, pool.device, passed, bounds, ranks)
+    missed = [i for i in hinted if i not in found]
+    if missed:
+        if samples is not None:
+            local = [torch.cat(samples[i]) if samples[i] else _empty_scores(pool.device) for i in missed]
+            gathered = _gather_per_layer(comm, local)
+            bounds = {i: _window_from_sample(sample, levels[i]) for i, sample in zip(missed, gathered)}
+        else:
+            bounds = _sample_windows(pool, comm, missed, strides, levels, checked)
+        passed = _layer_window_pass(pool, comm, missed, bounds, caps, set())
+        found.update(_layer_select(comm, pool.device, passed, bounds, ranks))
+    return found
+
+
+def _sample_windows(
+    pool: _Pool, comm: _Comm, layers: list[int], strides: dict[int, int], levels: list[float], checked: set[int]
+) -> dict[int, tuple[float, float]]:
+    """Each layer's window from a sample of its scores: read off the raw weights when score_fn is elementwise, else
+    one sampling pass over ``layers`` (which also checks them for NaN/Inf: added to ``checked``)."""
+    if pool.elementwise:
+        local = [pool.layer_sample(i, strides[i]) for i in layers]
+    else:
+        parts: dict[int, list[Tensor]] = {i: [] for i in layers}
+        total = torch.zeros((), dtype=torch.float32, device=pool.device)
+        for i, start, s in pool.layer_chunks(layers):
+            total += s.sum()  # NaN/Inf anywhere make it non-finite
+            first = (-start) % strides[i]
+            if first < s.numel():
+                parts[i].append(s[first :: strides[i]].clone())
+        alarm = not bool(torch.isfinite(total))
+        any_alarm = bool(comm.all_reduce(torch.tensor([int(alarm)]), "max")[0])
+        _raise_if_non_finite(pool, alarm, any_alarm, comm, layers)
+        checked.update(layers)
+        local = [torch.cat(parts[i]) if parts[i] else _empty_scores(pool.device) for i in layers]
+    samples = _gather_per_layer(comm, local)
+    return {i: _window_from_sample(sample, levels[i]) for i, sample in zip(layers, samples)}
+
+
+# -- the shared threshold of a pool with per-layer bounds (capped_threshold) ------------------------
+
+
+def _clamped(counts: Sequence[int], lows: Sequence[int], highs: Sequence[int]) -> int:
+    """g at a point where layer l counts counts[l] scores at or below it: sum_l clamp(counts[l], lows[l], highs[l])."""
+    return sum(min(max(c, lo), hi) for c, lo, hi in zip(counts, lows, highs))
+
+
+class _Bounds(NamedTuple):
+    """What `capped_threshold` selects: per-layer bounds on the counts, the pool's count, the layers' sizes."""
+
+    lows: list[int]
+    highs: list[int]
+    count: int
+    sizes: list[list[int]]
+
+
+def _hint_window(hint: float) -> tuple[float, float]:
+    h = _fp32(hint)
+    return _fp32(h - abs(h) * _HINT_WIDTH), _fp32(h + abs(h) * _HINT_WIDTH)
+
+
+def _capped_window(
+    pool: _Pool, comm: _Comm, bounds: _Bounds, hint: float, held: dict[int, tuple[float, float, bool]]
+) -> tuple[Tensor, list[int | None], dict[int, Tensor]] | None:
+    """`capped_threshold` from one pass over a window around ``hint`` (the ``held`` layers around their own), or
+    None when the window misses t."""
+    a, b = _hint_window(hint)
+    layers = list(range(len(pool.tensors)))
+    caps = {i: max(_TINY, bounds.sizes[i][1] // 100) for i in layers}
+    windows = {i: _hint_window(held[i][1]) if i in held else (a, b) for i in layers}
+    passed = _layer_window_pass(pool, comm, layers, windows, caps, set(layers))
+    own: dict[int, Tensor] = {}
+    proven: set[int] = set()
+    if held:  # each held layer's own order statistics, and whether they keep it held across [a, b]
+        ranks = {i: quantile_position(bounds.sizes[i][0], q) for i, (q, _, _) in held.items()}
+        stats = _layer_select(comm, pool.device, {i: passed[i] for i in held}, windows, ranks)
+        for i, (lo, hi) in stats.items():
+            own[i] = lerp_like_numpy(lo, hi, ranks[i][2])
+            if (held[i][2] and float(hi) < a) or (not held[i][2] and float(lo) > b):
+                proven.add(i)
+        recount = [i for i in held if i not in proven]  # not proven held: the shared window for them too
+        if recount:
+            passed.update(_layer_window_pass(pool, comm, recount, dict.fromkeys(recount, (a, b)), caps, set()))
+    free = [i for i in layers if i not in proven]
+    fixed = sum(bounds.highs[i] if held[i][2] else bounds.lows[i] for i in proven)  # g's part from proven-held
+    below = {i: passed[i][0] for i in free}
+    lows, highs = [bounds.lows[i] for i in free], [bounds.highs[i] for i in free]
+    base = fixed + _clamped([below[i] for i in free], lows, highs)  # g just below a
+    top = {i: passed[i][0] + passed[i][1] for i in free}
+    if not base < bounds.count <= fixed + _clamped([top[i] for i in free], lows, highs):
+        return None
+    if a == b:  # every score in the window equals a
+        counts = [top.get(i) for i in layers]
+        return torch.tensor(a, dtype=torch.float32), counts, own
+    if any(passed[i][2] is None for i in free):  # a window too full to gather
+        return None
+    local = [torch.cat(passed[i][2]) if passed[i][2] else _empty_scores(pool.device) for i in free]
+    gathered = dict(zip(free, _gather_per_layer(comm, local)))
+    bands = []
+    for i in free:
+        # the window's j-th smallest score has rank below + j + 1 in its layer: in the band if in (low, high]
+        window = gathered[i]
+        first, last = max(bounds.lows[i] - below[i], 0), min(bounds.highs[i] - below[i], window.numel())
+        if first < last:
+            bands.append(window if last - first == window.numel() else torch.sort(window).values[first:last])
+    tau = torch.kthvalue(torch.cat(bands), bounds.count - base).values
+    counts = [below[i] + int(torch.count_nonzero(gathered[i] <= tau)) if i in gathered else None for i in layers]
+    return tau, counts, own
+
+
+def _capped_radix(pool: _Pool, comm: _Comm, lows: list[int], highs: list[int], count: int) -> tuple[Tensor, list[int]]:
+    """`capped_threshold` by radix selection on g: the fp32 key of t, 8 bits per pass, from per-layer histograms of
+    the next digit among the scores that share the digits found so far (layers x 256 counts)."""
+    layers, dev = len(pool.tensors), pool.device
+    prefix = 0  # the key's digits found so far, as an unsigned number
+    total = torch.zeros((), dtype=torch.float32, device=dev)
+    for shift in (24, 16, 8, 0):
+        hist = torch.zeros(layers, 256, dtype=torch.int64, device=dev)
+        below = torch.zeros(layers, dtype=torch.int64, device=dev)
+        for i, _, s in pool.layer_chunks():
+            key = _keys(s).to(torch.int64) + (1 << 31)  # unsigned, in float order
+            if shift == 24:
+                total += s.sum()  # NaN/Inf anywhere make it non-finite
+                digits = key >> 24
+            else:
+                high = key >> (shift + 8)
+                below[i] += torch.count_nonzero(high < prefix)
+                digits = (key[high == prefix] >> shift) & 255
+            hist[i] += _count(digits, 256)
+        if shift == 24:
+            alarm = not bool(torch.isfinite(total))
+            _raise_if_non_finite(pool, alarm, bool(comm.all_reduce(torch.tensor([int(alarm)]), "max")[0]), comm)
+        hist, below = comm.all_reduce(hist), comm.all_reduce(below)
+        at_most = (below[:, None] + torch.cumsum(hist, 1)).cpu()  # c_l at the top of each digit's range
+        lo = torch.tensor(lows, dtype=torch.int64)[:, None]
+        hi = torch.tensor(highs, dtype=torch.int64)[:, None]
+        g = torch.minimum(torch.maximum(at_most, lo), hi).sum(0)
+        digit = int(torch.searchsorted(g, torch.tensor([count]))[0])  # the first digit with g >= count
+        prefix = (prefix << 8) | digit
+    key = torch.tensor([prefix - (1 << 31)], dtype=torch.int64).to(torch.int32)
+    return _float_of_key(key)[0], at_most[:, digit].tolist()
 
 
 # -- radix selection (CUDA; the CPU fallback) ---------------------------------------------------
@@ -574,6 +973,16 @@ def _radix_select(pool: _Pool, comm: _Comm, r_lo: int, r_hi: int) -> tuple[Tenso
     return values[0], values[1]
 
 
+def _check_q(q) -> float:
+    try:
+        qf = float(q)
+    except (TypeError, ValueError):
+        raise ValueError(f"q must be a number in [0, 1] (the fraction to prune), got {q!r}") from None
+    if not 0.0 <= qf <= 1.0:  # also rejects NaN
+        raise ValueError(f"q must be in [0, 1] (the fraction of the pool to prune), got {q!r}")
+    return qf
+
+
 def _global_quantile(
     tensors, q, score_fn, group, hint, strategy: str | None = None, budget_bytes: int | None = None
 ) -> Tensor:
@@ -581,12 +990,7 @@ def _global_quantile(
     size chunks and windows for a pool of that many bytes (`layer_quantiles`: the whole pool, one layer at a time)."""
     if isinstance(tensors, Tensor):
         tensors = [tensors]
-    try:
-        qf = float(q)
-    except (TypeError, ValueError):
-        raise ValueError(f"q must be a number in [0, 1] (the fraction to prune), got {q!r}") from None
-    if not 0.0 <= qf <= 1.0:  # also rejects NaN
-        raise ValueError(f"q must be in [0, 1] (the fraction of the pool to prune), got {q!r}")
+    qf = _check_q(q)
     pool = _Pool(tensors, score_fn)
     comm = _Comm(group, pool)
     with torch.no_grad(), _one_thread(pool.device.type == "cpu"):

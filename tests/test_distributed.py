@@ -12,6 +12,8 @@ a file and the tests below read them. Scenarios:
   explicit shard_pool_ with an explicit group on replicated weights: counted once, same tau.
   fsdp_erk FSDP2 with per-layer targets (distribution="erk", issue 18): every layer's tau_l equals the
            single-process quantile of that layer's gathered weights, bit for bit, at every step.
+  fsdp_capped FSDP2 with the global distribution and caps: the shared and the per-layer thresholds equal
+           those of one process on the gathered weights, bit for bit, at every step.
 """
 
 import math
@@ -243,6 +245,37 @@ def scenario_fsdp_erk(rank):
     return {"exact": exact, "taus": threshold.layer_tau.tolist()}
 
 
+def scenario_fsdp_capped(rank):
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    caps = {"min_layer_sparsity": 0.5, "max_layer_sparsity": 0.75}
+    model = fxsparse.sparsify(SmallNet(), "st3sigma", 0.7, fxsparse.Cubic(0, 4), **caps)
+    single = fxsparse.sparsify(SmallNet(), "st3sigma", 0.7, fxsparse.Cubic(0, 4), **caps)
+    fully_shard(model.conv1)
+    fully_shard(model.conv2)
+    fully_shard(model)
+    threshold, reference = fxsparse.get_threshold(model), fxsparse.get_threshold(single)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    fxsparse.hook_optimizer(model, opt)
+    exact = []
+    for step in range(STEPS):
+        x, y = global_batch(step)
+        local = slice(rank * 4, rank * 4 + 4)
+        loss = F.cross_entropy(model(x[local]), y[local])
+        with torch.no_grad():  # one process, the same weights, the same step
+            for path in threshold.pool_paths:
+                single.get_parameter(path).copy_(full(model.get_parameter(path)))
+        reference.advance_(threshold.current_step - reference.current_step)
+        fxsparse.pool.refresh_threshold_(single)
+        same = torch.equal(threshold.layer_tau, reference.layer_tau) and torch.equal(threshold.tau, reference.tau)
+        exact.append(bool(same))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return {"exact": exact, "taus": threshold.layer_tau.tolist()}
+
+
 def scenario_explicit_group(rank):
     torch.manual_seed(0)
     model = fxsparse.sparsify(SmallNet(), "st3sigma", 0.6)
@@ -271,6 +304,7 @@ def _worker(rank, init_file, out_dir):
         ("fsdp_blocks", scenario_fsdp_blocks),
         ("explicit", scenario_explicit_group),
         ("fsdp_erk", scenario_fsdp_erk),
+        ("fsdp_capped", scenario_fsdp_capped),
     )
     for name, fn in scenarios:
         if name.startswith("fsdp") and not FSDP2_ON_CPU:
@@ -325,6 +359,13 @@ def test_fsdp2_per_layer_thresholds_are_exact(results):
     for rank in range(WORLD):
         assert all(_get(results, rank, "fsdp_erk")["exact"])
     assert _get(results, 0, "fsdp_erk")["taus"] == _get(results, 1, "fsdp_erk")["taus"]
+
+
+@needs_fsdp2_on_cpu
+def test_fsdp2_global_caps_are_exact(results):
+    for rank in range(WORLD):
+        assert all(_get(results, rank, "fsdp_capped")["exact"])
+    assert _get(results, 0, "fsdp_capped")["taus"] == _get(results, 1, "fsdp_capped")["taus"]
 
 
 def test_explicit_group_on_replicated_weights_counts_each_weight_once(results):

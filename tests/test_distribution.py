@@ -17,6 +17,7 @@ from fxsparse.threshold import layer_quantiles, reference_quantile
 from models import TinyCNN
 
 METHODS = ("st3", "st3sigma", "feather", "gmp", "ste")
+GLOBAL_CAPS = {"max_layer_sparsity": 0.95, "min_layer_sparsity": 0.6}  # they hold layers of the CNNs at 0.9
 
 
 def small_cnn() -> nn.Module:
@@ -263,8 +264,11 @@ def test_infeasible_caps_say_by_how_much():
         fxsparse.sparsify(small_cnn(), "st3", 0.9, distribution={"2.weight": 0.0})
     with pytest.raises(ValueError, match="fixes every pooled layer"):
         fxsparse.sparsify(small_cnn(), "st3", 0.9, distribution={"*": 0.5})
-    with pytest.raises(ValueError, match="per-layer targets"):
-        fxsparse.sparsify(small_cnn(), "st3", 0.9, max_layer_sparsity=0.95)
+    least = round(0.9 * pool) - sum(math.floor(0.5 * n) for n in (216, 1152, 256, 160))
+    with pytest.raises(ValueError, match=rf"with max_layer_sparsity=0.5 the layers keep .* by {least} weights"):
+        fxsparse.sparsify(small_cnn(), "st3", 0.9, max_layer_sparsity=0.5)  # global with caps
+    with pytest.raises(ValueError, match=r"min_layer_sparsity=0.95 the layers prune .* or raise sparsity$"):
+        fxsparse.sparsify(small_cnn(), "st3", 0.9, distribution="global", min_layer_sparsity=0.95)
     with pytest.raises(ValueError, match="matches no pooled weight"):
         fxsparse.sparsify(small_cnn(), "st3", 0.9, distribution={"head.*": 0.5})
     with pytest.raises(ValueError, match="unknown distribution"):
@@ -283,18 +287,19 @@ def test_parse_distribution():
 # --- in place, state, outputs ---------------------------------------------------------------------------
 
 
-def test_in_place_and_resume_bit_exact():
+@pytest.mark.parametrize("spec", [{"distribution": "erk"}, {"distribution": "global", **GLOBAL_CAPS}])
+def test_in_place_and_resume_bit_exact(spec):
     base = small_cnn()
     schedule = fxsparse.Cubic(0, 6)
-    model = fxsparse.sparsify(base, "st3sigma", 0.9, schedule, distribution="erk")
+    model = fxsparse.sparsify(base, "st3sigma", 0.9, schedule, **spec)
     in_place = small_cnn()
     in_place.load_state_dict(base.state_dict())
-    fxsparse.sparsify_(in_place, "st3sigma", 0.9, schedule, distribution="erk")
+    fxsparse.sparsify_(in_place, "st3sigma", 0.9, schedule, **spec)
     train_steps(model, 3)
     train_steps(in_place, 3)
     x = torch.randn(2, 3, 8, 8)
     assert torch.equal(model(x), in_place(x))
-    resumed = fxsparse.sparsify(base, "st3sigma", 0.9, schedule, distribution="erk")
+    resumed = fxsparse.sparsify(base, "st3sigma", 0.9, schedule, **spec)
     resumed.load_state_dict(model.state_dict())
     train_steps(model, 4, seed=1)
     train_steps(resumed, 4, seed=1)
@@ -315,6 +320,12 @@ def test_outputs_record_the_distribution(tmp_path):
     fxsparse.save_csr(model, tmp_path / "m.safetensors")
     assert fxsparse.read_csr_metadata(tmp_path / "m.safetensors")["distribution"] == record
     assert fxsparse.layer_densities(fxsparse.sparsify(small_cnn(), "st3", 0.9)).distribution == {"name": "global"}
+    capped = fxsparse.sparsify(small_cnn(), "st3", 0.9, max_layer_sparsity=0.95)
+    record = fxsparse.layer_densities(capped).distribution
+    assert record == {"name": "global", "max_layer_sparsity": 0.95}
+    assert fxsparse.flops(capped, torch.randn(1, 3, 8, 8)).to_dict()["distribution"] == record
+    fxsparse.save_csr(capped, tmp_path / "capped.safetensors")
+    assert fxsparse.read_csr_metadata(tmp_path / "capped.safetensors")["distribution"] == record
     assert fxsparse.layer_densities(small_cnn()).distribution is None
 
 
@@ -342,6 +353,34 @@ SPECS = [
 ]
 
 
+def _check_capped(model, sparsity) -> None:
+    """The global distribution with caps, checked by its definition: one shared tau (a pool score) with the layers
+    within their bounds at tau pruning their scores <= tau, every other layer pruning its bound (or more only
+    through ties), the layers held at the maximum exceeding it at tau and those at the minimum short of it, and
+    the pool's total round(sparsity * N)."""
+    threshold = fxsparse.get_threshold(model)
+    caps = threshold.targets
+    count, lows, highs = caps.counts(sparsity, caps.min_layer_sparsity, caps.max_layer_sparsity)
+    weights = threshold.pool_values(fxsparse.pool.pooled_weights(model))
+    pruned = pruned_per_layer(model)
+    total = held = 0
+    for i, (fqn, w, low, high) in enumerate(zip(caps.names, weights, lows, highs)):
+        scores = threshold.layer_score(i, w).reshape(-1)
+        at_tau = int((scores <= threshold.tau).sum())
+        if low <= at_tau <= high:
+            assert threshold.layer_tau[i] == threshold.tau and pruned[fqn] == at_tau, fqn
+        else:
+            k = low if at_tau < low else high
+            ordered = scores.sort().values
+            assert pruned[fqn] == (0 if k == 0 else int((ordered <= ordered[k - 1]).sum())), fqn
+            at_tau, held = k, held + 1
+        total += at_tau
+    assert bool(
+        (torch.cat([threshold.layer_score(i, w).reshape(-1) for i, w in enumerate(weights)]) == threshold.tau).any()
+    )
+    assert total == count == round(sparsity * sum(caps.numels)) and held > 0
+
+
 @pytest.mark.parametrize("distribution,caps", SPECS)
 def test_timm_and_torchvision(distribution, caps):
     timm = pytest.importorskip("timm")
@@ -355,6 +394,10 @@ def test_timm_and_torchvision(distribution, caps):
             sparse = fxsparse.sparsify(model, "st3sigma", 0.9, distribution=spec, **caps)
             sparse.eval()(x)
             _check_exact(sparse, 0.9)
+        if distribution == "uniform":  # and the global distribution with caps
+            sparse = fxsparse.sparsify(model, "st3sigma", 0.9, **GLOBAL_CAPS)
+            sparse.eval()(x)
+            _check_capped(sparse, 0.9)
 
 
 @pytest.mark.parametrize("distribution,caps", SPECS)
@@ -375,6 +418,140 @@ def test_transformers(distribution, caps):
             sparse = fxsparse.sparsify(model, "feather", 0.9, distribution=spec, trace_model=False, **caps)
             sparse(torch.randint(0, 40, (1, 6)))
             _check_exact(sparse, 0.9)
+        if distribution == "uniform":  # and the global distribution with caps
+            tight = {"max_layer_sparsity": 0.91, "min_layer_sparsity": 0.89}  # the layers are near 0.9 already
+            sparse = fxsparse.sparsify(model, "feather", 0.9, trace_model=False, **tight)
+            sparse(torch.randint(0, 40, (1, 6)))
+            _check_capped(sparse, 0.9)
+
+
+# --- caps with the global distribution -------------------------------------------------------------------
+
+
+def capped_by_sorting(scores: list[torch.Tensor], count: int, lows: list[int], highs: list[int]) -> list[int]:
+    """The global distribution with caps by brute force, each layer's scores sorted: t = the smallest pool score
+    with sum_l clamp(#{scores of layer l <= t}, low_l, high_l) >= count; a layer within its bounds at t prunes its
+    scores <= t, another one its bound k: its k smallest and every score tied with the k-th. Pruned per layer."""
+    ordered = [s.reshape(-1).sort().values for s in scores]
+    candidates = torch.cat(ordered).unique()
+    at = torch.stack([torch.searchsorted(o, candidates, right=True) for o in ordered])  # (layers, candidates)
+    g = torch.minimum(torch.maximum(at, torch.tensor(lows)[:, None]), torch.tensor(highs)[:, None]).sum(0)
+    first = int(torch.nonzero(g >= count)[0])
+    pruned = []
+    for o, c, low, high in zip(ordered, at[:, first].tolist(), lows, highs):
+        k = c if low <= c <= high else (low if c < low else high)
+        pruned.append(c if k == c else 0 if k == 0 else int((o <= o[k - 1]).sum()))
+    return pruned
+
+
+def pin_until_stable(scores: list[torch.Tensor], count: int, highs: list[int]) -> list[int]:
+    """Max caps only, as an iteration: the layers whose share of one threshold exceeds their cap are pinned at it,
+    the threshold recomputed over the rest with the rest of the budget (sort), until no layer is added."""
+    pinned: dict[int, int] = {}
+    while True:
+        free = [i for i in range(len(scores)) if i not in pinned]
+        budget = count - sum(pinned.values())
+        t = torch.cat([scores[i].reshape(-1) for i in free]).sort().values[budget - 1]
+        over = {i: highs[i] for i in free if int((scores[i] <= t).sum()) > highs[i]}
+        if not over:
+            return [pinned.get(i, int((scores[i] <= t).sum())) for i in range(len(scores))]
+        pinned.update(over)
+
+
+def _pool_scores(model) -> list[torch.Tensor]:
+    threshold = fxsparse.get_threshold(model)
+    weights = threshold.pool_values(fxsparse.pool.pooled_weights(model))
+    return [threshold.layer_score(i, w) for i, w in enumerate(weights)]
+
+
+@pytest.mark.parametrize("method", ["st3", "st3sigma", "gmp"])
+@pytest.mark.parametrize("caps", [{"max_layer_sparsity": 0.92}, {"min_layer_sparsity": 0.85}, GLOBAL_CAPS])
+def test_global_caps_equal_a_sort(method, caps):
+    """distribution="global" with caps: per-layer pruned counts equal the brute-force sort, the total is exact, and
+    with max caps only they equal the pin-until-stable iteration; at every step of a ramp (bounds ramped too)."""
+    torch.manual_seed(0)
+    model = fxsparse.sparsify(small_cnn(), method, 0.9, fxsparse.Cubic(0, 6), **caps)
+    threshold = fxsparse.get_threshold(model)
+    assert (
+        threshold.distribution == "global" and fxsparse.layer_densities(model).distribution == {"name": "global"} | caps
+    )
+    low, high = caps.get("min_layer_sparsity"), caps.get("max_layer_sparsity")
+    for step in range(8):
+        if step:
+            train_steps(model, 1, seed=step)
+        fxsparse.pool.refresh_threshold_(model)
+        if step == 0:
+            assert all(v == 0 for v in pruned_per_layer(model).values())
+            continue
+        s = fxsparse.cubic(step, 0.9, 0, 6)
+        scheduled = [None if c is None else fxsparse.cubic(step, c, 0, 6) for c in (low, high)]
+        count, lows, highs = threshold.targets.counts(s, *scheduled)
+        expected = capped_by_sorting(_pool_scores(model), count, lows, highs)
+        assert list(pruned_per_layer(model).values()) == expected, step
+        assert sum(expected) == count == round(s * sum(threshold.targets.numels))
+        if low is None:
+            assert expected == pin_until_stable(_pool_scores(model), count, highs)
+    sparsities = [1 - nz / n for nz, n in fxsparse.layer_densities(model).values()]
+    assert all((low or 0) <= x <= (high or 1) for x in sparsities)
+    numels = list(threshold.targets.numels)
+    assert expected != capped_by_sorting(_pool_scores(model), count, [0] * len(numels), numels)  # the caps bind
+
+
+def test_global_caps_tie_rule():
+    """Weights on a few levels (many ties): each layer prunes exactly what the sort says, ties at a threshold with
+    it (so a held layer may pass its bound only through ties, and the total round(q * N) only through ties)."""
+    model = small_cnn()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randint(1, 9, p.shape, generator=g).float() * 0.01)
+    for caps in ({"max_layer_sparsity": 0.92}, GLOBAL_CAPS):
+        sparse = fxsparse.sparsify(model, "st3", 0.9, **caps)
+        threshold = fxsparse.get_threshold(sparse)
+        count, lows, highs = threshold.targets.counts(0.9, caps.get("min_layer_sparsity"), caps["max_layer_sparsity"])
+        fxsparse.pool.refresh_threshold_(sparse)
+        expected = capped_by_sorting(_pool_scores(sparse), count, lows, highs)
+        assert list(pruned_per_layer(sparse).values()) == expected and sum(expected) > count
+
+
+def test_global_caps_one_pass_after_the_first_step(monkeypatch):
+    """The shared threshold comes from one window pass around the previous one once training runs, the held layers'
+    own thresholds from the same pass; radix selection only cold (the first computation) or when the window
+    misses."""
+    from fxsparse import threshold as th
+
+    calls = {"radix": 0}
+    radix = th._capped_radix
+
+    def spy(*args):
+        calls["radix"] += 1
+        return radix(*args)
+
+    monkeypatch.setattr(th, "_capped_radix", spy)
+    model = fxsparse.sparsify(small_cnn(), "st3", 0.9, **GLOBAL_CAPS)
+    with torch.no_grad():  # layer 1 far below the others: held at 95%, its own threshold far below the shared one
+        fxsparse.pool.pooled_weights(model)[1].mul_(0.1)
+    train_steps(model, 6)
+    assert calls["radix"] == 1
+    # the layers held at the last step are tried as held again in the same pass: one pass in all
+    threshold = fxsparse.get_threshold(model)
+    assert threshold._held_at_max[1]
+    passes = []
+    chunks = th._Pool.layer_chunks
+
+    def count(self, layers=None):
+        passes.append(list(range(len(self.tensors))) if layers is None else list(layers))
+        return chunks(self, layers)
+
+    monkeypatch.setattr(th._Pool, "layer_chunks", count)
+    with torch.no_grad():
+        for w in fxsparse.pool.pooled_weights(model):
+            w.mul_(1.0001)
+    fxsparse.pool.refresh_threshold_(model)
+    # one pass; a held layer whose own threshold is near the shared one (not layer 1) may need its count too
+    assert passes[0] == [0, 1, 2, 3] and len(passes) <= 2 and all(1 not in p for p in passes[1:])
+    count, lows, highs = threshold.targets.counts(0.9, 0.6, 0.95)
+    assert list(pruned_per_layer(model).values()) == capped_by_sorting(_pool_scores(model), count, lows, highs)
 
 
 def test_layer_quantiles_match_numpy_whatever_the_hints():
@@ -407,8 +584,11 @@ def test_train_config_and_command_line(tmp_path, load_tool):
     assert resolve_config(str(toml), {}).distribution_options()["distribution"] == "erk"
     with pytest.raises(ConfigError, match="unknown distribution"):
         TrainConfig(distribution="erdos")
-    with pytest.raises(ConfigError, match="per-layer targets"):
-        TrainConfig(max_layer_sparsity=0.9)
+    assert TrainConfig(max_layer_sparsity=0.9).distribution_options() == {  # global with a cap
+        "distribution": "global",
+        "min_layer_sparsity": None,
+        "max_layer_sparsity": 0.9,
+    }
     tiny = dict(dataset="synthetic", model="cnn", width=0.25, batch_size=64, epochs=1, lr=0.05, threads=1)
     config = TrainConfig(
         **tiny, method="st3", sparsity=0.9, distribution="erk", progress=False, export=False, runs_dir=str(tmp_path)
@@ -439,6 +619,15 @@ def test_callbacks_pass_the_distribution_through():
     assert "distribution" not in SparsifyOptions("feather", 0.9, None, None, 0).identity()
     with pytest.raises(ValueError, match="unknown distribution"):
         SparsifyOptions("feather", 0.9, None, None, 0, "erdos")
+    capped = SparsifyOptions("st3", 0.9, None, None, 0, "global", None, 0.95)  # the global distribution with a cap
+    model = small_cnn()
+    capped.sparsify_(model)
+    assert fxsparse.layer_densities(model).distribution == {"name": "global", "max_layer_sparsity": 0.95}
+    assert capped.identity() == {"method": "st3", "sparsity": 0.9, "max_layer_sparsity": 0.95}
+    with pytest.raises(
+        ValueError, match="max_layer_sparsity=0.95 and this SparsifyCallback has max_layer_sparsity=0.9"
+    ):
+        SparsifyOptions("st3", 0.9, None, None, 0, "global", None, 0.9).check_resumed(capped.identity())
     lightning = pytest.importorskip("fxsparse.integrations.lightning")
     callback = lightning.SparsifyCallback("st3", 0.9, distribution="erk", max_layer_sparsity=0.97)
     assert callback.options.distribution == "erk" and callback.options.max_layer_sparsity == 0.97

@@ -360,10 +360,44 @@ shards = [[layers[0], big[:cut], layers[5]], [layers[1], layers[2], big[cut:], l
 for q in (0.42, 0.9):
     for score_fn in (absolute, signed):
         check("b", shards[rank], shards[0] + shards[1], q, score_fn, hints=(None, "ref"))
+# (f) one quantile per layer (layer_quantiles), layers split across ranks: uneven, empty on a rank, on both
+def check_layers(tag):
+    local = [layers[0] if rank == 0 else torch.empty(0), shards[rank][1] if rank == 0 else shards[rank][2],
+             layers[5] if rank == 1 else torch.empty(0), layers[6], layers[4]]
+    union = [layers[0], big, layers[5], torch.cat([layers[6], layers[6]]), torch.cat([layers[4], layers[4]])]
+    qs = [0.9, 0.42, 0.5, 0.7, 0.0]
+    for score_fn in (absolute, signed):
+        ref = [th.reference_quantile([u], q, score_fn) if q > 0 else torch.tensor(0.0) for u, q in zip(union, qs)]
+        ref = torch.stack(ref)
+        for hints in (None, ref.tolist(), [5.0, 0.0, None, -1.0, 1.0]):
+            got = th.layer_quantiles(local, qs, score_fn, WORLD, hints)
+            assert torch.equal(got, ref), (tag, rank, hints, got.tolist(), ref.tolist())
+check_layers("f")
+# (g) the shared threshold with per-layer bounds (capped_threshold), the same layout
+def check_capped(tag):
+    local = [layers[0] if rank == 0 else torch.empty(0), shards[rank][1] if rank == 0 else shards[rank][2],
+             layers[5] if rank == 1 else torch.empty(0), layers[6], layers[4]]
+    union = [layers[0], big, layers[5], torch.cat([layers[6], layers[6]]), torch.cat([layers[4], layers[4]])]
+    numels = [u.numel() for u in union]
+    lows, highs = [0, 100, 0, 300, 5], [int(0.95 * n) for n in numels]
+    for score_fn in (absolute, signed):
+        ordered = [score_fn(i, u).reshape(-1).sort().values for i, u in enumerate(union)]
+        candidates = torch.cat(ordered).unique()
+        at = torch.stack([torch.searchsorted(o, candidates, right=True) for o in ordered])
+        g = torch.minimum(torch.maximum(at, torch.tensor(lows)[:, None]), torch.tensor(highs)[:, None]).sum(0)
+        for count in (sum(lows) + 1, int(0.9 * sum(numels)), sum(highs)):
+            first = int(torch.nonzero(g >= count)[0])
+            ref, ref_counts = candidates[first], at[:, first].tolist()
+            for hint in (None, float(ref), 5.0):
+                got, counts, _ = th.capped_threshold(local, lows, highs, count, score_fn, WORLD, hint)
+                assert torch.equal(got, ref) and counts == ref_counts, (tag, rank, count, hint, got, ref)
+check_capped("g")
 # (c) an empty shard on rank 1; tiny chunks and window cap: many chunks, overflow, fallback
 th._budget = lambda nbytes, device, strategy: (5000, 3000)
 for q in (0.1, 0.9):
     check("c", layers if rank == 0 else [], layers, q, hints=(None, "ref"))
+check_layers("f, tiny chunks and windows")
+check_capped("g, tiny chunks and windows")
 # (e) a tiny pool: three scores on rank 0, two on rank 1
 tiny = [torch.tensor([0.5, -2.0, 0.0])] if rank == 0 else [torch.tensor([1.0, 0.25])]
 for q in (0.0, 0.3, 0.5, 1.0):
@@ -418,3 +452,214 @@ def test_two_gloo_ranks_match_the_union(tmp_path):
             raise
     for rank, (proc, out) in enumerate(zip(procs, outputs)):
         assert proc.returncode == 0 and f"rank {rank} OK" in out, (proc.returncode, out[-3000:])
+
+
+# -- layer_quantiles: every layer's quantile in one pass -----------------------------------------
+
+
+def _layer_reference(tensors, qs, score_fn):
+    """Each layer's quantile by sort-and-interpolate on that layer alone (0 where q <= 0)."""
+    out = []
+    for i, (t, q) in enumerate(zip(tensors, qs)):
+        one = lambda _, x, i=i: score_fn(i, x)  # noqa: E731
+        out.append(reference_quantile([t], q, one) if q > 0 else torch.zeros((), dtype=torch.float32))
+    return torch.stack(out)
+
+
+def _layer_pool(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(64, 3, 7, 7), (128, 64, 3, 3), (256, 64), (4000,), (7,), ()]
+    tensors = [torch.randn(s, generator=g) * (0.05 * (1 + i)) for i, s in enumerate(shapes)]
+    tensors[1] = tensors[1].to(torch.bfloat16)
+    tensors.append(torch.zeros(500))  # all ties
+    tensors.append(torch.randint(0, 3, (900,), generator=g).half() * 0.01)  # many ties
+    return tensors
+
+
+@pytest.mark.parametrize("score", ["abs", "scaled", "whole-layer", "signed"])
+def test_layer_quantiles_equal_each_layers_sort(monkeypatch, score):
+    """Bitwise the sort-based quantile of each layer alone, whatever the hints (none, right, wrong, odd), with
+    chunks smaller than the layers and windows that overflow (radix fallback)."""
+    tensors = _layer_pool()
+    scales = [0.5 + i for i in range(len(tensors))]
+    score_fn = {
+        "abs": th._abs_score,
+        "scaled": layer_scaled_abs(scales),
+        "whole-layer": _sigma_score,
+        "signed": _identity_score,
+    }[score]
+    qs = [0.9, 0.5, 0.0, 1.0, 0.3, 0.7, 0.95, 0.6]
+    ref = _layer_reference(tensors, qs, score_fn)
+    near = [float(t) * 1.001 for t in ref]
+    for budget in (None, (777, 1 << 20), (1000, 40)):
+        if budget is not None:
+            monkeypatch.setattr(th, "_budget", lambda nbytes, device, strategy, b=budget: b)
+        for hints in (None, near, [float(t) for t in ref], [5.0, -1.0, 0.0, math.nan, math.inf, 1e-30, None, 2.0]):
+            got = th.layer_quantiles(tensors, qs, score_fn, hints=hints)
+            assert got.dtype == torch.float32 and torch.equal(got, ref), (budget, hints, got, ref)
+
+
+def test_layer_quantiles_is_one_pass(monkeypatch):
+    """Every layer in the same pass over the pool: warm (right hints) one pass, cold one pass for elementwise
+    scores (sampled off the weights) and two for a whole-layer score_fn; a missed hint costs one more pass, over
+    the layers that missed only."""
+    g = torch.Generator().manual_seed(3)
+    tensors = [torch.randn(200, 300, generator=g), torch.randn(5000, generator=g), torch.randn(64, 9, generator=g)]
+    qs = [0.9, 0.5, 0.8]
+    warm = [float(t) for t in th.layer_quantiles(tensors, qs)]
+    stepped = [t + 1e-4 * torch.randn(t.shape, generator=g) for t in tensors]
+    passes: list[list[int]] = []
+    chunks = th._Pool.layer_chunks
+
+    def spy(self, layers=None):
+        passes.append(list(range(len(self.tensors))) if layers is None else list(layers))
+        return chunks(self, layers)
+
+    monkeypatch.setattr(th._Pool, "layer_chunks", spy)
+    ref = _layer_reference(stepped, qs, th._abs_score)
+    missed = [warm[0], 3.0 * warm[1], warm[2]]
+    for score_fn, hints, expected in (
+        (th._abs_score, None, [[0, 1, 2]]),
+        (th._abs_score, warm, [[0, 1, 2]]),
+        (th._abs_score, missed, [[0, 1, 2], [1]]),
+        (_abs, None, [[0, 1, 2], [0, 1, 2]]),
+        (_abs, warm, [[0, 1, 2]]),
+        (_abs, missed, [[0, 1, 2], [1]]),
+    ):
+        passes.clear()
+        assert torch.equal(th.layer_quantiles(stepped, qs, score_fn, hints=hints), ref)
+        assert passes == expected, (score_fn.__name__, hints, passes)
+
+
+def test_layer_quantiles_errors():
+    with pytest.raises(ValueError, match="2 sparsities for 1 tensors"):
+        th.layer_quantiles([torch.randn(4)], [0.5, 0.5])
+    with pytest.raises(ValueError, match="q must be in"):
+        th.layer_quantiles([torch.randn(4)], [1.5])
+    with pytest.raises(ValueError, match=r"tensors\[1\] is empty"):
+        th.layer_quantiles([torch.randn(4), torch.empty(0)], [0.5, 0.5])
+    bad = [torch.randn(40), torch.randn(30), torch.randn(20)]
+    bad[2][3] = math.nan
+    for hints in (None, [0.5, 0.5, 0.5]):
+        with pytest.raises(ValueError, match=r"non-finite weight in the sparsity pool \(layer index 2"):
+            th.layer_quantiles(bad, [0.5, 0.5, 0.5], hints=hints)
+    assert torch.equal(th.layer_quantiles(bad, [0.5, 0.5, 0.0])[2], torch.tensor(0.0))  # layer 2 is not ranked
+
+
+# -- capped_threshold: one shared threshold with per-layer bounds ---------------------------------
+
+
+def _capped_by_sorting(tensors, lows, highs, count, score_fn):
+    """The smallest pool score t with sum_l clamp(#{layer l <= t}, lows[l], highs[l]) >= count, and each layer's
+    count at t: every layer sorted, every distinct score tried."""
+    ordered = [score_fn(i, t).reshape(-1).sort().values for i, t in enumerate(tensors)]
+    candidates = torch.cat(ordered).unique()
+    at = torch.stack([torch.searchsorted(o, candidates, right=True) for o in ordered])
+    g = torch.minimum(torch.maximum(at, torch.tensor(lows)[:, None]), torch.tensor(highs)[:, None]).sum(0)
+    first = int(torch.nonzero(g >= count)[0])
+    return candidates[first], at[:, first].tolist()
+
+
+@pytest.mark.parametrize("score", ["abs", "scaled", "whole-layer", "signed"])
+def test_capped_threshold_equals_a_sort(monkeypatch, score):
+    """Bitwise the brute-force t and counts, for bounds of every kind (none, tight, the whole layer), whatever the
+    hint, with windows that overflow (radix) and chunks smaller than the layers; ties included."""
+    g = torch.Generator().manual_seed(2)
+    shapes = [(32, 3, 5, 5), (64, 16, 3, 3), (100, 64), (2000,), (7,), ()]
+    tensors = [torch.randn(s, generator=g) * (0.05 * (1 + i)) for i, s in enumerate(shapes)]
+    tensors[1] = tensors[1].to(torch.bfloat16)
+    tensors += [torch.zeros(300), torch.randint(0, 3, (500,), generator=g).half() * 0.01]  # ties
+    score_fn = {
+        "abs": th._abs_score,
+        "scaled": layer_scaled_abs([0.5 + i for i in range(len(tensors))]),
+        "whole-layer": _sigma_score,
+        "signed": _identity_score,
+    }[score]
+    numels = [t.numel() for t in tensors]
+    cases = [
+        ([0] * len(numels), [int(0.95 * n) for n in numels]),
+        ([int(0.3 * n) for n in numels], numels),
+        ([int(0.3 * n) for n in numels], [int(0.95 * n) for n in numels]),
+        ([0, 10, 0, 2000, 0, 0, 0, 0], [2400, 20, 100, 2000, 7, 1, 300, 500]),
+    ]
+    for budget in (None, (777, 40)):
+        if budget is not None:
+            monkeypatch.setattr(th, "_budget", lambda nbytes, device, strategy, b=budget: b)
+        for lows, highs in cases:
+            for fraction in (0.2, 0.9, 1.0):
+                count = max(sum(lows) + 1, min(sum(highs), round(fraction * sum(numels))))
+                ref, ref_counts = _capped_by_sorting(tensors, lows, highs, count, score_fn)
+                for hint in (None, float(ref), float(ref) * 1.001, 3.0, 0.0):
+                    tau, counts, _ = th.capped_threshold(tensors, lows, highs, count, score_fn, hint=hint)
+                    assert torch.equal(tau, ref) and counts == ref_counts, (budget, lows, count, hint, tau, ref)
+
+
+def test_capped_threshold_one_pass_when_the_hint_holds(monkeypatch):
+    g = torch.Generator().manual_seed(4)
+    tensors = [torch.randn(300, 200, generator=g), torch.randn(5000, generator=g) * 3, torch.randn(90, generator=g)]
+    lows, highs, count = [0, 0, 10], [50000, 4000, 80], 50000
+    tau = th.capped_threshold(tensors, lows, highs, count)[0]
+    passes = {"n": 0}
+    chunks = th._Pool.layer_chunks
+
+    def spy(self, layers=None):
+        passes["n"] += 1
+        return chunks(self, layers)
+
+    monkeypatch.setattr(th._Pool, "layer_chunks", spy)
+    assert torch.equal(th.capped_threshold(tensors, lows, highs, count, hint=float(tau))[0], tau)
+    assert passes["n"] == 1
+    passes["n"] = 0
+    assert torch.equal(th.capped_threshold(tensors, lows, highs, count)[0], tau)
+    assert passes["n"] == 4  # radix: four 8-bit digits
+
+
+def test_capped_threshold_errors():
+    w = [torch.randn(10), torch.randn(5)]
+    with pytest.raises(ValueError, match=r"count=3 is outside \(sum\(lows\), sum\(highs\)\] = \(3, 15\]"):
+        th.capped_threshold(w, [3, 0], [10, 5], 3)
+    with pytest.raises(ValueError, match="layer 1 has bounds"):
+        th.capped_threshold(w, [0, 0], [10, 6], 4)
+    w[1][2] = math.inf
+    for hint in (None, 0.5):
+        with pytest.raises(ValueError, match=r"non-finite weight in the sparsity pool \(layer index 1"):
+            th.capped_threshold(w, [0, 0], [10, 5], 4, hint=hint)
+
+
+def test_capped_threshold_with_the_previously_held_layers(monkeypatch):
+    """Layers expected held are compared with a window around their own threshold in the same pass: those proven
+    held get count None and their own threshold (bitwise layer_quantiles'), every other result is the sort's; a
+    wrong expectation (a free layer, a wrong side, a far threshold) costs at most a pass, never exactness."""
+    g = torch.Generator().manual_seed(5)
+    tensors = [torch.randn(s, generator=g) * (1 + i) for i, s in enumerate([(64, 30), (4000,), (50, 20), (300,)])]
+    numels = [t.numel() for t in tensors]
+    lows, highs = [0, 1000, 100, 250], [int(0.8 * numels[0]), numels[1], 900, 300]
+    count = int(0.6 * sum(numels))
+    ref, ref_counts = _capped_by_sorting(tensors, lows, highs, count, th._abs_score)
+    held = {i: c > highs[i] for i, c in enumerate(ref_counts) if not lows[i] <= c <= highs[i]}
+    assert set(held.values()) == {True, False}  # the case holds layers at both bounds
+    bound = {i: highs[i] if at_max else lows[i] for i, at_max in held.items()}
+    quantile = {i: (k - 1 + 1 / 16) / (numels[i] - 1) for i, k in bound.items()}  # exactly k pruned
+    own_ref = {i: th.layer_quantiles([tensors[i]], [q])[0] for i, q in quantile.items()}
+    passes = {"n": 0}
+    chunks = th._Pool.layer_chunks
+
+    def spy(self, layers=None):
+        passes["n"] += 1
+        return chunks(self, layers)
+
+    monkeypatch.setattr(th._Pool, "layer_chunks", spy)
+    expected = {i: (quantile[i], float(own_ref[i]), at_max) for i, at_max in held.items()}
+    passes["n"] = 0
+    tau, counts, own = th.capped_threshold(tensors, lows, highs, count, hint=float(ref), held=expected)
+    assert passes["n"] == 1 and torch.equal(tau, ref)
+    assert set(own) == set(held) and all(torch.equal(own[i], own_ref[i]) for i in held)
+    assert [None if i in held else c for i, c in enumerate(ref_counts)] == counts
+    free = next(i for i in range(len(tensors)) if i not in held)
+    wrong = dict(expected)
+    wrong[free] = (0.5, 1e-3, True)  # a free layer expected held
+    first = next(iter(held))
+    wrong[first] = (expected[first][0], 100.0, expected[first][2])  # a threshold far off
+    tau, counts, own = th.capped_threshold(tensors, lows, highs, count, hint=float(ref), held=wrong)
+    assert torch.equal(tau, ref) and counts[free] == ref_counts[free] and counts[first] == ref_counts[first]
+    assert all(torch.equal(own[i], own_ref[i]) for i in own) and free not in own and first not in own

@@ -8,6 +8,7 @@ not depend on the weights, and st3 and st3sigma give the same figure; under glob
 --save-dir writes each model's CSR checkpoint (for tools/bench_inference.py --checkpoint ... --arch MODEL).
 
     python tools/bench_distributions.py --model resnet50 --sparsity 0.9
+    python tools/bench_distributions.py --model resnet50 --sparsity 0.9 --distributions global@0.95
 """
 
 from __future__ import annotations
@@ -27,7 +28,11 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--model", default="resnet50", help="a timm model name")
     parser.add_argument("--sparsity", type=float, default=0.9)
     parser.add_argument("--methods", default="st3,st3sigma")
-    parser.add_argument("--distributions", default="global,uniform,erk")
+    parser.add_argument(
+        "--distributions",
+        default="global,uniform,erk",
+        help="comma-separated; 'global@0.95' is the global distribution with max_layer_sparsity=0.95",
+    )
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--save-dir", default=None, help="write <model>-<method>-<distribution>.safetensors here")
     parser.add_argument("--json", default=None)
@@ -40,7 +45,9 @@ def main(argv=None) -> list[dict]:
     rows = []
     for method in args.methods.split(","):
         for distribution in args.distributions.split(","):
-            sparse = fxsparse.sparsify(model, method, args.sparsity, distribution=distribution)
+            name, _, cap = distribution.partition("@")  # global@0.95: with max_layer_sparsity=0.95
+            caps = {"max_layer_sparsity": float(cap)} if cap else {}
+            sparse = fxsparse.sparsify(model, method, args.sparsity, distribution=name, **caps)
             report = fxsparse.flops(sparse, x)
             rows.append(
                 {

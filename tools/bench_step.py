@@ -8,6 +8,7 @@ median over --repeats steps, and ratios are against dense. Also times sparsify()
 
     python tools/bench_step.py --model resnet50 --batch 16 --repeats 7
     python tools/bench_step.py --model resnet50 --batch 8 --repeats 5 --threads 1 --distributions erk --no-reference
+    python tools/bench_step.py --threads 1 --distributions uniform,erk --global-max-layer-sparsity 0.95 --no-reference
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ import fxsparse
 from fxsparse.threshold import reference_quantile
 
 
-def make_variants(model_name: str, sparsity: float, device: torch.device, distributions=(), reference=True) -> dict:
+def make_variants(
+    model_name: str, sparsity: float, device: torch.device, distributions=(), reference=True, global_max=None
+) -> dict:
     import timm
 
     torch.manual_seed(0)
@@ -36,6 +39,9 @@ def make_variants(model_name: str, sparsity: float, device: torch.device, distri
         variants[method] = fxsparse.sparsify(base, method, sparsity)
     for distribution in distributions:  # per-layer thresholds (issue 18)
         variants[f"st3sigma, {distribution}"] = fxsparse.sparsify(base, "st3sigma", sparsity, distribution=distribution)
+    if global_max is not None:  # the global distribution with a cap
+        capped = fxsparse.sparsify(base, "st3sigma", sparsity, max_layer_sparsity=global_max)
+        variants[f"st3sigma, global, max_layer_sparsity={global_max}"] = capped
     if not reference:
         return variants
     naive = fxsparse.sparsify(base, "st3sigma", sparsity)
@@ -95,6 +101,9 @@ def main(argv=None) -> dict:
     parser.add_argument(
         "--distributions", default="", help="also st3sigma under these layer-wise distributions, e.g. uniform,erk"
     )
+    parser.add_argument(
+        "--global-max-layer-sparsity", type=float, default=None, help="also st3sigma, global, with this cap"
+    )
     parser.add_argument("--no-reference", action="store_true", help="skip the sort-based tau variant")
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
@@ -104,7 +113,9 @@ def main(argv=None) -> dict:
 
     sparsify_seconds = time_sparsify(args.model, repeats=5)
     distributions = [d for d in args.distributions.split(",") if d]
-    variants = make_variants(args.model, args.sparsity, device, distributions, reference=not args.no_reference)
+    variants = make_variants(
+        args.model, args.sparsity, device, distributions, not args.no_reference, args.global_max_layer_sparsity
+    )
     optimizers = {
         name: torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-5)
         for name, model in variants.items()

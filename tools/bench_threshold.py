@@ -3,6 +3,8 @@
     python tools/bench_threshold.py                # resnet50 pool + a 102.5M-weight pool, CPU
     python tools/bench_threshold.py --quick        # tiny smoke run
     python tools/bench_threshold.py --device cuda
+    python tools/bench_threshold.py --distributions uniform,erk --global-max-layer-sparsity 0.95 --threads 1 \
+        --only-distributions                     # per-layer thresholds and caps (issue 18)
 
 Methods, all exact (the table says whether each value is torch.equal to sort-and-interpolate):
   sort-and-interpolate   fxsparse.threshold.reference_quantile (cat + sort, what the reference code does)
@@ -12,6 +14,12 @@ Methods, all exact (the table says whether each value is torch.equal to sort-and
   global_quantile warm   hint = tau of the pool one simulated training step earlier
   cold/warm, whole-layer score_fn   the same |w| from a score_fn not marked elementwise (as a
                          method's shape-dependent score is): a cold call makes one more pass
+--distributions adds, for the resnet50 pool, one exact threshold per layer (`layer_quantiles`, warm: hints = the
+previous step's thresholds) at each distribution's per-layer quantiles, next to the global warm call and to the
+same per-layer quantiles taken one layer at a time (a `global_quantile` call per layer, the algorithm before
+issue 18's second round); "identical" then compares with each layer's sort-and-interpolate. A second table times
+the whole threshold recompute of a sparsified resnet50 (st3sigma) per distribution, the global one with
+--global-max-layer-sparsity too, after the same simulated training step.
 Timings are medians over --repeats, the methods interleaved round-robin inside every repeat so that
 load from other processes on a shared machine hits them alike. Peak extra memory is measured, not
 estimated: on CPU, each method runs once in a fresh child process that loads the saved pool, resets
@@ -255,6 +263,102 @@ def bench_pool(label: str, pool, q: float, repeats: int, device: str, memory: bo
     return rows
 
 
+def layer_quantile_targets(pool, q: float, distribution: str) -> list[float]:
+    """Each layer's final quantile under ``distribution`` (fxsparse.distribution; tensors named l0, l1, ...)."""
+    from fxsparse.distribution import layer_targets
+
+    targets = layer_targets([f"l{i}" for i in range(len(pool))], [tuple(w.shape) for w in pool], q, distribution)
+    return list(targets.quantiles())
+
+
+def layer_by_layer(pool, qs, hints) -> torch.Tensor:
+    """The per-layer quantiles, one global_quantile call per layer (chunks sized for the whole pool)."""
+    budget = sum(w.numel() * w.element_size() for w in pool)
+    out = torch.zeros(len(pool))
+    for i, (w, q) in enumerate(zip(pool, qs)):
+        if q > 0:
+            out[i] = th._global_quantile([w], q, th._abs_score, None, hints[i], budget_bytes=budget)
+    return out
+
+
+def bench_distributions(label: str, pool, q: float, distributions: list[str], repeats: int, device: str) -> list:
+    """Global warm vs per-layer warm (one pass, and layer by layer), interleaved; medians."""
+    pool = [w.to(device) for w in pool]
+    qs = {d: layer_quantile_targets(pool, q, d) for d in distributions}
+    hint = float(th.global_quantile(pool, q))
+    hints = {d: th.layer_quantiles(pool, qs[d]).tolist() for d in distributions}
+    training_step_(pool, seed=1)
+    calls = {"global_quantile warm": lambda: th.global_quantile(pool, q, hint=hint)}
+    for d in distributions:
+        calls[f"layer_quantiles warm, {d}"] = lambda d=d: th.layer_quantiles(pool, qs[d], hints=hints[d])
+        calls[f"layer by layer warm, {d}"] = lambda d=d: layer_by_layer(pool, qs[d], hints[d])
+    names = list(calls)
+    times = {name: [] for name in names}
+    values = {}
+    for r in range(repeats):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            sync(device)
+            start = time.perf_counter()
+            values[name] = calls[name]()
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+    references = {"global_quantile warm": th.reference_quantile(pool, q)}
+    for d in distributions:
+        per_layer = [th.reference_quantile([w], x) if x > 0 else torch.tensor(0.0) for w, x in zip(pool, qs[d])]
+        references[f"layer_quantiles warm, {d}"] = references[f"layer by layer warm, {d}"] = torch.stack(per_layer)
+    base = statistics.median(times["global_quantile warm"])
+    rows = []
+    for name in names:
+        median = statistics.median(times[name])
+        same = torch.equal(values[name].cpu(), references[name].cpu())
+        rows.append([label if name == names[0] else "", name, f"{median * 1e3:.1f}", f"{min(times[name]) * 1e3:.1f}"])
+        rows[-1] += [f"{median / base:.2f}x", same]
+    return rows
+
+
+def bench_recompute(q: float, distributions: list[str], max_layer_sparsity: float | None, repeats: int) -> list:
+    """The whole threshold recompute of a sparsified timm resnet50 (st3sigma; GlobalThreshold.compute_tau with the
+    hints a training step leaves) under each distribution, after the same simulated training step; medians."""
+    import timm
+
+    import fxsparse
+
+    torch.manual_seed(0)
+    base = timm.create_model("resnet50")
+    specs = {"global": {}} | {d: {"distribution": d} for d in distributions}
+    if max_layer_sparsity is not None:
+        specs[f"global, max_layer_sparsity={max_layer_sparsity}"] = {"max_layer_sparsity": max_layer_sparsity}
+    variants = {}
+    for name, spec in specs.items():
+        model = fxsparse.sparsify(base, "st3sigma", q, **spec)
+        threshold = fxsparse.get_threshold(model)
+        weights = tuple(model.get_parameter(path) for path in threshold.pool_paths)
+        variants[name] = (threshold, weights)
+
+    def recompute(threshold, weights) -> float:
+        start = time.perf_counter()
+        threshold.thresholds().copy_(threshold.compute_tau(threshold.pool_values(weights)))
+        threshold._set_prunes()
+        return time.perf_counter() - start
+
+    for threshold, weights in variants.values():
+        recompute(threshold, weights)  # cold: the hints for the first timed (warm) call
+    names = list(variants)
+    times = {name: [] for name in names}
+    for r in range(repeats):
+        for name in names:
+            with torch.no_grad():
+                training_step_(list(variants[name][1]), seed=100 + r)
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            times[name].append(recompute(*variants[name]))
+    base_median = statistics.median(times["global"])
+    return [
+        [name, f"{statistics.median(times[name]) * 1e3:.1f}", f"{min(times[name]) * 1e3:.1f}"]
+        + [f"{statistics.median(times[name]) / base_median:.2f}x"]
+        for name in names
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per method (median reported)")
@@ -265,6 +369,17 @@ def main() -> None:
     )
     parser.add_argument("--quick", action="store_true", help="tiny pools, 2 repeats: a smoke run")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    parser.add_argument(
+        "--distributions", default="", help="also per-layer thresholds on the first pool, e.g. uniform,erk (issue 18)"
+    )
+    parser.add_argument("--threads", type=int, default=0, help="intra-op threads (0: torch's default)")
+    parser.add_argument(
+        "--global-max-layer-sparsity",
+        type=float,
+        default=None,
+        help="with --distributions: also the recompute of the global distribution with this cap",
+    )
+    parser.add_argument("--only-distributions", action="store_true", help="skip the global methods table")
     parser.add_argument("--_memory-child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._memory_child:
@@ -273,6 +388,8 @@ def main() -> None:
         return
     from tabulate import tabulate
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: CUDA is not available")
     load = os.getloadavg()
@@ -292,6 +409,19 @@ def main() -> None:
             ("timm resnet50", resnet50_pool()),
             (f"ViT-L-like, {args.blocks} blocks", transformer_pool(args.blocks, 1024)),
         ]
+    distributions = [d for d in args.distributions.split(",") if d]
+    if distributions:
+        label, pool = pools[0]
+        table = bench_distributions(label, pool, args.q, distributions, repeats, args.device)
+        headers = ["pool", "thresholds", "median ms", "min ms", "vs global warm", "identical"]
+        print(f"\nper-layer thresholds, q={args.q}, median of {repeats} interleaved repeats")
+        print(tabulate(table, headers=headers, tablefmt="github", disable_numparse=True))
+        table = bench_recompute(args.q, distributions, args.global_max_layer_sparsity, repeats)
+        print(f"\nthreshold recompute of timm resnet50 (st3sigma, warm), q={args.q}, median of {repeats}")
+        headers = ["distribution", "median ms", "min ms", "vs global"]
+        print(tabulate(table, headers=headers, tablefmt="github", disable_numparse=True))
+        if args.only_distributions:
+            return
     rows = []
     for label, pool in pools:
         rows += bench_pool(label, pool, args.q, repeats, args.device, not args.no_memory)

@@ -109,6 +109,9 @@ class SparsifyOptions:
         identity = {"method": self.method_name, "sparsity": float(self.sparsity)}
         if self.distribution != "global":  # older checkpoints, all global, have no such key
             identity["distribution"] = self.distribution
+        for key in ("min_layer_sparsity", "max_layer_sparsity"):  # recorded only when set, as the distribution
+            if getattr(self, key) is not None:
+                identity[key] = getattr(self, key)
         return identity
 
     def check_resumed(self, saved: dict[str, Any]) -> None:

@@ -79,8 +79,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         help="where the zeros go: global (one threshold), uniform, erk, or per-layer glob=sparsity pairs "
         f"'conv1.*=0.5,fc.*=0.8' with the rest sharing the budget (default {d.distribution})",
     )
-    g.add_argument("--min-layer-sparsity", type=float, default=S, help="lower bound per layer (not with global)")
-    g.add_argument("--max-layer-sparsity", type=float, default=S, help="upper bound per layer (not with global)")
+    g.add_argument("--min-layer-sparsity", type=float, default=S, help="lower bound on each layer's sparsity")
+    g.add_argument("--max-layer-sparsity", type=float, default=S, help="upper bound on each layer's sparsity")
     # -- end layer-wise distribution --
 
     g = parser.add_argument_group("data")

@@ -37,7 +37,7 @@ class TrainConfig:
     method: str = "st3sigma"  # st3, st3sigma, feather, gmp, ste, or "dense"
     sparsity: float = 0.9
     distribution: str = "global"  # global, uniform, erk, or "glob=sparsity,..." (fxsparse.distribution)
-    min_layer_sparsity: float | None = None  # per-layer bounds for a per-layer distribution
+    min_layer_sparsity: float | None = None  # bounds on each layer's sparsity (any distribution)
     max_layer_sparsity: float | None = None
     # data
     dataset: str = "fashion-mnist"  # fashion-mnist, cifar10, cifar100, imagefolder, synthetic
