@@ -98,6 +98,10 @@ CONVS = {  # name: (in, out, kernel, stride, padding (t, b, l, r), dilation, gro
     "7x7-stem": (3, 8, (7, 7), (2, 2), (3, 3, 3, 3), (1, 1), 1, (17, 15)),
     "asymmetric-same": (4, 5, (4, 4), (1, 1), (1, 2, 1, 2), (1, 1), 1, (9, 8)),
     "kernel-equals-input": (3, 4, (3, 3), (1, 1), (0, 0, 0, 0), (1, 1), 1, (3, 3)),
+    "1x1-padded-rows": (20, 12, (1, 1), (1, 1), (0, 0, 0, 0), (1, 1), 1, (7, 9)),  # rows of 63 floats, padded to 64
+    # enough input channels for several channel blocks (a block's slice of x fits in L1)
+    "3x3-channel-blocks": (100, 9, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1, (19, 21)),
+    "grouped-channel-blocks": (200, 6, (3, 3), (2, 1), (1, 0, 1, 1), (1, 1), 2, (15, 17)),
 }
 
 
