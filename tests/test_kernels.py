@@ -242,6 +242,39 @@ def test_accelerate_native_equals_folded_with_fused_epilogues(threads):
         assert rel_error(fast(x), model(x)) <= 1e-5
 
 
+class ConvThroughIdentities(nn.Module):
+    """conv - BN - Identity - ReLU, as timm's bottleneck (conv2, bn2, drop_block, act2): the ReLU is still fused."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.drop, self.act = (
+            nn.Conv2d(4, 6, 3, padding=1),
+            nn.BatchNorm2d(6),
+            nn.Identity(),
+            nn.ReLU(),
+        )
+
+    def forward(self, x):
+        return self.act(self.drop(self.bn(self.conv(x))))
+
+
+def test_relu_after_identities_is_fused_unless_an_identity_has_a_hook():
+    model = prune_(ConvThroughIdentities())
+    x = torch.randn(2, 4, 9, 8)
+    fast = fxsparse.accelerate(model, x, timer=native_only)
+    assert "fused epilogue" in fast.fxsparse_plan.layers[0].reason and "relu" not in str(fast.code)
+    with torch.no_grad():
+        assert rel_error(fast(x), model(x)) <= 1e-5
+    seen = []
+    model.drop.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    fast = fxsparse.accelerate(model, x, timer=native_only)
+    assert "fused epilogue" not in fast.fxsparse_plan.layers[0].reason
+    seen.clear()
+    with torch.no_grad():
+        assert rel_error(fast(x), model(x)) <= 1e-5
+    assert len(seen) == 2  # the accelerated model's call and the model's
+
+
 def test_accelerate_small_input_raises_like_folded_model():
     model = prune_(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3)))
     for path in ({"0": "direct+native", "2": "direct+native"}, {"0": "im2col+ebag", "2": "rows+ebag"}):

@@ -29,6 +29,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -617,7 +618,7 @@ at::Tensor conv2d(const at::Tensor& x, const at::Tensor& indices, const at::Tens
 // max pooling (NCHW, float32, dilation 1, floor mode): the max over the window's rows first (contiguous,
 // vectorised), then over its columns; NaN propagates as in torch
 // ---------------------------------------------------------------------------------------------------------
-inline float nan_max(float m, float v) { return (v > m || v != v) ? v : m; }  // v != v: NaN
+inline float nan_max(float m, float v) { return (v > m) | (v != v) ? v : m; }  // v != v: NaN; no branch
 
 at::Tensor max_pool2d(const at::Tensor& x_in, std::vector<int64_t> kernel_size, std::vector<int64_t> stride,
                       std::vector<int64_t> padding) {
@@ -632,24 +633,26 @@ at::Tensor max_pool2d(const at::Tensor& x_in, std::vector<int64_t> kernel_size, 
   at::Tensor out = at::empty({N, C, Ho, Wo}, x.options());
   const float* src = x.data_ptr<float>();
   float* dst = out.data_ptr<float>();
+  // the row maxima sit in `rows` between pw and kw entries of -inf, so every window reads kw entries (a window
+  // always holds one input column: pad <= kernel / 2, so -inf never wins over a real value, NaN included)
+  const int64_t width = (Wo - 1) * sw + kw;
   at::parallel_for(0, N * C, 4, [&](int64_t begin, int64_t end) {
-    std::vector<float> rows(W);
+    std::vector<float> buffer(std::max(width, pw + W), -std::numeric_limits<float>::infinity());
+    float* rows = buffer.data();
     for (int64_t plane = begin; plane < end; ++plane) {
       const float* in = src + plane * H * W;
       float* o = dst + plane * Ho * Wo;
       for (int64_t oh = 0; oh < Ho; ++oh) {
         const int64_t i0 = std::max<int64_t>(0, oh * sh - ph), i1 = std::min(H, oh * sh - ph + kh);
-        std::copy(in + i0 * W, in + i0 * W + W, rows.begin());
+        std::copy(in + i0 * W, in + i0 * W + W, rows + pw);
         for (int64_t i = i0 + 1; i < i1; ++i) {
           const float* r = in + i * W;
-          for (int64_t w = 0; w < W; ++w) rows[w] = nan_max(rows[w], r[w]);
+          for (int64_t w = 0; w < W; ++w) rows[pw + w] = nan_max(rows[pw + w], r[w]);
         }
-        for (int64_t ow = 0; ow < Wo; ++ow) {
-          const int64_t j0 = std::max<int64_t>(0, ow * sw - pw), j1 = std::min(W, ow * sw - pw + kw);
-          float m = rows[j0];
-          for (int64_t j = j0 + 1; j < j1; ++j) m = nan_max(m, rows[j]);
-          o[oh * Wo + ow] = m;
-        }
+        float* line = o + oh * Wo;
+        for (int64_t ow = 0; ow < Wo; ++ow) line[ow] = rows[ow * sw];
+        for (int64_t j = 1; j < kw; ++j)
+          for (int64_t ow = 0; ow < Wo; ++ow) line[ow] = nan_max(line[ow], rows[ow * sw + j]);
       }
     }
   });
