@@ -557,25 +557,27 @@ at::Tensor conv2d(const at::Tensor& x, const at::Tensor& indices, const at::Tens
   const float* val = weights.data_ptr<float>();
   const int64_t nnz = weights.numel(), taps = kh * kw, cg = C / groups, og = out_channels / groups;
 
-  // a 1x1 stride-1 unpadded conv reads each sample's (C, H*W) as it is, with its epilogue fused
-  if (kh == 1 && kw == 1 && sh == 1 && sw == 1 && pt == 0 && pb == 0 && pl == 0 && pr == 0 && x.is_contiguous() &&
-      (N == 1 || H * Wd >= 256) && C * (H * Wd + 15) < (int64_t(1) << 31)) {
-    // rows of a whole number of cache lines (16 floats): a load that straddles two lines costs two
-    const int64_t HW = H * Wd, ld = (HW + 15) / 16 * 16;
-    at::Tensor padded = x;
-    if (ld != HW) {
-      padded = at::empty({N, C, ld}, x.options());
-      padded.narrow(2, 0, HW).copy_(x.view({N, C, HW}));
-      padded.narrow(2, HW, ld - HW).zero_();
+  // a 1x1 unpadded conv reads each sample's (C, Ho*Wo) (a strided one: every sh-th row, sw-th column) as one row
+  // per channel, with its epilogue fused; the input is copied to rows of a whole number of cache lines (16
+  // floats: a load that straddles two lines costs two) unless it is so already
+  const int64_t HW = Ho * Wo;
+  if (kh == 1 && kw == 1 && pt == 0 && pb == 0 && pl == 0 && pr == 0 && (N == 1 || HW >= 256) &&
+      C * (HW + 15) < (int64_t(1) << 31)) {
+    const int64_t ld = (HW + 15) / 16 * 16;
+    at::Tensor rows = x;
+    if (ld != HW || sh != 1 || sw != 1 || !x.is_contiguous()) {
+      rows = at::empty({N, C, ld}, x.options());
+      rows.as_strided({N, C, Ho, Wo}, {C * ld, ld, Wo, 1}).copy_(x.slice(2, 0, H, sh).slice(3, 0, Wd, sw));
+      if (ld != HW) rows.narrow(2, HW, ld - HW).zero_();
     }
     std::vector<int32_t> off(nnz);
     for (int64_t m = 0; m < out_channels; ++m)
       for (int64_t e = rowptr[m]; e < rowptr[m + 1]; ++e) off[e] = static_cast<int32_t>((col[e] + (m / og) * cg) * ld);
-    Product<int32_t> job{padded.data_ptr<float>(), 1, rowptr, off.data(), val, HW, Epilogue{}};
+    Product<int32_t> job{rows.data_ptr<float>(), 1, rowptr, off.data(), val, HW, Epilogue{}};
     const int64_t image = out_channels * HW;
     for (int64_t n = 0; n < N; ++n) {
-      job.x = padded.data_ptr<float>() + n * C * ld;
-      job.epi = Epilogue{b, res ? res + n * image : nullptr, H * Wd, relu, out.data_ptr<float>() + n * image, H * Wd};
+      job.x = rows.data_ptr<float>() + n * C * ld;
+      job.epi = Epilogue{b, res ? res + n * image : nullptr, HW, relu, out.data_ptr<float>() + n * image, HW};
       run_product(job, out_channels);
     }
     return out;
