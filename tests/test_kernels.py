@@ -133,6 +133,24 @@ def test_native_conv_equals_conv2d(name, batch, isa):
             assert rel_error(torch.ops.fxsparse.native_conv2d(channels_last, *args, False), ref) <= 1e-5
 
 
+@pytest.mark.parametrize("kernel", [1, 3])
+def test_native_conv_offsets_kept_between_calls_follow_input_size_and_weight(kernel):
+    """The offsets the kernel keeps per weight (prepared()) are rebuilt for another input size, and for the same
+    index tensor changed in place."""
+    weight = sparse_weight((8, 5, kernel, kernel), 0.4)
+    col, crow, values = csr32(weight)
+    args = (crow, values, None, None, 8, 1, [kernel, kernel], [1, 1], [0, 0, 0, 0], [1, 1], False)
+    for shape in [(1, 5, 9, 9), (2, 5, 7, 6), (1, 5, 9, 9), (1, 5, 12, 5), (1, 5, 9, 9)]:
+        x = torch.randn(shape)
+        assert rel_error(torch.ops.fxsparse.native_conv2d(x, col, *args), F.conv2d(x, weight)) <= 1e-5, shape
+    flipped = weight.flip(1)  # the same nonzeros per row, at other columns
+    flipped_col, flipped_crow, flipped_values = csr32(flipped)
+    assert torch.equal(flipped_crow, crow) and not torch.equal(flipped_col, col)
+    col.copy_(flipped_col)
+    values.copy_(flipped_values)
+    assert rel_error(torch.ops.fxsparse.native_conv2d(x, col, *args), F.conv2d(x, flipped)) <= 1e-5
+
+
 def test_native_conv_input_smaller_than_kernel_raises_like_conv2d():
     weight = sparse_weight((4, 3, 3, 3), 0.5)
     x = torch.randn(1, 3, 2, 2)
