@@ -605,8 +605,7 @@ at::Tensor conv2d(const at::Tensor& x, const at::Tensor& indices, const at::Tens
   // per channel, with its epilogue fused; the input is copied to rows of a whole number of cache lines (16
   // floats: a load that straddles two lines costs two) unless it is so already
   const int64_t HW = Ho * Wo;
-  if (kh == 1 && kw == 1 && pt == 0 && pb == 0 && pl == 0 && pr == 0 && (N == 1 || HW >= 256) &&
-      C * (HW + 15) < (int64_t(1) << 31)) {
+  if (kh == 1 && kw == 1 && pt == 0 && pb == 0 && pl == 0 && pr == 0 && C * (HW + 15) < (int64_t(1) << 31)) {
     const int64_t ld = (HW + 15) / 16 * 16;
     at::Tensor rows = x;
     if (ld != HW || sh != 1 || sw != 1 || !x.is_contiguous()) {
@@ -627,6 +626,19 @@ at::Tensor conv2d(const at::Tensor& x, const at::Tensor& indices, const at::Tens
       run_product(job, out_channels);
     }
     return out;
+  }
+
+  // small outputs of a batch: one sample at a time (each sample's packed input stays in L2: 1.1-1.6x faster at
+  // batch 16 on ResNet-50's 14x14 and 7x7 layers than the batch folded into the columns; 28x28 and up: slower)
+  if (N > 1 && HW <= 256) {
+    std::vector<at::Tensor> samples;
+    for (int64_t n = 0; n < N; ++n) {
+      c10::optional<at::Tensor> sample_residual;
+      if (res) sample_residual = residual->slice(0, n, n + 1);
+      samples.push_back(conv2d(x.slice(0, n, n + 1), indices, offsets, weights, bias, sample_residual, out_channels,
+                               groups, kernel_size, stride, padding, dilation, relu));
+    }
+    return at::cat(samples, 0);
   }
 
   // phases (a, b) of the stride that some tap reads, each packed as [c][n][Hq][Wq]
