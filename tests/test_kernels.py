@@ -86,10 +86,13 @@ def csr32(weight):
 # ------------------------------------------------------------------------------------------------
 CONVS = {  # name: (in, out, kernel, stride, padding (t, b, l, r), dilation, groups, input (H, W))
     "1x1": (6, 10, (1, 1), (1, 1), (0, 0, 0, 0), (1, 1), 1, (7, 9)),
-    "1x1-large": (5, 7, (1, 1), (1, 1), (0, 0, 0, 0), (1, 1), 1, (17, 16)),  # the no-copy path (H W >= 256)
+    "1x1-large": (5, 7, (1, 1), (1, 1), (0, 0, 0, 0), (1, 1), 1, (17, 16)),  # no copy (rows of whole cache lines)
     "1x1-strided": (6, 10, (1, 1), (2, 2), (0, 0, 0, 0), (1, 1), 1, (9, 9)),
+    "1x1-strided-large": (5, 7, (1, 1), (2, 3), (0, 0, 0, 0), (1, 1), 1, (35, 50)),  # 18 x 17 outputs, any batch
+    "1x1-strided-grouped": (6, 9, (1, 1), (2, 2), (0, 0, 0, 0), (1, 1), 3, (10, 7)),
     "3x3": (6, 10, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1, (9, 8)),
     "3x3-strided": (6, 10, (3, 3), (2, 2), (1, 1, 1, 1), (1, 1), 1, (11, 10)),
+    "3x3-strided-large": (4, 5, (3, 3), (2, 2), (1, 1, 1, 1), (1, 1), 1, (40, 34)),  # > 256 outputs: batch folded
     "5x3-stride-2x1": (4, 5, (5, 3), (2, 1), (0, 0, 0, 0), (1, 1), 1, (12, 9)),
     "dilated": (6, 8, (3, 3), (1, 1), (2, 2, 2, 2), (2, 2), 1, (10, 10)),
     "dilated-strided": (3, 4, (3, 3), (2, 3), (1, 2, 0, 3), (2, 3), 1, (13, 14)),
@@ -98,6 +101,10 @@ CONVS = {  # name: (in, out, kernel, stride, padding (t, b, l, r), dilation, gro
     "7x7-stem": (3, 8, (7, 7), (2, 2), (3, 3, 3, 3), (1, 1), 1, (17, 15)),
     "asymmetric-same": (4, 5, (4, 4), (1, 1), (1, 2, 1, 2), (1, 1), 1, (9, 8)),
     "kernel-equals-input": (3, 4, (3, 3), (1, 1), (0, 0, 0, 0), (1, 1), 1, (3, 3)),
+    "1x1-padded-rows": (20, 12, (1, 1), (1, 1), (0, 0, 0, 0), (1, 1), 1, (7, 9)),  # rows of 63 floats, padded to 64
+    # enough input channels for several channel blocks (a block's slice of x fits in L1)
+    "3x3-channel-blocks": (100, 9, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1, (19, 21)),
+    "grouped-channel-blocks": (200, 6, (3, 3), (2, 1), (1, 0, 1, 1), (1, 1), 2, (15, 17)),
 }
 
 
@@ -125,6 +132,24 @@ def test_native_conv_equals_conv2d(name, batch, isa):
         if batch:
             channels_last = x.contiguous(memory_format=torch.channels_last)
             assert rel_error(torch.ops.fxsparse.native_conv2d(channels_last, *args, False), ref) <= 1e-5
+
+
+@pytest.mark.parametrize("kernel", [1, 3])
+def test_native_conv_offsets_kept_between_calls_follow_input_size_and_weight(kernel):
+    """The offsets the kernel keeps per weight (prepared()) are rebuilt for another input size, and for the same
+    index tensor changed in place."""
+    weight = sparse_weight((8, 5, kernel, kernel), 0.4)
+    col, crow, values = csr32(weight)
+    args = (crow, values, None, None, 8, 1, [kernel, kernel], [1, 1], [0, 0, 0, 0], [1, 1], False)
+    for shape in [(1, 5, 9, 9), (2, 5, 7, 6), (1, 5, 9, 9), (1, 5, 12, 5), (1, 5, 9, 9)]:
+        x = torch.randn(shape)
+        assert rel_error(torch.ops.fxsparse.native_conv2d(x, col, *args), F.conv2d(x, weight)) <= 1e-5, shape
+    flipped = weight.flip(1)  # the same nonzeros per row, at other columns
+    flipped_col, flipped_crow, flipped_values = csr32(flipped)
+    assert torch.equal(flipped_crow, crow) and not torch.equal(flipped_col, col)
+    col.copy_(flipped_col)
+    values.copy_(flipped_values)
+    assert rel_error(torch.ops.fxsparse.native_conv2d(x, col, *args), F.conv2d(x, flipped)) <= 1e-5
 
 
 def test_native_conv_input_smaller_than_kernel_raises_like_conv2d():
@@ -236,6 +261,39 @@ def test_accelerate_native_equals_folded_with_fused_epilogues(threads):
         assert empty.shape == model(torch.randn(0, 3, 10, 11)).shape == (0, 5)
         x = torch.randn(2, 3, 10, 11).contiguous(memory_format=torch.channels_last)
         assert rel_error(fast(x), model(x)) <= 1e-5
+
+
+class ConvThroughIdentities(nn.Module):
+    """conv - BN - Identity - ReLU, as timm's bottleneck (conv2, bn2, drop_block, act2): the ReLU is still fused."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.drop, self.act = (
+            nn.Conv2d(4, 6, 3, padding=1),
+            nn.BatchNorm2d(6),
+            nn.Identity(),
+            nn.ReLU(),
+        )
+
+    def forward(self, x):
+        return self.act(self.drop(self.bn(self.conv(x))))
+
+
+def test_relu_after_identities_is_fused_unless_an_identity_has_a_hook():
+    model = prune_(ConvThroughIdentities())
+    x = torch.randn(2, 4, 9, 8)
+    fast = fxsparse.accelerate(model, x, timer=native_only)
+    assert "fused epilogue" in fast.fxsparse_plan.layers[0].reason and "relu" not in str(fast.code)
+    with torch.no_grad():
+        assert rel_error(fast(x), model(x)) <= 1e-5
+    seen = []
+    model.drop.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    fast = fxsparse.accelerate(model, x, timer=native_only)
+    assert "fused epilogue" not in fast.fxsparse_plan.layers[0].reason
+    seen.clear()
+    with torch.no_grad():
+        assert rel_error(fast(x), model(x)) <= 1e-5
+    assert len(seen) == 2  # the accelerated model's call and the model's
 
 
 def test_accelerate_small_input_raises_like_folded_model():

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import operator
 from collections import Counter
+from collections.abc import Collection
 
 import torch
 import torch.fx as fx
@@ -62,13 +63,27 @@ def _only_user(node: fx.Node) -> fx.Node | None:
     return next(iter(node.users)) if len(node.users) == 1 else None
 
 
-def fuse_epilogues_(model: nn.Module) -> tuple[nn.Module, list[str]]:
-    """(the model with ReLUs and residual adds fused into its compiled-kernel layers, the fused layers' names)."""
+def _skip_identities_(graph_module: fx.GraphModule, keep: Collection[str]) -> None:
+    """Bypass the graph's calls of plain nn.Identity modules (a folded BatchNorm, timm's unused drop_block / aa),
+    except those named in ``keep`` (they get forward hooks), so that a ReLU after them is the layer's user."""
+    for node in list(graph_module.graph.nodes):
+        if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
+            continue
+        module = graph_module.get_submodule(node.target)
+        if type(module) is nn.Identity and node.target not in keep:
+            node.replace_all_uses_with(node.args[0])
+            graph_module.graph.erase_node(node)
+
+
+def fuse_epilogues_(model: nn.Module, keep: Collection[str] = ()) -> tuple[nn.Module, list[str]]:
+    """(the model with ReLUs and residual adds fused into its compiled-kernel layers, the fused layers' names);
+    the modules named in ``keep`` stay called (their forward hooks fire)."""
     if not any(isinstance(m, (SparseConv2d, SparseLinear)) and m.kernel == ops.NATIVE for m in model.modules()):
         return model, []
     graph_module = accelerated_graph(model)
     if graph_module is None:
         return model, []
+    _skip_identities_(graph_module, keep)
     graph = graph_module.graph
     calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
     fused = []

@@ -29,6 +29,11 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <functional>
+#include <limits>
+#include <memory>
+#include <mutex>
+#include <unordered_map>
 #include <string>
 #include <vector>
 
@@ -83,7 +88,80 @@ struct Product {
   const float* val;
   int64_t P;  // columns
   Epilogue epi;
+  // channel blocks: row m's nonzeros of block b are [seg[m * (blocks + 1) + b], seg[m * (blocks + 1) + b + 1])
+  const int32_t* seg = nullptr;
+  int64_t blocks = 1;
 };
+
+// What a conv computes from its weight's CSR and its input's geometry before the product: each nonzero's offset
+// into the packed input, and the channel blocks (below). Kept between calls (prepared()).
+struct Prepared {
+  std::vector<int32_t> off;
+  std::vector<int32_t> seg;  // empty: one block
+  int64_t blocks = 1;
+};
+
+// Split the rows of a product into blocks of input channels, so that the slice of x that one column tile reads
+// in a block fits in L1 (x holds `floats_per_channel` floats per channel for a tile; a weight column c reads
+// channel c / taps). The vector code sweeps a tile's rows once per block (spmm_simd.h); `seg` keeps the split.
+// Used for direct kh x kw convs (each channel read by kh kw taps: 1.1-1.8x on ResNet-50's 3x3 layers); linears
+// and 1x1 convs measured 1.2-1.7x slower with it (too few nonzeros per row and block for the partial sums).
+template <typename Index>
+void split_by_channel_blocks(const int32_t* rowptr, const Index* col, int64_t M, int64_t channels, int64_t taps,
+                             int64_t floats_per_channel, Prepared& prepared) {
+  constexpr int64_t L1_SLICE = 32 * 1024 / sizeof(float);  // of the 48 KiB L1d: the rest for weights and sums
+  const int64_t per_block_max = std::max<int64_t>(1, L1_SLICE / std::max<int64_t>(1, floats_per_channel));
+  const int64_t blocks = (channels + per_block_max - 1) / per_block_max;
+  if (blocks <= 1) return;
+  const int64_t block_columns = (channels + blocks - 1) / blocks * taps;
+  prepared.seg.resize(M * (blocks + 1));
+  for (int64_t m = 0; m < M; ++m) {
+    int32_t* row = prepared.seg.data() + m * (blocks + 1);
+    int64_t e = rowptr[m];
+    const int64_t end = rowptr[m + 1];
+    for (int64_t b = 0; b < blocks; ++b) {  // entries sorted by column: each block a run (any order stays exact)
+      row[b] = static_cast<int32_t>(e);
+      while (e < end && col[e] < (b + 1) * block_columns) ++e;
+    }
+    row[blocks] = static_cast<int32_t>(end);
+  }
+  prepared.blocks = blocks;
+}
+
+// The Prepared of a conv weight (its CSR column indices, `indices`) for an input geometry (`key`), built by
+// build(Prepared&) on the first call and kept while `indices` lives (unchanged: same version) and the geometry
+// stays: the O(nonzeros) offsets cost 10-20% of ResNet-50's time when computed per call. Memory: 4 bytes a
+// nonzero (plus the blocks), the size of the weight's indices.
+std::shared_ptr<const Prepared> prepared(const at::Tensor& indices, std::vector<int64_t> key,
+                                         const std::function<void(Prepared&)>& build) {
+  struct Entry {
+    c10::weak_intrusive_ptr<c10::TensorImpl> owner;
+    int64_t version;
+    std::vector<int64_t> key;
+    std::shared_ptr<const Prepared> value;
+  };
+  static std::mutex mutex;
+  static std::unordered_map<const c10::TensorImpl*, Entry> cache;
+  const c10::TensorImpl* impl = indices.unsafeGetTensorImpl();
+  const int64_t version = static_cast<int64_t>(indices._version());
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    auto it = cache.find(impl);  // a live owner keeps its address: the entry is this tensor's
+    if (it != cache.end() && !it->second.owner.expired() && it->second.version == version && it->second.key == key)
+      return it->second.value;
+  }
+  auto value = std::make_shared<Prepared>();
+  build(*value);
+  std::lock_guard<std::mutex> lock(mutex);
+  if (cache.size() >= 256)  // forget the entries of weights that are gone
+    for (auto it = cache.begin(); it != cache.end();) it = it->second.owner.expired() ? cache.erase(it) : std::next(it);
+  cache.erase(impl);
+  cache.emplace(impl, Entry{c10::weak_intrusive_ptr<c10::TensorImpl>(indices.getIntrusivePtr()), version,
+                            std::move(key), value});
+  return value;
+}
+
+constexpr int64_t TILE_COLUMNS = 128;  // the widest tile of the vector code (8 AVX-512 registers)
 
 template <typename Index>
 struct Gathered {
@@ -230,6 +308,26 @@ struct V {
   }
 };
 #include "spmm_simd.h"
+
+// dst[j * ldd + i] = src[i * lds + j] for i, j < 8: unpack pairs of rows, shuffle pairs of pairs, swap halves
+inline void transpose8x8(const float* src, int64_t lds, float* dst, int64_t ldd) {
+  __m256 r[8], t[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * lds);
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    r[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int i = 0; i < 4; ++i) {
+    _mm256_storeu_ps(dst + i * ldd, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
+    _mm256_storeu_ps(dst + (i + 4) * ldd, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
+  }
+}
 }  // namespace avx2
 #pragma GCC pop_options
 #endif  // FXSPARSE_X86
@@ -346,6 +444,36 @@ const float* optional_data(const c10::optional<at::Tensor>& t, int64_t numel, co
   return t->data_ptr<float>();
 }
 
+// dst[c * rows + r] = src[r * cols + c]: (rows, cols) to (cols, rows), in 32 x 32 blocks (4 KiB read, 4 KiB
+// written: both stay in L1) of 8 x 8 register transposes on AVX2 / AVX-512, the blocks shared among threads.
+// torch's strided copy of a transposed (128, 768) float tensor took about 95 us here, and a linear on many
+// tokens needs two.
+void transpose(const float* src, int64_t rows, int64_t cols, float* dst) {
+  constexpr int64_t B = 32;
+  const int64_t row_blocks = (rows + B - 1) / B, col_blocks = (cols + B - 1) / B;
+#ifdef FXSPARSE_X86
+  const bool vector = current_isa() != Isa::portable;
+#else
+  const bool vector = false;
+#endif
+  at::parallel_for(0, row_blocks * col_blocks, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t block = begin; block < end; ++block) {
+      const int64_t r0 = block / col_blocks * B, c0 = block % col_blocks * B;
+      const int64_t r1 = std::min(rows, r0 + B), c1 = std::min(cols, c0 + B);
+      int64_t r8 = r0, c8 = c0;  // [r0, r8) x [c0, c8): whole 8 x 8 tiles
+#ifdef FXSPARSE_X86
+      if (vector) {
+        r8 = r0 + (r1 - r0) / 8 * 8, c8 = c0 + (c1 - c0) / 8 * 8;
+        for (int64_t r = r0; r < r8; r += 8)
+          for (int64_t c = c0; c < c8; c += 8) avx2::transpose8x8(src + r * cols + c, cols, dst + c * rows + r, rows);
+      }
+#endif
+      for (int64_t c = c0; c < c1; ++c)  // the rest, one float at a time
+        for (int64_t r = (c < c8 ? r8 : r0); r < r1; ++r) dst[c * rows + r] = src[r * cols + c];
+    }
+  });
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // linear
 // ---------------------------------------------------------------------------------------------------------
@@ -360,8 +488,9 @@ void linear_impl(const float* x, int64_t T, int64_t in, bool features_first_in, 
     at::Tensor rows;  // (T, in)
     const float* xr = x;
     if (features_first_in && T > 1) {
-      rows = torch::from_blob(const_cast<float*>(x), {in, T}, at::kFloat).t().contiguous();
+      rows = at::empty({T, in}, at::kFloat);
       xr = rows.data_ptr<float>();
+      transpose(x, in, T, rows.data_ptr<float>());
     }
     Gathered<Index> job{xr, in, T, rowptr, col, val, bias, relu, out,
                         features_first_out ? 1 : M, features_first_out ? T : 1};
@@ -371,8 +500,9 @@ void linear_impl(const float* x, int64_t T, int64_t in, bool features_first_in, 
   at::Tensor table;  // (in, T)
   const float* xt = x;
   if (!features_first_in) {
-    table = torch::from_blob(const_cast<float*>(x), {T, in}, at::kFloat).t().contiguous();
+    table = at::empty({in, T}, at::kFloat);
     xt = table.data_ptr<float>();
+    transpose(x, T, in, table.data_ptr<float>());
   }
   at::Tensor product;  // (M, T)
   float* target = out;
@@ -382,7 +512,7 @@ void linear_impl(const float* x, int64_t T, int64_t in, bool features_first_in, 
   }
   Product<Index> job{xt, T, rowptr, col, val, T, Epilogue{bias, nullptr, 0, relu, target, T}};
   run_product(job, M);
-  if (!features_first_out) torch::from_blob(out, {T, M}, at::kFloat).copy_(product.t());
+  if (!features_first_out) transpose(target, M, T, out);
 }
 
 // y = x W^T + b (optionally ReLU). x is (..., in), or (in, ...) when features_first_in; the result is
@@ -471,20 +601,44 @@ at::Tensor conv2d(const at::Tensor& x, const at::Tensor& indices, const at::Tens
   const float* val = weights.data_ptr<float>();
   const int64_t nnz = weights.numel(), taps = kh * kw, cg = C / groups, og = out_channels / groups;
 
-  // a 1x1 stride-1 unpadded conv reads each sample's (C, H*W) as it is, with its epilogue fused
-  if (kh == 1 && kw == 1 && sh == 1 && sw == 1 && pt == 0 && pb == 0 && pl == 0 && pr == 0 && x.is_contiguous() &&
-      (N == 1 || H * Wd >= 256) && C * H * Wd < (int64_t(1) << 31)) {
-    std::vector<int32_t> off(nnz);
-    for (int64_t m = 0; m < out_channels; ++m)
-      for (int64_t e = rowptr[m]; e < rowptr[m + 1]; ++e)
-        off[e] = static_cast<int32_t>((col[e] + (m / og) * cg) * H * Wd);
+  // a 1x1 unpadded conv reads each sample's (C, Ho*Wo) (a strided one: every sh-th row, sw-th column) as one row
+  // per channel, with its epilogue fused; the input is copied to rows of a whole number of cache lines (16
+  // floats: a load that straddles two lines costs two) unless it is so already
+  const int64_t HW = Ho * Wo;
+  if (kh == 1 && kw == 1 && pt == 0 && pb == 0 && pl == 0 && pr == 0 && C * (HW + 15) < (int64_t(1) << 31)) {
+    const int64_t ld = (HW + 15) / 16 * 16;
+    at::Tensor rows = x;
+    if (ld != HW || sh != 1 || sw != 1 || !x.is_contiguous()) {
+      rows = at::empty({N, C, ld}, x.options());
+      rows.as_strided({N, C, Ho, Wo}, {C * ld, ld, Wo, 1}).copy_(x.slice(2, 0, H, sh).slice(3, 0, Wd, sw));
+      if (ld != HW) rows.narrow(2, HW, ld - HW).zero_();
+    }
+    const auto ready = prepared(indices, {1, ld, cg, og}, [&](Prepared& p) {
+      p.off.resize(nnz);
+      for (int64_t m = 0; m < out_channels; ++m)
+        for (int64_t e = rowptr[m]; e < rowptr[m + 1]; ++e) p.off[e] = static_cast<int32_t>((col[e] + (m / og) * cg) * ld);
+    });
+    Product<int32_t> job{rows.data_ptr<float>(), 1, rowptr, ready->off.data(), val, HW, Epilogue{}};
+    const int64_t image = out_channels * HW;
     for (int64_t n = 0; n < N; ++n) {
-      const int64_t image = out_channels * H * Wd;
-      Epilogue epi{b, res ? res + n * image : nullptr, H * Wd, relu, out.data_ptr<float>() + n * image, H * Wd};
-      Product<int32_t> job{x.data_ptr<float>() + n * C * H * Wd, 1, rowptr, off.data(), val, H * Wd, epi};
+      job.x = rows.data_ptr<float>() + n * C * ld;
+      job.epi = Epilogue{b, res ? res + n * image : nullptr, HW, relu, out.data_ptr<float>() + n * image, HW};
       run_product(job, out_channels);
     }
     return out;
+  }
+
+  // small outputs of a batch: one sample at a time (each sample's packed input stays in L2: 1.1-1.6x faster at
+  // batch 16 on ResNet-50's 14x14 and 7x7 layers than the batch folded into the columns; 28x28 and up: slower)
+  if (N > 1 && HW <= 256) {
+    std::vector<at::Tensor> samples;
+    for (int64_t n = 0; n < N; ++n) {
+      c10::optional<at::Tensor> sample_residual;
+      if (res) sample_residual = residual->slice(0, n, n + 1);
+      samples.push_back(conv2d(x.slice(0, n, n + 1), indices, offsets, weights, bias, sample_residual, out_channels,
+                               groups, kernel_size, stride, padding, dilation, relu));
+    }
+    return at::cat(samples, 0);
   }
 
   // phases (a, b) of the stride that some tap reads, each packed as [c][n][Hq][Wq]
@@ -545,28 +699,33 @@ at::Tensor conv2d(const at::Tensor& x, const at::Tensor& indices, const at::Tens
         }
     }
   });
-  std::vector<int32_t> tap_offset(taps);
-  for (int64_t i = 0; i < kh; ++i)
-    for (int64_t j = 0; j < kw; ++j)
-      tap_offset[i * kw + j] = static_cast<int32_t>(slot[((i * dh) % sh) * sw + (j * dw) % sw] * phase_size +
-                                                    ((i * dh) / sh) * Wq + (j * dw) / sw);
-  std::vector<int32_t> off(nnz);
-  for (int64_t m = 0; m < out_channels; ++m) {
-    const int64_t first_channel = (m / og) * cg;
-    for (int64_t e = rowptr[m]; e < rowptr[m + 1]; ++e)
-      off[e] = static_cast<int32_t>((col[e] / taps + first_channel) * plane + tap_offset[col[e] % taps]);
-  }
   // the wide output p = (n*Hq + oh)*Wq + ow: stored as it is when it is NCHW (one sample, no extra columns),
   // else each tile row segment by row segment (store_wide)
   const int64_t P = ((N - 1) * Hq + Ho - 1) * Wq + Wo;
-  if (N == 1 && Wq == Wo) {
-    Epilogue epi{b, res, Ho * Wo, relu, out.data_ptr<float>(), Ho * Wo};
-    run_product(Product<int32_t>{xp, 1, rowptr, off.data(), val, P, epi}, out_channels);
-    return out;
-  }
-  Epilogue epi{b, res, 0, relu, out.data_ptr<float>(), 0};
-  epi.Wq = Wq, epi.Hq = Hq, epi.Ho = Ho, epi.Wo = Wo, epi.M = out_channels;
-  run_product(Product<int32_t>{xp, 1, rowptr, off.data(), val, P, epi}, out_channels);
+  const auto ready = prepared(indices, {2, N, C, H, Wd, kh, kw, sh, sw, pt, pb, pl, pr, dh, dw, groups}, [&](Prepared& p) {
+    // the offset of each weight column (c, i, j) of a group, looked up per nonzero (no division per nonzero)
+    std::vector<int32_t> column_offset(cg * taps);
+    for (int64_t i = 0; i < kh; ++i)
+      for (int64_t j = 0; j < kw; ++j) {
+        const int64_t tap = slot[((i * dh) % sh) * sw + (j * dw) % sw] * phase_size + ((i * dh) / sh) * Wq + (j * dw) / sw;
+        for (int64_t c = 0; c < cg; ++c) column_offset[c * taps + i * kw + j] = static_cast<int32_t>(c * plane + tap);
+      }
+    p.off.resize(nnz);
+    for (int64_t m = 0; m < out_channels; ++m) {
+      const int32_t group_offset = static_cast<int32_t>((m / og) * cg * plane);
+      for (int64_t e = rowptr[m]; e < rowptr[m + 1]; ++e) p.off[e] = column_offset[col[e]] + group_offset;
+    }
+    // a tile's slice of one channel: in each phase, the tile's columns and the rows and columns its taps reach
+    const int64_t reach = ((kh - 1) * dh / sh) * Wq + (kw - 1) * dw / sw;
+    if (taps > 1)
+      split_by_channel_blocks(rowptr, col, out_channels, cg, taps, nphases * (std::min(P, TILE_COLUMNS) + reach), p);
+  });
+  Epilogue epi{b, res, Ho * Wo, relu, out.data_ptr<float>(), Ho * Wo};
+  if (N > 1 || Wq != Wo) epi.Wq = Wq, epi.Hq = Hq, epi.Ho = Ho, epi.Wo = Wo, epi.M = out_channels;
+  Product<int32_t> job{xp, 1, rowptr, ready->off.data(), val, P, epi};
+  job.seg = ready->seg.empty() ? nullptr : ready->seg.data();
+  job.blocks = ready->blocks;
+  run_product(job, out_channels);
   return out;
 }
 
@@ -574,7 +733,7 @@ at::Tensor conv2d(const at::Tensor& x, const at::Tensor& indices, const at::Tens
 // max pooling (NCHW, float32, dilation 1, floor mode): the max over the window's rows first (contiguous,
 // vectorised), then over its columns; NaN propagates as in torch
 // ---------------------------------------------------------------------------------------------------------
-inline float nan_max(float m, float v) { return (v > m || v != v) ? v : m; }  // v != v: NaN
+inline float nan_max(float m, float v) { return (v > m) | (v != v) ? v : m; }  // v != v: NaN; no branch
 
 at::Tensor max_pool2d(const at::Tensor& x_in, std::vector<int64_t> kernel_size, std::vector<int64_t> stride,
                       std::vector<int64_t> padding) {
@@ -589,24 +748,26 @@ at::Tensor max_pool2d(const at::Tensor& x_in, std::vector<int64_t> kernel_size, 
   at::Tensor out = at::empty({N, C, Ho, Wo}, x.options());
   const float* src = x.data_ptr<float>();
   float* dst = out.data_ptr<float>();
+  // the row maxima sit in `rows` between pw and kw entries of -inf, so every window reads kw entries (a window
+  // always holds one input column: pad <= kernel / 2, so -inf never wins over a real value, NaN included)
+  const int64_t width = (Wo - 1) * sw + kw;
   at::parallel_for(0, N * C, 4, [&](int64_t begin, int64_t end) {
-    std::vector<float> rows(W);
+    std::vector<float> buffer(std::max(width, pw + W), -std::numeric_limits<float>::infinity());
+    float* rows = buffer.data();
     for (int64_t plane = begin; plane < end; ++plane) {
       const float* in = src + plane * H * W;
       float* o = dst + plane * Ho * Wo;
       for (int64_t oh = 0; oh < Ho; ++oh) {
         const int64_t i0 = std::max<int64_t>(0, oh * sh - ph), i1 = std::min(H, oh * sh - ph + kh);
-        std::copy(in + i0 * W, in + i0 * W + W, rows.begin());
+        std::copy(in + i0 * W, in + i0 * W + W, rows + pw);
         for (int64_t i = i0 + 1; i < i1; ++i) {
           const float* r = in + i * W;
-          for (int64_t w = 0; w < W; ++w) rows[w] = nan_max(rows[w], r[w]);
+          for (int64_t w = 0; w < W; ++w) rows[pw + w] = nan_max(rows[pw + w], r[w]);
         }
-        for (int64_t ow = 0; ow < Wo; ++ow) {
-          const int64_t j0 = std::max<int64_t>(0, ow * sw - pw), j1 = std::min(W, ow * sw - pw + kw);
-          float m = rows[j0];
-          for (int64_t j = j0 + 1; j < j1; ++j) m = nan_max(m, rows[j]);
-          o[oh * Wo + ow] = m;
-        }
+        float* line = o + oh * Wo;
+        for (int64_t ow = 0; ow < Wo; ++ow) line[ow] = rows[ow * sw];
+        for (int64_t j = 1; j < kw; ++j)
+          for (int64_t ow = 0; ow < Wo; ++ow) line[ow] = nan_max(line[ow], rows[ow * sw + j]);
       }
     }
   });

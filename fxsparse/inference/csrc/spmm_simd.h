@@ -6,56 +6,76 @@
 // read nothing and are 0), fma(a, b, c) = a*b + c, add, max0, store(p, v), store_tail(p, v, m), and for the
 // gathered product: gather(base, idx16/idx32, n) and reduce(v).
 
+// The end of row m's tile: bias included in a, add the residual, ReLU, store (NCHW through store_wide for a
+// direct conv's wide columns).
+template <int NV>
+static inline void epilogue(const Epilogue& epi, int64_t m, int64_t p0, int64_t n, typename V::mask last,
+                            typename V::reg* a) {
+  if (epi.Wq) {  // a direct conv's wide columns: through a buffer, row segment by row segment
+    alignas(64) float tile[NV * V::W];
+    for (int v = 0; v < NV; ++v) V::store(tile + v * V::W, a[v]);
+    store_wide(epi, m, p0, n, tile);
+    return;
+  }
+  if (epi.residual) {
+    const float* r = epi.residual + m * epi.ldr + p0;
+    for (int v = 0; v < NV - 1; ++v) a[v] = V::add(a[v], V::load(r + v * V::W));
+    a[NV - 1] = V::add(a[NV - 1], V::load_tail(r + (NV - 1) * V::W, last));
+  }
+  if (epi.relu)
+    for (int v = 0; v < NV; ++v) a[v] = V::max0(a[v]);
+  float* o = epi.out + m * epi.ldo + p0;
+  for (int v = 0; v < NV - 1; ++v) V::store(o + v * V::W, a[v]);
+  V::store_tail(o + (NV - 1) * V::W, a[NV - 1], last);
+}
+
 // Rows [m0, m1) of out for the tile of columns [p0, p0 + n), NV registers wide (n > (NV-1) W):
 //   out[m, p] = epilogue(bias[m] + sum_{e in row m} val[e] * x[col[e] * ld + p]).
-// Two accumulator sets (even / odd nonzeros), so that more FMAs are in flight than one set allows.
-template <int NV, typename Index>
-static void spmm_tile(const Product<Index>& job, int64_t m0, int64_t m1, int64_t p0, int64_t n) {
-    const typename V::mask last = V::tail(n - (NV - 1) * V::W);
+// S accumulator sets (nonzero e goes to set e % S), so that more FMAs are in flight than one set allows (4 sets
+// measured no faster than 2, even 4 registers wide).
+// With channel blocks (job.blocks > 1), the rows are swept once per block of input channels, so that the slice
+// of x the tile reads in a block stays in L1; the sums between blocks wait in `partial` ((m1 - m0) x NV W).
+template <int NV, typename Index, int S = 2>
+static void spmm_tile(const Product<Index>& job, int64_t m0, int64_t m1, int64_t p0, int64_t n, float* partial) {
+  const typename V::mask last = V::tail(n - (NV - 1) * V::W);
   const float* x = job.x + p0;
-  for (int64_t m = m0; m < m1; ++m) {
-    typename V::reg a[NV], b[NV];
-    const float start = job.epi.bias ? job.epi.bias[m] : 0.0f;
-    for (int v = 0; v < NV; ++v) {
-      a[v] = V::set1(start);
-      b[v] = V::zero();
-    }
-    int64_t e = job.rowptr[m];
-    const int64_t end = job.rowptr[m + 1];
-    for (; e + 1 < end; e += 2) {
-        const float* s0 = x + static_cast<int64_t>(job.col[e]) * job.ld;
-        const float* s1 = x + static_cast<int64_t>(job.col[e + 1]) * job.ld;
-        const typename V::reg w0 = V::set1(job.val[e]), w1 = V::set1(job.val[e + 1]);
-        for (int v = 0; v < NV - 1; ++v) {
-          a[v] = V::fma(w0, V::load(s0 + v * V::W), a[v]);
-          b[v] = V::fma(w1, V::load(s1 + v * V::W), b[v]);
+  for (int64_t block = 0; block < job.blocks; ++block) {
+    const bool first = block == 0, final = block == job.blocks - 1;
+    for (int64_t m = m0; m < m1; ++m) {
+      typename V::reg a[S][NV];
+      float* kept = partial + (m - m0) * NV * V::W;
+      if (first) {
+        const float start = job.epi.bias ? job.epi.bias[m] : 0.0f;
+        for (int v = 0; v < NV; ++v) a[0][v] = V::set1(start);
+      } else {
+        for (int v = 0; v < NV; ++v) a[0][v] = V::load(kept + v * V::W);
+      }
+      for (int k = 1; k < S; ++k)
+        for (int v = 0; v < NV; ++v) a[k][v] = V::zero();
+      int64_t e = job.seg ? job.seg[m * (job.blocks + 1) + block] : job.rowptr[m];
+      const int64_t end = job.seg ? job.seg[m * (job.blocks + 1) + block + 1] : job.rowptr[m + 1];
+      for (; e + S <= end; e += S) {
+        for (int k = 0; k < S; ++k) {
+          const float* src = x + static_cast<int64_t>(job.col[e + k]) * job.ld;
+          const typename V::reg w = V::set1(job.val[e + k]);
+          for (int v = 0; v < NV - 1; ++v) a[k][v] = V::fma(w, V::load(src + v * V::W), a[k][v]);
+          a[k][NV - 1] = V::fma(w, V::load_tail(src + (NV - 1) * V::W, last), a[k][NV - 1]);
         }
-        a[NV - 1] = V::fma(w0, V::load_tail(s0 + (NV - 1) * V::W, last), a[NV - 1]);
-        b[NV - 1] = V::fma(w1, V::load_tail(s1 + (NV - 1) * V::W, last), b[NV - 1]);
+      }
+      for (; e < end; ++e) {
+        const float* src = x + static_cast<int64_t>(job.col[e]) * job.ld;
+        const typename V::reg w = V::set1(job.val[e]);
+        for (int v = 0; v < NV - 1; ++v) a[0][v] = V::fma(w, V::load(src + v * V::W), a[0][v]);
+        a[0][NV - 1] = V::fma(w, V::load_tail(src + (NV - 1) * V::W, last), a[0][NV - 1]);
+      }
+      for (int k = 1; k < S; ++k)
+        for (int v = 0; v < NV; ++v) a[0][v] = V::add(a[0][v], a[k][v]);
+      if (!final) {
+        for (int v = 0; v < NV; ++v) V::store(kept + v * V::W, a[0][v]);
+        continue;
+      }
+      epilogue<NV>(job.epi, m, p0, n, last, a[0]);
     }
-    for (; e < end; ++e) {
-      const float* s0 = x + static_cast<int64_t>(job.col[e]) * job.ld;
-      const typename V::reg w0 = V::set1(job.val[e]);
-      for (int v = 0; v < NV - 1; ++v) a[v] = V::fma(w0, V::load(s0 + v * V::W), a[v]);
-      a[NV - 1] = V::fma(w0, V::load_tail(s0 + (NV - 1) * V::W, last), a[NV - 1]);
-    }
-    for (int v = 0; v < NV; ++v) a[v] = V::add(a[v], b[v]);
-    if (job.epi.Wq) {  // a direct conv's wide columns: through a buffer, row segment by row segment
-      alignas(64) float tile[NV * V::W];
-      for (int v = 0; v < NV; ++v) V::store(tile + v * V::W, a[v]);
-      store_wide(job.epi, m, p0, n, tile);
-      continue;
-    }
-    if (job.epi.residual) {
-      const float* r = job.epi.residual + m * job.epi.ldr + p0;
-      for (int v = 0; v < NV - 1; ++v) a[v] = V::add(a[v], V::load(r + v * V::W));
-      a[NV - 1] = V::add(a[NV - 1], V::load_tail(r + (NV - 1) * V::W, last));
-    }
-    if (job.epi.relu)
-      for (int v = 0; v < NV; ++v) a[v] = V::max0(a[v]);
-    float* o = job.epi.out + m * job.epi.ldo + p0;
-    for (int v = 0; v < NV - 1; ++v) V::store(o + v * V::W, a[v]);
-    V::store_tail(o + (NV - 1) * V::W, a[NV - 1], last);
   }
 }
 
@@ -64,17 +84,19 @@ static void spmm_tile(const Product<Index>& job, int64_t m0, int64_t m1, int64_t
 template <typename Index>
 static void spmm_rows(const Product<Index>& job, int64_t m0, int64_t m1) {
   constexpr int64_t TILE = 8 * V::W;
+  std::vector<float> buffer(job.blocks > 1 ? (m1 - m0) * TILE : 0);
+  float* partial = buffer.data();
   for (int64_t p0 = 0; p0 < job.P; p0 += TILE) {
     const int64_t n = std::min(TILE, job.P - p0);
     switch ((n + V::W - 1) / V::W) {
-      case 1: spmm_tile<1>(job, m0, m1, p0, n); break;
-      case 2: spmm_tile<2>(job, m0, m1, p0, n); break;
-      case 3: spmm_tile<3>(job, m0, m1, p0, n); break;
-      case 4: spmm_tile<4>(job, m0, m1, p0, n); break;
-      case 5: spmm_tile<5>(job, m0, m1, p0, n); break;
-      case 6: spmm_tile<6>(job, m0, m1, p0, n); break;
-      case 7: spmm_tile<7>(job, m0, m1, p0, n); break;
-      default: spmm_tile<8>(job, m0, m1, p0, n); break;
+      case 1: spmm_tile<1>(job, m0, m1, p0, n, partial); break;
+      case 2: spmm_tile<2>(job, m0, m1, p0, n, partial); break;
+      case 3: spmm_tile<3>(job, m0, m1, p0, n, partial); break;
+      case 4: spmm_tile<4>(job, m0, m1, p0, n, partial); break;
+      case 5: spmm_tile<5>(job, m0, m1, p0, n, partial); break;
+      case 6: spmm_tile<6>(job, m0, m1, p0, n, partial); break;
+      case 7: spmm_tile<7>(job, m0, m1, p0, n, partial); break;
+      default: spmm_tile<8>(job, m0, m1, p0, n, partial); break;
     }
   }
 }
