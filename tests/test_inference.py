@@ -621,3 +621,27 @@ def test_bench_magnitude_masks_are_exact_per_layer(load_tool):
     bench.magnitude_prune_(model, 0.9)
     for module in model:
         assert int((module.weight == 0).sum()) == round(0.9 * module.weight.numel())
+
+
+def test_bench_global_and_erk_masks(load_tool):
+    bench = load_tool("bench_inference")
+    torch.manual_seed(0)
+    layers = [nn.Conv2d(3, 8, 3), nn.Conv2d(8, 16, 1), nn.Linear(64, 10)]
+    model = nn.Sequential(*layers)
+    total = sum(m.weight.numel() for m in layers)
+    original = [m.weight.detach().clone() for m in layers]
+    bench.MASKS["global"](model, 0.8)
+    assert sum(int((m.weight == 0).sum()) for m in layers) == round(0.8 * total)
+    kept = torch.cat([w[m.weight != 0].abs() for w, m in zip(original, layers)])
+    pruned = torch.cat([w[m.weight == 0].abs() for w, m in zip(original, layers)])
+    assert kept.min() > pruned.max()  # one threshold over the pool
+    for module, weight in zip(layers, original):
+        module.weight.data.copy_(weight)
+    bench.MASKS["erk"](model, 0.8)
+    # ERK by hand: density proportional to sum(dims) / prod(dims), scaled so that the pool keeps 20%
+    scale = [sum(m.weight.shape) / m.weight.numel() for m in layers]
+    eps = (0.2 * total) / sum(s * m.weight.numel() for s, m in zip(scale, layers))
+    assert all(eps * s < 1 for s in scale)  # no layer dense at these shapes
+    for module, s in zip(layers, scale):
+        assert abs(int((module.weight != 0).sum()) - eps * s * module.weight.numel()) <= 1
+    assert sum(int((m.weight == 0).sum()) for m in layers) == round(0.8 * total)

@@ -13,8 +13,10 @@ DeepSparse's profiles), so the remaining gap shows layer by layer.
 
 Models: timm names, bert-base (transformers BERT-base config, 128 tokens), gpt2 (124M config: generate() of
 --new-tokens greedy tokens at batch 1, tokens/s, and whether the tokens equal the folded model's).
-Masks: "magnitude" prunes every conv/linear weight to the sparsity by |w|, layer by layer; "global-sigma" is
-a global ST-3-sigma-shaped mask (score |w| * sqrt(S_l), one threshold), reported against its MAC reduction;
+Masks: "magnitude" prunes every conv/linear weight to the sparsity by |w|, layer by layer (the uniform
+distribution); "global" ranks all of them by |w| against one threshold (ST-3's global mask); "erk" prunes each
+by |w| to its Erdos-Renyi-Kernel share (sparsify's distribution="erk"); "global-sigma" is a global
+ST-3-sigma-shaped mask (score |w| * sqrt(S_l), one threshold); each is reported against its MAC reduction;
 --checkpoint takes a CSR checkpoint instead (e.g. the main job's runs/<name>/model.csr.safetensors, with
 --arch cnn --input 1,1,28,28), built with fxsparse.accelerate_checkpoint.
 
@@ -34,6 +36,7 @@ sparsity from the results file.
     python tools/bench_inference.py --model resnet50 --sparsity 0.9 0.95 --batch 1 --threads 1 2 --table --layers
     python tools/bench_inference.py --model bert-base gpt2 --sparsity 0.9 --threads 1
     python tools/bench_inference.py --model resnet50 --masks global-sigma --sparsity 0.9 --runtimes
+    python tools/bench_inference.py --model resnet50 --masks global erk --sparsity 0.9 --threads 1 --runtimes
     python tools/bench_inference.py --checkpoint runs/main/model.csr.safetensors --arch cnn --input 1,1,28,28 --runtimes
     python tools/bench_inference.py --show --table
     python tools/bench_inference.py --plot speedup.png
@@ -99,16 +102,38 @@ def _pruned_types() -> tuple[type, ...]:
 PRUNED = _pruned_types()
 
 
-@torch.no_grad()
-def magnitude_prune_(model: nn.Module, sparsity: float) -> None:
-    """Zero the round(sparsity * numel) smallest |w| of every conv/linear weight (ties broken by position; a tied
-    weight, e.g. GPT-2's lm_head and embedding, is pruned once)."""
-    seen = set()
-    for module in model.modules():
+def _pruned_weights(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """(name, weight) of every conv/linear weight, each tied weight once (GPT-2's lm_head and embedding)."""
+    seen, weights = set(), []
+    for name, module in model.named_modules():
         if isinstance(module, PRUNED) and id(module.weight) not in seen:
             seen.add(id(module.weight))
-            weight = module.weight.view(-1)
-            weight[weight.abs().argsort(stable=True)[: round(sparsity * weight.numel())]] = 0
+            weights.append((f"{name}.weight", module.weight))
+    return weights
+
+
+@torch.no_grad()
+def _prune_counts_(weights: list[torch.Tensor], counts: list[int]) -> None:
+    """Zero the counts[i] smallest |w| of weights[i] (ties broken by position)."""
+    for weight, count in zip(weights, counts):
+        flat = weight.view(-1)
+        flat[flat.abs().argsort(stable=True)[:count]] = 0
+
+
+def magnitude_prune_(model: nn.Module, sparsity: float) -> None:
+    """Zero the round(sparsity * numel) smallest |w| of every conv/linear weight (the uniform distribution)."""
+    weights = [w for _, w in _pruned_weights(model)]
+    _prune_counts_(weights, [round(sparsity * w.numel()) for w in weights])
+
+
+def erk_prune_(model: nn.Module, sparsity: float) -> None:
+    """Each conv/linear weight pruned by |w| to its Erdos-Renyi-Kernel share (fxsparse.distribution, the counts
+    sparsify(distribution="erk") targets), the total exactly round(sparsity * N)."""
+    from fxsparse.distribution import layer_targets
+
+    named = _pruned_weights(model)
+    targets = layer_targets([n for n, _ in named], [tuple(w.shape) for _, w in named], sparsity, "erk")
+    _prune_counts_([w for _, w in named], list(targets.pruned))
 
 
 @torch.no_grad()
@@ -161,17 +186,26 @@ def model_bytes(model: nn.Module) -> int:
 
 
 @torch.no_grad()
-def global_sigma_prune_(model: nn.Module, sparsity: float) -> None:
-    """A global ST-3-sigma-shaped mask: score |w| * sqrt(S_l) (S_l the sum of the weight's shape dims, as
-    fxsparse's st3sigma ranks), one threshold over every conv/linear weight, the lowest round(sparsity * total)
-    scores zeroed."""
+def global_prune_(model: nn.Module, sparsity: float, sigma: bool = False) -> None:
+    """One threshold over every conv/linear weight, the lowest round(sparsity * total) scores zeroed: score |w|
+    (ST-3's global mask), or with ``sigma`` |w| * sqrt(S_l), S_l the sum of the weight's shape dims (a global
+    ST-3-sigma-shaped mask, as fxsparse's st3sigma ranks)."""
     from fxsparse.methods.st3 import shape_sum
 
-    weights = [m.weight for m in model.modules() if isinstance(m, PRUNED)]
-    scores = torch.cat([w.abs().flatten() * math.sqrt(shape_sum(w)) for w in weights])
+    weights = [w for _, w in _pruned_weights(model)]
+    scales = [math.sqrt(shape_sum(w)) if sigma else 1.0 for w in weights]
+    scores = torch.cat([w.abs().flatten() * s for w, s in zip(weights, scales)])
     threshold = scores.kthvalue(round(sparsity * scores.numel())).values
-    for weight in weights:
-        weight[weight.abs() * math.sqrt(shape_sum(weight)) <= threshold] = 0
+    for weight, scale in zip(weights, scales):
+        weight[weight.abs() * scale <= threshold] = 0
+
+
+MASKS = {
+    "magnitude": magnitude_prune_,
+    "global": global_prune_,
+    "erk": erk_prune_,
+    "global-sigma": lambda model, sparsity: global_prune_(model, sparsity, sigma=True),
+}
 
 
 def prepared_model(config: dict[str, Any], args, cache: dict) -> nn.Module:
@@ -185,7 +219,14 @@ def prepared_model(config: dict[str, Any], args, cache: dict) -> nn.Module:
             cache[key] = load_model(args.arch, args.checkpoint).model.eval()
             return cache[key]
         model = build(config["model"])
-        (global_sigma_prune_ if config["masks"] == "global-sigma" else magnitude_prune_)(model, config["sparsity"])
+        MASKS[config["masks"]](model, config["sparsity"])
+        empty = [name for name, weight in _pruned_weights(model) if not weight.any()]
+        if empty:  # e.g. a global mask of the initial weights takes all of ResNet-50's fc
+            print(
+                f"note: {config['masks']} masks prune {', '.join(empty)} entirely: the output no longer depends on "
+                "what they read, so the error check covers only the layers after them",
+                flush=True,
+            )
         calibrate_batchnorms_(model, example(config["model"], 8, args.input))
         cache[key] = model
     return cache[key]
@@ -591,9 +632,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument(
         "--masks",
-        choices=("magnitude", "global-sigma"),
-        default="magnitude",
-        help="magnitude: each conv/linear weight pruned to the sparsity; global-sigma: one threshold on |w|*sqrt(S_l)",
+        nargs="+",
+        choices=tuple(MASKS),
+        default=["magnitude"],
+        help="magnitude: each conv/linear weight pruned to the sparsity by |w| (uniform); global: one threshold on |w| "
+        "over all of them; erk: each pruned by |w| to its Erdos-Renyi-Kernel share; global-sigma: one threshold on "
+        "|w|*sqrt(S_l)",
     )
     parser.add_argument(
         "--runtimes",
@@ -667,7 +711,8 @@ def main(argv: list[str] | None = None) -> None:
         ]
     for model in args.model:
         configs += [
-            {"model": model, "masks": args.masks, "sparsity": s, "batch": b, "threads": t}
+            {"model": model, "masks": masks, "sparsity": s, "batch": b, "threads": t}
+            for masks in args.masks
             for s in args.sparsity
             for b in args.batch
             for t in args.threads
