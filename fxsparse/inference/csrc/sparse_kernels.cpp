@@ -164,9 +164,10 @@ std::shared_ptr<const Prepared> prepared(const at::Tensor& indices, std::vector<
 // Activation buffers kept between calls: a float32 buffer of at least POOL_MIN_BYTES that a kernel returns or uses
 // as a temporary comes from a process-wide pool of earlier buffers of the same size that nothing else references
 // any more (their storage's only owner is the pool), else is allocated and, while the pool holds less than
-// POOL_MAX_BYTES, pooled. A fresh buffer of a few MiB is mapped by the allocator and every one of its pages
-// faults on first touch (ResNet-50's 56x56 layers, 3.2 MB outputs: 7% of its batch-1 time); a pooled one is
-// warm. An output still held by the caller is never handed out again: its storage has another owner.
+// POOL_MAX_BYTES, pooled (a full pool first drops its idle buffers). A fresh buffer of a few MiB is mapped by the
+// allocator and every one of its pages faults on first touch (ResNet-50's 3.2 MB 56x56 outputs); a pooled one is
+// warm (ResNet-50 90%, batch 1, one thread: 1.016x end to end). An output still held by the caller, or a view of
+// it, is never handed out again: its storage has another owner.
 constexpr int64_t POOL_MIN_BYTES = 128 * 1024, POOL_MAX_BYTES = 128 * 1024 * 1024;
 
 struct BufferPool {
@@ -192,6 +193,12 @@ at::Tensor pooled_empty(at::IntArrayRef sizes) {
     if (static_cast<int64_t>(storage.nbytes()) == nbytes && storage.use_count() == 1)
       return at::empty({0}, options).set_(storage, 0, sizes);
   at::Tensor fresh = at::empty(sizes, options);
+  if (pool.bytes + nbytes > POOL_MAX_BYTES) {  // full: forget the idle buffers (sizes no longer asked for)
+    auto idle = [](const at::Storage& storage) { return storage.use_count() == 1; };
+    pool.buffers.erase(std::remove_if(pool.buffers.begin(), pool.buffers.end(), idle), pool.buffers.end());
+    pool.bytes = 0;
+    for (const at::Storage& storage : pool.buffers) pool.bytes += static_cast<int64_t>(storage.nbytes());
+  }
   if (pool.bytes + nbytes <= POOL_MAX_BYTES) {
     pool.buffers.push_back(fresh.storage());
     pool.bytes += nbytes;
