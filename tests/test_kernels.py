@@ -548,6 +548,8 @@ def test_eager_calls_skip_the_op_only_outside_tracing_and_autograd():
     traced = torch.fx.symbolic_trace(lambda x: ops.native_conv2d(x, *args))
     assert "fxsparse.native_conv2d" in traced.code
     assert rel_error(traced(x.detach()), ref) <= 1e-5
+    jit = torch.jit.trace(lambda x: ops.native_conv2d(x, *args), x.detach(), check_trace=False)
+    assert "fxsparse::native_conv2d" in str(jit.graph)
     with torch.no_grad():
         assert rel_error(ops.native_conv2d(x.detach(), *args), ref) <= 1e-5
     assert rel_error(ops.native_conv2d(x, *args).detach(), ref) <= 1e-5  # through the op

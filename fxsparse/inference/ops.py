@@ -354,9 +354,11 @@ def _native_linear(x, indices, offsets, weights, bias, out_features, features_fi
 def _eager_kernels(x: Tensor):
     """The compiled kernels' module when a call on x may skip the torch.library op, else None: an eager call on a
     plain float32 tensor outside autograd. The op's dispatch and Python wrapper cost about 10 us a call, 0.5-1 ms
-    of ResNet-50's 54 layers; torch.fx, torch.compile and torch.export (proxies, fake or functional tensors)
-    still see the op."""
+    of ResNet-50's 54 layers; torch.fx, torch.compile, torch.export (proxies, fake or functional tensors) and
+    torch.jit.trace still see the op."""
     if _is_compiling() or type(x) is not torch.Tensor or x.requires_grad or x.dtype != torch.float32:
+        return None
+    if torch.jit.is_tracing():
         return None
     return native.kernels()
 
