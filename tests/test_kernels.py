@@ -506,3 +506,50 @@ def test_native_linear_without_inputs_gives_the_bias():
         out = torch.ops.fxsparse.native_linear(torch.randn(3, 0), *csr32(empty), b, 5, False, first_out, True)
         want = F.linear(torch.randn(3, 0), empty, b).relu()
         assert rel_error(out, want.t().contiguous() if first_out else want) == 0.0
+
+
+@pytest.mark.parametrize("kernel, stride, size", [(1, 1, 30), (1, 2, 61), (3, 1, 30), (7, 2, 64)])
+def test_pooled_buffers_never_overwrite_an_output_the_caller_holds(kernel, stride, size, threads):
+    """Outputs and temporaries of 128 KiB and more come from a pool of buffers nobody references any more: an
+    output still held keeps its values through later calls (1x1 rows padded to cache lines, strided 1x1, direct
+    3x3 and a 7x7 stem whose packed input is split among threads)."""
+    module = native.kernels()
+    if module is None:
+        pytest.skip("compiled kernels unavailable")
+    cin, cout, pad = 40, 48, kernel // 2
+    weight = sparse_weight((cout, cin, kernel, kernel), 0.2)
+    args = (*csr32(weight), None, None, cout, 1, [kernel] * 2, [stride] * 2, [pad] * 4, [1, 1], False)
+    inputs = [torch.randn(1, cin, size, size) for _ in range(3)]
+    refs = [conv_reference(x, weight, None, [stride] * 2, [pad] * 4, (1, 1), 1) for x in inputs]
+    kept = [ops.native_conv2d(inputs[0], *args), ops.native_conv2d(inputs[1], *args)]
+    for _ in range(3):  # buffers of dropped outputs are handed out again
+        assert rel_error(ops.native_conv2d(inputs[2], *args), refs[2]) <= 1e-5
+    view = ops.native_conv2d(inputs[2], *args)[0, :1]  # a view keeps its buffer too
+    for out, ref in zip(kept, refs):
+        assert rel_error(out, ref) <= 1e-5
+    assert rel_error(ops.native_conv2d(inputs[0], *args), refs[0]) <= 1e-5
+    assert rel_error(view, refs[2][0, :1]) <= 1e-5
+    assert kept[0].data_ptr() != kept[1].data_ptr() != view.data_ptr()
+    assert module.release_buffers() >= 0 and module.release_buffers() == 0
+
+
+def test_eager_calls_skip_the_op_only_outside_tracing_and_autograd():
+    """A plain eager float32 call goes straight to the compiled kernel (no dispatch); a tensor that needs
+    gradients, or a call under torch.compile / torch.export / torch.fx, goes through the torch.library op."""
+    if native.kernels() is None:
+        pytest.skip("compiled kernels unavailable")
+    weight = sparse_weight((8, 6, 3, 3), 0.3)
+    args = (*csr32(weight), None, None, 8, 1, [3, 3], [1, 1], [1, 1, 1, 1], [1, 1], True)
+    x = torch.randn(2, 6, 9, 9)
+    ref = conv_reference(x, weight, None, (1, 1), (1, 1, 1, 1), (1, 1), 1).relu()
+    assert ops._eager_kernels(x) is native.kernels()
+    assert ops._eager_kernels(x.requires_grad_()) is None
+    assert ops._eager_kernels(x.detach().double()) is None
+    traced = torch.fx.symbolic_trace(lambda x: ops.native_conv2d(x, *args))
+    assert "fxsparse.native_conv2d" in traced.code
+    assert rel_error(traced(x.detach()), ref) <= 1e-5
+    jit = torch.jit.trace(lambda x: ops.native_conv2d(x, *args), x.detach(), check_trace=False)
+    assert "fxsparse::native_conv2d" in str(jit.graph)
+    with torch.no_grad():
+        assert rel_error(ops.native_conv2d(x.detach(), *args), ref) <= 1e-5
+    assert rel_error(ops.native_conv2d(x, *args).detach(), ref) <= 1e-5  # through the op

@@ -411,7 +411,7 @@ class SparseConv2d(_SparseLayer):
     ) -> Tensor:
         kernel_size, stride, sides, dilation = self._geometry()
         relu = self.relu if relu is None else relu
-        return torch.ops.fxsparse.native_conv2d(
+        return ops.native_conv2d(
             x, *csr, bias, residual, self.out_channels, self.groups, kernel_size, stride, sides, dilation, relu
         )
 
@@ -454,20 +454,26 @@ class SparseConv2d(_SparseLayer):
         if residual is None:
             return super().forward(x)
         dtype, x = x.dtype, float32_input(x, self.name)
-        csr, bias = (self.indices, self.offsets, self.weights.float()), None if self.bias is None else self.bias.float()
+        buffers = self._buffers  # read directly: nn.Module's __getattr__ costs about 1 us a buffer
+        csr, bias = (buffers["indices"], buffers["offsets"], buffers["weights"].float()), buffers["bias"]
+        bias = None if bias is None else bias.float()
         ho, wo = ops.conv_output_size(x.shape[-2:], self.kernel_size, self.stride, self.sides, self.dilation)
         if tuple(residual.shape) == (x.shape[0], self.out_channels, ho, wo):
-            return self._call_native(x, csr, bias, residual.to(torch.float32)).to(dtype)
+            out = self._call_native(x, csr, bias, residual.to(torch.float32))
+            return out if dtype == torch.float32 else out.to(dtype)
         out = self._call_native(x, csr, bias, relu=False).to(dtype) + residual  # broadcast: not fused
         return out.relu() if self.relu else out
 
     def _run(self, x: Tensor) -> Tensor:
         dtype = x.dtype
         x = float32_input(x, self.name)
-        weights = self.weights.float()
         if self.kernel == ops.NATIVE:
-            bias = None if self.bias is None else self.bias.float()
-            return self._call_native(x, (self.indices, self.offsets, weights), bias).to(dtype)
+            buffers = self._buffers  # read directly: nn.Module's __getattr__ costs about 1 us a buffer
+            bias = buffers["bias"]
+            csr = (buffers["indices"], buffers["offsets"], buffers["weights"].float())
+            out = self._call_native(x, csr, None if bias is None else bias.float())
+            return out if dtype == torch.float32 else out.to(dtype)
+        weights = self.weights.float()
         bags, input_size = (self.indices, self.offsets, weights), self.input_size
         if self.layout == "rows" and not all(isinstance(s, int) for s in x.shape[-2:]):
             # traced with a symbolic height or width (torch.export with a dynamic dim): rows bags exist for one
@@ -595,19 +601,20 @@ class SparseLinear(_SparseLayer):
         dtype = x.dtype
         x = float32_input(x, self.name)
         if self.kernel == ops.NATIVE:
-            bias = None if self.bias is None else self.bias.float()
-            out = torch.ops.fxsparse.native_linear(
+            buffers = self._buffers  # read directly: nn.Module's __getattr__ costs about 1 us a buffer
+            bias = buffers["bias"]
+            out = ops.native_linear(
                 x,
-                self.indices,
-                self.offsets,
-                self.weights.float(),
-                bias,
+                buffers["indices"],
+                buffers["offsets"],
+                buffers["weights"].float(),
+                None if bias is None else bias.float(),
                 self.out_features,
                 self.features_first_in,
                 self.features_first_out,
                 self.relu,
             )
-            return out.to(dtype)
+            return out if dtype == torch.float32 else out.to(dtype)
         separate_bias = None if self.separate_bias is None else self.separate_bias.float()
         return torch.ops.fxsparse.linear(
             x,
