@@ -224,7 +224,7 @@ def prepared_model(config: dict[str, Any], args, cache: dict) -> nn.Module:
         if empty:  # e.g. a global mask of the initial weights takes all of ResNet-50's fc
             print(
                 f"note: {config['masks']} masks prune {', '.join(empty)} entirely: the output no longer depends on "
-                "what they read, so the error check covers only the layers after them",
+                "the layers before them, which the error check then cannot see",
                 flush=True,
             )
         calibrate_batchnorms_(model, example(config["model"], 8, args.input))
