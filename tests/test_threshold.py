@@ -594,11 +594,9 @@ def test_capped_threshold_equals_a_sort(monkeypatch, score):
                     assert torch.equal(tau, ref) and counts == ref_counts, (budget, lows, count, hint, tau, ref)
 
 
-def test_capped_threshold_one_pass_when_the_hint_holds(monkeypatch):
-    g = torch.Generator().manual_seed(4)
-    tensors = [torch.randn(300, 200, generator=g), torch.randn(5000, generator=g) * 3, torch.randn(90, generator=g)]
-    lows, highs, count = [0, 0, 10], [50000, 4000, 80], 50000
-    tau = th.capped_threshold(tensors, lows, highs, count)[0]
+@pytest.fixture
+def layer_passes(monkeypatch):
+    """Counts the passes over the pool's weights (calls of _Pool.layer_chunks)."""
     passes = {"n": 0}
     chunks = th._Pool.layer_chunks
 
@@ -607,6 +605,16 @@ def test_capped_threshold_one_pass_when_the_hint_holds(monkeypatch):
         return chunks(self, layers)
 
     monkeypatch.setattr(th._Pool, "layer_chunks", spy)
+    return passes
+
+
+def test_capped_threshold_one_pass_when_the_hint_holds(layer_passes):
+    passes = layer_passes
+    g = torch.Generator().manual_seed(4)
+    tensors = [torch.randn(300, 200, generator=g), torch.randn(5000, generator=g) * 3, torch.randn(90, generator=g)]
+    lows, highs, count = [0, 0, 10], [50000, 4000, 80], 50000
+    tau = th.capped_threshold(tensors, lows, highs, count)[0]
+    passes["n"] = 0
     assert torch.equal(th.capped_threshold(tensors, lows, highs, count, hint=float(tau))[0], tau)
     assert passes["n"] == 1
     passes["n"] = 0
@@ -626,10 +634,11 @@ def test_capped_threshold_errors():
             th.capped_threshold(w, [0, 0], [10, 5], 4, hint=hint)
 
 
-def test_capped_threshold_with_the_previously_held_layers(monkeypatch):
+def test_capped_threshold_with_the_previously_held_layers(layer_passes):
     """Layers expected held are compared with a window around their own threshold in the same pass: those proven
     held get count None and their own threshold (bitwise layer_quantiles'), every other result is the sort's; a
     wrong expectation (a free layer, a wrong side, a far threshold) costs at most a pass, never exactness."""
+    passes = layer_passes
     g = torch.Generator().manual_seed(5)
     tensors = [torch.randn(s, generator=g) * (1 + i) for i, s in enumerate([(64, 30), (4000,), (50, 20), (300,)])]
     numels = [t.numel() for t in tensors]
@@ -641,14 +650,6 @@ def test_capped_threshold_with_the_previously_held_layers(monkeypatch):
     bound = {i: highs[i] if at_max else lows[i] for i, at_max in held.items()}
     quantile = {i: (k - 1 + 1 / 16) / (numels[i] - 1) for i, k in bound.items()}  # exactly k pruned
     own_ref = {i: th.layer_quantiles([tensors[i]], [q])[0] for i, q in quantile.items()}
-    passes = {"n": 0}
-    chunks = th._Pool.layer_chunks
-
-    def spy(self, layers=None):
-        passes["n"] += 1
-        return chunks(self, layers)
-
-    monkeypatch.setattr(th._Pool, "layer_chunks", spy)
     expected = {i: (quantile[i], float(own_ref[i]), at_max) for i, at_max in held.items()}
     passes["n"] = 0
     tau, counts, own = th.capped_threshold(tensors, lows, highs, count, hint=float(ref), held=expected)
