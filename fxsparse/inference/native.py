@@ -9,6 +9,7 @@ rebuilt and an unchanged one is only loaded (a second or so).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -35,24 +36,32 @@ def _build_name() -> str:
     return f"fxsparse_kernels_{digest.hexdigest()[:12]}"
 
 
-def _build() -> ModuleType:
-    logger = logging.getLogger("torch.utils.cpp_extension")  # its import logs a note about CUDA on CPU machines
+@contextlib.contextmanager
+def _quiet_cpp_extension():
+    """torch.utils.cpp_extension's log (a note about CUDA on CPU machines at import, a multi-line banner about a
+    compiler it does not recognise) held to errors: a failed build is reported in kernels()' one line."""
+    logger = logging.getLogger("torch.utils.cpp_extension")
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
-        import torch.utils.cpp_extension as cpp_extension
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. torch's note about the compiler's ABI
+            yield
     finally:
         logger.setLevel(level)
 
-    if shutil.which("ninja") is None:  # the ninja wheel (a dependency) puts its binary outside a bare PATH
-        try:
-            import ninja
 
-            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-        except ImportError:
-            pass
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # e.g. torch's note about the compiler's ABI
+def _build() -> ModuleType:
+    with _quiet_cpp_extension():
+        import torch.utils.cpp_extension as cpp_extension
+
+        if shutil.which("ninja") is None:  # the ninja wheel (a dependency) puts its binary outside a bare PATH
+            try:
+                import ninja
+
+                os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+            except ImportError:
+                pass
         return cpp_extension.load(
             name=_build_name(),
             sources=[str(CSRC / "sparse_kernels.cpp")],
