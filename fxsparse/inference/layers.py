@@ -146,6 +146,14 @@ class _SparseLayer(KernelLayer):
         self.plan: LayerPlan | None = None
         self.name = ""
 
+    def _native_operands(self) -> tuple[tuple[Tensor, Tensor, Tensor], Tensor | None]:
+        """(indices, offsets, float32 weights) and the float32 bias (or None) the compiled kernels take, read from
+        ``_buffers`` directly: nn.Module's ``__getattr__`` costs about 1 us a buffer on every call."""
+        buffers = self._buffers
+        bias = buffers["bias"]
+        csr = (buffers["indices"], buffers["offsets"], buffers["weights"].float())
+        return csr, None if bias is None else bias.float()
+
     # -- what a subclass provides ------------------------------------------------------------------
     def _dense(self, x: Tensor, weight: Tensor) -> Tensor:
         raise NotImplementedError
@@ -454,9 +462,7 @@ class SparseConv2d(_SparseLayer):
         if residual is None:
             return super().forward(x)
         dtype, x = x.dtype, float32_input(x, self.name)
-        buffers = self._buffers  # read directly: nn.Module's __getattr__ costs about 1 us a buffer
-        csr, bias = (buffers["indices"], buffers["offsets"], buffers["weights"].float()), buffers["bias"]
-        bias = None if bias is None else bias.float()
+        csr, bias = self._native_operands()
         ho, wo = ops.conv_output_size(x.shape[-2:], self.kernel_size, self.stride, self.sides, self.dilation)
         if tuple(residual.shape) == (x.shape[0], self.out_channels, ho, wo):
             out = self._call_native(x, csr, bias, residual.to(torch.float32))
@@ -468,10 +474,7 @@ class SparseConv2d(_SparseLayer):
         dtype = x.dtype
         x = float32_input(x, self.name)
         if self.kernel == ops.NATIVE:
-            buffers = self._buffers  # read directly: nn.Module's __getattr__ costs about 1 us a buffer
-            bias = buffers["bias"]
-            csr = (buffers["indices"], buffers["offsets"], buffers["weights"].float())
-            out = self._call_native(x, csr, None if bias is None else bias.float())
+            out = self._call_native(x, *self._native_operands())
             return out if dtype == torch.float32 else out.to(dtype)
         weights = self.weights.float()
         bags, input_size = (self.indices, self.offsets, weights), self.input_size
@@ -601,14 +604,11 @@ class SparseLinear(_SparseLayer):
         dtype = x.dtype
         x = float32_input(x, self.name)
         if self.kernel == ops.NATIVE:
-            buffers = self._buffers  # read directly: nn.Module's __getattr__ costs about 1 us a buffer
-            bias = buffers["bias"]
+            csr, bias = self._native_operands()
             out = ops.native_linear(
                 x,
-                buffers["indices"],
-                buffers["offsets"],
-                buffers["weights"].float(),
-                None if bias is None else bias.float(),
+                *csr,
+                bias,
                 self.out_features,
                 self.features_first_in,
                 self.features_first_out,
