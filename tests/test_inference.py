@@ -248,6 +248,22 @@ def test_default_timer_keeps_outputs():
     assert all(set(p.times) >= {"dense"} for p in fast.fxsparse_plan.layers)
 
 
+def test_progress_bar_leaves_outputs_alone(monkeypatch):
+    """The progress bar advances from forward hooks; tqdm's update() returns True when it redraws, and a hook's
+    return value would replace the layer's output (it did: BERT failed in the planning pass)."""
+    import tqdm.auto
+
+    def redraws(self, n=1):
+        self.n += n
+        return True
+
+    monkeypatch.setattr(tqdm.auto.tqdm, "update", redraws)
+    model = prune_(ConvBnNet(), density=0.1)
+    x = torch.randn(1, 3, 16, 16)
+    fast = fxsparse.accelerate(model, x, progress=True, timer=prefer("direct+native", "rows+native"))
+    assert_close(run(fast, x), run(model, x))
+
+
 class ReadsWeight(nn.Module):
     """A parent that reads its child's weight directly (as nn.MultiheadAttention does)."""
 

@@ -266,9 +266,12 @@ def _plan_(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(layers), desc="fxsparse.accelerate: timing layers", leave=False)
-        bar_hooks = [
-            layer.register_forward_hook(lambda *_: bar.update(1) if bar.n < bar.total else None) for _, layer in layers
-        ]
+
+        def advance(*_) -> None:  # returns None: a forward hook's return value would replace the layer's output
+            if bar.n < bar.total:
+                bar.update(1)
+
+        bar_hooks = [layer.register_forward_hook(advance) for _, layer in layers]
     try:
         with torch.no_grad():
             call_model(model, example_input)
