@@ -534,6 +534,32 @@ def test_pooled_buffers_never_overwrite_an_output_the_caller_holds(kernel, strid
     assert module.release_buffers() >= 0 and module.release_buffers() == 0
 
 
+def test_buffer_pool_limit_grows_with_the_largest_buffer():
+    """The pool holds at most 128 MiB, or 8 times the largest buffer asked for (a large batch's activations);
+    set_pool_limit fixes the limit (0: nothing pooled) and -1 restores it."""
+    module = native.kernels()
+    if module is None:
+        pytest.skip("compiled kernels unavailable")
+    weight = sparse_weight((4, 4, 1, 1), 0.5)
+    args = (*csr32(weight), None, None, 4, 1, [1, 1], [1, 1], [0, 0, 0, 0], [1, 1], False)
+    x = torch.randn(1, 4, 2400, 2400)  # 88 MiB outputs: two of them are more than 128 MiB
+    module.release_buffers()
+    try:
+        assert module.set_pool_limit(0) == 128 * 2**20
+        out = ops.native_conv2d(x, *args)
+        del out
+        assert module.release_buffers() == 0
+        module.set_pool_limit(-1)
+        kept = [ops.native_conv2d(x, *args) for _ in range(2)]
+        assert rel_error(kept[0], F.conv2d(x, weight)) <= 1e-5
+        assert module.release_buffers() == 2 * kept[0].numel() * 4
+    finally:
+        module.set_pool_limit(-1)
+        module.release_buffers()
+    with pytest.raises(RuntimeError, match="set_pool_limit"):
+        module.set_pool_limit(-2)
+
+
 def test_eager_calls_skip_the_op_only_outside_tracing_and_autograd():
     """A plain eager float32 call goes straight to the compiled kernel (no dispatch); a tensor that needs
     gradients, or a call under torch.compile / torch.export / torch.fx, goes through the torch.library op."""

@@ -163,17 +163,25 @@ std::shared_ptr<const Prepared> prepared(const at::Tensor& indices, std::vector<
 
 // Activation buffers kept between calls: a float32 buffer of at least POOL_MIN_BYTES that a kernel returns or uses
 // as a temporary comes from a process-wide pool of earlier buffers of the same size that nothing else references
-// any more (their storage's only owner is the pool), else is allocated and, while the pool holds less than
-// POOL_MAX_BYTES, pooled (a full pool first drops its idle buffers). A fresh buffer of a few MiB is mapped by the
+// any more (their storage's only owner is the pool), else is allocated and, while the pool holds less than its
+// limit, pooled (a full pool first drops its idle buffers). A fresh buffer of a few MiB is mapped by the
 // allocator and every one of its pages faults on first touch (ResNet-50's 3.2 MB 56x56 outputs); a pooled one is
 // warm (ResNet-50 90%, batch 1, one thread: 1.016x end to end). An output still held by the caller, or a view of
 // it, is never handed out again: its storage has another owner.
-constexpr int64_t POOL_MIN_BYTES = 128 * 1024, POOL_MAX_BYTES = 128 * 1024 * 1024;
+// The limit: POOL_MAX_BYTES, or POOL_LARGEST_TIMES times the largest buffer asked for when that is more, so that a
+// large batch's few live activations fit too (ResNet-50 at batch 16: 51 MB outputs, about 300 MB pooled; 1.19x
+// end to end over a fixed 128 MiB, two threads); set_pool_limit() fixes it instead.
+constexpr int64_t POOL_MIN_BYTES = 128 * 1024, POOL_MAX_BYTES = 128 * 1024 * 1024, POOL_LARGEST_TIMES = 8;
 
 struct BufferPool {
   std::mutex mutex;
   std::vector<at::Storage> buffers;
   int64_t bytes = 0;
+  int64_t largest = 0;      // the largest buffer asked for
+  int64_t fixed_limit = -1;  // set_pool_limit(); -1: the adaptive limit above
+  int64_t limit() const {
+    return fixed_limit >= 0 ? fixed_limit : std::max(POOL_MAX_BYTES, POOL_LARGEST_TIMES * largest);
+  }
 };
 
 BufferPool& buffer_pool() {
@@ -189,17 +197,19 @@ at::Tensor pooled_empty(at::IntArrayRef sizes) {
   if (nbytes < POOL_MIN_BYTES) return at::empty(sizes, options);
   BufferPool& pool = buffer_pool();
   std::lock_guard<std::mutex> lock(pool.mutex);
+  pool.largest = std::max(pool.largest, nbytes);
+  const int64_t limit = pool.limit();
   for (const at::Storage& storage : pool.buffers)
     if (static_cast<int64_t>(storage.nbytes()) == nbytes && storage.use_count() == 1)
       return at::empty({0}, options).set_(storage, 0, sizes);
   at::Tensor fresh = at::empty(sizes, options);
-  if (pool.bytes + nbytes > POOL_MAX_BYTES) {  // full: forget the idle buffers (sizes no longer asked for)
+  if (pool.bytes + nbytes > limit) {  // full: forget the idle buffers (sizes no longer asked for)
     auto idle = [](const at::Storage& storage) { return storage.use_count() == 1; };
     pool.buffers.erase(std::remove_if(pool.buffers.begin(), pool.buffers.end(), idle), pool.buffers.end());
     pool.bytes = 0;
     for (const at::Storage& storage : pool.buffers) pool.bytes += static_cast<int64_t>(storage.nbytes());
   }
-  if (pool.bytes + nbytes <= POOL_MAX_BYTES) {
+  if (pool.bytes + nbytes <= limit) {
     pool.buffers.push_back(fresh.storage());
     pool.bytes += nbytes;
   }
@@ -207,14 +217,26 @@ at::Tensor pooled_empty(at::IntArrayRef sizes) {
 }
 
 // Give the pooled buffers back to the allocator (those still in use stay with their owners); returns the bytes
-// the pool held.
+// the pool held. The adaptive limit starts again from POOL_MAX_BYTES.
 int64_t release_buffers() {
   BufferPool& pool = buffer_pool();
   std::lock_guard<std::mutex> lock(pool.mutex);
   const int64_t held = pool.bytes;
   pool.buffers.clear();
   pool.bytes = 0;
+  pool.largest = 0;
   return held;
+}
+
+// Fix the pool's limit at `bytes` (0: no pooling), or restore the adaptive limit (-1); returns the limit in force
+// before.
+int64_t set_pool_limit(int64_t bytes) {
+  TORCH_CHECK(bytes >= -1, "fxsparse set_pool_limit: bytes must be >= 0, or -1 for the adaptive limit");
+  BufferPool& pool = buffer_pool();
+  std::lock_guard<std::mutex> lock(pool.mutex);
+  const int64_t before = pool.limit();
+  pool.fixed_limit = bytes;
+  return before;
 }
 
 constexpr int64_t TILE_COLUMNS = 128;  // the widest tile of the vector code (8 AVX-512 registers)
@@ -650,6 +672,16 @@ void copy_to_padded_rows(const at::Tensor& x, int64_t sh, int64_t sw, int64_t Ho
   });
 }
 
+struct ConvGeometry {
+  int64_t out_channels, groups;
+  std::vector<int64_t> kernel_size, stride, padding, dilation;  // padding: (top, bottom, left, right)
+  bool relu;
+};
+
+// out (N, O, Ho, Wo), contiguous, written = conv2d(x, W) (+ bias, + residual, ReLU); checked by conv2d()
+void conv2d_into(const at::Tensor& x, const at::Tensor& indices, const at::Tensor& offsets, const at::Tensor& weights,
+                 const float* b, const float* res, const ConvGeometry& g, const at::Tensor& out);
+
 // out = conv2d(x, W) (+ bias, + residual, ReLU) for a CSR weight of shape (O, C/groups * kh * kw) whose
 // columns are (c, i, j) taps of the group's channels. padding is (top, bottom, left, right).
 at::Tensor conv2d(const at::Tensor& x, const at::Tensor& indices, const at::Tensor& offsets,
@@ -675,6 +707,21 @@ at::Tensor conv2d(const at::Tensor& x, const at::Tensor& indices, const at::Tens
   const float* res = optional_data(residual, N * out_channels * Ho * Wo, "residual");
   const float* b = optional_data(bias, out_channels, "bias");
   if (N == 0 || out_channels == 0) return out;
+  conv2d_into(x, indices, offsets, weights, b, res, ConvGeometry{out_channels, groups, kernel_size, stride, padding,
+                                                                  dilation, relu}, out);
+  return out;
+}
+
+void conv2d_into(const at::Tensor& x, const at::Tensor& indices, const at::Tensor& offsets, const at::Tensor& weights,
+                 const float* b, const float* res, const ConvGeometry& g, const at::Tensor& out) {
+  const int64_t out_channels = g.out_channels, groups = g.groups;
+  const bool relu = g.relu;
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), Wd = x.size(3);
+  const int64_t kh = g.kernel_size[0], kw = g.kernel_size[1], sh = g.stride[0], sw = g.stride[1];
+  const int64_t pt = g.padding[0], pb = g.padding[1], pl = g.padding[2], pr = g.padding[3], dh = g.dilation[0],
+                dw = g.dilation[1];
+  const int64_t Hp = H + pt + pb, Wp = Wd + pl + pr;
+  const int64_t Ho = out.size(2), Wo = out.size(3);
   const int32_t* rowptr = offsets.data_ptr<int32_t>();
   const int32_t* col = indices.data_ptr<int32_t>();
   const float* val = weights.data_ptr<float>();
@@ -709,20 +756,18 @@ at::Tensor conv2d(const at::Tensor& x, const at::Tensor& indices, const at::Tens
       job.epi = Epilogue{b, res ? res + n * image : nullptr, HW, relu, out.data_ptr<float>() + n * image, HW};
       run_product(job, out_channels);
     }
-    return out;
+    return;
   }
 
   // small outputs of a batch: one sample at a time (each sample's packed input stays in L2: 1.1-1.6x faster at
   // batch 16 on ResNet-50's 14x14 and 7x7 layers than the batch folded into the columns; 28x28 and up: slower)
+  // (written in place into the output's slices)
   if (N > 1 && HW <= 256) {
-    std::vector<at::Tensor> samples;
-    for (int64_t n = 0; n < N; ++n) {
-      c10::optional<at::Tensor> sample_residual;
-      if (res) sample_residual = residual->slice(0, n, n + 1);
-      samples.push_back(conv2d(x.slice(0, n, n + 1), indices, offsets, weights, bias, sample_residual, out_channels,
-                               groups, kernel_size, stride, padding, dilation, relu));
-    }
-    return at::cat(samples, 0);
+    const int64_t image = out_channels * HW;
+    for (int64_t n = 0; n < N; ++n)
+      conv2d_into(x.slice(0, n, n + 1), indices, offsets, weights, b, res ? res + n * image : nullptr, g,
+                  out.slice(0, n, n + 1));
+    return;
   }
 
   // phases (a, b) of the stride that some tap reads, each packed as [c][n][Hq][Wq]
@@ -740,15 +785,11 @@ at::Tensor conv2d(const at::Tensor& x, const at::Tensor& indices, const at::Tens
   const int64_t plane = N * Hq * Wq, phase_size = C * plane;
   const int64_t total = static_cast<int64_t>(phases.size()) * phase_size;
   if (total >= (int64_t(1) << 31) && N > 1) {  // int32 offsets: split the batch
-    std::vector<at::Tensor> parts;
-    const int64_t half = N / 2;
-    for (auto range : {std::make_pair(int64_t(0), half), std::make_pair(half, N)}) {
-      c10::optional<at::Tensor> part_res;
-      if (res) part_res = residual->slice(0, range.first, range.second);
-      parts.push_back(conv2d(x.slice(0, range.first, range.second), indices, offsets, weights, bias, part_res,
-                             out_channels, groups, kernel_size, stride, padding, dilation, relu));
-    }
-    return at::cat(parts, 0);
+    const int64_t half = N / 2, image = out_channels * Ho * Wo;
+    for (auto range : {std::make_pair(int64_t(0), half), std::make_pair(half, N)})
+      conv2d_into(x.slice(0, range.first, range.second), indices, offsets, weights, b,
+                  res ? res + range.first * image : nullptr, g, out.slice(0, range.first, range.second));
+    return;
   }
   TORCH_CHECK(total < (int64_t(1) << 31), "fxsparse native conv2d: one sample is too large for int32 offsets");
   at::Tensor packed = pooled_empty({total});
@@ -812,7 +853,6 @@ at::Tensor conv2d(const at::Tensor& x, const at::Tensor& indices, const at::Tens
   job.seg = ready->seg.empty() ? nullptr : ready->seg.data();
   job.blocks = ready->blocks;
   run_product(job, out_channels);
-  return out;
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -867,6 +907,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("conv2d", &conv2d, "direct sparse conv2d (CSR weight), float32");
   m.def("max_pool2d", &max_pool2d, "max pooling, NCHW float32");
   m.def("release_buffers", &release_buffers, "free the pooled activation buffers; returns the bytes held");
+  m.def("set_pool_limit", &set_pool_limit, "fix the buffer pool's limit in bytes (-1: adaptive); returns the old one");
   m.def("isa", &isa, "the instruction set in use");
   m.def("force_isa", &force_isa, "select avx512, avx2, portable or auto");
 }
