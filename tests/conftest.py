@@ -26,3 +26,29 @@ def load_tool():
         return module
 
     return load
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """spy(owner, name) replaces owner.name (a module function or a method) by a wrapper that calls through and
+    records each call's (args, kwargs), self included for a method, in the list it returns."""
+
+    def install(owner, name: str) -> list:
+        calls = []
+        original = getattr(owner, name)
+
+        def wrapper(*args, **kwargs):
+            calls.append((args, kwargs))
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, wrapper)
+        return calls
+
+    return install
+
+
+def pass_layers(call) -> list[int]:
+    """The layers a recorded call of fxsparse.threshold._Pool.layer_chunks(self, layers=None) passes over."""
+    args, kwargs = call
+    layers = args[1] if len(args) > 1 else kwargs.get("layers")
+    return list(range(len(args[0].tensors))) if layers is None else list(layers)

@@ -14,6 +14,7 @@ import fxsparse
 from fxsparse.distribution import layer_targets, parse_distribution
 from fxsparse.threshold import layer_quantiles, reference_quantile
 
+from conftest import pass_layers
 from models import TinyCNN
 
 METHODS = ("st3", "st3sigma", "feather", "gmp", "ste")
@@ -514,40 +515,27 @@ def test_global_caps_tie_rule():
         assert list(pruned_per_layer(sparse).values()) == expected and sum(expected) > count
 
 
-def test_global_caps_one_pass_after_the_first_step(monkeypatch):
+def test_global_caps_one_pass_after_the_first_step(spy):
     """The shared threshold comes from one window pass around the previous one once training runs, the held layers'
     own thresholds from the same pass; radix selection only cold (the first computation) or when the window
     misses."""
     from fxsparse import threshold as th
 
-    calls = {"radix": 0}
-    radix = th._capped_radix
-
-    def spy(*args):
-        calls["radix"] += 1
-        return radix(*args)
-
-    monkeypatch.setattr(th, "_capped_radix", spy)
+    radix_calls = spy(th, "_capped_radix")
     model = fxsparse.sparsify(small_cnn(), "st3", 0.9, **GLOBAL_CAPS)
     with torch.no_grad():  # layer 1 far below the others: held at 95%, its own threshold far below the shared one
         fxsparse.pool.pooled_weights(model)[1].mul_(0.1)
     train_steps(model, 6)
-    assert calls["radix"] == 1
+    assert len(radix_calls) == 1
     # the layers held at the last step are tried as held again in the same pass: one pass in all
     threshold = fxsparse.get_threshold(model)
     assert threshold._held_at_max[1]
-    passes = []
-    chunks = th._Pool.layer_chunks
-
-    def count(self, layers=None):
-        passes.append(list(range(len(self.tensors))) if layers is None else list(layers))
-        return chunks(self, layers)
-
-    monkeypatch.setattr(th._Pool, "layer_chunks", count)
+    pass_calls = spy(th._Pool, "layer_chunks")
     with torch.no_grad():
         for w in fxsparse.pool.pooled_weights(model):
             w.mul_(1.0001)
     fxsparse.pool.refresh_threshold_(model)
+    passes = [pass_layers(call) for call in pass_calls]
     # one pass; a held layer whose own threshold is near the shared one (not layer 1) may need its count too
     assert passes[0] == [0, 1, 2, 3] and len(passes) <= 2 and all(1 not in p for p in passes[1:])
     count, lows, highs = threshold.targets.counts(0.9, 0.6, 0.95)

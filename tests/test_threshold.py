@@ -19,6 +19,8 @@ from hypothesis import strategies as st
 from fxsparse import threshold as th
 from fxsparse.threshold import global_quantile, layer_scaled_abs, reference_quantile
 
+from conftest import pass_layers
+
 STRATEGIES = ("window", "radix")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 NUMPY2 = int(np.__version__.split(".")[0]) >= 2
@@ -150,17 +152,9 @@ def test_non_contiguous_layouts():
 
 
 @pytest.fixture
-def radix_calls(monkeypatch):
-    """Counts the radix-selection fallbacks."""
-    calls = {"radix": 0}
-    radix = th._radix_select
-
-    def spy(*args):
-        calls["radix"] += 1
-        return radix(*args)
-
-    monkeypatch.setattr(th, "_radix_select", spy)
-    return calls
+def radix_calls(spy):
+    """The radix-selection fallbacks' calls."""
+    return spy(th, "_radix_select")
 
 
 def test_chunked_passes_window_overflow_and_radix_fallback(monkeypatch, radix_calls):
@@ -172,33 +166,26 @@ def test_chunked_passes_window_overflow_and_radix_fallback(monkeypatch, radix_ca
         for q in (0.0, 0.1, 0.5, 0.9, 1.0):
             assert_exact(tensors, q, hints=(None, 1.5), strategies=("window",))
             assert_exact(tensors, q, _sigma_score, hints=(None, 1.5), strategies=("window", "radix"))
-    assert radix_calls["radix"] > 0  # cap 40 overflowed
+    assert len(radix_calls) > 0  # cap 40 overflowed
 
 
-def test_sample_window_miss_falls_back_exactly(monkeypatch, radix_calls):
+def test_sample_window_miss_falls_back_exactly(radix_calls):
     """Adversarial layout: every sampled position holds 0, so the sample says tau = 0."""
     w = torch.rand(128 * 200) + 0.5
     w[:: th._sample_stride(w.numel(), 4 * w.numel())] = 0.0
     assert_exact([w], 0.5, strategies=("window",))
     # the sample window [0, 0] missed rank n/2 in each of the three window calls of assert_exact
-    assert radix_calls["radix"] == 3
+    assert len(radix_calls) == 3
 
 
-def test_passes_over_the_pool_cold_warm_and_missed(monkeypatch):
+def test_passes_over_the_pool_cold_warm_and_missed(spy):
     """Elementwise scores are sampled off the raw weights: cold is one pass. A whole-layer score_fn
     needs a sampling pass cold; a right hint is one pass either way, a wrong one costs one more."""
     g = torch.Generator().manual_seed(7)
     tensors = [torch.randn(200, 300, generator=g), torch.randn(5000, generator=g)]
     tau = float(global_quantile(tensors, 0.9))
     stepped = [t + 1e-4 * torch.randn(t.shape, generator=g) for t in tensors]  # one "training step"
-    passes = {"n": 0}
-    chunks = th._Pool.chunks
-
-    def spy(self):
-        passes["n"] += 1
-        return chunks(self)
-
-    monkeypatch.setattr(th._Pool, "chunks", spy)
+    passes = spy(th._Pool, "chunks")
     ref = reference_quantile(stepped, 0.9)
     absolute = th._abs_score  # elementwise
     cases = (
@@ -210,10 +197,10 @@ def test_passes_over_the_pool_cold_warm_and_missed(monkeypatch):
         (_abs, -1.0, 2),
     )  # the same |w|, whole-layer
     for score_fn, hint, expected in cases:
-        passes["n"] = 0
+        passes.clear()
         got = global_quantile(stepped, 0.9, score_fn, hint=hint)
         assert torch.equal(got, ref)
-        assert passes["n"] == expected, (score_fn.__name__, hint, passes["n"])
+        assert len(passes) == expected, (score_fn.__name__, hint, len(passes))
 
 
 def test_any_hint_is_exact():
@@ -499,7 +486,7 @@ def test_layer_quantiles_equal_each_layers_sort(monkeypatch, score):
             assert got.dtype == torch.float32 and torch.equal(got, ref), (budget, hints, got, ref)
 
 
-def test_layer_quantiles_is_one_pass(monkeypatch):
+def test_layer_quantiles_is_one_pass(spy):
     """Every layer in the same pass over the pool: warm (right hints) one pass, cold one pass for elementwise
     scores (sampled off the weights) and two for a whole-layer score_fn; a missed hint costs one more pass, over
     the layers that missed only."""
@@ -508,14 +495,7 @@ def test_layer_quantiles_is_one_pass(monkeypatch):
     qs = [0.9, 0.5, 0.8]
     warm = [float(t) for t in th.layer_quantiles(tensors, qs)]
     stepped = [t + 1e-4 * torch.randn(t.shape, generator=g) for t in tensors]
-    passes: list[list[int]] = []
-    chunks = th._Pool.layer_chunks
-
-    def spy(self, layers=None):
-        passes.append(list(range(len(self.tensors))) if layers is None else list(layers))
-        return chunks(self, layers)
-
-    monkeypatch.setattr(th._Pool, "layer_chunks", spy)
+    calls = spy(th._Pool, "layer_chunks")
     ref = _layer_reference(stepped, qs, th._abs_score)
     missed = [warm[0], 3.0 * warm[1], warm[2]]
     for score_fn, hints, expected in (
@@ -526,8 +506,9 @@ def test_layer_quantiles_is_one_pass(monkeypatch):
         (_abs, warm, [[0, 1, 2]]),
         (_abs, missed, [[0, 1, 2], [1]]),
     ):
-        passes.clear()
+        calls.clear()
         assert torch.equal(th.layer_quantiles(stepped, qs, score_fn, hints=hints), ref)
+        passes = [pass_layers(call) for call in calls]
         assert passes == expected, (score_fn.__name__, hints, passes)
 
 
@@ -595,17 +576,9 @@ def test_capped_threshold_equals_a_sort(monkeypatch, score):
 
 
 @pytest.fixture
-def layer_passes(monkeypatch):
-    """Counts the passes over the pool's weights (calls of _Pool.layer_chunks)."""
-    passes = {"n": 0}
-    chunks = th._Pool.layer_chunks
-
-    def spy(self, layers=None):
-        passes["n"] += 1
-        return chunks(self, layers)
-
-    monkeypatch.setattr(th._Pool, "layer_chunks", spy)
-    return passes
+def layer_passes(spy):
+    """The passes over the pool's weights (calls of _Pool.layer_chunks)."""
+    return spy(th._Pool, "layer_chunks")
 
 
 def test_capped_threshold_one_pass_when_the_hint_holds(layer_passes):
@@ -614,12 +587,12 @@ def test_capped_threshold_one_pass_when_the_hint_holds(layer_passes):
     tensors = [torch.randn(300, 200, generator=g), torch.randn(5000, generator=g) * 3, torch.randn(90, generator=g)]
     lows, highs, count = [0, 0, 10], [50000, 4000, 80], 50000
     tau = th.capped_threshold(tensors, lows, highs, count)[0]
-    passes["n"] = 0
+    passes.clear()
     assert torch.equal(th.capped_threshold(tensors, lows, highs, count, hint=float(tau))[0], tau)
-    assert passes["n"] == 1
-    passes["n"] = 0
+    assert len(passes) == 1
+    passes.clear()
     assert torch.equal(th.capped_threshold(tensors, lows, highs, count)[0], tau)
-    assert passes["n"] == 4  # radix: four 8-bit digits
+    assert len(passes) == 4  # radix: four 8-bit digits
 
 
 def test_capped_threshold_errors():
@@ -651,9 +624,9 @@ def test_capped_threshold_with_the_previously_held_layers(layer_passes):
     quantile = {i: (k - 1 + 1 / 16) / (numels[i] - 1) for i, k in bound.items()}  # exactly k pruned
     own_ref = {i: th.layer_quantiles([tensors[i]], [q])[0] for i, q in quantile.items()}
     expected = {i: (quantile[i], float(own_ref[i]), at_max) for i, at_max in held.items()}
-    passes["n"] = 0
+    passes.clear()
     tau, counts, own = th.capped_threshold(tensors, lows, highs, count, hint=float(ref), held=expected)
-    assert passes["n"] == 1 and torch.equal(tau, ref)
+    assert len(passes) == 1 and torch.equal(tau, ref)
     assert set(own) == set(held) and all(torch.equal(own[i], own_ref[i]) for i in held)
     assert [None if i in held else c for i, c in enumerate(ref_counts)] == counts
     free = next(i for i in range(len(tensors)) if i not in held)
