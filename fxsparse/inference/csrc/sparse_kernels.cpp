@@ -169,7 +169,7 @@ std::shared_ptr<const Prepared> prepared(const at::Tensor& indices, std::vector<
 // warm (ResNet-50 90%, batch 1, one thread: 1.016x end to end). An output still held by the caller, or a view of
 // it, is never handed out again: its storage has another owner.
 // The limit: POOL_MAX_BYTES, or POOL_LARGEST_TIMES times the largest buffer asked for when that is more, so that a
-// large batch's few live activations fit too (ResNet-50 at batch 16: 51 MB outputs, about 300 MB pooled; 1.19x
+// large batch's few live activations fit too (ResNet-50 at batch 16: 51 MB outputs, about 300 MB pooled; 1.19-1.25x
 // end to end over a fixed 128 MiB, two threads); set_pool_limit() fixes it instead.
 constexpr int64_t POOL_MIN_BYTES = 128 * 1024, POOL_MAX_BYTES = 128 * 1024 * 1024, POOL_LARGEST_TIMES = 8;
 
