@@ -16,7 +16,9 @@ from torch import nn
 import fxsparse
 from fxsparse.export import to_csr
 from fxsparse.inference import SparseConv2d, SparseLinear, native, ops
+from fxsparse.inference.layers import features_first_table
 
+from test_inference import prefer
 from test_inference import prune_ as prune_at_random_
 
 kernels = native.kernels()
@@ -580,3 +582,66 @@ def test_eager_calls_skip_the_op_only_outside_tracing_and_autograd():
     with torch.no_grad():
         assert rel_error(ops.native_conv2d(x.detach(), *args), ref) <= 1e-5
     assert rel_error(ops.native_conv2d(x, *args).detach(), ref) <= 1e-5  # through the op
+
+
+class UntraceableMlps(nn.Module):
+    """fc1 -> GELU -> fc2 and a SwiGLU (silu(gate) * up -> down), then proj, whose output escapes to a
+    LayerNorm, and head; data-dependent control flow keeps torch.fx out, as with transformers' models."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 32), nn.Linear(32, 8)
+        self.gate, self.up, self.down = nn.Linear(8, 24, bias=False), nn.Linear(8, 24), nn.Linear(24, 8)
+        self.proj, self.norm, self.head = nn.Linear(8, 8), nn.LayerNorm(8), nn.Linear(8, 4)
+
+    def forward(self, x):
+        if x.sum() > float("-inf"):  # data-dependent: torch.fx cannot trace it
+            x = x + self.fc2(F.gelu(self.fc1(x)))
+        x = x + self.down(F.silu(self.gate(x)) * self.up(x))
+        return self.head(self.norm(self.proj(x)))
+
+
+def test_untraceable_linears_chain_through_elementwise_ops_as_views(threads):
+    model = prune_at_random_(UntraceableMlps(), density=0.3, seed=0)
+    x = torch.randn(2, 9, 8)
+    fast = fxsparse.accelerate(model, x, timer=prefer("native"))
+    assert fast.fxsparse_plan.chained_linears == [("fc1", "fc2"), ("gate", "down"), ("up", "down")]
+    assert [n for n in ("fc1", "gate", "up", "proj") if fast.get_submodule(n).features_first_view_out] == [
+        "fc1",
+        "gate",
+        "up",
+    ]
+    given = {}
+    hooks = [
+        fast.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: given.setdefault(n, a[0]))
+        for n in ("fc2", "down", "head")
+    ]
+    for shape in [(2, 9, 8), (3, 1, 8), (1, 8), (0, 8)]:  # many tokens, the gathered path, 2-D, empty
+        x = torch.randn(*shape)
+        given.clear()
+        with torch.no_grad():
+            assert rel_error(fast(x), model(x)) <= 1e-5, shape
+        if shape[0] * shape[-2] > 1:  # the producers' (out, ...) products arrive as they are, as views
+            assert features_first_table(given["fc2"]) is not None and features_first_table(given["down"]) is not None
+        assert given["head"].is_contiguous()
+    for hook in hooks:
+        hook.remove()
+
+
+def test_untraceable_chains_are_dropped_when_the_outputs_differ(monkeypatch):
+    from fxsparse.inference import chain
+
+    monkeypatch.setattr(chain, "_close_outputs", lambda a, b: False)
+    model = prune_at_random_(UntraceableMlps(), density=0.3, seed=0)
+    fast = fxsparse.accelerate(model, torch.randn(2, 9, 8), timer=prefer("native"))
+    assert fast.fxsparse_plan.chained_linears == []
+    assert not any(getattr(m, "features_first_view_out", False) for m in fast.modules())
+
+
+def test_features_first_table_reads_only_a_feature_first_layout():
+    x = torch.randn(3, 4, 5)
+    assert features_first_table(x) is None  # contiguous: read as it is
+    view = x.movedim(-1, 0).contiguous().movedim(0, -1)
+    assert torch.equal(features_first_table(view), x.movedim(-1, 0))
+    assert features_first_table(x.transpose(0, 1)) is None  # strided otherwise: transposed by the kernel
+    assert features_first_table(torch.randn(5)) is None

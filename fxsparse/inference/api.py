@@ -295,11 +295,11 @@ def _plan_(
         if layer.path == DENSE:
             _replace_submodule_(model, name, layer.plain_module())
     whole = None  # issue 16, never slower: the whole model against dense, before chaining (which only helps)
+    run = lambda m: call_model(m, example_input)  # noqa: E731
     if model_timer is not None and any(p.path != DENSE for p in plans):
-        run = lambda m: call_model(m, example_input)  # noqa: E731
         model, whole = keep_what_wins(model, run, csr_parts, model_timer, min_speedup)
     del csr_parts
-    model, chains = chain_linears_(model)
+    model, chains = chain_linears_(model, run)
     for producer, consumer in chains:
         for plan in plans:
             if plan.name in (producer, consumer):

@@ -106,6 +106,15 @@ def float32_input(x: Tensor, name: str) -> Tensor:
     return x.float()
 
 
+def features_first_table(x: Tensor) -> Tensor | None:
+    """The (in, ...) table of an (..., in) input stored feature-first (a chained linear's view, chain.py): the
+    compiled linear reads it with no transpose. None for any other layout."""
+    if x.dim() < 2 or x.is_contiguous():
+        return None
+    table = x.movedim(-1, 0)
+    return table if table.is_contiguous() else None
+
+
 def native_csr(crow: Tensor, col: Tensor, values: Tensor, columns: int) -> tuple[Tensor, Tensor, Tensor] | None:
     """(indices, offsets, weights) of the compiled kernels: column indices in int16 when there are fewer than
     32768 columns (int32 otherwise), int32 row pointers, float32 values; None when the CSR is too large."""
@@ -519,6 +528,9 @@ class SparseLinear(_SparseLayer):
         super().__init__(crow, col, values, bias, (out_features, in_features), dense_weight)
         self.in_features, self.out_features = in_features, out_features
         self.features_first_in = self.features_first_out = False  # set by chain.py between chained linears
+        # chain.py, a model it cannot trace: the (out, ...) product handed over as a (..., out) view, which a
+        # chained SparseLinear reads as its table (feature_first_table)
+        self.features_first_view_out = False
         self.register_buffer("separate_bias", None)
 
     @classmethod
@@ -605,15 +617,20 @@ class SparseLinear(_SparseLayer):
         x = float32_input(x, self.name)
         if self.kernel == ops.NATIVE:
             csr, bias = self._native_operands()
+            features_first_in = self.features_first_in
+            if not features_first_in and (table := features_first_table(x)) is not None:
+                x, features_first_in = table, True
             out = ops.native_linear(
                 x,
                 *csr,
                 bias,
                 self.out_features,
-                self.features_first_in,
-                self.features_first_out,
+                features_first_in,
+                self.features_first_out or self.features_first_view_out,
                 self.relu,
             )
+            if self.features_first_view_out:
+                out = out.movedim(0, -1)
             return out if dtype == torch.float32 else out.to(dtype)
         separate_bias = None if self.separate_bias is None else self.separate_bias.float()
         return torch.ops.fxsparse.linear(
@@ -642,7 +659,9 @@ class SparseLinear(_SparseLayer):
 
     def extra_repr(self) -> str:
         chained = "".join(
-            f", features_first_{side}" for side in ("in", "out") if getattr(self, f"features_first_{side}")
+            f", {flag}"
+            for flag in ("features_first_in", "features_first_out", "features_first_view_out")
+            if getattr(self, flag)
         )
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, nnz={self.nnz}, "
