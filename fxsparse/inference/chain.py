@@ -165,8 +165,8 @@ def chain_linears_by_probe_(model: nn.Module, run: Callable[[nn.Module], object]
     A compiled-kernel linear whose output reaches only other compiled-kernel linears, through elementwise
     (pointwise) ops alone, hands its (out, ...) product over as a (..., out) view; the elementwise ops keep
     that layout, and a linear given such an input reads it as its table (SparseLinear: no transposes). The
-    result must equal the unchained model's exactly, else nothing is chained. Returns the (producer,
-    consumer) pairs.
+    result must match the unchained model's (_close_outputs), else nothing is chained. Returns the
+    (producer, consumer) pairs.
     """
     linears = {
         n: m

@@ -529,7 +529,7 @@ class SparseLinear(_SparseLayer):
         self.in_features, self.out_features = in_features, out_features
         self.features_first_in = self.features_first_out = False  # set by chain.py between chained linears
         # chain.py, a model it cannot trace: the (out, ...) product handed over as a (..., out) view, which a
-        # chained SparseLinear reads as its table (feature_first_table)
+        # chained SparseLinear reads as its table (features_first_table)
         self.features_first_view_out = False
         self.register_buffer("separate_bias", None)
 
