@@ -107,6 +107,9 @@ CONVS = {  # name: (in, out, kernel, stride, padding (t, b, l, r), dilation, gro
     # enough input channels for several channel blocks (a block's slice of x fits in L1)
     "3x3-channel-blocks": (100, 9, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1, (19, 21)),
     "grouped-channel-blocks": (200, 6, (3, 3), (2, 1), (1, 0, 1, 1), (1, 1), 2, (15, 17)),
+    # 1x1 convs with enough nonzeros a row for channel blocks (at 30% density and dense)
+    "1x1-channel-blocks": (256, 6, (1, 1), (1, 1), (0, 0, 0, 0), (1, 1), 1, (12, 12)),
+    "1x1-strided-grouped-channel-blocks": (256, 4, (1, 1), (2, 2), (0, 0, 0, 0), (1, 1), 2, (20, 18)),
 }
 
 
@@ -152,6 +155,21 @@ def test_native_conv_offsets_kept_between_calls_follow_input_size_and_weight(ker
     col.copy_(flipped_col)
     values.copy_(flipped_values)
     assert rel_error(torch.ops.fxsparse.native_conv2d(x, col, *args), F.conv2d(x, flipped)) <= 1e-5
+
+
+def test_native_conv_packs_only_the_channels_its_weight_reads(threads):
+    """A direct conv packs only the input channels some nonzero reads: the others, left as the pooled buffer
+    had them (here NaN from an earlier call of the same geometry), are never read."""
+    x_nan = torch.full((1, 8, 64, 64), float("nan"))
+    dense = sparse_weight((4, 8, 3, 3), 1.0)
+    geometry = (4, 1, [3, 3], [1, 1], [1, 1, 1, 1], [1, 1], False)
+    assert torch.ops.fxsparse.native_conv2d(x_nan, *csr32(dense), None, None, *geometry).isnan().all()
+    few = torch.zeros(4, 8, 3, 3)
+    few[0, 1, 0, 2], few[2, 5, 1, 1], few[3, 5, 2, 0] = 1.5, -2.0, 0.5  # channels 1 and 5 only
+    x = torch.randn(1, 8, 64, 64)
+    bias = torch.randn(4)
+    out = torch.ops.fxsparse.native_conv2d(x, *csr32(few), bias, None, *geometry)
+    assert rel_error(out, F.conv2d(x, few, bias, padding=1)) <= 1e-5
 
 
 def test_native_conv_input_smaller_than_kernel_raises_like_conv2d():

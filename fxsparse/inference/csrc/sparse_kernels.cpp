@@ -99,19 +99,28 @@ struct Prepared {
   std::vector<int32_t> off;
   std::vector<int32_t> seg;  // empty: one block
   int64_t blocks = 1;
+  std::vector<uint8_t> channel_read;  // a direct conv: whether some nonzero reads input channel c (empty: all do)
 };
 
 // Split the rows of a product into blocks of input channels, so that the slice of x that one column tile reads
 // in a block fits in L1 (x holds `floats_per_channel` floats per channel for a tile; a weight column c reads
 // channel c / taps). The vector code sweeps a tile's rows once per block (spmm_simd.h); `seg` keeps the split.
-// Used for direct kh x kw convs (each channel read by kh kw taps: 1.1-1.8x on ResNet-50's 3x3 layers); linears
-// and 1x1 convs measured 1.2-1.7x slower with it (too few nonzeros per row and block for the partial sums).
+// Used for direct kh x kw convs (each channel read by kh kw taps: 1.1-1.8x on ResNet-50's 3x3 layers), and for
+// 1x1 convs with at least MIN_NONZEROS_PER_BLOCK nonzeros a row and block (1.14-1.37x at 25-41% density on
+// ResNet-50's 1x1 shapes; with fewer, as at 90% sparsity, the partial sums cost more than L1 saves: 0.90-0.96x
+// at 12.8 a block).
+constexpr int64_t L1_SLICE = 32 * 1024 / sizeof(float);  // of the 32-48 KiB L1d: the rest for weights and sums
+constexpr int64_t MIN_NONZEROS_PER_BLOCK = 16;
+
+inline int64_t channel_blocks(int64_t channels, int64_t floats_per_channel) {
+  const int64_t per_block_max = std::max<int64_t>(1, L1_SLICE / std::max<int64_t>(1, floats_per_channel));
+  return (channels + per_block_max - 1) / per_block_max;
+}
+
 template <typename Index>
 void split_by_channel_blocks(const int32_t* rowptr, const Index* col, int64_t M, int64_t channels, int64_t taps,
                              int64_t floats_per_channel, Prepared& prepared) {
-  constexpr int64_t L1_SLICE = 32 * 1024 / sizeof(float);  // of the 48 KiB L1d: the rest for weights and sums
-  const int64_t per_block_max = std::max<int64_t>(1, L1_SLICE / std::max<int64_t>(1, floats_per_channel));
-  const int64_t blocks = (channels + per_block_max - 1) / per_block_max;
+  const int64_t blocks = channel_blocks(channels, floats_per_channel);
   if (blocks <= 1) return;
   const int64_t block_columns = (channels + blocks - 1) / blocks * taps;
   prepared.seg.resize(M * (blocks + 1));
@@ -748,8 +757,14 @@ void conv2d_into(const at::Tensor& x, const at::Tensor& indices, const at::Tenso
       p.off.resize(nnz);
       for (int64_t m = 0; m < out_channels; ++m)
         for (int64_t e = rowptr[m]; e < rowptr[m + 1]; ++e) p.off[e] = static_cast<int32_t>((col[e] + (m / og) * cg) * ld);
+      const int64_t floats = std::min(ld, TILE_COLUMNS);
+      const int64_t blocks = channel_blocks(cg, floats);
+      if (blocks > 1 && nnz >= MIN_NONZEROS_PER_BLOCK * blocks * out_channels)
+        split_by_channel_blocks(rowptr, col, out_channels, cg, 1, floats, p);
     });
     Product<int32_t> job{rows.data_ptr<float>(), 1, rowptr, ready->off.data(), val, HW, Epilogue{}};
+    job.seg = ready->seg.empty() ? nullptr : ready->seg.data();
+    job.blocks = ready->blocks;
     const int64_t image = out_channels * HW;
     for (int64_t n = 0; n < N; ++n) {
       job.x = rows.data_ptr<float>() + n * C * ld;
@@ -792,16 +807,46 @@ void conv2d_into(const at::Tensor& x, const at::Tensor& indices, const at::Tenso
     return;
   }
   TORCH_CHECK(total < (int64_t(1) << 31), "fxsparse native conv2d: one sample is too large for int32 offsets");
+  const int64_t nphases = static_cast<int64_t>(phases.size());
+  // the wide output p = (n*Hq + oh)*Wq + ow: stored as it is when it is NCHW (one sample, no extra columns),
+  // else each tile row segment by row segment (store_wide)
+  const int64_t P = ((N - 1) * Hq + Ho - 1) * Wq + Wo;
+  const auto ready = prepared(indices, {2, N, C, H, Wd, kh, kw, sh, sw, pt, pb, pl, pr, dh, dw, groups}, [&](Prepared& p) {
+    // the offset of each weight column (c, i, j) of a group, looked up per nonzero (no division per nonzero)
+    std::vector<int32_t> column_offset(cg * taps);
+    for (int64_t i = 0; i < kh; ++i)
+      for (int64_t j = 0; j < kw; ++j) {
+        const int64_t tap = slot[((i * dh) % sh) * sw + (j * dw) % sw] * phase_size + ((i * dh) / sh) * Wq + (j * dw) / sw;
+        for (int64_t c = 0; c < cg; ++c) column_offset[c * taps + i * kw + j] = static_cast<int32_t>(c * plane + tap);
+      }
+    p.off.resize(nnz);
+    for (int64_t m = 0; m < out_channels; ++m) {
+      const int32_t group_offset = static_cast<int32_t>((m / og) * cg * plane);
+      for (int64_t e = rowptr[m]; e < rowptr[m + 1]; ++e) p.off[e] = column_offset[col[e]] + group_offset;
+    }
+    // a tile's slice of one channel: in each phase, the tile's columns and the rows and columns its taps reach
+    const int64_t reach = ((kh - 1) * dh / sh) * Wq + (kw - 1) * dw / sw;
+    if (taps > 1)
+      split_by_channel_blocks(rowptr, col, out_channels, cg, taps, nphases * (std::min(P, TILE_COLUMNS) + reach), p);
+    p.channel_read.assign(C, 0);
+    for (int64_t m = 0; m < out_channels; ++m)
+      for (int64_t e = rowptr[m]; e < rowptr[m + 1]; ++e) p.channel_read[(m / og) * cg + col[e] / taps] = 1;
+    if (std::all_of(p.channel_read.begin(), p.channel_read.end(), [](uint8_t r) { return r != 0; }))
+      p.channel_read.clear();
+  });
   at::Tensor packed = pooled_empty({total});
   float* xp = packed.data_ptr<float>();
   const float* src = x.data_ptr<float>();
   const int64_t s_n = x.stride(0), s_c = x.stride(1), s_h = x.stride(2), s_w = x.stride(3);
-  const int64_t nphases = static_cast<int64_t>(phases.size());
+  // only the channels some nonzero reads: a very sparse layer reads a few (ResNet-50's 3x3 layers under the
+  // global ST-3-sigma-shaped mask read 3-200 of 64-512; that model 1.095x end to end with the 1x1 blocks above)
+  const uint8_t* channel_read = ready->channel_read.empty() ? nullptr : ready->channel_read.data();
   // a few thousand floats per thread at least; the stem's 3 channels x 4 phases (13k floats each) split too
   const int64_t pack_grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, plane));
   at::parallel_for(0, nphases * C, pack_grain, [&](int64_t begin, int64_t end) {
     for (int64_t pc = begin; pc < end; ++pc) {
       const int64_t ph = pc / C, c = pc % C, a = phases[ph].first, bb = phases[ph].second;
+      if (channel_read && !channel_read[c]) continue;
       for (int64_t n = 0; n < N; ++n)
         for (int64_t r = 0; r < Hq; ++r) {
           float* row = xp + ph * phase_size + c * plane + (n * Hq + r) * Wq;
@@ -825,27 +870,6 @@ void conv2d_into(const at::Tensor& x, const at::Tensor& indices, const at::Tenso
           }
         }
     }
-  });
-  // the wide output p = (n*Hq + oh)*Wq + ow: stored as it is when it is NCHW (one sample, no extra columns),
-  // else each tile row segment by row segment (store_wide)
-  const int64_t P = ((N - 1) * Hq + Ho - 1) * Wq + Wo;
-  const auto ready = prepared(indices, {2, N, C, H, Wd, kh, kw, sh, sw, pt, pb, pl, pr, dh, dw, groups}, [&](Prepared& p) {
-    // the offset of each weight column (c, i, j) of a group, looked up per nonzero (no division per nonzero)
-    std::vector<int32_t> column_offset(cg * taps);
-    for (int64_t i = 0; i < kh; ++i)
-      for (int64_t j = 0; j < kw; ++j) {
-        const int64_t tap = slot[((i * dh) % sh) * sw + (j * dw) % sw] * phase_size + ((i * dh) / sh) * Wq + (j * dw) / sw;
-        for (int64_t c = 0; c < cg; ++c) column_offset[c * taps + i * kw + j] = static_cast<int32_t>(c * plane + tap);
-      }
-    p.off.resize(nnz);
-    for (int64_t m = 0; m < out_channels; ++m) {
-      const int32_t group_offset = static_cast<int32_t>((m / og) * cg * plane);
-      for (int64_t e = rowptr[m]; e < rowptr[m + 1]; ++e) p.off[e] = column_offset[col[e]] + group_offset;
-    }
-    // a tile's slice of one channel: in each phase, the tile's columns and the rows and columns its taps reach
-    const int64_t reach = ((kh - 1) * dh / sh) * Wq + (kw - 1) * dw / sw;
-    if (taps > 1)
-      split_by_channel_blocks(rowptr, col, out_channels, cg, taps, nphases * (std::min(P, TILE_COLUMNS) + reach), p);
   });
   Epilogue epi{b, res, Ho * Wo, relu, out.data_ptr<float>(), Ho * Wo};
   if (N > 1 || Wq != Wo) epi.Wq = Wq, epi.Hq = Hq, epi.Ho = Ho, epi.Wo = Wo, epi.M = out_channels;
