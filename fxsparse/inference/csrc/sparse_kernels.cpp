@@ -106,22 +106,18 @@ struct Prepared {
 // in a block fits in L1 (x holds `floats_per_channel` floats per channel for a tile; a weight column c reads
 // channel c / taps). The vector code sweeps a tile's rows once per block (spmm_simd.h); `seg` keeps the split.
 // Used for direct kh x kw convs (each channel read by kh kw taps: 1.1-1.8x on ResNet-50's 3x3 layers), and for
-// 1x1 convs with at least MIN_NONZEROS_PER_BLOCK nonzeros a row and block (1.14-1.37x at 25-41% density on
-// ResNet-50's 1x1 shapes; with fewer, as at 90% sparsity, the partial sums cost more than L1 saves: 0.90-0.96x
-// at 12.8 a block).
-constexpr int64_t L1_SLICE = 32 * 1024 / sizeof(float);  // of the 32-48 KiB L1d: the rest for weights and sums
+// 1x1 convs with at least MIN_NONZEROS_PER_BLOCK nonzeros a row and block on average (`min_nonzeros_per_block`;
+// 1.14-1.37x at 25-41% density on ResNet-50's 1x1 shapes; with fewer, as at 90% sparsity, the partial sums cost
+// more than L1 saves: 0.90-0.96x at 12.8 a block). No split when it would give one block or too few nonzeros.
 constexpr int64_t MIN_NONZEROS_PER_BLOCK = 16;
-
-inline int64_t channel_blocks(int64_t channels, int64_t floats_per_channel) {
-  const int64_t per_block_max = std::max<int64_t>(1, L1_SLICE / std::max<int64_t>(1, floats_per_channel));
-  return (channels + per_block_max - 1) / per_block_max;
-}
 
 template <typename Index>
 void split_by_channel_blocks(const int32_t* rowptr, const Index* col, int64_t M, int64_t channels, int64_t taps,
-                             int64_t floats_per_channel, Prepared& prepared) {
-  const int64_t blocks = channel_blocks(channels, floats_per_channel);
-  if (blocks <= 1) return;
+                             int64_t floats_per_channel, int64_t min_nonzeros_per_block, Prepared& prepared) {
+  constexpr int64_t L1_SLICE = 32 * 1024 / sizeof(float);  // of the 32-48 KiB L1d: the rest for weights and sums
+  const int64_t per_block_max = std::max<int64_t>(1, L1_SLICE / std::max<int64_t>(1, floats_per_channel));
+  const int64_t blocks = (channels + per_block_max - 1) / per_block_max;
+  if (blocks <= 1 || rowptr[M] < min_nonzeros_per_block * blocks * M) return;
   const int64_t block_columns = (channels + blocks - 1) / blocks * taps;
   prepared.seg.resize(M * (blocks + 1));
   for (int64_t m = 0; m < M; ++m) {
@@ -757,10 +753,7 @@ void conv2d_into(const at::Tensor& x, const at::Tensor& indices, const at::Tenso
       p.off.resize(nnz);
       for (int64_t m = 0; m < out_channels; ++m)
         for (int64_t e = rowptr[m]; e < rowptr[m + 1]; ++e) p.off[e] = static_cast<int32_t>((col[e] + (m / og) * cg) * ld);
-      const int64_t floats = std::min(ld, TILE_COLUMNS);
-      const int64_t blocks = channel_blocks(cg, floats);
-      if (blocks > 1 && nnz >= MIN_NONZEROS_PER_BLOCK * blocks * out_channels)
-        split_by_channel_blocks(rowptr, col, out_channels, cg, 1, floats, p);
+      split_by_channel_blocks(rowptr, col, out_channels, cg, 1, std::min(ld, TILE_COLUMNS), MIN_NONZEROS_PER_BLOCK, p);
     });
     Product<int32_t> job{rows.data_ptr<float>(), 1, rowptr, ready->off.data(), val, HW, Epilogue{}};
     job.seg = ready->seg.empty() ? nullptr : ready->seg.data();
@@ -827,7 +820,7 @@ void conv2d_into(const at::Tensor& x, const at::Tensor& indices, const at::Tenso
     // a tile's slice of one channel: in each phase, the tile's columns and the rows and columns its taps reach
     const int64_t reach = ((kh - 1) * dh / sh) * Wq + (kw - 1) * dw / sw;
     if (taps > 1)
-      split_by_channel_blocks(rowptr, col, out_channels, cg, taps, nphases * (std::min(P, TILE_COLUMNS) + reach), p);
+      split_by_channel_blocks(rowptr, col, out_channels, cg, taps, nphases * (std::min(P, TILE_COLUMNS) + reach), 0, p);
     p.channel_read.assign(C, 0);
     for (int64_t m = 0; m < out_channels; ++m)
       for (int64_t e = rowptr[m]; e < rowptr[m + 1]; ++e) p.channel_read[(m / og) * cg + col[e] / taps] = 1;
