@@ -461,15 +461,12 @@ std::string force_isa(const std::string& name) {
   return isa_name(wanted);
 }
 
-// Run body(m0, m1) over the rows [0, M) split into blocks of about equal nonzero counts, one per thread; one
-// block when the product is small (`work`: multiply-adds), where waking threads costs more than it saves.
-template <typename Body>
-void over_row_blocks(const int32_t* rowptr, int64_t M, int64_t work, const Body& body) {
+// The rows [0, M) split into blocks of about equal nonzero counts, one per thread (block k is [bounds[k],
+// bounds[k + 1])); one block when the product is small (`work`: multiply-adds), where waking threads costs more
+// than it saves.
+std::vector<int64_t> row_blocks(const int32_t* rowptr, int64_t M, int64_t work) {
   const int64_t threads = std::min<int64_t>(at::get_num_threads(), M);
-  if (threads <= 1 || work < 32768) {
-    body(0, M);
-    return;
-  }
+  if (threads <= 1 || work < 32768) return {0, M};
   std::vector<int64_t> bounds(threads + 1, M);
   bounds[0] = 0;
   const int64_t nnz = rowptr[M];
@@ -478,23 +475,40 @@ void over_row_blocks(const int32_t* rowptr, int64_t M, int64_t work, const Body&
     bounds[k] = std::lower_bound(rowptr, rowptr + M + 1, static_cast<int32_t>(target)) - rowptr;
     bounds[k] = std::max(bounds[k], bounds[k - 1]);
   }
-  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+  return bounds;
+}
+
+// Run body(k, m0, m1) for each row block k = [m0, m1) of `bounds`, one thread a block.
+template <typename Body>
+void over_blocks(const std::vector<int64_t>& bounds, const Body& body) {
+  const int64_t blocks = static_cast<int64_t>(bounds.size()) - 1;
+  if (blocks == 1) return body(0, bounds[0], bounds[1]);
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t k = begin; k < end; ++k)
-      if (bounds[k] < bounds[k + 1]) body(bounds[k], bounds[k + 1]);
+      if (bounds[k] < bounds[k + 1]) body(k, bounds[k], bounds[k + 1]);
   });
+}
+
+template <typename Body>
+void over_row_blocks(const int32_t* rowptr, int64_t M, int64_t work, const Body& body) {
+  over_blocks(row_blocks(rowptr, M, work), [&](int64_t, int64_t m0, int64_t m1) { body(m0, m1); });
+}
+
+template <typename Index>
+void spmm_rows_on(Isa isa, const Product<Index>& job, int64_t m0, int64_t m1) {
+#ifdef FXSPARSE_X86
+  if (isa == Isa::avx512) return avx512::spmm_rows(job, m0, m1);
+  if (isa == Isa::avx2) return avx2::spmm_rows(job, m0, m1);
+#endif
+  portable::spmm_rows(job, m0, m1);
 }
 
 template <typename Index>
 void run_product(const Product<Index>& job, int64_t M) {
   if (job.P <= 0 || M <= 0) return;
   const Isa isa = current_isa();
-  over_row_blocks(job.rowptr, M, static_cast<int64_t>(job.rowptr[M]) * job.P, [&](int64_t m0, int64_t m1) {
-#ifdef FXSPARSE_X86
-    if (isa == Isa::avx512) return avx512::spmm_rows(job, m0, m1);
-    if (isa == Isa::avx2) return avx2::spmm_rows(job, m0, m1);
-#endif
-    portable::spmm_rows(job, m0, m1);
-  });
+  over_row_blocks(job.rowptr, M, static_cast<int64_t>(job.rowptr[M]) * job.P,
+                  [&](int64_t m0, int64_t m1) { spmm_rows_on(isa, job, m0, m1); });
 }
 
 template <typename Index>
@@ -527,33 +541,45 @@ const float* optional_data(const c10::optional<at::Tensor>& t, int64_t numel, co
   return t->data_ptr<float>();
 }
 
-// dst[c * rows + r] = src[r * cols + c]: (rows, cols) to (cols, rows), in 32 x 32 blocks (4 KiB read, 4 KiB
-// written: both stay in L1) of 8 x 8 register transposes on AVX2 / AVX-512, the blocks shared among threads.
-// torch's strided copy of a transposed (128, 768) float tensor took about 95 us here, and a linear on many
-// tokens needs two.
-void transpose(const float* src, int64_t rows, int64_t cols, float* dst) {
+// dst[c * ldd + r] = src[r * lds + c] for r < rows, c < cols, the 32 x 32 blocks [block0, block1) (row-block
+// major) of 8 x 8 register transposes on AVX2 / AVX-512: a block's 4 KiB read and 4 KiB written stay in L1.
+void transpose_blocks(const float* src, int64_t rows, int64_t cols, int64_t lds, float* dst, int64_t ldd,
+                      int64_t block0, int64_t block1) {
   constexpr int64_t B = 32;
-  const int64_t row_blocks = (rows + B - 1) / B, col_blocks = (cols + B - 1) / B;
+  const int64_t col_blocks = (cols + B - 1) / B;
 #ifdef FXSPARSE_X86
   const bool vector = current_isa() != Isa::portable;
 #else
   const bool vector = false;
 #endif
-  at::parallel_for(0, row_blocks * col_blocks, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t block = begin; block < end; ++block) {
-      const int64_t r0 = block / col_blocks * B, c0 = block % col_blocks * B;
-      const int64_t r1 = std::min(rows, r0 + B), c1 = std::min(cols, c0 + B);
-      int64_t r8 = r0, c8 = c0;  // [r0, r8) x [c0, c8): whole 8 x 8 tiles
+  for (int64_t block = block0; block < block1; ++block) {
+    const int64_t r0 = block / col_blocks * B, c0 = block % col_blocks * B;
+    const int64_t r1 = std::min(rows, r0 + B), c1 = std::min(cols, c0 + B);
+    int64_t r8 = r0, c8 = c0;  // [r0, r8) x [c0, c8): whole 8 x 8 tiles
 #ifdef FXSPARSE_X86
-      if (vector) {
-        r8 = r0 + (r1 - r0) / 8 * 8, c8 = c0 + (c1 - c0) / 8 * 8;
-        for (int64_t r = r0; r < r8; r += 8)
-          for (int64_t c = c0; c < c8; c += 8) avx2::transpose8x8(src + r * cols + c, cols, dst + c * rows + r, rows);
-      }
-#endif
-      for (int64_t c = c0; c < c1; ++c)  // the rest, one float at a time
-        for (int64_t r = (c < c8 ? r8 : r0); r < r1; ++r) dst[c * rows + r] = src[r * cols + c];
+    if (vector) {
+      r8 = r0 + (r1 - r0) / 8 * 8, c8 = c0 + (c1 - c0) / 8 * 8;
+      for (int64_t r = r0; r < r8; r += 8)
+        for (int64_t c = c0; c < c8; c += 8) avx2::transpose8x8(src + r * lds + c, lds, dst + c * ldd + r, ldd);
     }
+#endif
+    for (int64_t c = c0; c < c1; ++c)  // the rest, one float at a time
+      for (int64_t r = (c < c8 ? r8 : r0); r < r1; ++r) dst[c * ldd + r] = src[r * lds + c];
+  }
+}
+
+int64_t transpose_block_count(int64_t rows, int64_t cols) { return ((rows + 31) / 32) * ((cols + 31) / 32); }
+
+// The same, by the calling thread alone.
+void transpose_serial(const float* src, int64_t rows, int64_t cols, int64_t lds, float* dst, int64_t ldd) {
+  transpose_blocks(src, rows, cols, lds, dst, ldd, 0, transpose_block_count(rows, cols));
+}
+
+// dst[c * rows + r] = src[r * cols + c]: (rows, cols) to (cols, rows), the blocks shared among threads. torch's
+// strided copy of a transposed (128, 768) float tensor took about 95 us here.
+void transpose(const float* src, int64_t rows, int64_t cols, float* dst) {
+  at::parallel_for(0, transpose_block_count(rows, cols), 16, [&](int64_t begin, int64_t end) {
+    transpose_blocks(src, rows, cols, cols, dst, rows, begin, end);
   });
 }
 
@@ -561,6 +587,7 @@ void transpose(const float* src, int64_t rows, int64_t cols, float* dst) {
 // linear
 // ---------------------------------------------------------------------------------------------------------
 constexpr int64_t GATHER_MAX_TOKENS = 4;  // up to this many tokens, a gathered dot product per output and token
+constexpr int64_t OWN_TABLE_BYTES = 2 << 20;  // the largest table that each thread transposes for itself
 
 template <typename Index>
 void linear_impl(const float* x, int64_t T, int64_t in, bool features_first_in, const at::Tensor& indices,
@@ -580,22 +607,35 @@ void linear_impl(const float* x, int64_t T, int64_t in, bool features_first_in, 
     run_gathered(job, M);
     return;
   }
-  at::Tensor table;  // (in, T)
-  const float* xt = x;
+  // Each thread computes a block of output rows from the whole table [x^T; 1]. A table that fits in L2 is
+  // transposed by every thread into a copy of its own: shared, each thread would read the half the other wrote
+  // from the other core's cache (BERT-base's (128, 768) input at two threads: 95 us against 20 us for a copy).
+  // Each thread transposes the rows it computed into its columns of a token-first result.
+  const std::vector<int64_t> bounds = row_blocks(rowptr, M, static_cast<int64_t>(rowptr[M]) * T);
+  const int64_t blocks = static_cast<int64_t>(bounds.size()) - 1;
+  const bool own_tables = !features_first_in && blocks > 1 && in * T * static_cast<int64_t>(sizeof(float)) <= OWN_TABLE_BYTES;
+  at::Tensor table;  // (in, T), or one a row block when own_tables
   if (!features_first_in) {
-    table = pooled_empty({in, T});
-    xt = table.data_ptr<float>();
-    transpose(x, T, in, table.data_ptr<float>());
+    table = own_tables ? pooled_empty({blocks, in, T}) : pooled_empty({in, T});
+    if (!own_tables) transpose(x, T, in, table.data_ptr<float>());
   }
   at::Tensor product;  // (M, T)
-  float* target = out;
-  if (!features_first_out) {
-    product = pooled_empty({M, T});
-    target = product.data_ptr<float>();
-  }
-  Product<Index> job{xt, T, rowptr, col, val, T, Epilogue{bias, nullptr, 0, relu, target, T}};
-  run_product(job, M);
-  if (!features_first_out) transpose(target, M, T, out);
+  if (!features_first_out) product = pooled_empty({M, T});
+  float* target = features_first_out ? out : product.data_ptr<float>();
+  const Isa isa = current_isa();
+  over_blocks(bounds, [&](int64_t k, int64_t m0, int64_t m1) {
+    const float* xt = x;
+    if (own_tables) {
+      float* own = table.data_ptr<float>() + k * in * T;
+      transpose_serial(x, T, in, in, own, T);
+      xt = own;
+    } else if (!features_first_in) {
+      xt = table.data_ptr<float>();
+    }
+    const Product<Index> job{xt, T, rowptr, col, val, T, Epilogue{bias, nullptr, 0, relu, target, T}};
+    spmm_rows_on(isa, job, m0, m1);
+    if (!features_first_out) transpose_serial(target + m0 * T, m1 - m0, T, T, out + m0, M);
+  });
 }
 
 // y = x W^T + b (optionally ReLU). x is (..., in), or (in, ...) when features_first_in; the result is
