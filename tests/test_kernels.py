@@ -665,3 +665,33 @@ def test_features_first_table_reads_only_a_feature_first_layout():
     assert torch.equal(features_first_table(view), x.movedim(-1, 0))
     assert features_first_table(x.transpose(0, 1)) is None  # strided otherwise: transposed by the kernel
     assert features_first_table(torch.randn(5)) is None
+
+
+def test_ab_kernels_times_builds_side_by_side_and_restores_the_kernels(load_tool):
+    ab = load_tool("ab_kernels")
+    csrc = str(native.CSRC)
+    before = native.kernels()
+    rows = ab.main(
+        [
+            f"base={csrc}",
+            f"same={csrc}",
+            "--model",
+            "resnet18",
+            "--input",
+            "1",
+            "3",
+            "32",
+            "32",
+            "--rounds",
+            "2",
+            "--calls",
+            "1",
+            "--sparsity",
+            "0.8",
+        ]
+    )
+    assert [r["build"] for r in rows] == ["base", "same"]
+    assert rows[0]["speedup"] == 1.0 and rows[1]["speedup"] > 0
+    assert native.kernels() is before
+    with pytest.raises(SystemExit, match="lacks"):
+        ab.main([f"base={csrc}", "empty=" + os.path.dirname(csrc) + "/no-such-folder"])

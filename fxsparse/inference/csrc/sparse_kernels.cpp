@@ -699,17 +699,24 @@ void copy_to_padded_rows(const at::Tensor& x, int64_t sh, int64_t sw, int64_t Ho
   const int64_t N = x.size(0), C = x.size(1), HW = Ho * Wo;
   const int64_t s_n = x.stride(0), s_c = x.stride(1), s_h = x.stride(2);
   const float* src = x.data_ptr<float>();
+  // a channel's pixels contiguous (stride 1): one copy a channel instead of one a row (ResNet-50's 1x1 convs on
+  // 1024 channels at 14x14 and 2048 at 7x7: 1.09-1.11x at one and two threads; its other 1x1s 1.00-1.03x)
+  const bool whole_channels = sh == 1 && sw == 1 && s_h == Wo;
   at::parallel_for(0, N * C, std::max<int64_t>(1, 16384 / ld), [&](int64_t begin, int64_t end) {
     for (int64_t nc = begin; nc < end; ++nc) {
       const float* in = src + (nc / C) * s_n + (nc % C) * s_c;
       float* row = rows + nc * ld;
-      for (int64_t oh = 0; oh < Ho; ++oh) {
-        const float* r = in + oh * sh * s_h;
-        float* o = row + oh * Wo;
-        if (sw == 1) {
-          std::memcpy(o, r, sizeof(float) * Wo);
-        } else {
-          for (int64_t ow = 0; ow < Wo; ++ow) o[ow] = r[ow * sw];
+      if (whole_channels) {
+        std::memcpy(row, in, sizeof(float) * HW);
+      } else {
+        for (int64_t oh = 0; oh < Ho; ++oh) {
+          const float* r = in + oh * sh * s_h;
+          float* o = row + oh * Wo;
+          if (sw == 1) {
+            std::memcpy(o, r, sizeof(float) * Wo);
+          } else {
+            for (int64_t ow = 0; ow < Wo; ++ow) o[ow] = r[ow * sw];
+          }
         }
       }
       std::fill(row + HW, row + ld, 0.0f);
