@@ -25,9 +25,10 @@ from tabulate import tabulate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_inference as bench  # noqa: E402
+import bench_runtimes as runtimes  # noqa: E402
 
 import fxsparse  # noqa: E402
-from fxsparse.inference import native  # noqa: E402
+from fxsparse.inference import call_model, native  # noqa: E402
 
 
 def build_kernels(directory: str):
@@ -46,10 +47,6 @@ def build_kernels(directory: str):
 def use(module) -> None:
     """Route the accelerated model's kernel calls to ``module``."""
     native._module, native._tried = module, True
-
-
-def first_tensor(output):
-    return output if isinstance(output, torch.Tensor) else next(t for t in torch.utils._pytree.tree_leaves(output))
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -88,17 +85,17 @@ def _run(args, builds: dict) -> list[dict]:
     fast = fxsparse.accelerate(model, example, progress=False)
 
     def call():
-        return fast(**example) if isinstance(example, dict) else fast(example)
+        return call_model(fast, example)
 
     times: dict[str, list[float]] = {name: [] for name in builds}
     with torch.no_grad():
         reference = None
         for name, module in builds.items():
             use(module)
-            out = first_tensor(call())
+            out = runtimes.first_tensor(call())
             if reference is None:
                 reference = out
-            elif not torch.allclose(out, reference, rtol=1e-4, atol=1e-5 * float(reference.abs().max())):
+            elif runtimes.relative_error(out, reference) > 1e-5:  # the benchmark's bound on every runtime
                 raise SystemExit(f"ab_kernels: build {name}'s output differs from {next(iter(builds))}'s")
         for _ in range(args.rounds):
             for name, module in builds.items():
