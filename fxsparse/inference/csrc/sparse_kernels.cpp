@@ -543,9 +543,11 @@ const float* optional_data(const c10::optional<at::Tensor>& t, int64_t numel, co
 
 // dst[c * ldd + r] = src[r * lds + c] for r < rows, c < cols, the 32 x 32 blocks [block0, block1) (row-block
 // major) of 8 x 8 register transposes on AVX2 / AVX-512: a block's 4 KiB read and 4 KiB written stay in L1.
+constexpr int64_t TRANSPOSE_BLOCK = 32;
+
 void transpose_blocks(const float* src, int64_t rows, int64_t cols, int64_t lds, float* dst, int64_t ldd,
                       int64_t block0, int64_t block1) {
-  constexpr int64_t B = 32;
+  constexpr int64_t B = TRANSPOSE_BLOCK;
   const int64_t col_blocks = (cols + B - 1) / B;
 #ifdef FXSPARSE_X86
   const bool vector = current_isa() != Isa::portable;
@@ -568,7 +570,10 @@ void transpose_blocks(const float* src, int64_t rows, int64_t cols, int64_t lds,
   }
 }
 
-int64_t transpose_block_count(int64_t rows, int64_t cols) { return ((rows + 31) / 32) * ((cols + 31) / 32); }
+int64_t transpose_block_count(int64_t rows, int64_t cols) {
+  constexpr int64_t B = TRANSPOSE_BLOCK;
+  return ((rows + B - 1) / B) * ((cols + B - 1) / B);
+}
 
 // The same, by the calling thread alone.
 void transpose_serial(const float* src, int64_t rows, int64_t cols, int64_t lds, float* dst, int64_t ldd) {
