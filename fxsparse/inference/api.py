@@ -24,7 +24,7 @@ from ..export import CsrReader, from_csr
 from ..fold import fold
 from ..models import UntrustedModelName, build_model
 from ..pool import is_sparsified
-from . import ops
+from . import batch_split, ops
 from .batchnorm import fold_batchnorms_
 from .chain import chain_linears_
 from .checkpoint import layer_csr, skeleton
@@ -49,6 +49,8 @@ class AccelerationPlan:
     chained_linears: list[tuple[str, str]] = dataclasses.field(default_factory=list)
     # issue 16, never slower: the whole model timed against dense (end_to_end.keep_what_wins); None: not timed
     end_to_end: dict[str, Any] | None = None
+    # issue 16: a batch run a sample per thread (batch_split.split_batches_); None: not considered
+    batch_split: dict[str, Any] | None = None
 
     @property
     def sparse_layers(self) -> list[LayerPlan]:
@@ -88,6 +90,11 @@ class AccelerationPlan:
             speedup = f"{whole[DENSE] / whole[best]:.2f}x"
             row = ["whole model, end to end", "", "", "", "", ms(whole[DENSE]), ms(whole[best]), best, speedup]
             rows.append(row + [self.end_to_end["chosen"], self.end_to_end["reason"]])
+        if self.batch_split and "ms" in self.batch_split:  # issue 16: the batch split a sample per thread
+            whole, split = self.batch_split["ms"][batch_split.WHOLE], self.batch_split["ms"][batch_split.SPLIT]
+            chosen = batch_split.SPLIT if self.batch_split["chosen"] else batch_split.WHOLE
+            row = ["the batch, a sample per thread", "", "", "", "", ms(whole), ms(split), "", f"{whole / split:.2f}x"]
+            rows.append(row + [chosen, self.batch_split["reason"]])
         headers = [
             "layer",
             "kind",
@@ -125,6 +132,7 @@ class AccelerationPlan:
             list(data["folded_batchnorms"]),
             [tuple(pair) for pair in data.get("chained_linears", [])],
             data.get("end_to_end"),
+            data.get("batch_split"),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -134,6 +142,7 @@ class AccelerationPlan:
             "folded_batchnorms": self.folded_batchnorms,
             "chained_linears": self.chained_linears,
             "end_to_end": self.end_to_end,
+            "batch_split": self.batch_split,
             "layers": [p.to_dict() for p in self.layers],
         }
 
@@ -314,9 +323,12 @@ def _plan_(
             plan.reason = (plan.reason + "; " if plan.reason else "") + "fused epilogue"
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     plans.sort(key=lambda p: order.get(p.name, len(order)))
-    plan = AccelerationPlan(plans, torch.get_num_threads(), _example_shape(example_input), fused, chains, whole)
-    setattr(model, PLAN_ATTRIBUTE, plan)
     carry_forward_hooks_(model, hooks, fused)
+    split = None  # issue 16: a batch a sample per thread, when the model allows it and it wins end to end
+    if model_timer is not None and any(p.path != DENSE for p in plans):
+        split = batch_split.split_batches_(model, example_input, model_timer, min_speedup, call_model)
+    plan = AccelerationPlan(plans, torch.get_num_threads(), _example_shape(example_input), fused, chains, whole, split)
+    setattr(model, PLAN_ATTRIBUTE, plan)
     return model.eval()
 
 

@@ -14,6 +14,7 @@ import hashlib
 import logging
 import os
 import shutil
+import threading
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -27,6 +28,7 @@ DISABLE_VARIABLE = "FXSPARSE_NO_NATIVE"
 _module: ModuleType | None = None
 _tried = False
 _failure = ""
+_lock = threading.Lock()  # one build, even when threads ask at once (batch_split.py's workers)
 
 
 def _build_name() -> str:
@@ -74,24 +76,32 @@ def _build() -> ModuleType:
 
 def kernels() -> ModuleType | None:
     """The compiled kernels, built on the first call (None, with a one-line warning, when unavailable)."""
-    global _module, _tried, _failure
+    global _module, _tried
     if _tried:
         return _module
-    _tried = True
+    with _lock:
+        if not _tried:
+            _module = _load()
+            _tried = True
+    return _module
+
+
+def _load() -> ModuleType | None:
+    global _failure
     if os.environ.get(DISABLE_VARIABLE, "") not in ("", "0"):
         _failure = f"{DISABLE_VARIABLE} is set"
-        warnings.warn(f"fxsparse: {_failure}; using the slower torch-op kernels", stacklevel=2)
+        warnings.warn(f"fxsparse: {_failure}; using the slower torch-op kernels", stacklevel=3)
         return None
     try:
-        _module = _build()
+        return _build()
     except Exception as error:  # no compiler, no ninja, a failed build: the torch-op kernels remain
         _failure = " ".join(str(error).split())[:300] or type(error).__name__
         warnings.warn(
             "fxsparse: the compiled sparse kernels are unavailable (needs a C++ compiler and ninja; "
             f"{type(error).__name__}: {_failure[:160]}); using the slower torch-op kernels",
-            stacklevel=2,
+            stacklevel=3,
         )
-    return _module
+        return None
 
 
 def available() -> bool:

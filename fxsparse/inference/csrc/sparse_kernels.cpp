@@ -33,6 +33,9 @@
 #include <limits>
 #include <memory>
 #include <mutex>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 #include <unordered_map>
 #include <string>
 #include <vector>
@@ -971,14 +974,31 @@ at::Tensor max_pool2d(const at::Tensor& x_in, std::vector<int64_t> kernel_size, 
   return out;
 }
 
+// Set the calling thread's intra-op thread count (torch.set_num_threads sets every thread's) and return it: the
+// workers of batch_split.py each run the kernels on one thread. Returns torch's count unchanged without OpenMP.
+int64_t set_thread_count(int64_t threads) {
+  TORCH_CHECK(threads >= 1, "fxsparse set_thread_count: at least one thread");
+  // torch's lazy per-thread initialisation first, which would set the count back later: libtorch's (behind
+  // get_num_threads) and this library's own inline copy (behind at::parallel_for here)
+  at::get_num_threads();
+  at::internal::lazy_init_num_threads();
+#ifdef _OPENMP
+  omp_set_num_threads(static_cast<int>(threads));
+#endif
+  return at::get_num_threads();
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("linear", &linear, "sparse linear (CSR weight), float32");
-  m.def("conv2d", &conv2d, "direct sparse conv2d (CSR weight), float32");
-  m.def("max_pool2d", &max_pool2d, "max pooling, NCHW float32");
+  // the kernels run without the GIL, so that batch_split.py's workers run side by side
+  const auto without_gil = py::call_guard<py::gil_scoped_release>();
+  m.def("linear", &linear, "sparse linear (CSR weight), float32", without_gil);
+  m.def("conv2d", &conv2d, "direct sparse conv2d (CSR weight), float32", without_gil);
+  m.def("max_pool2d", &max_pool2d, "max pooling, NCHW float32", without_gil);
   m.def("release_buffers", &release_buffers, "free the pooled activation buffers; returns the bytes held");
   m.def("set_pool_limit", &set_pool_limit, "fix the buffer pool's limit in bytes (-1: adaptive); returns the old one");
+  m.def("set_thread_count", &set_thread_count, "set this thread's intra-op thread count; returns it");
   m.def("isa", &isa, "the instruction set in use");
   m.def("force_isa", &force_isa, "select avx512, avx2, portable or auto");
 }
