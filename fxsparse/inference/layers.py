@@ -496,7 +496,7 @@ class SparseConv2d(_SparseLayer):
             input_size = (int(x.shape[-2]), int(x.shape[-1]))
             if input_size not in self._rows_cache:  # one set of bags per input size, a few sizes kept
                 if len(self._rows_cache) >= self.ROWS_CACHE_SIZE:
-                    del self._rows_cache[next(iter(self._rows_cache))]
+                    self._rows_cache.pop(next(iter(self._rows_cache)), None)  # two threads may both evict
                 self._rows_cache[input_size] = self._bags("rows", input_size)
             bags = self._rows_cache[input_size]
         return self._call_op(x, bags, self.layout, self.kernel, input_size).to(dtype)
