@@ -447,7 +447,9 @@ def accelerate(
       slower than dense). None (default): on unless ``paths`` is given or a custom ``timer`` decides the
       layers without a ``model_timer`` (a deterministic policy stays deterministic).
     model_timer: like ``timer``, for the whole-model candidates "dense", "sparse", "top k"
-      (default: fxsparse.inference.end_to_end.default_model_timer).
+      (default: fxsparse.inference.end_to_end.default_model_timer). With an example batch of 2 or more, it
+      also decides whether a batch-independent traced model runs its batches one sample per thread
+      (batch_split.py; ``plan.batch_split`` says what was measured and why).
     The returned model's ``fxsparse_plan`` (an AccelerationPlan) holds every layer's timings and choice.
     """
     _check_example(example_input)

@@ -107,9 +107,10 @@ def _split_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     """The forward of a split model's class: a plain call on a batch of at least 2 runs each sample through
     the model's own forward, on up to torch.get_num_threads() workers whose kernels run on one thread each
     (module docstring); any other call runs the whole batch."""
+    if ops._is_compiling() or not getattr(self, SPLIT_ATTRIBUTE, False):
+        # first, and no local holding the function: torch 2.5's export cannot trace that ("reconstruct")
+        return getattr(type(self), _WHOLE_FORWARD)(self, *args, **kwargs)
     whole = getattr(type(self), _WHOLE_FORWARD)
-    if not getattr(self, SPLIT_ATTRIBUTE, False) or ops._is_compiling():  # first: what torch.compile traces
-        return whole(self, *args, **kwargs)
     leaves, spec = pytree.tree_flatten((args, kwargs))
     n = _batch_size(leaves)
     if n is None or n < 2 or getattr(_thread, "in_worker", False) or not _plain_call(self, leaves):
