@@ -152,3 +152,16 @@ def test_a_split_model_compiles_and_exports_as_the_whole_batch(two_threads):
     assert_same(run(compiled, x), run(model, x))
     program = torch.export.export(fast, (x,))
     assert_same(program.module()(x), run(model, x))
+
+
+def test_a_plan_given_as_paths_rebuilds_the_split_without_timing(two_threads):
+    model, x = prune_(Net()), torch.randn(4, 3, 8, 8)
+    fast, _ = accelerated(model, x)
+    plan = fxsparse.inference.AccelerationPlan.from_dict(fast.fxsparse_plan.to_dict())
+    again = fxsparse.accelerate(model, x, paths=plan)
+    assert batch_split.is_split(again) and "not timed" in again.fxsparse_plan.batch_split["reason"]
+    assert_same(run(again, x), run(model, x))
+    mixing = prune_(BatchMixing())  # the checks still run: a plan cannot make a model split that must not
+    assert not batch_split.is_split(fxsparse.accelerate(mixing, x, paths=plan))
+    unsplit, _ = accelerated(model, x, fastest=WHOLE)
+    assert not batch_split.is_split(fxsparse.accelerate(model, x, paths=unsplit.fxsparse_plan))

@@ -263,10 +263,12 @@ def _plan_(
     hooks: Hooks,
     model_timer: Timer | None = None,
     min_speedup: float = 1.05,
+    given_split: bool = False,
 ) -> nn.Module:
     """Fold BatchNorms, run the planning pass, put plain modules back where dense won, then (with a
     model_timer) keep only what wins end to end, and give the modules the forward hooks of their names
-    (``hooks``, taken off the model before); returns the model."""
+    (``hooks``, taken off the model before); the batch split is timed (with a model_timer) or taken as a given
+    plan chose it (``given_split``). Returns the model."""
     model, fused = fold_batchnorms_(model)
     csr_parts = keep_csr_parts(model) if model_timer is not None else {}  # issue 16
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (SparseConv2d, SparseLinear))]
@@ -325,8 +327,8 @@ def _plan_(
     plans.sort(key=lambda p: order.get(p.name, len(order)))
     carry_forward_hooks_(model, hooks, fused)
     split = None  # issue 16: a batch a sample per thread, when the model allows it and it wins end to end
-    if model_timer is not None and any(p.path != DENSE for p in plans):
-        split = batch_split.split_batches_(model, example_input, model_timer, min_speedup, call_model)
+    if (model_timer is not None or given_split) and any(p.path != DENSE for p in plans):
+        split = batch_split.split_batches_(model, example_input, model_timer, min_speedup, call_model, given_split)
     plan = AccelerationPlan(plans, torch.get_num_threads(), _example_shape(example_input), fused, chains, whole, split)
     setattr(model, PLAN_ATTRIBUTE, plan)
     return model.eval()
@@ -374,6 +376,11 @@ def _model_timer(
     if check is None:
         check = model_timer is not None or (timer is None and not paths)
     return (model_timer or default_model_timer) if check else None, min_speedup
+
+
+def _given_split(paths: PathsSpec) -> bool:
+    """Whether a plan given as ``paths`` split its batches (batch_split.py): the rebuilt model does too."""
+    return isinstance(paths, AccelerationPlan) and bool((paths.batch_split or {}).get("chosen"))
 
 
 def _check_model(model: nn.Module) -> None:
@@ -441,7 +448,7 @@ def accelerate(
     min_speedup: a sparse path replaces dense only when at least this much faster.
     max_density: denser layers stay dense without being timed.
     paths: {layer name: path} (or a previous model's fxsparse_plan) taken without timing, e.g. to rebuild on
-      the deployment machine what was measured once.
+      the deployment machine what was measured once (a plan's batch split too, after its checks).
     end_to_end: time the whole model against its dense twin (BatchNorms folded) after the per-layer choice
       and keep only what wins by ``min_speedup`` (the layers that saved most, or none: a model never runs
       slower than dense). None (default): on unless ``paths`` is given or a custom ``timer`` decides the
@@ -462,7 +469,7 @@ def accelerate(
     planner = _planner(timer, kernels, layouts, min_speedup, max_density, paths)
     kept_dense = _install_sparse_layers_(model, planner, _exclude_filter(exclude, model))
     check = _model_timer(end_to_end, model_timer, timer, paths, min_speedup)  # issue 16
-    return _plan_(model, example_input, kept_dense, progress, hooks, *check)
+    return _plan_(model, example_input, kept_dense, progress, hooks, *check, given_split=_given_split(paths))
 
 
 def accelerate_checkpoint(
@@ -526,7 +533,7 @@ def accelerate_checkpoint(
         )
     kept_dense = _install_sparse_layers_(model, planner, exclude_filter, kept_dense=kept_dense)
     check = _model_timer(end_to_end, model_timer, timer, paths, min_speedup)  # issue 16
-    return _plan_(model, example_input, kept_dense, progress, hooks, *check)
+    return _plan_(model, example_input, kept_dense, progress, hooks, *check, given_split=_given_split(paths))
 
 
 def _build_architecture(checkpoint: CsrReader, name: str | None) -> nn.Module:

@@ -229,36 +229,62 @@ def is_split(model: nn.Module) -> bool:
     return type(model).forward is _split_forward and bool(getattr(model, SPLIT_ATTRIBUTE, False))
 
 
-def split_batches_(
-    model: nn.Module, example_input: Any, timer: Timer, min_speedup: float, call_model: Callable[[nn.Module, Any], Any]
-) -> dict[str, Any]:
-    """Split the model's batches when it is allowed and wins end to end (module docstring); returns what was
-    measured: {"chosen": bool, "reason": str, "workers": int, "ms": {WHOLE: .., SPLIT: ..} (when timed)}."""
-    workers = torch.get_num_threads()
+def _set(model: nn.Module, split: bool) -> None:
+    setattr(model, SPLIT_ATTRIBUTE, split)
+
+
+def _install_checked(model: nn.Module, example_input: Any, call_model: Callable[[nn.Module, Any], Any]) -> str:
+    """Install the split (off) when the model allows it (module docstring) and its split output on the example
+    equals the whole batch's; "" then, else why not (nothing installed)."""
     if not isinstance(model, fx.GraphModule):
-        return {"chosen": False, "reason": "not a traced model (torch.fx)", "workers": workers}
+        return "not a traced model (torch.fx)"
     reason = why_not_splittable(model, example_input, lambda inputs: call_model(model, inputs))
     if reason:
-        return {"chosen": False, "reason": reason, "workers": workers}
+        return reason
     install(model)
+    with torch.no_grad():
+        _set(model, True)
+        split = _samples(call_model(model, example_input))
+        _set(model, False)
+        whole = _samples(call_model(model, example_input))
+    error = max(relative_error(s, w) for s, w in zip(split, whole)) if len(split) == len(whole) else float("inf")
+    return f"the split output differs (relative error {error:.1e})" if error > TOLERANCE else ""
+
+
+def split_batches_(
+    model: nn.Module,
+    example_input: Any,
+    timer: Timer | None,
+    min_speedup: float,
+    call_model: Callable[[nn.Module, Any], Any],
+    given: bool = False,
+) -> dict[str, Any]:
+    """Split the model's batches when it is allowed and wins end to end (module docstring), or, with no
+    ``timer``, when it is allowed and ``given`` (a plan measured before chose it: accelerate's ``paths=``).
+    Returns what was measured: {"chosen": bool, "reason": str, "workers": int, "ms": {WHOLE: .., SPLIT: ..}
+    (when timed)}."""
+    workers = torch.get_num_threads()
+    if timer is None and not given:
+        return {"chosen": False, "reason": "not timed, and the given plan did not split", "workers": workers}
+    reason = _install_checked(model, example_input, call_model)
+    if reason:
+        return {"chosen": False, "reason": reason, "workers": workers}
+    if timer is None:
+        _set(model, True)
+        return {"chosen": True, "reason": "as the given plan chose (not timed)", "workers": workers}
 
     def run(split: bool) -> Callable[[], Any]:
         def call() -> Any:
-            setattr(model, SPLIT_ATTRIBUTE, split)
+            _set(model, split)
             return call_model(model, example_input)
 
         return call
 
     with torch.no_grad():
-        split, whole = _samples(run(True)()), _samples(run(False)())
-        error = max(relative_error(s, w) for s, w in zip(split, whole)) if len(split) == len(whole) else float("inf")
-        if error > TOLERANCE:
-            reason = f"the split output differs (relative error {error:.1e})"
-            return {"chosen": False, "reason": reason, "workers": workers}
         times = dict(timer({WHOLE: run(False), SPLIT: run(True)}))
     speedup = times[WHOLE] / times[SPLIT]
     chosen = speedup >= min_speedup
-    setattr(model, SPLIT_ATTRIBUTE, chosen)
+    _set(model, chosen)
     relation = ">=" if chosen else "<"
     return {
         "chosen": chosen,
