@@ -489,6 +489,9 @@ def summary_line(r: dict[str, Any]) -> str:
     if r.get("mac_reduction"):
         ratio = r["speedup"] / r["mac_reduction"]
         line += f"; MAC reduction {r['mac_reduction']:.2f}x (speedup / MAC reduction {ratio:.2f})"
+    split = (r.get("plan") or {}).get("batch_split") or {}
+    if split.get("chosen"):  # fxsparse/inference/batch_split.py
+        line += f"; the batch runs a sample per thread ({split['reason']})"
     if "tokens_per_s" in r:
         tokens = ", ".join(f"{name} {value:.1f}" for name, value in r["tokens_per_s"].items())
         line += f"; tokens/s: {tokens}; same tokens as the folded model: {r['same_tokens']}"
