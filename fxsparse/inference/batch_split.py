@@ -182,36 +182,40 @@ def _samples(output: Any) -> list[torch.Tensor] | None:
     return leaves or None
 
 
-def why_not_splittable(model: nn.Module, example_input: Any, call: Callable[[Any], Any]) -> str:
-    """ "" when the model's batch may be split a sample at a time (module docstring), else why not.
-    ``call(inputs)`` runs the model (its own forward) on an example-shaped input."""
+def _why_not_splittable(
+    model: nn.Module, example_input: Any, call: Callable[[Any], Any]
+) -> tuple[str, list[torch.Tensor] | None]:
+    """("", the whole batch's output tensors) when the model's batch may be split a sample at a time (module
+    docstring), else (why not, None). ``call(inputs)`` runs the model (its own forward) on an example-shaped
+    input."""
     if native.kernels() is None:
-        return "the compiled kernels are unavailable"
+        return "the compiled kernels are unavailable", None
     leaves, spec = pytree.tree_flatten(example_input)
     n = _batch_size(leaves)
     if n is None or n < 2:
-        return "the example's tensors do not share a batch of 2 or more"
+        return "the example's tensors do not share a batch of 2 or more", None
     if _hooked(model):
-        return "the model has forward hooks"
+        return "the model has forward hooks", None
     if worker_threads() != 1:
-        return "this torch build cannot give a worker thread one intra-op thread"
+        return "this torch build cannot give a worker thread one intra-op thread", None
     with torch.no_grad():
         whole = _samples(call(example_input))
         changed_leaves = _perturbed(leaves)
         if whole is None or changed_leaves is None:
-            return "the example's input or output has no tensors"
+            return "the example's input or output has no tensors", None
         if any(t.dim() == 0 or t.shape[0] != n for t in whole):
-            return "the output is not batch-first"
+            return "the output is not batch-first", None
         changed = _samples(call(pytree.tree_unflatten(changed_leaves, spec)))
         if changed is None or len(changed) != len(whole):
-            return "the output's structure changed with the input"
+            return "the output's structure changed with the input", None
         others = max(relative_error(c[1:], w[1:]) for c, w in zip(changed, whole))
         first = max(relative_error(c[:1], w[:1]) for c, w in zip(changed, whole))
         if others > TOLERANCE:
-            return f"changing sample 0 changed the others' outputs (relative error {others:.1e}): samples interact"
+            reason = f"changing sample 0 changed the others' outputs (relative error {others:.1e}): samples interact"
+            return reason, None
         if first <= TOLERANCE:
-            return "changing sample 0 did not change its output: independence could not be checked"
-    return ""
+            return "changing sample 0 did not change its output: independence could not be checked", None
+    return "", whole
 
 
 def install(model: fx.GraphModule) -> None:
@@ -234,11 +238,11 @@ def _set(model: nn.Module, split: bool) -> None:
 
 
 def _install_checked(model: nn.Module, example_input: Any, call_model: Callable[[nn.Module, Any], Any]) -> str:
-    """Install the split (off) when the model allows it (module docstring) and its split output on the example
-    equals the whole batch's; "" then, else why not (nothing installed)."""
+    """Install the split (off) when the model allows it (module docstring), and check that its split output on
+    the example equals the whole batch's; "" then, else why not (the split is then not installed, or left off)."""
     if not isinstance(model, fx.GraphModule):
         return "not a traced model (torch.fx)"
-    reason = why_not_splittable(model, example_input, lambda inputs: call_model(model, inputs))
+    reason, whole = _why_not_splittable(model, example_input, lambda inputs: call_model(model, inputs))
     if reason:
         return reason
     install(model)
@@ -246,7 +250,6 @@ def _install_checked(model: nn.Module, example_input: Any, call_model: Callable[
         _set(model, True)
         split = _samples(call_model(model, example_input))
         _set(model, False)
-        whole = _samples(call_model(model, example_input))
     error = max(relative_error(s, w) for s, w in zip(split, whole)) if len(split) == len(whole) else float("inf")
     return f"the split output differs (relative error {error:.1e})" if error > TOLERANCE else ""
 
@@ -294,4 +297,4 @@ def split_batches_(
     }
 
 
-__all__ = ["split_batches_", "why_not_splittable", "install", "is_split", "relative_error", "SPLIT_ATTRIBUTE"]
+__all__ = ["split_batches_", "install", "is_split", "relative_error", "SPLIT_ATTRIBUTE"]
