@@ -274,7 +274,13 @@ def make_runtimes(
 
 def interleaved_rounds(runtimes: Sequence[Runtime], repeats: int, warmup: int = 2) -> dict[str, float]:
     """Median seconds per call of each runtime: ``warmup`` calls each, then ``repeats`` rounds in which every
-    runtime runs once, the order rotating from round to round (a burst of load hits all of them)."""
+    runtime runs once, the order rotating from round to round (a burst of load hits all of them).
+
+    In a round each runtime is called once untimed right before its timed call, so that it is timed as it runs
+    on its own: the runtime before it leaves threads spinning (OpenMP's, ONNX Runtime's pool) and its own
+    threads asleep. Without that call, ResNet-50 90% at batch 1 and two threads (AMD EPYC VM, 7 Dec) timed
+    DeepSparse at 39-41 ms in the rounds against 23 ms alone, and ONNX Runtime at 47-48 ms against 42 ms; with
+    it, 24-29 ms and 42 ms. At one thread the rounds changed nothing."""
     for runtime in runtimes:
         for _ in range(warmup):
             runtime.once()
@@ -282,6 +288,7 @@ def interleaved_rounds(runtimes: Sequence[Runtime], repeats: int, warmup: int = 
     for index in range(repeats):
         shift = index % len(runtimes)
         for runtime in [*runtimes[shift:], *runtimes[:shift]]:
+            runtime.once()  # untimed: wakes this runtime's threads while the previous one's stop spinning
             samples[runtime.name].append(runtime.once())
     return {name: statistics.median(values) for name, values in samples.items()}
 
