@@ -272,15 +272,17 @@ def make_runtimes(
     return runtimes, notes
 
 
-def interleaved_rounds(runtimes: Sequence[Runtime], repeats: int, warmup: int = 2) -> dict[str, float]:
+def interleaved_rounds(
+    runtimes: Sequence[Runtime], repeats: int, warmup: int = 2, settle_s: float = 0.2
+) -> dict[str, float]:
     """Median seconds per call of each runtime: ``warmup`` calls each, then ``repeats`` rounds in which every
     runtime runs once, the order rotating from round to round (a burst of load hits all of them).
 
-    In a round each runtime is called once untimed right before its timed call, so that it is timed as it runs
-    on its own: the runtime before it leaves threads spinning (OpenMP's, ONNX Runtime's pool) and its own
-    threads asleep. Without that call, ResNet-50 90% at batch 1 and two threads (AMD EPYC VM, 7 Dec) timed
-    DeepSparse at 39-41 ms in the rounds against 23 ms alone, and ONNX Runtime at 47-48 ms against 42 ms; with
-    it, 24-29 ms and 42 ms. At one thread the rounds changed nothing."""
+    In a round each runtime first runs untimed for ``settle_s`` seconds (one call at least), so that its timed
+    call runs as it would on its own: the runtime before it leaves threads spinning (torch's OpenMP pool, ONNX
+    Runtime's, DeepSparse's in its own process) and caches holding its own data. ResNet-50 90%, batch 1, two
+    threads (AMD EPYC VM, 7 Dec): DeepSparse alone 18-21 ms; in the rounds 37-41 ms with no untimed call, 37 ms
+    with one, 22 ms with two, 21 ms with 0.2 s of them (fxsparse 17.5-19 ms alone, 19-20 ms in the rounds)."""
     for runtime in runtimes:
         for _ in range(warmup):
             runtime.once()
@@ -288,7 +290,10 @@ def interleaved_rounds(runtimes: Sequence[Runtime], repeats: int, warmup: int = 
     for index in range(repeats):
         shift = index % len(runtimes)
         for runtime in [*runtimes[shift:], *runtimes[:shift]]:
-            runtime.once()  # untimed: wakes this runtime's threads while the previous one's stop spinning
+            start = time.perf_counter()
+            runtime.once()  # untimed: until the previous runtime's threads have stopped spinning
+            while time.perf_counter() - start < settle_s:
+                runtime.once()
             samples[runtime.name].append(runtime.once())
     return {name: statistics.median(values) for name, values in samples.items()}
 
