@@ -281,8 +281,8 @@ def interleaved_rounds(
     In a round each runtime first runs untimed for ``settle_s`` seconds (one call at least), so that its timed
     call runs as it would on its own: the runtime before it leaves threads spinning (torch's OpenMP pool, ONNX
     Runtime's, DeepSparse's in its own process) and caches holding its own data. ResNet-50 90%, batch 1, two
-    threads (AMD EPYC VM, 7 Dec): DeepSparse alone 18-21 ms; in the rounds 37-41 ms with no untimed call, 37 ms
-    with one, 22 ms with two, 21 ms with 0.2 s of them (fxsparse 17.5-19 ms alone, 19-20 ms in the rounds)."""
+    threads (AMD EPYC VM, 7 Dec): DeepSparse alone 18-21 ms; in the rounds 39-41 ms with no untimed call, 24-37
+    ms with one, 22 ms with two, 21 ms with 0.2 s of them (fxsparse 17.5-19 ms alone, 19-20 ms in the rounds)."""
     for runtime in runtimes:
         for _ in range(warmup):
             runtime.once()
