@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxsparse
-from fxsparse.inference import AccelerationPlan, SparseConv2d, SparseLinear, skeleton
+from fxsparse.inference import AccelerationPlan, SparseConv2d, SparseLinear, interleaved_medians, skeleton
 
 from test_inference import prune_ as prune_at_random_
 
@@ -163,3 +163,25 @@ def test_default_timers_keep_outputs_and_record_the_whole_model(threads):
         assert_same(run(fast, x), run(model, x))
     finally:
         torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("settle_s", [0.0, 1e-9])
+def test_interleaved_rounds_rotate_and_settle_each_sample_on_its_own_candidate(settle_s):
+    """Each round times every candidate once, the order rotating; with settle_s, an untimed call of the same
+    candidate comes just before each sample's clock starts (one call: settle_s is shorter than any call)."""
+    events = []
+
+    def clock():
+        events.append("clock")
+        return float(len(events))
+
+    candidates = {name: (lambda name=name: events.append(name)) for name in ("a", "b", "c")}
+    times = interleaved_medians(candidates, repeats=3, warmup=1, min_sample_s=0.0, settle_s=settle_s, clock=clock)
+    assert set(times) == {"a", "b", "c"} and all(t > 0 for t in times.values())
+    assert events[:9] == ["clock", "a", "clock", "clock", "b", "clock", "clock", "c", "clock"]  # the warm-up
+    rounds = events[9:]
+    rotated = ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    if settle_s:
+        assert rounds[0::4] == rotated and rounds[1::4] == ["clock"] * 9 and rounds[2::4] == rotated
+    else:
+        assert rounds[0::3] == ["clock"] * 9 and rounds[1::3] == rotated

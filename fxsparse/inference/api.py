@@ -28,7 +28,7 @@ from . import batch_split, ops
 from .batchnorm import fold_batchnorms_
 from .chain import chain_linears_
 from .checkpoint import layer_csr, skeleton
-from .end_to_end import default_model_timer, keep_csr_parts, keep_what_wins
+from .end_to_end import SETTLE_S, default_model_timer, keep_csr_parts, keep_what_wins
 from .fuse import fuse_epilogues_, replace_max_pools_
 from .hooks import Hooks, carry_forward_hooks_, forward_hooks, remove_forward_hooks_
 from .layers import DENSE, LayerPlan, Planner, SparseConv2d, SparseLinear, density_of, is_conv1d
@@ -610,7 +610,8 @@ def measure_speedup(
     """Accelerate ``model`` (folded or sparsified) and time it end to end against its dense baseline.
 
     Both run eagerly in the same process under torch.inference_mode, interleaved, median of ``repeats``,
-    at the current thread count, wall clock with more than one thread. Returns JSON-ready figures: dense_ms,
+    each sample after untimed calls of the same model (end_to_end.SETTLE_S), at the current thread count,
+    wall clock with more than one thread. Returns JSON-ready figures: dense_ms,
     accelerated_ms, speedup, threads, example_shape, sparse_layers, layers, end_to_end (what accelerate
     measured on the whole model), and the per-layer plan. When no layer runs sparse the accelerated model is
     the dense baseline (the same modules), timed once: speedup 1.0.
@@ -622,7 +623,7 @@ def measure_speedup(
     if plan.sparse_layers:  # issue 16: with none, the accelerated model is the dense baseline: one figure
         candidates["accelerated"] = lambda: call_model(fast, example_input)
     with torch.inference_mode():
-        times = interleaved_medians(candidates, repeats=repeats, warmup=2, min_sample_s=0.0)
+        times = interleaved_medians(candidates, repeats=repeats, warmup=2, min_sample_s=0.0, settle_s=SETTLE_S)
     times.setdefault("accelerated", times["dense"])
     return {
         "dense_ms": 1e3 * times["dense"],

@@ -34,13 +34,16 @@ def interleaved_medians(
     repeats: int = 7,
     warmup: int = 1,
     min_sample_s: float = 2e-4,
+    settle_s: float = 0.0,
     clock: Callable[[], float] | None = None,
 ) -> dict[str, float]:
     """Median seconds per call of each candidate (``clock`` defaults to default_clock()).
 
     Every candidate runs ``warmup`` times, then ``repeats`` rounds each time every candidate once, the
     order rotating from round to round, so that a burst of load on a shared machine hits all of them.
-    A candidate faster than ``min_sample_s`` is called several times per sample.
+    A candidate faster than ``min_sample_s`` is called several times per sample. With ``settle_s`` > 0, each
+    sample follows untimed calls of the same candidate for that long (one at least), so that it finds its own
+    weights in the caches rather than the previous candidate's, as it would when run on its own.
     """
     if not candidates:
         return {}
@@ -58,6 +61,11 @@ def interleaved_medians(
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
             fn, n = candidates[name], loops[name]
+            if settle_s > 0:
+                until = time.perf_counter() + settle_s
+                fn()
+                while time.perf_counter() < until:
+                    fn()
             start = clock()
             for _ in range(n):
                 fn()
