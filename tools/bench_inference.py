@@ -61,6 +61,7 @@ from torch import nn
 import fxsparse
 from fxsparse.atomic import atomic_write
 from fxsparse.inference import interleaved_medians
+from fxsparse.inference.end_to_end import SETTLE_S
 from fxsparse.inference.timing import clock_name
 
 BERT = "bert-base"
@@ -245,7 +246,7 @@ def run_config(config: dict[str, Any], args, cache: dict) -> dict[str, Any]:
         return interleaved_medians(candidates, repeats=args.layer_repeats, min_sample_s=1e-3, clock=clock)
 
     def model_timer(candidates):
-        return interleaved_medians(candidates, repeats=7, warmup=2, min_sample_s=5e-3, clock=clock)
+        return interleaved_medians(candidates, repeats=7, warmup=2, min_sample_s=5e-3, settle_s=SETTLE_S, clock=clock)
 
     model = prepared_model(config, args, cache)
     x = example(config["model"] if config["masks"] != "checkpoint" else "", config["batch"], args.input)
