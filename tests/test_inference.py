@@ -4,6 +4,7 @@ CSR-checkpoint build, and torch.compile / torch.export round trips."""
 import io
 import itertools
 import json
+import statistics
 
 import pytest
 import torch
@@ -661,3 +662,25 @@ def test_bench_global_and_erk_masks(load_tool):
     for module, s in zip(layers, scale):
         assert abs(int((module.weight != 0).sum()) - eps * s * module.weight.numel()) <= 1
     assert sum(int((m.weight == 0).sum()) for m in layers) == round(0.8 * total)
+
+
+def test_bench_rounds_keep_each_round_and_pair_them(load_tool):
+    """interleaved_rounds gives every timed call, round by round, each after an untimed one; paired_ratios is the
+    median of the ratios within a round, not the ratio of the medians."""
+    runtimes = load_tool("bench_runtimes")
+
+    class Fake:
+        def __init__(self, name, seconds):
+            self.name, self.seconds, self.calls = name, list(seconds), 0
+
+        def once(self):
+            self.calls += 1
+            return self.seconds[(self.calls - 1) // 2]  # the untimed call and the timed one of a round
+
+    fxsparse_times, other_times = [1.0, 2.0, 2.0], [1.1, 2.2, 1.9]
+    fast, other = Fake("fxsparse", fxsparse_times), Fake("other", other_times)
+    samples = runtimes.interleaved_rounds([fast, other], repeats=3, warmup=0, settle_s=0.0)
+    assert samples == {"fxsparse": fxsparse_times, "other": other_times} and fast.calls == other.calls == 6
+    paired = runtimes.paired_ratios(samples, "fxsparse")
+    assert paired == {"fxsparse": 1.0, "other": pytest.approx(1.1)}  # rounds: 1.1, 1.1, 0.95
+    assert statistics.median(other_times) / statistics.median(fxsparse_times) == pytest.approx(0.95)
