@@ -185,3 +185,26 @@ def test_interleaved_rounds_rotate_and_settle_each_sample_on_its_own_candidate(s
         assert rounds[0::4] == rotated and rounds[1::4] == ["clock"] * 9 and rounds[2::4] == rotated
     else:
         assert rounds[0::3] == ["clock"] * 9 and rounds[1::3] == rotated
+
+
+def test_paired_figures_keep_the_first_candidates_median_and_pair_the_ratios():
+    """paired=True: the first candidate keeps its median; another's figure is that median times the median over
+    the rounds of its ratio to the first in the same round (1.1, 1.1, 0.95 here), not its own median."""
+    rounds = {"a": [1.0, 2.0, 2.0], "b": [1.1, 2.2, 1.9]}
+
+    def run(paired):
+        now, left = [0.0], {name: [9.0, *times] for name, times in rounds.items()}  # a warm-up call first
+
+        def candidate(name):
+            def call():
+                now[0] += left[name].pop(0)
+
+            return call
+
+        candidates = {name: candidate(name) for name in rounds}
+        return interleaved_medians(
+            candidates, repeats=3, warmup=1, min_sample_s=0.0, paired=paired, clock=lambda: now[0]
+        )
+
+    assert run(paired=False) == pytest.approx({"a": 2.0, "b": 1.9})
+    assert run(paired=True) == pytest.approx({"a": 2.0, "b": 2.2})

@@ -15,6 +15,7 @@ import fxsparse
 from fxsparse.export import CsrFormatError, to_csr
 from fxsparse.inference import AccelerationPlan, SparseConv2d, SparseLinear, ops, skeleton
 from fxsparse.inference.layers import four_sided_padding
+from fxsparse.inference.timing import paired_ratios
 
 CONV_PATHS = [f"{layout}+{kernel}" for layout, kernel in itertools.product(ops.CONV_LAYOUTS, ops.KERNELS)]
 LINEAR_PATHS = list(ops.KERNELS)
@@ -665,8 +666,8 @@ def test_bench_global_and_erk_masks(load_tool):
 
 
 def test_bench_rounds_keep_each_round_and_pair_them(load_tool):
-    """interleaved_rounds gives every timed call, round by round, each after an untimed one; paired_ratios is the
-    median of the ratios within a round, not the ratio of the medians."""
+    """The benchmark's interleaved_rounds gives every timed call, round by round, each after an untimed one;
+    paired_ratios is the median of the ratios within a round, not the ratio of the medians."""
     runtimes = load_tool("bench_runtimes")
 
     class Fake:
@@ -681,6 +682,6 @@ def test_bench_rounds_keep_each_round_and_pair_them(load_tool):
     fast, other = Fake("fxsparse", fxsparse_times), Fake("other", other_times)
     samples = runtimes.interleaved_rounds([fast, other], repeats=3, warmup=0, settle_s=0.0)
     assert samples == {"fxsparse": fxsparse_times, "other": other_times} and fast.calls == other.calls == 6
-    paired = runtimes.paired_ratios(samples, "fxsparse")
+    paired = paired_ratios(samples, "fxsparse")
     assert paired == {"fxsparse": 1.0, "other": pytest.approx(1.1)}  # rounds: 1.1, 1.1, 0.95
     assert statistics.median(other_times) / statistics.median(fxsparse_times) == pytest.approx(0.95)

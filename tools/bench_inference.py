@@ -63,7 +63,7 @@ import fxsparse
 from fxsparse.atomic import atomic_write
 from fxsparse.inference import interleaved_medians
 from fxsparse.inference.end_to_end import SETTLE_S
-from fxsparse.inference.timing import clock_name
+from fxsparse.inference.timing import clock_name, paired_ratios
 
 BERT = "bert-base"
 GPT2 = "gpt2"  # generate() of --new-tokens tokens, batch 1 (tokens/s)
@@ -247,7 +247,9 @@ def run_config(config: dict[str, Any], args, cache: dict) -> dict[str, Any]:
         return interleaved_medians(candidates, repeats=args.layer_repeats, min_sample_s=1e-3, clock=clock)
 
     def model_timer(candidates):
-        return interleaved_medians(candidates, repeats=7, warmup=2, min_sample_s=5e-3, settle_s=SETTLE_S, clock=clock)
+        return interleaved_medians(
+            candidates, repeats=7, warmup=2, min_sample_s=5e-3, settle_s=SETTLE_S, paired=True, clock=clock
+        )
 
     model = prepared_model(config, args, cache)
     x = example(config["model"] if config["masks"] != "checkpoint" else "", config["batch"], args.input)
@@ -287,7 +289,7 @@ def run_config(config: dict[str, Any], args, cache: dict) -> dict[str, Any]:
         errors = {r.name: rt.relative_error(r.output(), reference) for r in runtimes}
         samples = rt.interleaved_rounds(runtimes, repeats=args.repeats)  # wall clock, every runtime
         times = {name: statistics.median(values) for name, values in samples.items()}
-        paired = rt.paired_ratios(samples, "fxsparse")
+        paired = paired_ratios(samples, "fxsparse")
         layer_ms = {}
         for runtime in others:
             if args.layers and hasattr(runtime, "layer_ms"):

@@ -4,8 +4,8 @@ Every runtime runs the same folded model (BatchNorms folded) on the same input, 
 how long its call took (wall clock, time.perf_counter). ONNX Runtime and OpenVINO run the ONNX export of the
 dense-with-zeros model; DeepSparse runs the same file in its own venv (tools/deepsparse_worker.py, driven
 through a pipe; it times its own call); torch.compile compiles the dense model. One that is not installed
-(or fails to build) is left out with a one-line note. interleaved_rounds() times them all in the same rounds;
-paired_ratios() compares them round by round.
+(or fails to build) is left out with a one-line note. interleaved_rounds() times them all in the same rounds
+and gives every round's times (fxsparse.inference.timing.paired_ratios compares them round by round).
 """
 
 from __future__ import annotations
@@ -297,16 +297,6 @@ def interleaved_rounds(
                 runtime.once()
             samples[runtime.name].append(runtime.once())
     return samples
-
-
-def paired_ratios(samples: Mapping[str, Sequence[float]], reference: str) -> dict[str, float]:
-    """Each runtime's median over the rounds of its time divided by ``reference``'s in the same round.
-
-    A round takes a second or two, while this VM's vCPUs change speed for tens of seconds at a time (docs/
-    INFERENCE.md, "Two threads on this VM"), so the two calls of a round mostly share a phase and the ratio of a
-    round cancels it; a ratio of the medians mixes the phases of the whole run."""
-    base = samples[reference]
-    return {name: statistics.median(t / b for t, b in zip(values, base)) for name, values in samples.items()}
 
 
 def relative_error(output: torch.Tensor, reference: torch.Tensor) -> float:

@@ -9,9 +9,10 @@ injectable, so tests choose deterministically) and to measure end-to-end speedup
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -35,6 +36,7 @@ def interleaved_medians(
     warmup: int = 1,
     min_sample_s: float = 2e-4,
     settle_s: float = 0.0,
+    paired: bool = False,
     clock: Callable[[], float] | None = None,
 ) -> dict[str, float]:
     """Median seconds per call of each candidate (``clock`` defaults to default_clock()).
@@ -44,6 +46,8 @@ def interleaved_medians(
     A candidate faster than ``min_sample_s`` is called several times per sample. With ``settle_s`` > 0, each
     sample follows untimed calls of the same candidate for that long (one at least), so that it finds its own
     weights in the caches rather than the previous candidate's, as it would when run on its own.
+    With ``paired``, a candidate's figure is the first candidate's median times the candidate's paired ratio
+    to it (paired_ratios), so that the ratios between the figures are paired ones.
     """
     if not candidates:
         return {}
@@ -70,7 +74,25 @@ def interleaved_medians(
             for _ in range(n):
                 fn()
             samples[name].append((clock() - start) / n)
-    return {name: statistics.median(values) for name, values in samples.items()}
+    if not paired:
+        return {name: statistics.median(values) for name, values in samples.items()}
+    base = statistics.median(samples[names[0]])
+    return {name: base * ratio for name, ratio in paired_ratios(samples, names[0]).items()}
+
+
+def paired_ratios(samples: Mapping[str, Sequence[float]], reference: str) -> dict[str, float]:
+    """Each candidate's median over the rounds of its time divided by ``reference``'s in the same round.
+
+    A shared machine changes speed for seconds to tens of seconds at a time (the project's VM: 1.3-1.8x, docs/
+    INFERENCE.md, "Paired"), longer than a round of a few candidates, so a round's ratio compares them at one
+    speed and the median ignores the rounds a change of speed splits; a ratio of medians mixes the speeds of a
+    whole run. ``samples[name][i]`` is the time of ``name`` in round i."""
+
+    def ratio(t: float, b: float) -> float:  # a clock too coarse for a sample reads 0
+        return t / b if b > 0 else (1.0 if t == 0 else math.inf)
+
+    base = samples[reference]
+    return {name: statistics.median(ratio(t, b) for t, b in zip(values, base)) for name, values in samples.items()}
 
 
 def default_timer(candidates: Mapping[str, Callable[[], Any]]) -> dict[str, float]:
