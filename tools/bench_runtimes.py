@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from fxsparse.inference import batch_split, call_model
+from fxsparse.inference.timing import settle
 
 DEEPSPARSE_ENV = "FXSPARSE_DEEPSPARSE_PYTHON"  # the deepsparse venv's python (or --deepsparse-python)
 OPTIONAL = ("compile", "onnxruntime", "openvino", "deepsparse")
@@ -291,10 +292,7 @@ def interleaved_rounds(
     for index in range(repeats):
         shift = index % len(runtimes)
         for runtime in [*runtimes[shift:], *runtimes[:shift]]:
-            start = time.perf_counter()
-            runtime.once()  # untimed: until the previous runtime's threads have stopped spinning
-            while time.perf_counter() - start < settle_s:
-                runtime.once()
+            settle(runtime.once, settle_s)  # untimed: until the previous runtime's threads have stopped spinning
             samples[runtime.name].append(runtime.once())
     return samples
 

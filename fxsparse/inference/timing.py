@@ -66,10 +66,7 @@ def interleaved_medians(
         for name in names[shift:] + names[:shift]:
             fn, n = candidates[name], loops[name]
             if settle_s > 0:
-                until = time.perf_counter() + settle_s
-                fn()
-                while time.perf_counter() < until:
-                    fn()
+                settle(fn, settle_s)
             start = clock()
             for _ in range(n):
                 fn()
@@ -78,6 +75,15 @@ def interleaved_medians(
         return {name: statistics.median(values) for name, values in samples.items()}
     base = statistics.median(samples[names[0]])
     return {name: base * ratio for name, ratio in paired_ratios(samples, names[0]).items()}
+
+
+def settle(call: Callable[[], Any], seconds: float) -> None:
+    """Call ``call`` untimed for ``seconds`` (once at least): the threads and caches of whatever ran before are
+    then its own, as when it runs alone."""
+    until = time.perf_counter() + seconds
+    call()
+    while time.perf_counter() < until:
+        call()
 
 
 def paired_ratios(samples: Mapping[str, Sequence[float]], reference: str) -> dict[str, float]:
