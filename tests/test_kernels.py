@@ -139,6 +139,18 @@ def test_native_conv_equals_conv2d(name, batch, isa):
             assert rel_error(torch.ops.fxsparse.native_conv2d(channels_last, *args, False), ref) <= 1e-5
 
 
+def test_native_conv_every_column_tile_width(isa):
+    """Rows of 1 to 2 tiles and a bit of columns: every tile width the vector code instantiates (1 to 8 AVX-512
+    registers, 1 to 10 AVX2 registers, with and without a tail mask), alone and after full tiles."""
+    weight = sparse_weight((7, 5, 1, 1), 0.6)
+    bias = torch.randn(7)
+    args = (*csr32(weight), bias, None, 7, 1, [1, 1], [1, 1], [0, 0, 0, 0], [1, 1], False)
+    for width in range(1, 2 * 128 + 18):
+        x = torch.randn(1, 5, 1, width)
+        out = torch.ops.fxsparse.native_conv2d(x, *args)
+        assert rel_error(out, F.conv2d(x, weight, bias)) <= 1e-5, width
+
+
 @pytest.mark.parametrize("kernel", [1, 3])
 def test_native_conv_offsets_kept_between_calls_follow_input_size_and_weight(kernel):
     """The offsets the kernel keeps per weight (prepared()) are rebuilt for another input size, and for the same
@@ -692,6 +704,7 @@ def test_ab_kernels_times_builds_side_by_side_and_restores_the_kernels(load_tool
     )
     assert [r["build"] for r in rows] == ["base", "same"]
     assert rows[0]["speedup"] == 1.0 and rows[1]["speedup"] > 0
+    assert rows[0]["paired"] == 1.0 and rows[1]["paired"] > 0
     assert native.kernels() is before
     with pytest.raises(SystemExit, match="lacks"):
         ab.main([f"base={csrc}", "empty=" + os.path.dirname(csrc) + "/no-such-folder"])

@@ -3,7 +3,8 @@
 Timings on a shared VM swing by up to 2x between runs, so a kernel change is judged by timing the builds side by
 side: the model is pruned and accelerated once (planned with the first build), then each round times every
 build in turn (the kernels' module swapped under the model), and the table gives each build's median over the
-rounds, its range, and its speed-up over the first build. The builds' outputs must match the first's.
+rounds, its range, its speed-up over the first build, and that speed-up paired round by round
+(timing.paired_ratios: the VM's phases last longer than a round). The builds' outputs must match the first's.
 
     PYTHONPATH=. python tools/ab_kernels.py --model bert-base --threads 2 \\
         old=/tmp/csrc-before new=fxsparse/inference/csrc
@@ -28,7 +29,7 @@ import bench_inference as bench  # noqa: E402
 import bench_runtimes as runtimes  # noqa: E402
 
 import fxsparse  # noqa: E402
-from fxsparse.inference import call_model, native  # noqa: E402
+from fxsparse.inference import call_model, native, timing  # noqa: E402
 
 
 def build_kernels(directory: str):
@@ -106,6 +107,7 @@ def _run(args, builds: dict) -> list[dict]:
                     call()
                 times[name].append((time.perf_counter() - start) / args.calls)
     base = statistics.median(times[next(iter(builds))])
+    paired = timing.paired_ratios(times, next(iter(builds)))
     rows = []
     for name, samples in times.items():
         median = statistics.median(samples)
@@ -116,6 +118,7 @@ def _run(args, builds: dict) -> list[dict]:
                 "min": 1e3 * min(samples),
                 "max": 1e3 * max(samples),
                 "speedup": base / median,
+                "paired": 1 / paired[name],
             }
         )
     print(
@@ -124,8 +127,17 @@ def _run(args, builds: dict) -> list[dict]:
     )
     print(
         tabulate(
-            [[r["build"], f"{r['ms']:.2f}", f"{r['min']:.2f}-{r['max']:.2f}", f"{r['speedup']:.3f}x"] for r in rows],
-            headers=["build", "ms", "range", f"vs {rows[0]['build']}"],
+            [
+                [
+                    r["build"],
+                    f"{r['ms']:.2f}",
+                    f"{r['min']:.2f}-{r['max']:.2f}",
+                    f"{r['speedup']:.3f}x",
+                    f"{r['paired']:.3f}x",
+                ]
+                for r in rows
+            ],
+            headers=["build", "ms", "range", f"vs {rows[0]['build']}", "paired"],
         )
     )
     return rows

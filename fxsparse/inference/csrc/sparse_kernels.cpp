@@ -247,8 +247,6 @@ int64_t set_pool_limit(int64_t bytes) {
   return before;
 }
 
-constexpr int64_t TILE_COLUMNS = 128;  // the widest tile of the vector code (8 AVX-512 registers)
-
 template <typename Index>
 struct Gathered {
   const float* x;
@@ -268,9 +266,10 @@ struct Gathered {
 // ---------------------------------------------------------------------------------------------------------
 namespace portable {
 
+constexpr int64_t TILE = 64;
+
 template <typename Index>
 void spmm_rows(const Product<Index>& job, int64_t m0, int64_t m1) {
-  constexpr int64_t TILE = 64;
   float acc[TILE];
   for (int64_t p0 = 0; p0 < job.P; p0 += TILE) {
     const int64_t n = std::min(TILE, job.P - p0);
@@ -331,6 +330,7 @@ struct V {
   using reg = __m512;
   using mask = __mmask16;
   static constexpr int W = 16;
+  static constexpr int REGISTERS = 32, TILE_REGISTERS = 8;  // 128 columns
   static inline mask tail(int64_t n) { return n >= 16 ? mask(0xFFFF) : mask((1u << n) - 1u); }
   static inline reg zero() { return _mm512_setzero_ps(); }
   static inline reg set1(float f) { return _mm512_set1_ps(f); }
@@ -353,6 +353,33 @@ struct V {
   static inline float reduce(reg v) { return _mm512_reduce_add_ps(v); }
 };
 #include "spmm_simd.h"
+
+// Rows [m0, m1) of y = W x for each of the T rows of x (row stride ldx): one gathered dot product per output, 16
+// nonzeros a gather, out[t * ldo_t + m * ldo_m] = epilogue(bias[m] + sum_e val[e] * x[t * ldx + col[e]]).
+// AVX2 runs the portable version instead: on AMD EPYC Zen 3, AVX2's 8-lane gathers ran GPT-2's decode shapes
+// 1.19-1.29x slower than scalar loads.
+template <typename Index>
+static void spmv_rows(const Gathered<Index>& job, int64_t m0, int64_t m1) {
+  for (int64_t m = m0; m < m1; ++m) {
+    const int64_t begin = job.rowptr[m], end = job.rowptr[m + 1];
+    for (int64_t t = 0; t < job.T; ++t) {
+      const float* xt = job.x + t * job.ldx;
+      typename V::reg a = V::zero(), b = V::zero();
+      int64_t e = begin;
+      for (; e + 2 * V::W <= end; e += 2 * V::W) {
+        a = V::fma(V::load(job.val + e), V::gather(xt, job.col + e, V::W), a);
+        b = V::fma(V::load(job.val + e + V::W), V::gather(xt, job.col + e + V::W, V::W), b);
+      }
+      for (; e < end; e += V::W) {
+        const int64_t n = std::min<int64_t>(V::W, end - e);
+        a = V::fma(V::load_tail(job.val + e, V::tail(n)), V::gather(xt, job.col + e, n), a);
+      }
+      float y = V::reduce(V::add(a, b)) + (job.bias ? job.bias[m] : 0.0f);
+      if (job.relu && y < 0.0f) y = 0.0f;
+      job.out[t * job.ldo_t + m * job.ldo_m] = y;
+    }
+  }
+}
 }  // namespace avx512
 #pragma GCC pop_options
 
@@ -366,6 +393,9 @@ struct V {
   using reg = __m256;
   using mask = __m256i;
   static constexpr int W = 8;
+  // tiles of 80 columns in one accumulator set, the channel blocks sized for them: ResNet-50 90% 1.15x (one thread,
+  // paired) against 64 in two sets (they spilled); 64 or 96 columns in one set 1.12x (AMD EPYC Zen 3)
+  static constexpr int REGISTERS = 16, TILE_REGISTERS = 10;
   static inline mask tail(int64_t n) {
     const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::min<int64_t>(n, 8))), lanes);
@@ -379,19 +409,6 @@ struct V {
   static inline reg max0(reg a) { return _mm256_max_ps(a, _mm256_setzero_ps()); }
   static inline void store(float* p, reg v) { _mm256_storeu_ps(p, v); }
   static inline void store_tail(float* p, reg v, mask m) { _mm256_maskstore_ps(p, m, v); }
-  template <typename Index>
-  static inline reg gather(const float* base, const Index* idx, int64_t n) {
-    alignas(32) int32_t lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    for (int64_t k = 0; k < n && k < 8; ++k) lanes[k] = idx[k];
-    const __m256i i = _mm256_load_si256(reinterpret_cast<const __m256i*>(lanes));
-    return _mm256_mask_i32gather_ps(_mm256_setzero_ps(), base, i, _mm256_castsi256_ps(tail(n)), 4);
-  }
-  static inline float reduce(reg v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-  }
 };
 #include "spmm_simd.h"
 
@@ -497,6 +514,16 @@ void over_row_blocks(const int32_t* rowptr, int64_t M, int64_t work, const Body&
   over_blocks(row_blocks(rowptr, M, work), [&](int64_t, int64_t m0, int64_t m1) { body(m0, m1); });
 }
 
+// The widest column tile of the current instruction set's product (spmm_rows), in floats: what a channel block's
+// slice of x is sized for.
+int64_t tile_columns() {
+#ifdef FXSPARSE_X86
+  if (current_isa() == Isa::avx512) return avx512::V::TILE_REGISTERS * avx512::V::W;
+  if (current_isa() == Isa::avx2) return avx2::V::TILE_REGISTERS * avx2::V::W;
+#endif
+  return portable::TILE;
+}
+
 template <typename Index>
 void spmm_rows_on(Isa isa, const Product<Index>& job, int64_t m0, int64_t m1) {
 #ifdef FXSPARSE_X86
@@ -521,7 +548,6 @@ void run_gathered(const Gathered<Index>& job, int64_t M) {
   over_row_blocks(job.rowptr, M, static_cast<int64_t>(job.rowptr[M]) * job.T, [&](int64_t m0, int64_t m1) {
 #ifdef FXSPARSE_X86
     if (isa == Isa::avx512) return avx512::spmv_rows(job, m0, m1);
-    if (isa == Isa::avx2) return avx2::spmv_rows(job, m0, m1);
 #endif
     portable::spmv_rows(job, m0, m1);
   });
@@ -806,11 +832,12 @@ void conv2d_into(const at::Tensor& x, const at::Tensor& indices, const at::Tenso
         if (ld != HW) rows.narrow(2, HW, ld - HW).zero_();
       }
     }
-    const auto ready = prepared(indices, {1, ld, cg, og}, [&](Prepared& p) {
+    const int64_t tile = tile_columns();
+    const auto ready = prepared(indices, {1, ld, cg, og, tile}, [&](Prepared& p) {
       p.off.resize(nnz);
       for (int64_t m = 0; m < out_channels; ++m)
         for (int64_t e = rowptr[m]; e < rowptr[m + 1]; ++e) p.off[e] = static_cast<int32_t>((col[e] + (m / og) * cg) * ld);
-      split_by_channel_blocks(rowptr, col, out_channels, cg, 1, std::min(ld, TILE_COLUMNS), MIN_NONZEROS_PER_BLOCK, p);
+      split_by_channel_blocks(rowptr, col, out_channels, cg, 1, std::min(ld, tile), MIN_NONZEROS_PER_BLOCK, p);
     });
     Product<int32_t> job{rows.data_ptr<float>(), 1, rowptr, ready->off.data(), val, HW, Epilogue{}};
     job.seg = ready->seg.empty() ? nullptr : ready->seg.data();
@@ -861,7 +888,8 @@ void conv2d_into(const at::Tensor& x, const at::Tensor& indices, const at::Tenso
   // the wide output p = (n*Hq + oh)*Wq + ow: stored as it is when it is NCHW (one sample, no extra columns),
   // else each tile row segment by row segment (store_wide)
   const int64_t P = ((N - 1) * Hq + Ho - 1) * Wq + Wo;
-  const auto ready = prepared(indices, {2, N, C, H, Wd, kh, kw, sh, sw, pt, pb, pl, pr, dh, dw, groups}, [&](Prepared& p) {
+  const int64_t tile = tile_columns();
+  const auto ready = prepared(indices, {2, N, C, H, Wd, kh, kw, sh, sw, pt, pb, pl, pr, dh, dw, groups, tile}, [&](Prepared& p) {
     // the offset of each weight column (c, i, j) of a group, looked up per nonzero (no division per nonzero)
     std::vector<int32_t> column_offset(cg * taps);
     for (int64_t i = 0; i < kh; ++i)
@@ -877,7 +905,7 @@ void conv2d_into(const at::Tensor& x, const at::Tensor& indices, const at::Tenso
     // a tile's slice of one channel: in each phase, the tile's columns and the rows and columns its taps reach
     const int64_t reach = ((kh - 1) * dh / sh) * Wq + (kw - 1) * dw / sw;
     if (taps > 1)
-      split_by_channel_blocks(rowptr, col, out_channels, cg, taps, nphases * (std::min(P, TILE_COLUMNS) + reach), 0, p);
+      split_by_channel_blocks(rowptr, col, out_channels, cg, taps, nphases * (std::min(P, tile) + reach), 0, p);
     p.channel_read.assign(C, 0);
     for (int64_t m = 0; m < out_channels; ++m)
       for (int64_t e = rowptr[m]; e < rowptr[m + 1]; ++e) p.channel_read[(m / og) * cg + col[e] / taps] = 1;
