@@ -107,9 +107,10 @@ CONVS = {  # name: (in, out, kernel, stride, padding (t, b, l, r), dilation, gro
     # enough input channels for several channel blocks (a block's slice of x fits in L1)
     "3x3-channel-blocks": (100, 9, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1, (19, 21)),
     "grouped-channel-blocks": (200, 6, (3, 3), (2, 1), (1, 0, 1, 1), (1, 1), 2, (15, 17)),
-    # 1x1 convs with enough nonzeros a row for channel blocks (at 30% density and dense)
-    "1x1-channel-blocks": (256, 6, (1, 1), (1, 1), (0, 0, 0, 0), (1, 1), 1, (12, 12)),
-    "1x1-strided-grouped-channel-blocks": (256, 4, (1, 1), (2, 2), (0, 0, 0, 0), (1, 1), 2, (20, 18)),
+    # 1x1 convs with enough nonzeros a row for channel blocks (at 30% density and dense; over 256 outputs)
+    "1x1-channel-blocks": (256, 6, (1, 1), (1, 1), (0, 0, 0, 0), (1, 1), 1, (17, 17)),
+    "1x1-strided-grouped-channel-blocks": (256, 4, (1, 1), (2, 2), (0, 0, 0, 0), (1, 1), 2, (36, 35)),
+    "1x1-no-channel-blocks": (256, 6, (1, 1), (1, 1), (0, 0, 0, 0), (1, 1), 1, (12, 12)),  # 144 outputs
 }
 
 
@@ -122,8 +123,11 @@ def conv_reference(x, weight, bias, stride, sides, dilation, groups):
 @pytest.mark.parametrize("batch", [0, 1, 3])
 def test_native_conv_equals_conv2d(name, batch, isa):
     cin, cout, kernel, stride, sides, dilation, groups, (h, w) = CONVS[name]
-    for density, bias in [(0.3, True), (0.0, True), (1.0, False)]:  # 0% and 100% sparse layers too
+    # 0% and 100% sparse layers too, and pruned output channels (empty rows, stored apart from the tiles)
+    for density, bias, pruned in [(0.3, True, False), (0.3, True, True), (0.0, True, False), (1.0, False, False)]:
         weight = sparse_weight((cout, cin // groups, *kernel), density)
+        if pruned:
+            weight[::2] = 0
         b = torch.randn(cout) if bias else None
         x = torch.randn(batch, cin, h, w)
         ref = conv_reference(x, weight, b, stride, sides, dilation, groups)
@@ -201,8 +205,10 @@ def test_native_conv_input_smaller_than_kernel_raises_like_conv2d():
 @pytest.mark.parametrize("lead", [(), (0,), (3,), (2, 3), (1, 130), (2, 0, 4), (10600,)])
 @pytest.mark.parametrize("index_dtype", [torch.int16, torch.int32])
 def test_native_linear_equals_linear(lead, index_dtype, isa):
-    for density, bias in [(0.2, True), (0.0, False), (1.0, True)]:
+    for density, bias, pruned in [(0.2, True, False), (0.2, True, True), (0.0, False, False), (1.0, True, False)]:
         weight = sparse_weight((37, 50), density)
+        if pruned:  # every other output feature empty
+            weight[1::2] = 0
         b = torch.randn(37) if bias else None
         x = torch.randn(*lead, 50)
         ref = F.linear(x, weight, b)

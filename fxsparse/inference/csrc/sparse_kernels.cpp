@@ -82,6 +82,26 @@ inline void store_wide(const Epilogue& epi, int64_t m, int64_t p0, int64_t n, co
   }
 }
 
+// Row m of a product whose weight row has no nonzeros (a pruned output channel): epilogue(bias) over all P
+// columns, written straight to the output (NCHW planes for a direct conv's wide columns) instead of a pass of the
+// vector tiles per column tile. ResNet-50's nearly empty 3x3 layers under the global ST-3-sigma-shaped mask spent
+// most of their time on such rows (see docs/INFERENCE.md).
+inline void store_empty_row(const Epilogue& epi, int64_t m, int64_t P) {
+  const float start = epi.bias ? epi.bias[m] : 0.0f;
+  int64_t samples = 1, length = P, at = m * epi.ldo, step = 0;
+  if (epi.Wq) {  // P = ((N - 1) Hq + Ho - 1) Wq + Wo: N planes of Ho Wo outputs, a sample's M planes apart
+    samples = (P - 1) / (epi.Hq * epi.Wq) + 1, length = epi.Ho * epi.Wo, at = m * length, step = epi.M * length;
+  }
+  for (int64_t n = 0; n < samples; ++n, at += step) {
+    float* to = epi.out + at;
+    const float* r = epi.residual ? epi.residual + (epi.Wq ? at : m * epi.ldr) : nullptr;
+    for (int64_t k = 0; k < length; ++k) {
+      const float v = start + (r ? r[k] : 0.0f);
+      to[k] = epi.relu && v < 0.0f ? 0.0f : v;
+    }
+  }
+}
+
 template <typename Index>
 struct Product {
   const float* x;
@@ -111,8 +131,11 @@ struct Prepared {
 // Used for direct kh x kw convs (each channel read by kh kw taps: 1.1-1.8x on ResNet-50's 3x3 layers), and for
 // 1x1 convs with at least MIN_NONZEROS_PER_BLOCK nonzeros a row and block on average (`min_nonzeros_per_block`;
 // 1.14-1.37x at 25-41% density on ResNet-50's 1x1 shapes; with fewer, as at 90% sparsity, the partial sums cost
-// more than L1 saves: 0.90-0.96x at 12.8 a block). No split when it would give one block or too few nonzeros.
-constexpr int64_t MIN_NONZEROS_PER_BLOCK = 16;
+// more than L1 saves: 0.90-0.96x at 12.8 a block) and more than MIN_COLUMNS_FOR_1X1_BLOCKS outputs a sample (on
+// 14x14 and 7x7 maps the blocks were slower, 0.5-0.9x with the weights cold: a tile row's sums between blocks
+// then wait for hundreds of rows, out of L1; AMD EPYC Zen 5, one thread). No split when it would give one block
+// or too few nonzeros.
+constexpr int64_t MIN_NONZEROS_PER_BLOCK = 16, MIN_COLUMNS_FOR_1X1_BLOCKS = 256;
 
 template <typename Index>
 void split_by_channel_blocks(const int32_t* rowptr, const Index* col, int64_t M, int64_t channels, int64_t taps,
@@ -837,7 +860,8 @@ void conv2d_into(const at::Tensor& x, const at::Tensor& indices, const at::Tenso
       p.off.resize(nnz);
       for (int64_t m = 0; m < out_channels; ++m)
         for (int64_t e = rowptr[m]; e < rowptr[m + 1]; ++e) p.off[e] = static_cast<int32_t>((col[e] + (m / og) * cg) * ld);
-      split_by_channel_blocks(rowptr, col, out_channels, cg, 1, std::min(ld, tile), MIN_NONZEROS_PER_BLOCK, p);
+      if (HW > MIN_COLUMNS_FOR_1X1_BLOCKS)
+        split_by_channel_blocks(rowptr, col, out_channels, cg, 1, std::min(ld, tile), MIN_NONZEROS_PER_BLOCK, p);
     });
     Product<int32_t> job{rows.data_ptr<float>(), 1, rowptr, ready->off.data(), val, HW, Epilogue{}};
     job.seg = ready->seg.empty() ? nullptr : ready->seg.data();

@@ -44,6 +44,7 @@ static void spmm_tile(const Product<Index>& job, int64_t m0, int64_t m1, int64_t
   for (int64_t block = 0; block < job.blocks; ++block) {
     const bool first = block == 0, final = block == job.blocks - 1;
     for (int64_t m = m0; m < m1; ++m) {
+      if (job.rowptr[m] == job.rowptr[m + 1]) continue;  // stored once by spmm_rows (store_empty_row)
       typename V::reg a[S][NV];
       float* kept = partial + (m - m0) * NV * V::W;
       if (first) {
@@ -90,12 +91,15 @@ static inline void spmm_tile_of(int nv, const Product<Index>& job, int64_t m0, i
 }
 
 // Rows [m0, m1), all columns: tiles of up to V::TILE_REGISTERS registers, the rows of a thread swept once per tile
-// so that the tile's slice of x stays in the caches while the weights stream.
+// so that the tile's slice of x stays in the caches while the weights stream. Rows without nonzeros are stored
+// first, whole (store_empty_row).
 template <typename Index>
 static void spmm_rows(const Product<Index>& job, int64_t m0, int64_t m1) {
   constexpr int64_t TILE = V::TILE_REGISTERS * V::W;
   std::vector<float> buffer(job.blocks > 1 ? (m1 - m0) * TILE : 0);
   float* partial = buffer.data();
+  for (int64_t m = m0; m < m1; ++m)
+    if (job.rowptr[m] == job.rowptr[m + 1]) store_empty_row(job.epi, m, job.P);
   for (int64_t p0 = 0; p0 < job.P; p0 += TILE) {
     const int64_t n = std::min(TILE, job.P - p0);
     spmm_tile_of<V::TILE_REGISTERS>(static_cast<int>((n + V::W - 1) / V::W), job, m0, m1, p0, n, partial);
