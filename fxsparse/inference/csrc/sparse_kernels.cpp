@@ -59,6 +59,13 @@ struct Epilogue {
   int64_t Wq = 0, Hq = 0, Ho = 0, Wo = 0, M = 0;
 };
 
+// The scalar epilogue of one output: v (bias included) plus its residual r[k] (r null: none), then the ReLU if
+// asked (the vector version is spmm_simd.h's epilogue).
+inline float epilogue_value(float v, const float* r, int64_t k, bool relu) {
+  v += r ? r[k] : 0.0f;
+  return relu && v < 0.0f ? 0.0f : v;
+}
+
 // Store the columns [p0, p0 + n) of row m (values in `tile`, bias included) of a wide product into NCHW,
 // with the residual and the ReLU: a few row segments per tile.
 inline void store_wide(const Epilogue& epi, int64_t m, int64_t p0, int64_t n, const float* tile) {
@@ -73,10 +80,7 @@ inline void store_wide(const Epilogue& epi, int64_t m, int64_t p0, int64_t n, co
       const float* from = tile + (p - p0);
       float* to = epi.out + at;
       const float* r = epi.residual ? epi.residual + at : nullptr;
-      for (int64_t k = 0; k < count; ++k) {
-        const float v = from[k] + (r ? r[k] : 0.0f);
-        to[k] = epi.relu && v < 0.0f ? 0.0f : v;
-      }
+      for (int64_t k = 0; k < count; ++k) to[k] = epilogue_value(from[k], r, k, epi.relu);
     }
     p += run;
   }
@@ -95,10 +99,7 @@ inline void store_empty_row(const Epilogue& epi, int64_t m, int64_t P) {
   for (int64_t n = 0; n < samples; ++n, at += step) {
     float* to = epi.out + at;
     const float* r = epi.residual ? epi.residual + (epi.Wq ? at : m * epi.ldr) : nullptr;
-    for (int64_t k = 0; k < length; ++k) {
-      const float v = start + (r ? r[k] : 0.0f);
-      to[k] = epi.relu && v < 0.0f ? 0.0f : v;
-    }
+    for (int64_t k = 0; k < length; ++k) to[k] = epilogue_value(start, r, k, epi.relu);
   }
 }
 
@@ -310,10 +311,7 @@ void spmm_rows(const Product<Index>& job, int64_t m0, int64_t m1) {
       }
       float* o = job.epi.out + m * job.epi.ldo + p0;
       const float* r = job.epi.residual ? job.epi.residual + m * job.epi.ldr + p0 : nullptr;
-      for (int64_t k = 0; k < n; ++k) {
-        float v = acc[k] + (r ? r[k] : 0.0f);
-        o[k] = job.epi.relu && v < 0.0f ? 0.0f : v;
-      }
+      for (int64_t k = 0; k < n; ++k) o[k] = epilogue_value(acc[k], r, k, job.epi.relu);
     }
   }
 }
