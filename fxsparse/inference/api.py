@@ -24,7 +24,7 @@ from ..export import CsrReader, from_csr
 from ..fold import fold
 from ..models import UntrustedModelName, build_model
 from ..pool import is_sparsified
-from . import batch_split, ops
+from . import attention, batch_split, ops
 from .batchnorm import fold_batchnorms_
 from .chain import chain_linears_
 from .checkpoint import layer_csr, skeleton
@@ -35,6 +35,9 @@ from .layers import DENSE, LayerPlan, Planner, SparseConv2d, SparseLinear, densi
 from .timing import Timer, default_timer, interleaved_medians
 
 PLAN_ATTRIBUTE = "fxsparse_plan"
+# the attention kernel computes what torch's does, only faster: kept when it wins end to end by this much (it
+# gained 1.06-1.09x on BERT-base; timing noise between identical models is about 1%)
+ATTENTION_MIN_SPEEDUP = 1.02
 ExcludeSpec = None | str | Sequence[str] | Callable[[str, nn.Module], bool]
 
 
@@ -51,6 +54,8 @@ class AccelerationPlan:
     end_to_end: dict[str, Any] | None = None
     # issue 16: a batch run a sample per thread (batch_split.split_batches_); None: not considered
     batch_split: dict[str, Any] | None = None
+    # issue 16: a transformer's attention on the compiled kernel (attention.switch_attention_); None: no sdpa
+    attention: dict[str, Any] | None = None
 
     @property
     def sparse_layers(self) -> list[LayerPlan]:
@@ -95,6 +100,21 @@ class AccelerationPlan:
             chosen = batch_split.SPLIT if self.batch_split["chosen"] else batch_split.WHOLE
             row = ["the batch, a sample per thread", "", "", "", "", ms(whole), ms(split), "", f"{whole / split:.2f}x"]
             rows.append(row + [chosen, self.batch_split["reason"]])
+        if self.attention and "ms" in self.attention:  # issue 16: the attention kernel, timed end to end
+            torch_ms, native_ms = self.attention["ms"][attention.TORCH], self.attention["ms"][attention.NATIVE]
+            chosen = attention.NATIVE if self.attention["chosen"] else attention.TORCH
+            row = [
+                "attention, whole model",
+                "",
+                "",
+                "",
+                "",
+                ms(torch_ms),
+                ms(native_ms),
+                "",
+                f"{torch_ms / native_ms:.2f}x",
+            ]
+            rows.append(row + [chosen, self.attention["reason"]])
         headers = [
             "layer",
             "kind",
@@ -133,6 +153,7 @@ class AccelerationPlan:
             [tuple(pair) for pair in data.get("chained_linears", [])],
             data.get("end_to_end"),
             data.get("batch_split"),
+            data.get("attention"),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -143,6 +164,7 @@ class AccelerationPlan:
             "chained_linears": self.chained_linears,
             "end_to_end": self.end_to_end,
             "batch_split": self.batch_split,
+            "attention": self.attention,
             "layers": [p.to_dict() for p in self.layers],
         }
 
@@ -264,11 +286,12 @@ def _plan_(
     model_timer: Timer | None = None,
     min_speedup: float = 1.05,
     given_split: bool = False,
+    given_attention: bool = False,
 ) -> nn.Module:
     """Fold BatchNorms, run the planning pass, put plain modules back where dense won, then (with a
     model_timer) keep only what wins end to end, and give the modules the forward hooks of their names
     (``hooks``, taken off the model before); the batch split is timed (with a model_timer) or taken as a given
-    plan chose it (``given_split``). Returns the model."""
+    plan chose it (``given_split``), and so is the attention kernel (``given_attention``). Returns the model."""
     model, fused = fold_batchnorms_(model)
     csr_parts = keep_csr_parts(model) if model_timer is not None else {}  # issue 16
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (SparseConv2d, SparseLinear))]
@@ -326,10 +349,16 @@ def _plan_(
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     plans.sort(key=lambda p: order.get(p.name, len(order)))
     carry_forward_hooks_(model, hooks, fused)
+    native_attention = None  # issue 16: a transformer's attention on the compiled kernel, when it wins end to end
+    if (model_timer is not None or given_attention) and any(p.path != DENSE for p in plans):
+        native_attention = attention.switch_attention_(
+            model, example_input, model_timer, ATTENTION_MIN_SPEEDUP, call_model, given_attention
+        )
     split = None  # issue 16: a batch a sample per thread, when the model allows it and it wins end to end
     if (model_timer is not None or given_split) and any(p.path != DENSE for p in plans):
         split = batch_split.split_batches_(model, example_input, model_timer, min_speedup, call_model, given_split)
-    plan = AccelerationPlan(plans, torch.get_num_threads(), _example_shape(example_input), fused, chains, whole, split)
+    shape = _example_shape(example_input)
+    plan = AccelerationPlan(plans, torch.get_num_threads(), shape, fused, chains, whole, split, native_attention)
     setattr(model, PLAN_ATTRIBUTE, plan)
     return model.eval()
 
@@ -376,6 +405,11 @@ def _model_timer(
     if check is None:
         check = model_timer is not None or (timer is None and not paths)
     return (model_timer or default_model_timer) if check else None, min_speedup
+
+
+def _given_attention(paths: PathsSpec) -> bool:
+    """Whether a plan given as ``paths`` ran attention on the kernel (attention.py): the rebuilt model does too."""
+    return isinstance(paths, AccelerationPlan) and bool((paths.attention or {}).get("chosen"))
 
 
 def _given_split(paths: PathsSpec) -> bool:
@@ -469,7 +503,16 @@ def accelerate(
     planner = _planner(timer, kernels, layouts, min_speedup, max_density, paths)
     kept_dense = _install_sparse_layers_(model, planner, _exclude_filter(exclude, model))
     check = _model_timer(end_to_end, model_timer, timer, paths, min_speedup)  # issue 16
-    return _plan_(model, example_input, kept_dense, progress, hooks, *check, given_split=_given_split(paths))
+    return _plan_(
+        model,
+        example_input,
+        kept_dense,
+        progress,
+        hooks,
+        *check,
+        given_split=_given_split(paths),
+        given_attention=_given_attention(paths),
+    )
 
 
 def accelerate_checkpoint(
@@ -533,7 +576,16 @@ def accelerate_checkpoint(
         )
     kept_dense = _install_sparse_layers_(model, planner, exclude_filter, kept_dense=kept_dense)
     check = _model_timer(end_to_end, model_timer, timer, paths, min_speedup)  # issue 16
-    return _plan_(model, example_input, kept_dense, progress, hooks, *check, given_split=_given_split(paths))
+    return _plan_(
+        model,
+        example_input,
+        kept_dense,
+        progress,
+        hooks,
+        *check,
+        given_split=_given_split(paths),
+        given_attention=_given_attention(paths),
+    )
 
 
 def _build_architecture(checkpoint: CsrReader, name: str | None) -> nn.Module:

@@ -401,6 +401,38 @@ static void spmv_rows(const Gathered<Index>& job, int64_t m0, int64_t m1) {
     }
   }
 }
+
+// max pooling's two passes (max_pool2d below), vectorised: a NaN-propagating max (as the scalar nan_max) ...
+static inline __m512 nan_max(__m512 m, __m512 v) {
+  const __mmask16 take = _mm512_cmp_ps_mask(v, m, _CMP_GT_OQ) | _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  return _mm512_mask_blend_ps(take, m, v);
+}
+
+// ... rows[w] = max(rows[w], r[w]) for w < W (the window's next input row) ...
+static void pool_rows(float* rows, const float* r, int64_t W) {
+  for (int64_t w = 0; w < W; w += 16) {
+    const __mmask16 m = V::tail(W - w);
+    _mm512_mask_storeu_ps(rows + w, m, nan_max(_mm512_maskz_loadu_ps(m, rows + w), _mm512_maskz_loadu_ps(m, r + w)));
+  }
+}
+
+// ... and line[ow] = max_j rows[ow * sw + j], j < kw, for a stride sw of 1 or 2 (rows readable 32 floats past the
+// last window: the lanes past Wo are computed from them and not stored)
+static void pool_columns(const float* rows, int64_t kw, int64_t sw, int64_t Wo, float* line) {
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  for (int64_t ow = 0; ow < Wo; ow += 16) {
+    const float* window = rows + ow * sw;
+    auto column = [&](int64_t j) {  // rows[(ow + l) * sw + j] for the 16 lanes l
+      if (sw == 1) return _mm512_loadu_ps(window + j);
+      return _mm512_permutex2var_ps(_mm512_loadu_ps(window + j), even, _mm512_loadu_ps(window + j + 16));
+    };
+    __m512 top = column(0);
+    for (int64_t j = 1; j < kw; ++j) top = nan_max(top, column(j));
+    _mm512_mask_storeu_ps(line + ow, V::tail(Wo - ow), top);
+  }
+}
+
+#include "attention_avx512.h"
 }  // namespace avx512
 #pragma GCC pop_options
 
@@ -999,22 +1031,35 @@ at::Tensor max_pool2d(const at::Tensor& x_in, std::vector<int64_t> kernel_size, 
   const float* src = x.data_ptr<float>();
   float* dst = out.data_ptr<float>();
   // the row maxima sit in `rows` between pw and kw entries of -inf, so every window reads kw entries (a window
-  // always holds one input column: pad <= kernel / 2, so -inf never wins over a real value, NaN included)
+  // always holds one input column: pad <= kernel / 2, so -inf never wins over a real value, NaN included); the
+  // vector passes read up to 32 floats past the last window
   const int64_t width = (Wo - 1) * sw + kw;
+#ifdef FXSPARSE_X86
+  const bool vector = current_isa() == Isa::avx512 && sw <= 2;
+#else
+  const bool vector = false;
+#endif
   at::parallel_for(0, N * C, 4, [&](int64_t begin, int64_t end) {
-    std::vector<float> buffer(std::max(width, pw + W), -std::numeric_limits<float>::infinity());
+    std::vector<float> buffer(std::max(width, pw + W) + 32, -std::numeric_limits<float>::infinity());
     float* rows = buffer.data();
     for (int64_t plane = begin; plane < end; ++plane) {
       const float* in = src + plane * H * W;
       float* o = dst + plane * Ho * Wo;
       for (int64_t oh = 0; oh < Ho; ++oh) {
         const int64_t i0 = std::max<int64_t>(0, oh * sh - ph), i1 = std::min(H, oh * sh - ph + kh);
+        float* line = o + oh * Wo;
         std::copy(in + i0 * W, in + i0 * W + W, rows + pw);
+#ifdef FXSPARSE_X86
+        if (vector) {
+          for (int64_t i = i0 + 1; i < i1; ++i) avx512::pool_rows(rows + pw, in + i * W, W);
+          avx512::pool_columns(rows, kw, sw, Wo, line);
+          continue;
+        }
+#endif
         for (int64_t i = i0 + 1; i < i1; ++i) {
           const float* r = in + i * W;
           for (int64_t w = 0; w < W; ++w) rows[pw + w] = nan_max(rows[pw + w], r[w]);
         }
-        float* line = o + oh * Wo;
         for (int64_t ow = 0; ow < Wo; ++ow) line[ow] = rows[ow * sw];
         for (int64_t j = 1; j < kw; ++j)
           for (int64_t ow = 0; ow < Wo; ++ow) line[ow] = nan_max(line[ow], rows[ow * sw + j]);
@@ -1022,6 +1067,44 @@ at::Tensor max_pool2d(const at::Tensor& x_in, std::vector<int64_t> kernel_size, 
     }
   });
   return out;
+}
+
+// softmax(scale q k^T + mask) v for q (B, H, Sq, D), k and v (B, H, Sk, D), mask (additive, float32) broadcast to
+// (B, H, Sq, Sk) or none; returns (B, Sq, H, D), the layout a transformer's output projection reads. AVX-512 only
+// (attention_avx512.h); attention.py calls torch's attention elsewhere.
+at::Tensor attention(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+                     const c10::optional<at::Tensor>& mask_in, double scale) {
+#ifdef FXSPARSE_X86
+  TORCH_CHECK(current_isa() == Isa::avx512, "fxsparse attention: needs AVX-512 (use torch's attention)");
+  auto last_contiguous = [](const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); };
+  const at::Tensor q = last_contiguous(q_in), k = last_contiguous(k_in), v = last_contiguous(v_in);
+  for (const at::Tensor* t : {&q, &k, &v})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->dim() == 4, "fxsparse attention: (B, H, S, D) float32 inputs");
+  const int64_t B = q.size(0), H = q.size(1), Sq = q.size(2), Sk = k.size(2), D = q.size(3);
+  TORCH_CHECK(D % 16 == 0 && D > 0, "fxsparse attention: the head dimension must be a multiple of 16");
+  TORCH_CHECK(k.sizes() == at::IntArrayRef({B, H, Sk, D}) && v.sizes() == k.sizes(),
+              "fxsparse attention: k and v must be (B, H, Sk, D) with q's B, H and D");
+  at::Tensor mask;
+  if (mask_in.has_value()) {
+    TORCH_CHECK(mask_in->scalar_type() == at::kFloat, "fxsparse attention: an additive float32 mask");
+    mask = mask_in->expand({B, H, Sq, Sk});
+    if (mask.stride(3) != 1) mask = mask.contiguous();
+  }
+  at::Tensor out = at::empty({B, Sq, H, D}, q.options());
+  if (out.numel() == 0) return out;
+  if (Sk == 0) return out.zero_();
+  avx512::Attention a{q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(),
+                      mask.defined() ? mask.data_ptr<float>() : nullptr, out.data_ptr<float>(), B, H, Sq, Sk, D,
+                      {q.stride(0), q.stride(1), q.stride(2)}, {k.stride(0), k.stride(1), k.stride(2)},
+                      {v.stride(0), v.stride(1), v.stride(2)},
+                      {mask.defined() ? mask.stride(0) : 0, mask.defined() ? mask.stride(1) : 0,
+                       mask.defined() ? mask.stride(2) : 0},
+                      static_cast<float>(scale)};
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) { avx512::attention_heads(a, begin, end); });
+  return out;
+#else
+  TORCH_CHECK(false, "fxsparse attention: needs AVX-512 (use torch's attention)");
+#endif
 }
 
 // Set the calling thread's intra-op thread count (torch.set_num_threads sets every thread's) and return it: the
@@ -1046,6 +1129,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear", &linear, "sparse linear (CSR weight), float32", without_gil);
   m.def("conv2d", &conv2d, "direct sparse conv2d (CSR weight), float32", without_gil);
   m.def("max_pool2d", &max_pool2d, "max pooling, NCHW float32", without_gil);
+  m.def("attention", &attention, "softmax(scale q k^T + mask) v, float32, AVX-512; (B, Sq, H, D) out", without_gil);
   m.def("release_buffers", &release_buffers, "free the pooled activation buffers; returns the bytes held");
   m.def("set_pool_limit", &set_pool_limit, "fix the buffer pool's limit in bytes (-1: adaptive); returns the old one");
   m.def("set_thread_count", &set_thread_count, "set this thread's intra-op thread count; returns it");
