@@ -201,8 +201,8 @@ def test_native_conv_input_smaller_than_kernel_raises_like_conv2d():
 
 
 # (1, 130): at two threads each thread transposes the input into a table of its own; (10600,): a table over
-# OWN_TABLE_BYTES (2 MiB), transposed once and shared
-@pytest.mark.parametrize("lead", [(), (0,), (3,), (2, 3), (1, 130), (2, 0, 4), (10600,)])
+# OWN_TABLE_BYTES (2 MiB), transposed once and shared; rows padded to 16 floats except at (2, 16): 32 tokens
+@pytest.mark.parametrize("lead", [(), (0,), (3,), (2, 3), (1, 130), (2, 16), (2, 0, 4), (10600,)])
 @pytest.mark.parametrize("index_dtype", [torch.int16, torch.int32])
 def test_native_linear_equals_linear(lead, index_dtype, isa):
     for density, bias, pruned in [(0.2, True, False), (0.2, True, True), (0.0, False, False), (1.0, True, False)]:

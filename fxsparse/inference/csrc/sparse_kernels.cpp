@@ -662,11 +662,11 @@ void transpose_serial(const float* src, int64_t rows, int64_t cols, int64_t lds,
   transpose_blocks(src, rows, cols, lds, dst, ldd, 0, transpose_block_count(rows, cols));
 }
 
-// dst[c * rows + r] = src[r * cols + c]: (rows, cols) to (cols, rows), the blocks shared among threads. torch's
-// strided copy of a transposed (128, 768) float tensor took about 95 us here.
-void transpose(const float* src, int64_t rows, int64_t cols, float* dst) {
+// dst[c * ldd + r] = src[r * cols + c]: (rows, cols) to (cols, rows) with rows ldd apart, the blocks shared
+// among threads. torch's strided copy of a transposed (128, 768) float tensor took about 95 us here.
+void transpose(const float* src, int64_t rows, int64_t cols, float* dst, int64_t ldd) {
   at::parallel_for(0, transpose_block_count(rows, cols), 16, [&](int64_t begin, int64_t end) {
-    transpose_blocks(src, rows, cols, cols, dst, rows, begin, end);
+    transpose_blocks(src, rows, cols, cols, dst, ldd, begin, end);
   });
 }
 
@@ -687,7 +687,7 @@ void linear_impl(const float* x, int64_t T, int64_t in, bool features_first_in, 
     if (features_first_in && T > 1) {
       rows = pooled_empty({T, in});
       xr = rows.data_ptr<float>();
-      transpose(x, in, T, rows.data_ptr<float>());
+      transpose(x, in, T, rows.data_ptr<float>(), in);
     }
     Gathered<Index> job{xr, in, T, rowptr, col, val, bias, relu, out,
                         features_first_out ? 1 : M, features_first_out ? T : 1};
@@ -698,32 +698,40 @@ void linear_impl(const float* x, int64_t T, int64_t in, bool features_first_in, 
   // transposed by every thread into a copy of its own: shared, each thread would read the half the other wrote
   // from the other core's cache (BERT-base's 768x768 at 128 tokens: the shared transpose added 95 us to the
   // product at two threads, 16 us at one; own tables 1.03-1.06x). Each thread transposes the rows it computed
-  // into its columns of a token-first result.
+  // into its columns of a token-first result. The table's and the product's rows are padded to whole cache
+  // lines (ld): a load that straddles two lines costs two, and 197 tokens (a ViT's) ran 1.5x slower a token
+  // than 192 or 208 unpadded. A feature-first input of unaligned rows is copied to a padded table.
+  const int64_t ld = (T + 15) / 16 * 16;
   const std::vector<int64_t> bounds = row_blocks(rowptr, M, static_cast<int64_t>(rowptr[M]) * T);
   const int64_t blocks = static_cast<int64_t>(bounds.size()) - 1;
   const bool own_tables =
-      !features_first_in && blocks > 1 && in * T * static_cast<int64_t>(sizeof(float)) <= OWN_TABLE_BYTES;
-  at::Tensor table;  // (in, T), or one a row block when own_tables
+      !features_first_in && blocks > 1 && in * ld * static_cast<int64_t>(sizeof(float)) <= OWN_TABLE_BYTES;
+  at::Tensor table;  // (in, ld), or one a row block when own_tables
   if (!features_first_in) {
-    table = own_tables ? pooled_empty({blocks, in, T}) : pooled_empty({in, T});
-    if (!own_tables) transpose(x, T, in, table.data_ptr<float>());
+    table = own_tables ? pooled_empty({blocks, in, ld}) : pooled_empty({in, ld});
+    if (!own_tables) transpose(x, T, in, table.data_ptr<float>(), ld);
+  } else if (ld != T) {
+    table = pooled_empty({in, ld});
+    float* padded = table.data_ptr<float>();
+    at::parallel_for(0, in, std::max<int64_t>(1, 16384 / ld), [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) std::memcpy(padded + c * ld, x + c * T, sizeof(float) * T);
+    });
   }
-  at::Tensor product;  // (M, T)
-  if (!features_first_out) product = pooled_empty({M, T});
+  at::Tensor product;  // (M, ld)
+  if (!features_first_out) product = pooled_empty({M, ld});
   float* target = features_first_out ? out : product.data_ptr<float>();
+  const int64_t ldo = features_first_out ? T : ld;
   const Isa isa = current_isa();
   over_blocks(bounds, [&](int64_t k, int64_t m0, int64_t m1) {
-    const float* xt = x;
+    const float* xt = table.defined() ? table.data_ptr<float>() : x;
     if (own_tables) {
-      float* own = table.data_ptr<float>() + k * in * T;
-      transpose_serial(x, T, in, in, own, T);
+      float* own = table.data_ptr<float>() + k * in * ld;
+      transpose_serial(x, T, in, in, own, ld);
       xt = own;
-    } else if (!features_first_in) {
-      xt = table.data_ptr<float>();
     }
-    const Product<Index> job{xt, T, rowptr, col, val, T, Epilogue{bias, nullptr, 0, relu, target, T}};
+    const Product<Index> job{xt, table.defined() ? ld : T, rowptr, col, val, T, Epilogue{bias, nullptr, 0, relu, target, ldo}};
     spmm_rows_on(isa, job, m0, m1);
-    if (!features_first_out) transpose_serial(target + m0 * T, m1 - m0, T, T, out + m0, M);
+    if (!features_first_out) transpose_serial(target + m0 * ldo, m1 - m0, T, ldo, out + m0, M);
   });
 }
 
