@@ -3,6 +3,7 @@ masks, strides and threads; used by a transformers model only for plain calls, a
 
 import pytest
 import torch
+import torch.nn.functional as F
 from test_end_to_end import prune_
 
 import fxsparse
@@ -191,3 +192,82 @@ def test_a_softcap_reaches_sdpa_which_refuses_it(monkeypatch):
 def test_a_model_without_transformers_attention_is_not_switched():
     model = torch.nn.Sequential(torch.nn.Linear(8, 8))
     assert attention.switch_attention_(model, torch.randn(2, 8), None, 1.0, lambda m, x: m(x)) is None
+
+
+# --- torch.fx graphs: timm's ViT (attention in a leaf module) and a direct call --------------------------------
+def count_kernel_calls(monkeypatch) -> list:
+    calls = []
+    original = attention._kernel_attention
+
+    def counting(*args):
+        calls.append(args[0].shape)
+        return original(*args)
+
+    monkeypatch.setattr(attention, "_kernel_attention", counting)
+    return calls
+
+
+def tiny_vit():
+    timm = pytest.importorskip("timm")
+    model = timm.models.VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4)
+    return prune_(model.eval()), torch.randn(2, 3, 32, 32)
+
+
+@kernel_needed
+def test_a_vits_attention_runs_on_the_kernel_when_it_wins(monkeypatch):
+    model, x = tiny_vit()
+    fast = fxsparse.accelerate(model, x, timer=sparse_wins, model_timer=attention_timer(attention.NATIVE))
+    assert fast.fxsparse_plan.attention["chosen"]
+    wrapped = [m for m in fast.modules() if isinstance(m, attention.AttentionOnKernel)]
+    assert len(wrapped) == 2 and not model.blocks[0].attn.training  # the user's model is left as it was
+    calls = count_kernel_calls(monkeypatch)
+    with torch.no_grad():
+        assert_close(fast(x), model(x))
+        assert calls == [(2, 4, 17, 16)] * 2
+    plan = fxsparse.inference.AccelerationPlan.from_dict(fast.fxsparse_plan.to_dict())
+    again = fxsparse.accelerate(model, x, paths=plan)
+    assert any(isinstance(m, attention.AttentionOnKernel) for m in again.modules())
+    with torch.no_grad():
+        assert_close(again(x), model(x))
+        assert len(calls) == 4
+    assert not fast.blocks[0].attn.original.training  # the module itself runs, eval-mode
+    assert sorted(fast.state_dict()) == sorted(again.state_dict())
+
+
+@kernel_needed
+def test_a_vit_keeps_torchs_attention_when_the_kernel_does_not_win(monkeypatch):
+    model, x = tiny_vit()
+    fast = fxsparse.accelerate(model, x, timer=sparse_wins, model_timer=attention_timer(attention.TORCH))
+    assert not fast.fxsparse_plan.attention["chosen"]
+    calls = count_kernel_calls(monkeypatch)
+    with torch.no_grad():
+        assert_close(fast(x), model(x))
+    assert calls == []
+
+
+class DirectAttention(torch.nn.Module):
+    """F.scaled_dot_product_attention called in the traced graph itself (the ReLU fused into the output layer
+    makes the accelerated model a graph), a bool mask, heads of 32."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.out = torch.nn.Linear(64, 192), torch.nn.Linear(64, 64)
+
+    def forward(self, x, mask):
+        q, k, v = self.qkv(x).view(x.shape[0], x.shape[1], 3, 2, 32).permute(2, 0, 3, 1, 4).unbind(0)
+        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return torch.relu(self.out(attended.transpose(1, 2).reshape(x.shape)))
+
+
+@kernel_needed
+def test_an_attention_call_in_the_traced_graph_runs_on_the_kernel(monkeypatch):
+    model, x = prune_(DirectAttention()), torch.randn(3, 10, 64)
+    mask = torch.rand(3, 1, 10, 10) > 0.3
+    mask[..., 0] = True
+    fast = fxsparse.accelerate(model, (x, mask), timer=sparse_wins, model_timer=attention_timer(attention.NATIVE))
+    assert isinstance(fast, torch.fx.GraphModule)
+    assert any(isinstance(m, attention.ScaledDotProductAttention) for m in fast.children())
+    calls = count_kernel_calls(monkeypatch)
+    with torch.no_grad():
+        assert_close(fast(x, mask), model(x, mask))
+    assert calls == [(3, 2, 10, 32)]
