@@ -271,3 +271,12 @@ def test_an_attention_call_in_the_traced_graph_runs_on_the_kernel(monkeypatch):
     with torch.no_grad():
         assert_close(fast(x, mask), model(x, mask))
     assert calls == [(3, 2, 10, 32)]
+
+
+@kernel_needed
+def test_compiled_and_exported_models_run_torchs_attention_in_their_graphs():
+    model, x = tiny_vit()
+    fast = fxsparse.accelerate(model, x, timer=sparse_wins, model_timer=attention_timer(attention.NATIVE))
+    with torch.no_grad():
+        assert_close(torch.compile(fast, backend="aot_eager", fullgraph=True)(x), model(x))
+    assert_close(torch.export.export(fast, (x,)).module()(x), model(x))
