@@ -50,6 +50,18 @@ _METADATA = {
 }
 
 
+class WeightReadError(RuntimeError):
+    """Raised when code computes with a kernel layer's ``.weight`` (``layer_name``: the layer's name)."""
+
+    def __init__(self, layer_name: str) -> None:
+        super().__init__(
+            f"layer {layer_name!r} runs a sparse kernel and holds no dense weight: its .weight gives only its shape, "
+            "dtype and device; a module that computes with it cannot be accelerated: pass its name in exclude=[...] "
+            "to fxsparse.accelerate"
+        )
+        self.layer_name = layer_name
+
+
 class WeightStandIn(Tensor):
     """``layer.weight`` of a kernel layer: the weight's shape, dtype and device, and no values (one element
     of storage); every computation with it raises."""
@@ -67,12 +79,8 @@ class WeightStandIn(Tensor):
         if func in _METADATA:
             with torch._C.DisableTorchFunctionSubclass():
                 return func(*args, **(kwargs or {}))
-        name = next((a.layer_name for a in args if isinstance(a, WeightStandIn)), "")
-        raise RuntimeError(
-            f"layer {name!r} runs a sparse kernel and holds no dense weight: its .weight gives only its shape, dtype "
-            "and device; a module that computes with it cannot be accelerated: pass its name in exclude=[...] to "
-            "fxsparse.accelerate"
-        )
+        operands = [*args, *(kwargs or {}).values()]  # F.linear(x, weight=layer.weight) passes it by keyword
+        raise WeightReadError(next((a.layer_name for a in operands if isinstance(a, WeightStandIn)), ""))
 
     def __repr__(self) -> str:
         return f"WeightStandIn(layer={self.layer_name!r}, shape={list(self.shape)}, dtype={self.dtype})"

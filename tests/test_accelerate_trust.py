@@ -66,6 +66,30 @@ def test_the_weight_of_a_sparse_layer_gives_its_metadata_and_refuses_arithmetic(
             compute()
 
 
+class ReadsItsLayersWeight(nn.Module):
+    """Computes with a child linear's .weight instead of calling it (as BEiT's and EVA's attention do)."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.out = nn.Linear(8, 8, bias=False), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.out(F.linear(x, weight=self.qkv.weight).relu())
+
+
+def test_a_layer_whose_weight_its_parent_computes_with_stays_dense_and_is_named(recwarn):
+    model = prune_(ReadsItsLayersWeight())
+    x = torch.randn(4, 8)
+    fast = fxsparse.accelerate(model, x, timer=SPARSE)
+    assert type(fast.qkv) is nn.Linear and not isinstance(fast.out, nn.Linear)  # out still runs sparse
+    assert any("qkv stays dense" in str(w.message) for w in recwarn)
+    plan = {p.name: p for p in fast.fxsparse_plan.layers}
+    assert plan["qkv"].path == "dense" and "outside its forward" in plan["qkv"].reason
+    assert_close(run(fast, x), run(model, x))
+    with pytest.raises(RuntimeError, match="layer 'out' runs a sparse kernel"):  # named, passed by keyword too
+        F.linear(x, weight=fast.out.weight)
+
+
 # ------------------------------------------------------------------------------------------------
 # BatchNorm folding
 # ------------------------------------------------------------------------------------------------

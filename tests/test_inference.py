@@ -277,12 +277,17 @@ class ReadsWeight(nn.Module):
         return self.proj(x) + self.proj.weight.sum()
 
 
-def test_module_reading_a_weight_needs_exclude():
+def test_module_reading_a_weight_needs_exclude_unless_the_layer_can_be_rebuilt_dense():
     model = prune_(ReadsWeight())
     x = torch.randn(2, 4)
-    with pytest.raises(RuntimeError, match="exclude"):
-        fxsparse.accelerate(model, x, timer=prefer("ebag"))
+    with pytest.raises(RuntimeError, match="exclude"):  # planned, then read: without the end-to-end check's
+        fxsparse.accelerate(model, x, timer=prefer("ebag"))  # CSR parts it cannot be rebuilt dense
     fast = fxsparse.accelerate(model, x, timer=prefer("ebag"), exclude="proj")
+    assert type(fast.proj) is nn.Linear
+    assert_close(run(fast, x), run(model, x))
+    sparse_wins = lambda candidates: {name: 1.0 if name == "sparse" else 2.0 for name in candidates}  # noqa: E731
+    with pytest.warns(UserWarning, match="proj stays dense"):
+        fast = fxsparse.accelerate(model, x, timer=prefer("ebag"), model_timer=sparse_wins)
     assert type(fast.proj) is nn.Linear
     assert_close(run(fast, x), run(model, x))
 

@@ -14,6 +14,7 @@ import copy
 import dataclasses
 import fnmatch
 import os
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -22,21 +23,23 @@ from torch import nn
 
 from ..export import CsrReader, from_csr
 from ..fold import fold
+from ..kernel_layer import WeightReadError
 from ..models import UntrustedModelName, build_model
 from ..pool import is_sparsified
 from . import attention, batch_split, ops
 from .batchnorm import fold_batchnorms_
 from .chain import chain_linears_
 from .checkpoint import layer_csr, skeleton
-from .end_to_end import SETTLE_S, default_model_timer, keep_csr_parts, keep_what_wins
+from .end_to_end import SETTLE_S, default_model_timer, keep_csr_parts, keep_what_wins, plain_twin
 from .fuse import fuse_epilogues_, replace_max_pools_
 from .hooks import Hooks, carry_forward_hooks_, forward_hooks, remove_forward_hooks_
 from .layers import DENSE, LayerPlan, Planner, SparseConv2d, SparseLinear, density_of, is_conv1d
 from .timing import Timer, default_timer, interleaved_medians
 
 PLAN_ATTRIBUTE = "fxsparse_plan"
-# the attention kernel computes what torch's does, only faster: kept when it wins end to end by this much (it
-# gained 1.06-1.09x on BERT-base; timing noise between identical models is about 1%)
+# the attention kernel computes what torch's does, only faster: kept when it wins end to end by this much, not
+# by min_speedup (a sparse layer's bar); BERT-base 90% gained 1.12x at one thread and 1.16x at two, ViT-B/16 90%
+# 1.13-1.14x at one (AMD EPYC Zen 5)
 ATTENTION_MIN_SPEEDUP = 1.02
 ExcludeSpec = None | str | Sequence[str] | Callable[[str, nn.Module], bool]
 
@@ -277,6 +280,28 @@ def _install_sparse_layers_(
     return kept_dense
 
 
+def _weight_read_(
+    model: nn.Module, error: WeightReadError, layer: SparseConv2d | SparseLinear, parts: tuple | None
+) -> LayerPlan:
+    """Put back the plain module of a layer whose parent computes with its .weight (not its forward), with a
+    warning that names it; returns its plan (dense). A layer already planned without its CSR parts kept (no
+    end-to-end check) cannot be rebuilt: the error stands, and says to exclude the layer."""
+    try:
+        plain = plain_twin(layer, parts) if parts is not None else layer.plain_module()
+    except (AttributeError, TypeError):
+        raise error from None
+    name = error.layer_name
+    warnings.warn(
+        f"fxsparse.accelerate: {name} stays dense: the module around it computes with its .weight directly "
+        "(e.g. F.linear(x, self.qkv.weight)), which a sparse kernel layer does not hold",
+        stacklevel=4,
+    )
+    _replace_submodule_(model, name, plain)
+    density = density_of(layer.nnz, layer.weight_shape)
+    reason = "its .weight is computed with outside its forward"
+    return LayerPlan(name, layer.kind, layer.weight_shape, None, density, {}, DENSE, reason)
+
+
 def _plan_(
     model: nn.Module,
     example_input: Any,
@@ -285,13 +310,12 @@ def _plan_(
     hooks: Hooks,
     model_timer: Timer | None = None,
     min_speedup: float = 1.05,
-    given_split: bool = False,
-    given_attention: bool = False,
+    given: PathsSpec = None,
 ) -> nn.Module:
     """Fold BatchNorms, run the planning pass, put plain modules back where dense won, then (with a
     model_timer) keep only what wins end to end, and give the modules the forward hooks of their names
     (``hooks``, taken off the model before); the batch split is timed (with a model_timer) or taken as a given
-    plan chose it (``given_split``), and so is the attention kernel (``given_attention``). Returns the model."""
+    plan given as ``paths`` chose it (``given``), and so is the attention kernel. Returns the model."""
     model, fused = fold_batchnorms_(model)
     csr_parts = keep_csr_parts(model) if model_timer is not None else {}  # issue 16
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (SparseConv2d, SparseLinear))]
@@ -306,9 +330,19 @@ def _plan_(
                 bar.update(1)
 
         bar_hooks = [layer.register_forward_hook(advance) for _, layer in layers]
+    kept_dense = list(kept_dense)
     try:
-        with torch.no_grad():
-            call_model(model, example_input)
+        while True:  # a layer whose .weight its parent computes with (BEiT's qkv) is put back dense, and again
+            try:
+                with torch.no_grad():
+                    call_model(model, example_input)
+                break
+            except WeightReadError as error:
+                layer = dict(layers).get(error.layer_name)
+                if layer is None:
+                    raise
+                kept_dense.append(_weight_read_(model, error, layer, csr_parts.get(error.layer_name)))
+                layers.remove((error.layer_name, layer))
     finally:
         for hook in bar_hooks:
             hook.remove()
@@ -350,6 +384,7 @@ def _plan_(
     plans.sort(key=lambda p: order.get(p.name, len(order)))
     carry_forward_hooks_(model, hooks, fused)
     native_attention = None  # issue 16: a transformer's attention on the compiled kernel, when it wins end to end
+    given_attention, given_split = _given_choice(given, "attention"), _given_choice(given, "batch_split")
     if (model_timer is not None or given_attention) and any(p.path != DENSE for p in plans):
         native_attention = attention.switch_attention_(
             model, example_input, model_timer, ATTENTION_MIN_SPEEDUP, call_model, given_attention
@@ -407,14 +442,10 @@ def _model_timer(
     return (model_timer or default_model_timer) if check else None, min_speedup
 
 
-def _given_attention(paths: PathsSpec) -> bool:
-    """Whether a plan given as ``paths`` ran attention on the kernel (attention.py): the rebuilt model does too."""
-    return isinstance(paths, AccelerationPlan) and bool((paths.attention or {}).get("chosen"))
-
-
-def _given_split(paths: PathsSpec) -> bool:
-    """Whether a plan given as ``paths`` split its batches (batch_split.py): the rebuilt model does too."""
-    return isinstance(paths, AccelerationPlan) and bool((paths.batch_split or {}).get("chosen"))
+def _given_choice(paths: PathsSpec, step: str) -> bool:
+    """Whether a plan given as ``paths`` chose ``step`` ("batch_split": batch_split.py, "attention":
+    attention.py): the rebuilt model takes it too (the batch split after its checks)."""
+    return isinstance(paths, AccelerationPlan) and bool((getattr(paths, step) or {}).get("chosen"))
 
 
 def _check_model(model: nn.Module) -> None:
@@ -482,7 +513,8 @@ def accelerate(
     min_speedup: a sparse path replaces dense only when at least this much faster.
     max_density: denser layers stay dense without being timed.
     paths: {layer name: path} (or a previous model's fxsparse_plan) taken without timing, e.g. to rebuild on
-      the deployment machine what was measured once (a plan's batch split too, after its checks).
+      the deployment machine what was measured once (a plan's batch split, after its checks, and its
+      attention choice too).
     end_to_end: time the whole model against its dense twin (BatchNorms folded) after the per-layer choice
       and keep only what wins by ``min_speedup`` (the layers that saved most, or none: a model never runs
       slower than dense). None (default): on unless ``paths`` is given or a custom ``timer`` decides the
@@ -490,7 +522,8 @@ def accelerate(
     model_timer: like ``timer``, for the whole-model candidates "dense", "sparse", "top k"
       (default: fxsparse.inference.end_to_end.default_model_timer). With an example batch of 2 or more, it
       also decides whether a batch-independent traced model runs its batches one sample per thread
-      (batch_split.py; ``plan.batch_split`` says what was measured and why).
+      (batch_split.py; ``plan.batch_split`` says what was measured and why), and whether a transformer's
+      attention runs on the compiled AVX-512 kernel (attention.py; ``plan.attention``).
     The returned model's ``fxsparse_plan`` (an AccelerationPlan) holds every layer's timings and choice.
     """
     _check_example(example_input)
@@ -503,16 +536,7 @@ def accelerate(
     planner = _planner(timer, kernels, layouts, min_speedup, max_density, paths)
     kept_dense = _install_sparse_layers_(model, planner, _exclude_filter(exclude, model))
     check = _model_timer(end_to_end, model_timer, timer, paths, min_speedup)  # issue 16
-    return _plan_(
-        model,
-        example_input,
-        kept_dense,
-        progress,
-        hooks,
-        *check,
-        given_split=_given_split(paths),
-        given_attention=_given_attention(paths),
-    )
+    return _plan_(model, example_input, kept_dense, progress, hooks, *check, given=paths)
 
 
 def accelerate_checkpoint(
@@ -576,16 +600,7 @@ def accelerate_checkpoint(
         )
     kept_dense = _install_sparse_layers_(model, planner, exclude_filter, kept_dense=kept_dense)
     check = _model_timer(end_to_end, model_timer, timer, paths, min_speedup)  # issue 16
-    return _plan_(
-        model,
-        example_input,
-        kept_dense,
-        progress,
-        hooks,
-        *check,
-        given_split=_given_split(paths),
-        given_attention=_given_attention(paths),
-    )
+    return _plan_(model, example_input, kept_dense, progress, hooks, *check, given=paths)
 
 
 def _build_architecture(checkpoint: CsrReader, name: str | None) -> nn.Module:

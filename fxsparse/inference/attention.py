@@ -35,6 +35,7 @@ from torch.overrides import TorchFunctionMode
 
 from . import native
 from .ops import _LIBRARY, _is_compiling
+from .timing import time_switch
 
 IMPLEMENTATION = "fxsparse_native"  # the name registered with transformers' attention interfaces
 TORCH, NATIVE = "torch attention", "native attention"
@@ -105,7 +106,7 @@ def _kernel_attention(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | 
 
 def _plain_call(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, mask, dropout, is_causal, kwargs) -> bool:
     """Whether transformers' sdpa path would compute plain softmax(scale q k^T + mask) v (module docstring)."""
-    if any(kwargs.get(name) for name in _UNSUPPORTED):
+    if any(kwargs.get(name) is not None and kwargs.get(name) is not False for name in _UNSUPPORTED):
         return False
     if (dropout and module.training) or getattr(module, "num_key_value_groups", 1) > 1:
         return False
@@ -183,6 +184,14 @@ class AttentionOnKernel(nn.Module):
         self.original = original
         self.native = False
         self.train(original.training)
+
+    def __getattr__(self, name: str) -> Any:  # the wrapped module's attributes, which its parent may read
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "original":
+                raise
+            return getattr(self.original, name)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if not (self.native and _plain_eager()):
@@ -281,24 +290,9 @@ def switch_attention_(
         _set(switches, given)
         return {"chosen": given, "reason": "as the given plan chose (not timed)"}
 
-    def run(use_native: bool) -> Callable[[], Any]:
-        def call() -> Any:
-            _set(switches, use_native)
-            return call_model(model, example_input)
-
-        return call
-
-    with torch.no_grad():
-        times = dict(timer({TORCH: run(False), NATIVE: run(True)}))
-    speedup = times[TORCH] / times[NATIVE]
-    chosen = speedup >= min_speedup
-    _set(switches, chosen)
-    relation = ">=" if chosen else "<"
-    return {
-        "chosen": chosen,
-        "reason": f"{speedup:.2f}x of torch's attention end to end ({relation} {min_speedup})",
-        "ms": {k: 1e3 * v for k, v in times.items()},
-    }
+    names = (TORCH, NATIVE)
+    run = lambda: call_model(model, example_input)  # noqa: E731
+    return time_switch(timer, lambda on: _set(switches, on), run, names, min_speedup, "torch's attention end to end")
 
 
 __all__ = [

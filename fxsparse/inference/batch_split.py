@@ -40,7 +40,7 @@ from torch import nn
 from torch.nn.modules import module as nn_module
 
 from . import native, ops
-from .timing import Timer
+from .timing import Timer, time_switch
 
 TOLERANCE = 1e-5  # the largest relative difference from the whole batch's output (max |a - b| / max |b|)
 WHOLE, SPLIT = "whole batch", "a sample a thread"
@@ -276,25 +276,9 @@ def split_batches_(
         _set(model, True)
         return {"chosen": True, "reason": "as the given plan chose (not timed)", "workers": workers}
 
-    def run(split: bool) -> Callable[[], Any]:
-        def call() -> Any:
-            _set(model, split)
-            return call_model(model, example_input)
-
-        return call
-
-    with torch.no_grad():
-        times = dict(timer({WHOLE: run(False), SPLIT: run(True)}))
-    speedup = times[WHOLE] / times[SPLIT]
-    chosen = speedup >= min_speedup
-    _set(model, chosen)
-    relation = ">=" if chosen else "<"
-    return {
-        "chosen": chosen,
-        "reason": f"{speedup:.2f}x of the whole batch's speed ({relation} {min_speedup})",
-        "workers": workers,
-        "ms": {k: 1e3 * v for k, v in times.items()},
-    }
+    run = lambda: call_model(model, example_input)  # noqa: E731
+    record = time_switch(timer, lambda on: _set(model, on), run, (WHOLE, SPLIT), min_speedup, "the whole batch's speed")
+    return {**record, "workers": workers}
 
 
 __all__ = ["split_batches_", "install", "is_split", "relative_error", "SPLIT_ATTRIBUTE"]

@@ -56,7 +56,7 @@ def keep_csr_parts(model: nn.Module) -> CsrParts:
     }
 
 
-def _plain_twin(layer: SparseConv2d | SparseLinear, parts: tuple) -> nn.Module:
+def plain_twin(layer: SparseConv2d | SparseLinear, parts: tuple) -> nn.Module:
     """layer.plain_module() built from the CSR parts kept before planning (the layer is left as it was)."""
     saved = layer.crow, layer.col, layer.values, layer.bias, layer.dense_weight
     layer.crow, layer.col, layer.values, layer.bias = parts
@@ -93,7 +93,7 @@ def keep_what_wins(
     "sparse_layers"}.
     """
     layers = {n: m for n, m in sparse_layers(model).items() if n in parts}
-    twins = {name: _plain_twin(layer, parts[name]) for name, layer in layers.items()}
+    twins = {name: plain_twin(layer, parts[name]) for name, layer in layers.items()}
     dense = _variant(model, twins)
     with torch.no_grad():
         times = dict(timer({DENSE: lambda: run(dense), SPARSE: lambda: run(model)}))

@@ -105,3 +105,36 @@ def default_timer(candidates: Mapping[str, Callable[[], Any]]) -> dict[str, floa
     """The per-layer timer of fxsparse.accelerate: 7 interleaved rounds of at least 1 ms per candidate, after
     one warm-up call (a layer of 0.2 ms is timed over 5 calls per round: its noise would decide otherwise)."""
     return interleaved_medians(candidates, repeats=7, warmup=1, min_sample_s=1e-3)
+
+
+def time_switch(
+    timer: Timer,
+    switch: Callable[[bool], None],
+    call: Callable[[], Any],
+    names: tuple[str, str],
+    min_speedup: float,
+    relative_to: str,
+) -> dict[str, Any]:
+    """Time ``call`` with ``switch(False)`` and ``switch(True)`` (the candidates ``names`` = (off, on), in the
+    timer's interleaved rounds) and leave the switch on only when that is at least ``min_speedup`` faster.
+    Returns {"chosen": on or not, "reason": "<speed-up>x of <relative_to> (>= or < min_speedup)", "ms": {name:
+    ms}}."""
+
+    def candidate(on: bool) -> Callable[[], Any]:
+        def run() -> Any:
+            switch(on)
+            return call()
+
+        return run
+
+    with torch.no_grad():
+        times = dict(timer({names[0]: candidate(False), names[1]: candidate(True)}))
+    speedup = times[names[0]] / times[names[1]]
+    on = speedup >= min_speedup
+    switch(on)
+    relation = ">=" if on else "<"
+    return {
+        "chosen": on,
+        "reason": f"{speedup:.2f}x of {relative_to} ({relation} {min_speedup})",
+        "ms": {name: 1e3 * seconds for name, seconds in times.items()},
+    }
