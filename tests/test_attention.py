@@ -157,7 +157,9 @@ def test_a_transformer_keeps_torchs_attention_when_the_kernel_does_not_win():
     assert_close(hidden(fast, inputs), hidden(model, inputs))
 
 
-@pytest.mark.parametrize("case", ["causal", "dropout in training", "grouped key/value heads", "float64", "autograd"])
+@pytest.mark.parametrize(
+    "case", ["causal", "dropout in training", "grouped key/value heads", "position bias", "float64", "autograd"]
+)
 def test_calls_the_kernel_does_not_compute_run_torchs_attention(case, monkeypatch):
     pytest.importorskip("transformers")
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -170,10 +172,11 @@ def test_calls_the_kernel_does_not_compute_run_torchs_attention(case, monkeypatc
     dtype = torch.float64 if case == "float64" else torch.float32
     q, k, v = (torch.randn(1, 2, 5, 16, dtype=dtype, requires_grad=case == "autograd") for _ in range(3))
     dropout = 0.5 if case == "dropout in training" else 0.0
+    kwargs = {"position_bias": torch.randn(1, 2, 5, 5)} if case == "position bias" else {}  # T5's: a tensor
     torch.manual_seed(0)
-    out, _ = attention.transformers_attention(module, q, k, v, None, dropout=dropout)
+    out, _ = attention.transformers_attention(module, q, k, v, None, dropout=dropout, **kwargs)
     torch.manual_seed(0)
-    expected, _ = sdpa_attention_forward(module, q, k, v, None, dropout=dropout)
+    expected, _ = sdpa_attention_forward(module, q, k, v, None, dropout=dropout, **kwargs)
     assert torch.equal(out, expected)
     if case == "autograd":
         out.sum().backward()
@@ -280,3 +283,27 @@ def test_compiled_and_exported_models_run_torchs_attention_in_their_graphs():
     with torch.no_grad():
         assert_close(torch.compile(fast, backend="aot_eager", fullgraph=True)(x), model(x))
     assert_close(torch.export.export(fast, (x,)).module()(x), model(x))
+
+
+class ReadsItsAttention(torch.nn.Module):
+    """A parent that reads an attribute of its attention module (as Swin's blocks read their window size)."""
+
+    def __init__(self):
+        super().__init__()
+        self.attend = DirectAttention()
+        self.attend.heads = 2
+
+    def forward(self, x, mask):
+        return self.attend(x, mask) * self.attend.heads
+
+
+@kernel_needed
+def test_a_wrapped_attention_module_keeps_its_attributes(monkeypatch):
+    model, x = prune_(ReadsItsAttention()), torch.randn(2, 6, 64)
+    mask = torch.ones(2, 1, 6, 6, dtype=torch.bool)
+    fast = fxsparse.accelerate(model, (x, mask), timer=sparse_wins, model_timer=attention_timer(attention.NATIVE))
+    assert isinstance(fast.attend, attention.AttentionOnKernel) and fast.attend.heads == 2
+    calls = count_kernel_calls(monkeypatch)
+    with torch.no_grad():
+        assert_close(fast(x, mask), model(x, mask))
+    assert len(calls) == 1
