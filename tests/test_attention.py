@@ -307,3 +307,63 @@ def test_a_wrapped_attention_module_keeps_its_attributes(monkeypatch):
     with torch.no_grad():
         assert_close(fast(x, mask), model(x, mask))
     assert len(calls) == 1
+
+
+# --- a zoo of attention models, the kernel forced on (slow) ---------------------------------------------------
+ZOO = [
+    "vit_tiny_patch16_224",
+    "swin_tiny_patch4_window7_224",
+    "eva02_tiny_patch14_224",
+    "twins_svt_small",
+    "cait_xxs24_224",
+    "xcit_nano_12_p16_224",
+    "maxvit_tiny_tf_224",
+    "levit_128s",
+]
+
+
+@kernel_needed
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("name", ZOO)
+def test_timm_attention_models_accelerate_with_the_kernel_on(name):
+    timm = pytest.importorskip("timm")
+    model, x = prune_(timm.create_model(name).eval()), torch.randn(2, 3, 224, 224)
+    fast = fxsparse.accelerate(model, x, timer=sparse_wins, model_timer=attention_timer(attention.NATIVE))
+    with torch.no_grad():
+        assert_close(fast(x), model(x))
+
+
+def hf_model(name: str):
+    transformers = pytest.importorskip("transformers")
+    small = dict(num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
+    builds = {
+        "distilbert": lambda: transformers.DistilBertModel(
+            transformers.DistilBertConfig(vocab_size=100, dim=64, n_layers=2, n_heads=4, hidden_dim=128)
+        ),
+        "roberta": lambda: transformers.RobertaModel(
+            transformers.RobertaConfig(vocab_size=100, hidden_size=64, **small)
+        ),
+        "llama with grouped key/value heads": lambda: transformers.LlamaModel(
+            transformers.LlamaConfig(vocab_size=100, hidden_size=64, num_key_value_heads=2, **small)
+        ),
+        "t5 encoder (position bias)": lambda: transformers.T5EncoderModel(
+            transformers.T5Config(vocab_size=100, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4)
+        ),
+        "gpt2": lambda: transformers.GPT2Model(transformers.GPT2Config(vocab_size=100, n_embd=64, n_layer=2, n_head=4)),
+    }
+    return builds[name]().eval()
+
+
+@kernel_needed
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize(
+    "name", ["distilbert", "roberta", "llama with grouped key/value heads", "t5 encoder (position bias)", "gpt2"]
+)
+def test_transformers_attention_models_accelerate_with_the_kernel_on(name):
+    model = prune_(hf_model(name))
+    inputs = {"input_ids": torch.randint(0, 100, (2, 13)), "attention_mask": torch.ones(2, 13, dtype=torch.long)}
+    inputs["attention_mask"][1, 9:] = 0
+    fast = fxsparse.accelerate(model, inputs, timer=sparse_wins, model_timer=attention_timer(attention.NATIVE))
+    assert_close(hidden(fast, inputs), hidden(model, inputs))
