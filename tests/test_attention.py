@@ -83,6 +83,10 @@ def test_the_op_has_a_reference_path_and_a_fake_kernel():
     torch.library.opcheck(torch.ops.fxsparse.native_attention.default, (q, k, v, mask, 0.5))
     odd = [torch.randn(1, 2, 3, 10) for _ in range(3)]  # a head dimension the kernel does not take: torch's path
     assert_close(torch.ops.fxsparse.native_attention(*odd, None, 1.0), attention.reference_attention(*odd, None, 1.0))
+    keep = torch.rand(2, 1, 5, 5) > 0.3  # a boolean mask: torch's path too
+    keep[..., 0] = True
+    out = torch.ops.fxsparse.native_attention(q, k, v, keep, 0.5)
+    assert_close(out, attention.reference_attention(q, k, v, keep, 0.5))
 
 
 # --- transformers ---------------------------------------------------------------------------------------------

@@ -53,7 +53,8 @@ def reference_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, sc
 
 def _native_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> Tensor:
     module = kernels()
-    if module is None or q.dtype != torch.float32 or q.shape[-1] % 16:
+    takes = q.dtype == torch.float32 and q.shape[-1] % 16 == 0 and (mask is None or mask.dtype == torch.float32)
+    if module is None or not takes:
         return reference_attention(q, k, v, mask, scale)
     return module.attention(q, k, v, mask, scale)
 
