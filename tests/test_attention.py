@@ -187,13 +187,14 @@ def test_calls_the_kernel_does_not_compute_run_torchs_attention(case, monkeypatc
         assert q.grad is not None
 
 
-def test_a_softcap_reaches_sdpa_which_refuses_it(monkeypatch):
+def test_a_softcap_reaches_transformers_sdpa(monkeypatch):
     pytest.importorskip("transformers")
+    import transformers.integrations.sdpa_attention as sdpa
+
     monkeypatch.setattr(attention, "native_attention", lambda *args: pytest.fail("the kernel was called"))
-    module = torch.nn.Module()
+    monkeypatch.setattr(sdpa, "sdpa_attention_forward", lambda *args, **kwargs: ("sdpa", kwargs["softcap"]))
     q = torch.randn(1, 2, 5, 16)
-    with pytest.raises(ValueError, match="softcap"):
-        attention.transformers_attention(module, q, q, q, None, softcap=30.0)
+    assert attention.transformers_attention(torch.nn.Module(), q, q, q, None, softcap=30.0) == ("sdpa", 30.0)
 
 
 def test_a_model_without_transformers_attention_is_not_switched():
