@@ -287,13 +287,9 @@ def switch_attention_(
     if why_not:
         _set(switches, False)
         return {"chosen": False, "reason": why_not}
-    if timer is None:
-        _set(switches, given)
-        return {"chosen": given, "reason": "as the given plan chose (not timed)"}
-
-    names = (TORCH, NATIVE)
     run = lambda: call_model(model, example_input)  # noqa: E731
-    return time_switch(timer, lambda on: _set(switches, on), run, names, min_speedup, "torch's attention end to end")
+    relative_to = "torch's attention end to end"
+    return time_switch(timer, lambda on: _set(switches, on), run, (TORCH, NATIVE), min_speedup, relative_to, given)
 
 
 __all__ = [

@@ -272,12 +272,9 @@ def split_batches_(
     reason = _install_checked(model, example_input, call_model)
     if reason:
         return {"chosen": False, "reason": reason, "workers": workers}
-    if timer is None:
-        _set(model, True)
-        return {"chosen": True, "reason": "as the given plan chose (not timed)", "workers": workers}
-
     run = lambda: call_model(model, example_input)  # noqa: E731
-    record = time_switch(timer, lambda on: _set(model, on), run, (WHOLE, SPLIT), min_speedup, "the whole batch's speed")
+    switch = lambda on: _set(model, on)  # noqa: E731
+    record = time_switch(timer, switch, run, (WHOLE, SPLIT), min_speedup, "the whole batch's speed", given)
     return {**record, "workers": workers}
 
 

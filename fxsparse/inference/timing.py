@@ -108,17 +108,21 @@ def default_timer(candidates: Mapping[str, Callable[[], Any]]) -> dict[str, floa
 
 
 def time_switch(
-    timer: Timer,
+    timer: Timer | None,
     switch: Callable[[bool], None],
     call: Callable[[], Any],
     names: tuple[str, str],
     min_speedup: float,
     relative_to: str,
+    given: bool = False,
 ) -> dict[str, Any]:
     """Time ``call`` with ``switch(False)`` and ``switch(True)`` (the candidates ``names`` = (off, on), in the
     timer's interleaved rounds) and leave the switch on only when that is at least ``min_speedup`` faster.
     Returns {"chosen": on or not, "reason": "<speed-up>x of <relative_to> (>= or < min_speedup)", "ms": {name:
-    ms}}."""
+    ms}}. With no ``timer``, the switch is set as ``given`` (what a plan measured before chose), untimed."""
+    if timer is None:
+        switch(given)
+        return {"chosen": given, "reason": "as the given plan chose (not timed)"}
 
     def candidate(on: bool) -> Callable[[], Any]:
         def run() -> Any:
