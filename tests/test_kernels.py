@@ -110,7 +110,8 @@ CONVS = {  # name: (in, out, kernel, stride, padding (t, b, l, r), dilation, gro
     # 1x1 convs with enough nonzeros a row for channel blocks (at 30% density and dense; over 256 outputs)
     "1x1-channel-blocks": (256, 6, (1, 1), (1, 1), (0, 0, 0, 0), (1, 1), 1, (17, 17)),
     "1x1-strided-grouped-channel-blocks": (256, 4, (1, 1), (2, 2), (0, 0, 0, 0), (1, 1), 2, (36, 35)),
-    "1x1-no-channel-blocks": (256, 6, (1, 1), (1, 1), (0, 0, 0, 0), (1, 1), 1, (12, 12)),  # 144 outputs
+    "1x1-channel-blocks-small-map": (256, 6, (1, 1), (1, 1), (0, 0, 0, 0), (1, 1), 1, (12, 12)),  # 144 outputs
+    "1x1-no-channel-blocks": (40, 6, (1, 1), (1, 1), (0, 0, 0, 0), (1, 1), 1, (17, 17)),  # one block's worth
 }
 
 
@@ -171,6 +172,23 @@ def test_native_conv_offsets_kept_between_calls_follow_input_size_and_weight(ker
     col.copy_(flipped_col)
     values.copy_(flipped_values)
     assert rel_error(torch.ops.fxsparse.native_conv2d(x, col, *args), F.conv2d(x, flipped)) <= 1e-5
+
+
+@pytest.mark.parametrize("kernel", [1, 3])
+def test_native_conv_channel_blocks_follow_the_weight_values(kernel, isa):
+    """With channel blocks the kernel keeps the weight's values reordered block by block (prepared()): values
+    changed in place, and another values tensor beside the same indices, are what it multiplies next."""
+    weight = sparse_weight((9, 256, kernel, kernel), 0.5)
+    col, crow, values = csr32(weight)
+    args = (None, None, 9, 1, [kernel, kernel], [1, 1], [kernel // 2] * 4, [1, 1], False)
+    x = torch.randn(2, 256, 15, 15)
+    ref = F.conv2d(x, weight, padding=kernel // 2)
+    assert rel_error(torch.ops.fxsparse.native_conv2d(x, col, crow, values, *args), ref) <= 1e-5
+    values.mul_(-2.0)
+    assert rel_error(torch.ops.fxsparse.native_conv2d(x, col, crow, values, *args), -2.0 * ref) <= 1e-5
+    other = values.clone().mul_(0.25)
+    assert rel_error(torch.ops.fxsparse.native_conv2d(x, col, crow, other, *args), -0.5 * ref) <= 1e-5
+    assert rel_error(torch.ops.fxsparse.native_conv2d(x, col, crow, values, *args), -2.0 * ref) <= 1e-5
 
 
 def test_native_conv_packs_only_the_channels_its_weight_reads(threads):

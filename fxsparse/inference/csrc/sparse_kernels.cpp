@@ -112,10 +112,20 @@ struct Product {
   const float* val;
   int64_t P;  // columns
   Epilogue epi;
-  // channel blocks: row m's nonzeros of block b are [seg[m * (blocks + 1) + b], seg[m * (blocks + 1) + b + 1])
+  // channel blocks: col and val stored block by block, each block's rows in order (the weights then stream in
+  // the order a block's sweep reads them); row m's nonzeros of block b are [seg[b * (M + 1) + m], seg[b * (M + 1)
+  // + m + 1]) for the product's M rows
   const int32_t* seg = nullptr;
-  int64_t blocks = 1;
+  int64_t blocks = 1, M = 0;
 };
+
+// The nonzeros of row m in channel block b: [first, second) of job.col and job.val.
+template <typename Index>
+inline std::pair<int64_t, int64_t> row_segment(const Product<Index>& job, int64_t m, int64_t b) {
+  if (!job.seg) return {job.rowptr[m], job.rowptr[m + 1]};
+  const int32_t* s = job.seg + b * (job.M + 1);
+  return {s[m], s[m + 1]};
+}
 
 // What a conv computes from its weight's CSR and its input's geometry before the product: each nonzero's offset
 // into the packed input, and the channel blocks (below). Kept between calls (prepared()).
@@ -123,51 +133,81 @@ struct Prepared {
   std::vector<int32_t> off;
   std::vector<int32_t> seg;  // empty: one block
   int64_t blocks = 1;
+  std::vector<float> val;  // with blocks: the weight's values in the order of off (block by block)
   std::vector<uint8_t> channel_read;  // a direct conv: whether some nonzero reads input channel c (empty: all do)
 };
 
 // Split the rows of a product into blocks of input channels, so that the slice of x that one column tile reads
 // in a block fits in L1 (x holds `floats_per_channel` floats per channel for a tile; a weight column c reads
-// channel c / taps). The vector code sweeps a tile's rows once per block (spmm_simd.h); `seg` keeps the split.
+// channel c / taps). The vector code sweeps a tile's rows once per block (spmm_simd.h).
+// The weight is stored again block by block (prepared.off and .val; `seg` a row pointer per block), so that a
+// block's sweep streams its nonzeros in order: read in place, a sweep jumped from row to row through the CSR and
+// the weights came from L3 (on 14x14 and 7x7 maps the blocks were then 0.5-0.9x with the weights cold, and were
+// not used there; stored by block, 1.37-1.48x on ResNet-50's 41% 1x1 layers at 14x14 and 7x7, Intel Xeon VM).
 // Used for direct kh x kw convs (each channel read by kh kw taps: 1.1-1.8x on ResNet-50's 3x3 layers), and for
 // 1x1 convs with at least MIN_NONZEROS_PER_BLOCK nonzeros a row and block on average (`min_nonzeros_per_block`;
 // 1.14-1.37x at 25-41% density on ResNet-50's 1x1 shapes; with fewer, as at 90% sparsity, the partial sums cost
-// more than L1 saves: 0.90-0.96x at 12.8 a block) and more than MIN_COLUMNS_FOR_1X1_BLOCKS outputs a sample (on
-// 14x14 and 7x7 maps the blocks were slower, 0.5-0.9x with the weights cold: a tile row's sums between blocks
-// then wait for hundreds of rows, out of L1; AMD EPYC Zen 5, one thread). No split when it would give one block
-// or too few nonzeros.
-constexpr int64_t MIN_NONZEROS_PER_BLOCK = 16, MIN_COLUMNS_FOR_1X1_BLOCKS = 256;
+// more than L1 saves: 0.90-0.96x at 12.8 a block). No split when it would give one block or too few nonzeros.
+constexpr int64_t MIN_NONZEROS_PER_BLOCK = 16;
 
 template <typename Index>
-void split_by_channel_blocks(const int32_t* rowptr, const Index* col, int64_t M, int64_t channels, int64_t taps,
-                             int64_t floats_per_channel, int64_t min_nonzeros_per_block, Prepared& prepared) {
+void split_by_channel_blocks(const int32_t* rowptr, const Index* col, const float* val, int64_t M, int64_t channels,
+                             int64_t taps, int64_t floats_per_channel, int64_t min_nonzeros_per_block,
+                             Prepared& prepared) {
   constexpr int64_t L1_SLICE = 32 * 1024 / sizeof(float);  // of the 32-48 KiB L1d: the rest for weights and sums
   const int64_t per_block_max = std::max<int64_t>(1, L1_SLICE / std::max<int64_t>(1, floats_per_channel));
   const int64_t blocks = (channels + per_block_max - 1) / per_block_max;
   if (blocks <= 1 || rowptr[M] < min_nonzeros_per_block * blocks * M) return;
   const int64_t block_columns = (channels + blocks - 1) / blocks * taps;
-  prepared.seg.resize(M * (blocks + 1));
+  // each row's entries are sorted by column: a block is a run of them (any order would stay exact)
+  std::vector<int32_t> start(M * (blocks + 1));
   for (int64_t m = 0; m < M; ++m) {
-    int32_t* row = prepared.seg.data() + m * (blocks + 1);
+    int32_t* row = start.data() + m * (blocks + 1);
     int64_t e = rowptr[m];
     const int64_t end = rowptr[m + 1];
-    for (int64_t b = 0; b < blocks; ++b) {  // entries sorted by column: each block a run (any order stays exact)
+    for (int64_t b = 0; b < blocks; ++b) {
       row[b] = static_cast<int32_t>(e);
       while (e < end && col[e] < (b + 1) * block_columns) ++e;
     }
     row[blocks] = static_cast<int32_t>(end);
   }
+  // the entries stored block by block (off and val permuted alike), seg a row pointer per block
+  const std::vector<int32_t> off = prepared.off;
+  prepared.val.resize(rowptr[M]);
+  prepared.seg.resize(blocks * (M + 1));
+  int64_t at = 0;
+  for (int64_t b = 0; b < blocks; ++b)
+    for (int64_t m = 0; m < M; ++m) {
+      prepared.seg[b * (M + 1) + m] = static_cast<int32_t>(at);
+      for (int64_t e = start[m * (blocks + 1) + b]; e < start[m * (blocks + 1) + b + 1]; ++e, ++at) {
+        prepared.off[at] = off[e];
+        prepared.val[at] = val[e];
+      }
+      prepared.seg[b * (M + 1) + m + 1] = static_cast<int32_t>(at);
+    }
   prepared.blocks = blocks;
 }
 
-// The Prepared of a conv weight (its CSR column indices, `indices`) for an input geometry (`key`), built by
-// build(Prepared&) on the first call and kept while `indices` lives (unchanged: same version) and the geometry
-// stays: the O(nonzeros) offsets cost 10-20% of ResNet-50's time when computed per call. Memory: 4 bytes a
-// nonzero (plus the blocks), the size of the weight's indices.
-std::shared_ptr<const Prepared> prepared(const at::Tensor& indices, std::vector<int64_t> key,
+// A product reads its weight from `prepared` when that holds channel blocks (the weight reordered block by block).
+inline void use_blocks(const Prepared& prepared, int64_t M, Product<int32_t>& job) {
+  if (prepared.seg.empty()) return;
+  job.col = prepared.off.data();
+  job.val = prepared.val.data();
+  job.seg = prepared.seg.data();
+  job.blocks = prepared.blocks;
+  job.M = M;
+}
+
+// The Prepared of a conv weight (its CSR column indices, `indices`, and values, `values`) for an input geometry
+// (`key`), built by build(Prepared&) on the first call and kept while both tensors live unchanged (same versions)
+// and the geometry stays: the O(nonzeros) offsets cost 10-20% of ResNet-50's time when computed per call.
+// Memory: 4 bytes a nonzero (plus the blocks), the size of the weight's indices; with channel blocks, 8 (the
+// values too).
+std::shared_ptr<const Prepared> prepared(const at::Tensor& indices, std::vector<int64_t> key, const at::Tensor& values,
                                          const std::function<void(Prepared&)>& build) {
   struct Entry {
-    c10::weak_intrusive_ptr<c10::TensorImpl> owner;
+    c10::weak_intrusive_ptr<c10::TensorImpl> owner, values_owner;
+    const c10::TensorImpl* values;
     int64_t version;
     std::vector<int64_t> key;
     std::shared_ptr<const Prepared> value;
@@ -176,10 +216,12 @@ std::shared_ptr<const Prepared> prepared(const at::Tensor& indices, std::vector<
   static std::unordered_map<const c10::TensorImpl*, Entry> cache;
   const c10::TensorImpl* impl = indices.unsafeGetTensorImpl();
   const int64_t version = static_cast<int64_t>(indices._version());
+  key.push_back(static_cast<int64_t>(values._version()));
   {
     std::lock_guard<std::mutex> lock(mutex);
     auto it = cache.find(impl);  // a live owner keeps its address: the entry is this tensor's
-    if (it != cache.end() && !it->second.owner.expired() && it->second.version == version && it->second.key == key)
+    if (it != cache.end() && !it->second.owner.expired() && it->second.version == version && it->second.key == key &&
+        !it->second.values_owner.expired() && it->second.values == values.unsafeGetTensorImpl())
       return it->second.value;
   }
   auto value = std::make_shared<Prepared>();
@@ -188,8 +230,9 @@ std::shared_ptr<const Prepared> prepared(const at::Tensor& indices, std::vector<
   if (cache.size() >= 256)  // forget the entries of weights that are gone
     for (auto it = cache.begin(); it != cache.end();) it = it->second.owner.expired() ? cache.erase(it) : std::next(it);
   cache.erase(impl);
-  cache.emplace(impl, Entry{c10::weak_intrusive_ptr<c10::TensorImpl>(indices.getIntrusivePtr()), version,
-                            std::move(key), value});
+  cache.emplace(impl, Entry{c10::weak_intrusive_ptr<c10::TensorImpl>(indices.getIntrusivePtr()),
+                            c10::weak_intrusive_ptr<c10::TensorImpl>(values.getIntrusivePtr()),
+                            values.unsafeGetTensorImpl(), version, std::move(key), value});
   return value;
 }
 
@@ -300,10 +343,13 @@ void spmm_rows(const Product<Index>& job, int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) {
       const float start = job.epi.bias ? job.epi.bias[m] : 0.0f;
       for (int64_t k = 0; k < n; ++k) acc[k] = start;
-      for (int64_t e = job.rowptr[m]; e < job.rowptr[m + 1]; ++e) {
-        const float* s = job.x + static_cast<int64_t>(job.col[e]) * job.ld + p0;
-        const float w = job.val[e];
-        for (int64_t k = 0; k < n; ++k) acc[k] += w * s[k];
+      for (int64_t b = 0; b < job.blocks; ++b) {
+        const auto [first, end] = row_segment(job, m, b);
+        for (int64_t e = first; e < end; ++e) {
+          const float* s = job.x + static_cast<int64_t>(job.col[e]) * job.ld + p0;
+          const float w = job.val[e];
+          for (int64_t k = 0; k < n; ++k) acc[k] += w * s[k];
+        }
       }
       if (job.epi.Wq) {
         store_wide(job.epi, m, p0, n, acc);
@@ -894,16 +940,14 @@ void conv2d_into(const at::Tensor& x, const at::Tensor& indices, const at::Tenso
       }
     }
     const int64_t tile = tile_columns();
-    const auto ready = prepared(indices, {1, ld, cg, og, tile}, [&](Prepared& p) {
+    const auto ready = prepared(indices, {1, ld, cg, og, tile}, weights, [&](Prepared& p) {
       p.off.resize(nnz);
       for (int64_t m = 0; m < out_channels; ++m)
         for (int64_t e = rowptr[m]; e < rowptr[m + 1]; ++e) p.off[e] = static_cast<int32_t>((col[e] + (m / og) * cg) * ld);
-      if (HW > MIN_COLUMNS_FOR_1X1_BLOCKS)
-        split_by_channel_blocks(rowptr, col, out_channels, cg, 1, std::min(ld, tile), MIN_NONZEROS_PER_BLOCK, p);
+      split_by_channel_blocks(rowptr, col, val, out_channels, cg, 1, std::min(ld, tile), MIN_NONZEROS_PER_BLOCK, p);
     });
     Product<int32_t> job{rows.data_ptr<float>(), 1, rowptr, ready->off.data(), val, HW, Epilogue{}};
-    job.seg = ready->seg.empty() ? nullptr : ready->seg.data();
-    job.blocks = ready->blocks;
+    use_blocks(*ready, out_channels, job);
     const int64_t image = out_channels * HW;
     for (int64_t n = 0; n < N; ++n) {
       job.x = rows.data_ptr<float>() + n * C * ld;
@@ -951,7 +995,8 @@ void conv2d_into(const at::Tensor& x, const at::Tensor& indices, const at::Tenso
   // else each tile row segment by row segment (store_wide)
   const int64_t P = ((N - 1) * Hq + Ho - 1) * Wq + Wo;
   const int64_t tile = tile_columns();
-  const auto ready = prepared(indices, {2, N, C, H, Wd, kh, kw, sh, sw, pt, pb, pl, pr, dh, dw, groups, tile}, [&](Prepared& p) {
+  const auto ready = prepared(indices, {2, N, C, H, Wd, kh, kw, sh, sw, pt, pb, pl, pr, dh, dw, groups, tile},
+                              weights, [&](Prepared& p) {
     // the offset of each weight column (c, i, j) of a group, looked up per nonzero (no division per nonzero)
     std::vector<int32_t> column_offset(cg * taps);
     for (int64_t i = 0; i < kh; ++i)
@@ -967,7 +1012,7 @@ void conv2d_into(const at::Tensor& x, const at::Tensor& indices, const at::Tenso
     // a tile's slice of one channel: in each phase, the tile's columns and the rows and columns its taps reach
     const int64_t reach = ((kh - 1) * dh / sh) * Wq + (kw - 1) * dw / sw;
     if (taps > 1)
-      split_by_channel_blocks(rowptr, col, out_channels, cg, taps, nphases * (std::min(P, tile) + reach), 0, p);
+      split_by_channel_blocks(rowptr, col, val, out_channels, cg, taps, nphases * (std::min(P, tile) + reach), 0, p);
     p.channel_read.assign(C, 0);
     for (int64_t m = 0; m < out_channels; ++m)
       for (int64_t e = rowptr[m]; e < rowptr[m + 1]; ++e) p.channel_read[(m / og) * cg + col[e] / taps] = 1;
@@ -1014,8 +1059,7 @@ void conv2d_into(const at::Tensor& x, const at::Tensor& indices, const at::Tenso
   Epilogue epi{b, res, Ho * Wo, relu, out.data_ptr<float>(), Ho * Wo};
   if (N > 1 || Wq != Wo) epi.Wq = Wq, epi.Hq = Hq, epi.Ho = Ho, epi.Wo = Wo, epi.M = out_channels;
   Product<int32_t> job{xp, 1, rowptr, ready->off.data(), val, P, epi};
-  job.seg = ready->seg.empty() ? nullptr : ready->seg.data();
-  job.blocks = ready->blocks;
+  use_blocks(*ready, out_channels, job);
   run_product(job, out_channels);
 }
 

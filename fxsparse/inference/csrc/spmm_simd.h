@@ -55,8 +55,9 @@ static void spmm_tile(const Product<Index>& job, int64_t m0, int64_t m1, int64_t
       }
       for (int k = 1; k < S; ++k)
         for (int v = 0; v < NV; ++v) a[k][v] = V::zero();
-      int64_t e = job.seg ? job.seg[m * (job.blocks + 1) + block] : job.rowptr[m];
-      const int64_t end = job.seg ? job.seg[m * (job.blocks + 1) + block + 1] : job.rowptr[m + 1];
+      const auto segment = row_segment(job, m, block);
+      int64_t e = segment.first;
+      const int64_t end = segment.second;
       for (; e + S <= end; e += S) {
         for (int k = 0; k < S; ++k) {
           const float* src = x + static_cast<int64_t>(job.col[e + k]) * job.ld;
