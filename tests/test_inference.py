@@ -13,7 +13,7 @@ from torch import nn
 
 import fxsparse
 from fxsparse.export import CsrFormatError, to_csr
-from fxsparse.inference import AccelerationPlan, SparseConv2d, SparseLinear, ops, skeleton
+from fxsparse.inference import AccelerationPlan, SparseConv2d, SparseLinear, ops, skeleton, timing
 from fxsparse.inference.layers import four_sided_padding
 from fxsparse.inference.timing import paired_ratios
 
@@ -690,3 +690,33 @@ def test_bench_rounds_keep_each_round_and_pair_them(load_tool):
     paired = paired_ratios(samples, "fxsparse")
     assert paired == {"fxsparse": 1.0, "other": pytest.approx(1.1)}  # rounds: 1.1, 1.1, 0.95
     assert statistics.median(other_times) / statistics.median(fxsparse_times) == pytest.approx(0.95)
+
+
+@pytest.mark.parametrize(
+    "speedups, chosen, timings",
+    [
+        ([1.50], True, 1),  # clear: timed once
+        ([0.80], False, 1),
+        ([1.04, 1.20], True, 2),  # near the threshold: timed again, sqrt(1.04 * 1.20) = 1.117 >= 1.05
+        ([1.06, 0.98], False, 2),  # sqrt(1.06 * 0.98) = 1.019 < 1.05
+    ],
+)
+def test_a_switch_timed_near_its_threshold_is_timed_again(speedups, chosen, timings):
+    """time_switch: a first speed-up within SECOND_TIMING_BAND of min_speedup is timed a second time and the
+    geometric mean of the two decides; the switch is left as chosen and the reason gives both timings."""
+    state, calls = {"on": None}, []
+
+    def timer(candidates):
+        speedup = speedups[len(calls)]
+        calls.append(sorted(candidates))
+        for run in candidates.values():
+            run()
+        return {"off": speedup, "on": 1.0}
+
+    record = timing.time_switch(timer, lambda on: state.update(on=on), lambda: None, ("off", "on"), 1.05, "off")
+    assert len(calls) == timings and record["chosen"] is chosen and state["on"] is chosen
+    assert ("timed twice" in record["reason"]) is (timings == 2)
+    geometric = 1.0
+    for s in speedups:
+        geometric *= s
+    assert record["reason"].startswith(f"{geometric ** (1 / len(speedups)):.2f}x of off")

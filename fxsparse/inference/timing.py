@@ -107,6 +107,12 @@ def default_timer(candidates: Mapping[str, Callable[[], Any]]) -> dict[str, floa
     return interleaved_medians(candidates, repeats=7, warmup=1, min_sample_s=1e-3)
 
 
+# A switch's first timing within this factor of its threshold is timed again, and the two speed-ups' geometric mean
+# decides: on the Intel Xeon VM, ResNet-50 90% at batch 16 timed its batch split at 1.04x of the whole batch (not
+# kept: 2.96x end to end) where the run before timed it at 1.20x (kept: 4.52x).
+SECOND_TIMING_BAND = 1.10
+
+
 def time_switch(
     timer: Timer | None,
     switch: Callable[[bool], None],
@@ -117,9 +123,11 @@ def time_switch(
     given: bool = False,
 ) -> dict[str, Any]:
     """Time ``call`` with ``switch(False)`` and ``switch(True)`` (the candidates ``names`` = (off, on), in the
-    timer's interleaved rounds) and leave the switch on only when that is at least ``min_speedup`` faster.
-    Returns {"chosen": on or not, "reason": "<speed-up>x of <relative_to> (>= or < min_speedup)", "ms": {name:
-    ms}}. With no ``timer``, the switch is set as ``given`` (what a plan measured before chose), untimed."""
+    timer's interleaved rounds) and leave the switch on only when that is at least ``min_speedup`` faster; a
+    speed-up within SECOND_TIMING_BAND of ``min_speedup`` is timed again and the geometric mean of the two decides.
+    Returns {"chosen": on or not, "reason": "<speed-up>x of <relative_to> (>= or < min_speedup)[, timed twice:
+    a, b]", "ms": {name: ms}}. With no ``timer``, the switch is set as ``given`` (what a plan measured before
+    chose), untimed."""
     if timer is None:
         switch(given)
         return {"chosen": given, "reason": "as the given plan chose (not timed)"}
@@ -131,14 +139,23 @@ def time_switch(
 
         return run
 
-    with torch.no_grad():
-        times = dict(timer({names[0]: candidate(False), names[1]: candidate(True)}))
-    speedup = times[names[0]] / times[names[1]]
+    def timed() -> tuple[dict[str, float], float]:
+        with torch.no_grad():
+            times = dict(timer({names[0]: candidate(False), names[1]: candidate(True)}))
+        return times, times[names[0]] / times[names[1]]
+
+    times, speedup = timed()
+    twice = ""
+    if 1 / SECOND_TIMING_BAND < speedup / min_speedup < SECOND_TIMING_BAND:
+        again, second = timed()
+        twice = f", timed twice: {speedup:.2f}x and {second:.2f}x"
+        speedup = math.sqrt(speedup * second)
+        times = {name: math.sqrt(times[name] * again[name]) for name in names}
     on = speedup >= min_speedup
     switch(on)
     relation = ">=" if on else "<"
     return {
         "chosen": on,
-        "reason": f"{speedup:.2f}x of {relative_to} ({relation} {min_speedup})",
+        "reason": f"{speedup:.2f}x of {relative_to} ({relation} {min_speedup}{twice})",
         "ms": {name: 1e3 * seconds for name, seconds in times.items()},
     }

@@ -143,7 +143,7 @@ struct Prepared {
 // The weight is stored again block by block (prepared.off and .val; `seg` a row pointer per block), so that a
 // block's sweep streams its nonzeros in order: read in place, a sweep jumped from row to row through the CSR and
 // the weights came from L3 (on 14x14 and 7x7 maps the blocks were then 0.5-0.9x with the weights cold, and were
-// not used there; stored by block, 1.37-1.48x on ResNet-50's 41% 1x1 layers at 14x14 and 7x7, Intel Xeon VM).
+// not used there; stored by block, 1.30-1.61x on ResNet-50's 29-41% 1x1 layers at 14x14 and 7x7, Intel Xeon VM).
 // Used for direct kh x kw convs (each channel read by kh kw taps: 1.1-1.8x on ResNet-50's 3x3 layers), and for
 // 1x1 convs with at least MIN_NONZEROS_PER_BLOCK nonzeros a row and block on average (`min_nonzeros_per_block`;
 // 1.14-1.37x at 25-41% density on ResNet-50's 1x1 shapes; with fewer, as at 90% sparsity, the partial sums cost
