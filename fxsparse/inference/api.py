@@ -71,6 +71,12 @@ class AccelerationPlan:
         def ms(value: float | None) -> str:
             return "-" if value is None else f"{value:.3f}"
 
+        def switch_row(label: str, record: dict[str, Any], names: tuple[str, str]) -> list[str]:
+            """The row of a switch timed end to end (timing.time_switch's record; names: (off, on))."""
+            off, on = (record["ms"][name] for name in names)
+            chosen = names[1] if record["chosen"] else names[0]
+            return [label, "", "", "", "", ms(off), ms(on), "", f"{off / on:.2f}x", chosen, record["reason"]]
+
         rows = []
         for p in self.layers:
             speedup = f"{p.dense_ms / p.sparse_ms:.2f}x" if p.dense_ms and p.sparse_ms else "-"
@@ -99,25 +105,10 @@ class AccelerationPlan:
             row = ["whole model, end to end", "", "", "", "", ms(whole[DENSE]), ms(whole[best]), best, speedup]
             rows.append(row + [self.end_to_end["chosen"], self.end_to_end["reason"]])
         if self.batch_split and "ms" in self.batch_split:  # issue 16: the batch split a sample per thread
-            whole, split = self.batch_split["ms"][batch_split.WHOLE], self.batch_split["ms"][batch_split.SPLIT]
-            chosen = batch_split.SPLIT if self.batch_split["chosen"] else batch_split.WHOLE
-            row = ["the batch, a sample per thread", "", "", "", "", ms(whole), ms(split), "", f"{whole / split:.2f}x"]
-            rows.append(row + [chosen, self.batch_split["reason"]])
+            names = (batch_split.WHOLE, batch_split.SPLIT)
+            rows.append(switch_row("the batch, a sample per thread", self.batch_split, names))
         if self.attention and "ms" in self.attention:  # issue 16: the attention kernel, timed end to end
-            torch_ms, native_ms = self.attention["ms"][attention.TORCH], self.attention["ms"][attention.NATIVE]
-            chosen = attention.NATIVE if self.attention["chosen"] else attention.TORCH
-            row = [
-                "attention, whole model",
-                "",
-                "",
-                "",
-                "",
-                ms(torch_ms),
-                ms(native_ms),
-                "",
-                f"{torch_ms / native_ms:.2f}x",
-            ]
-            rows.append(row + [chosen, self.attention["reason"]])
+            rows.append(switch_row("attention, whole model", self.attention, (attention.TORCH, attention.NATIVE)))
         headers = [
             "layer",
             "kind",
@@ -385,12 +376,13 @@ def _plan_(
     carry_forward_hooks_(model, hooks, fused)
     native_attention = None  # issue 16: a transformer's attention on the compiled kernel, when it wins end to end
     given_attention, given_split = _given_choice(given, "attention"), _given_choice(given, "batch_split")
-    if (model_timer is not None or given_attention) and any(p.path != DENSE for p in plans):
+    any_sparse = any(p.path != DENSE for p in plans)
+    if (model_timer is not None or given_attention) and any_sparse:
         native_attention = attention.switch_attention_(
             model, example_input, model_timer, ATTENTION_MIN_SPEEDUP, call_model, given_attention
         )
     split = None  # issue 16: a batch a sample per thread, when the model allows it and it wins end to end
-    if (model_timer is not None or given_split) and any(p.path != DENSE for p in plans):
+    if (model_timer is not None or given_split) and any_sparse:
         split = batch_split.split_batches_(model, example_input, model_timer, min_speedup, call_model, given_split)
     shape = _example_shape(example_input)
     plan = AccelerationPlan(plans, torch.get_num_threads(), shape, fused, chains, whole, split, native_attention)

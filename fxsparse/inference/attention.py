@@ -35,7 +35,7 @@ from torch.overrides import TorchFunctionMode
 
 from . import native
 from .ops import _LIBRARY, _is_compiling
-from .timing import time_switch
+from .timing import Timer, time_switch
 
 IMPLEMENTATION = "fxsparse_native"  # the name registered with transformers' attention interfaces
 TORCH, NATIVE = "torch attention", "native attention"
@@ -268,7 +268,7 @@ def _set(switches: list[Any], use_native: bool) -> None:
 def switch_attention_(
     model: nn.Module,
     example_input: Any,
-    timer: Callable | None,
+    timer: Timer | None,
     min_speedup: float,
     call_model: Callable[[nn.Module, Any], Any],
     given: bool = False,
