@@ -716,7 +716,4 @@ def test_a_switch_timed_near_its_threshold_is_timed_again(speedups, chosen, timi
     record = timing.time_switch(timer, lambda on: state.update(on=on), lambda: None, ("off", "on"), 1.05, "off")
     assert len(calls) == timings and record["chosen"] is chosen and state["on"] is chosen
     assert ("timed twice" in record["reason"]) is (timings == 2)
-    geometric = 1.0
-    for s in speedups:
-        geometric *= s
-    assert record["reason"].startswith(f"{geometric ** (1 / len(speedups)):.2f}x of off")
+    assert record["reason"].startswith(f"{statistics.geometric_mean(speedups):.2f}x of off")
