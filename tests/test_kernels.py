@@ -233,14 +233,33 @@ def test_native_linear_equals_linear(lead, index_dtype, isa):
         col, crow, values = csr32(weight)
         for first_in in (False, True):
             for first_out in (False, True):
-                for relu in (False, True):
+                for activation, want in ((None, ref), ("relu", ref.relu()), ("gelu", F.gelu(ref))):
                     given = x.movedim(-1, 0).contiguous() if first_in else x
-                    args = (given, col.to(index_dtype), crow, values, b, 37, first_in, first_out, relu)
+                    code = ops.ACTIVATIONS[activation]
+                    args = (given, col.to(index_dtype), crow, values, b, 37, first_in, first_out, code)
                     out = torch.ops.fxsparse.native_linear(*args)
-                    want = ref.relu() if relu else ref
                     want = want.movedim(-1, 0).contiguous() if first_out else want
-                    assert rel_error(out, want) <= 1e-5, (lead, density, first_in, first_out, relu)
+                    assert rel_error(out, want) <= 1e-5, (lead, density, first_in, first_out, activation)
                     assert rel_error(ops.native_linear_reference(*args), want) <= 1e-5
+
+
+@pytest.mark.parametrize("tokens", [3, 40])  # the gathered path (up to 4 tokens) and the product
+def test_gelu_epilogue_is_torchs_exact_gelu_over_the_whole_range(tokens, isa):
+    """The vector GELU (erfc by Abramowitz & Stegun 7.1.26, e^x by its series, 0 below e^-80) against float64's
+    exact x Phi(x), from far below zero (where GELU is a tiny negative number) to far above, and inf / NaN."""
+    z = torch.cat([torch.linspace(-60, 60, 24001), torch.tensor([-1e30, 1e30, float("inf"), float("nan")])])
+    ones = torch.ones(1, 1)
+    out = torch.cat(
+        [
+            torch.ops.fxsparse.native_linear(chunk.view(-1, 1), *csr32(ones), None, 1, False, False, 2).view(-1)
+            for chunk in z.split(tokens)
+        ]
+    )
+    exact = F.gelu(z.double())
+    finite = z.abs() < 1e30
+    error = (out[finite].double() - exact[finite]).abs() / exact[finite].abs().clamp_min(1.0)
+    assert error.max() <= 3e-7  # torch's own float32 GELU: 9e-7
+    assert out[-4] == 0.0 and out[-3] == 1e30 and out[-2] == float("inf") and out[-1].isnan()
 
 
 def test_native_ops_fake_kernels_match_real_shapes():
@@ -250,7 +269,7 @@ def test_native_ops_fake_kernels_match_real_shapes():
     x = torch.randn(2, 4, 9, 7)
     args = (*csr32(weight), None, None, 6, 2, [3, 3], [2, 1], [1, 1, 0, 2], [1, 2], True)
     real = torch.ops.fxsparse.native_conv2d(x, *args)
-    linear_args = (*csr32(sparse_weight((5, 7), 0.5)), None, 5, False, True, False)
+    linear_args = (*csr32(sparse_weight((5, 7), 0.5)), None, 5, False, True, 0)
     real_linear = torch.ops.fxsparse.native_linear(torch.randn(3, 4, 7), *linear_args)
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
         fake = torch.ops.fxsparse.native_conv2d(mode.from_tensor(x), *args)
@@ -309,7 +328,7 @@ def test_accelerate_native_equals_folded_with_fused_epilogues(threads):
     assert {p.path for p in plan.values()} == {"direct+native", "native"}
     fused = {name for name, p in plan.items() if "fused epilogue" in p.reason}
     assert {"stem", "block.conv1", "block.conv2", "block.conv3", "head.0"} <= fused
-    assert fast.block.conv3.relu and not fast.block.down.relu
+    assert fast.block.conv3.activation == "relu" and fast.block.down.activation is None
     assert "add" not in str(fast.code) and "relu" not in str(fast.code)  # all in the kernels' epilogues
     with torch.no_grad():
         for shape in [(2, 3, 10, 11), (1, 3, 7, 6), (3, 3, 16, 9)]:  # other sizes than planned
@@ -565,9 +584,10 @@ def test_native_linear_without_inputs_gives_the_bias():
     empty = torch.zeros(5, 0)
     b = torch.randn(5)
     for first_out in (False, True):
-        out = torch.ops.fxsparse.native_linear(torch.randn(3, 0), *csr32(empty), b, 5, False, first_out, True)
-        want = F.linear(torch.randn(3, 0), empty, b).relu()
-        assert rel_error(out, want.t().contiguous() if first_out else want) == 0.0
+        for activation, code in ops.ACTIVATIONS.items():
+            out = torch.ops.fxsparse.native_linear(torch.randn(3, 0), *csr32(empty), b, 5, False, first_out, code)
+            want = ops.activated(F.linear(torch.randn(3, 0), empty, b), activation)
+            assert rel_error(out, want.t().contiguous() if first_out else want) <= 1e-7
 
 
 @pytest.mark.parametrize("kernel, stride, size", [(1, 1, 30), (1, 2, 61), (3, 1, 30), (7, 2, 64)])
@@ -695,6 +715,85 @@ def test_untraceable_chains_are_dropped_when_the_outputs_differ(monkeypatch):
     fast = fxsparse.accelerate(model, torch.randn(2, 9, 8), timer=prefer("native"))
     assert fast.fxsparse_plan.chained_linears == []
     assert not any(getattr(m, "features_first_view_out", False) for m in fast.modules())
+
+
+class GeluMlps(nn.Module):
+    """Three linears each followed by a GELU module: exact (fused), tanh-approximated (not: the kernels compute
+    the exact form), and one whose pre-activation is read again (not: it must be stored as it is). Untraceable
+    when ``branch`` (data-dependent control flow, as in transformers' models)."""
+
+    def __init__(self, branch: bool):
+        super().__init__()
+        self.branch = branch
+        self.fc1, self.act1, self.fc2 = nn.Linear(8, 32), nn.GELU(), nn.Linear(32, 8)
+        self.fc3, self.act3 = nn.Linear(8, 16), nn.GELU(approximate="tanh")
+        self.fc4, self.act4, self.head = nn.Linear(16, 16), nn.GELU(), nn.Linear(16, 4)
+
+    def forward(self, x):
+        if self.branch and x.sum() > float("-inf"):
+            x = x + 1.0
+        x = self.fc2(self.act1(self.fc1(x)))
+        y = self.fc4(self.act3(self.fc3(x)))
+        return self.head(self.act4(y) + y)
+
+
+@pytest.mark.parametrize("traceable", [True, False], ids=["graph", "probe"])
+def test_exact_gelu_after_a_linear_is_fused_into_its_epilogue(traceable, threads):
+    model = prune_at_random_(GeluMlps(branch=not traceable), density=0.4, seed=0)
+    x = torch.randn(2, 9, 8)
+    fast = fxsparse.accelerate(model, x, timer=prefer("native"))
+    assert {n: m.activation for n, m in fast.named_modules() if isinstance(m, SparseLinear)} == {
+        "fc1": "gelu",
+        "fc2": None,
+        "fc3": None,
+        "fc4": None,
+        "head": None,
+    }
+    fused = [p.name for p in fast.fxsparse_plan.layers if "fused epilogue" in p.reason]
+    assert fused == ["fc1"]
+    if traceable:
+        called = {node.target for node in fast.graph.nodes if node.op == "call_module"}
+        assert "act1" not in called and {"act3", "act4"} <= called
+    else:
+        assert type(fast.act1) is nn.Identity and type(fast.act3) is nn.GELU and type(fast.act4) is nn.GELU
+    for shape in [(2, 9, 8), (3, 1, 8), (0, 8)]:  # many tokens, the gathered path, empty
+        x = torch.randn(*shape)
+        with torch.no_grad():
+            assert rel_error(fast(x), model(x)) <= 1e-5, shape
+
+
+def test_gelu_module_with_a_hook_or_outputs_that_differ_is_not_fused(monkeypatch):
+    from fxsparse.inference import fuse
+
+    model = prune_at_random_(GeluMlps(branch=True), density=0.4, seed=0)
+    seen = []
+    handle = model.act1.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    fast = fxsparse.accelerate(model, torch.randn(2, 9, 8), timer=prefer("native"))
+    assert fast.fc1.activation is None and type(fast.act1) is nn.GELU
+    handle.remove()
+    monkeypatch.setattr(fuse, "_close_outputs", lambda a, b: False)
+    fast = fxsparse.accelerate(model, torch.randn(2, 9, 8), timer=prefer("native"))
+    assert fast.fc1.activation is None and type(fast.act1) is nn.GELU
+
+
+def test_bert_intermediate_gelu_is_fused_through_the_module_walk():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=100
+    )
+    torch.manual_seed(0)
+    model = prune_at_random_(transformers.BertModel(config).eval(), density=0.3)
+    example = {"input_ids": torch.randint(0, 100, (1, 12))}
+    fast = fxsparse.accelerate(model, example, timer=prefer("native"))
+    for layer in fast.encoder.layer:
+        assert (
+            layer.intermediate.dense.activation == "gelu"
+            and type(layer.intermediate.intermediate_act_fn) is nn.Identity
+        )
+    with torch.no_grad():
+        for ids in (example["input_ids"], torch.randint(0, 100, (2, 7))):
+            out, ref = fast(input_ids=ids).last_hidden_state, model(input_ids=ids).last_hidden_state
+            assert rel_error(out, ref) <= 1e-5
 
 
 def test_features_first_table_reads_only_a_feature_first_layout():

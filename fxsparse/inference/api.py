@@ -364,8 +364,8 @@ def _plan_(
             if plan.name in (producer, consumer):
                 side = "output to " + consumer if plan.name == producer else "input from " + producer
                 plan.reason = (plan.reason + "; " if plan.reason else "") + f"feature-first {side}"
-    # kernels: ReLU / residual add in the compiled kernels' stores (modules with hooks stay called)
-    model, fused_epilogues = fuse_epilogues_(model, keep=hooks.keys())
+    # kernels: ReLU, GELU, residual add in the compiled kernels' stores (modules with hooks stay called)
+    model, fused_epilogues = fuse_epilogues_(model, keep=hooks.keys(), run=run)
     if any(p.path != DENSE for p in plans):  # issue 16: a model with no sparse layer comes back as the dense model
         replace_max_pools_(model)  # kernels: the compiled max pooling
     for plan in plans:

@@ -148,7 +148,8 @@ class _SparseLayer(KernelLayer):
             self.register_buffer(name, None)
         self.nnz = int(values.numel())
         self.has_bias = bias is not None
-        self.relu = False  # a ReLU fused into the compiled kernel's epilogue (fuse.py)
+        # the activation fused into the compiled kernel's epilogue (fuse.py): None, "relu", or "gelu" (linears)
+        self.activation: str | None = None
         self.dense_weight = None if dense_weight is None else dense_weight.detach()
         self.path: str | None = None
         self.planner: Planner | None = None
@@ -427,7 +428,7 @@ class SparseConv2d(_SparseLayer):
         relu: bool | None = None,
     ) -> Tensor:
         kernel_size, stride, sides, dilation = self._geometry()
-        relu = self.relu if relu is None else relu
+        relu = self.activation == "relu" if relu is None else relu
         return ops.native_conv2d(
             x, *csr, bias, residual, self.out_channels, self.groups, kernel_size, stride, sides, dilation, relu
         )
@@ -477,7 +478,7 @@ class SparseConv2d(_SparseLayer):
             out = self._call_native(x, csr, bias, residual.to(torch.float32))
             return out if dtype == torch.float32 else out.to(dtype)
         out = self._call_native(x, csr, bias, relu=False).to(dtype) + residual  # broadcast: not fused
-        return out.relu() if self.relu else out
+        return ops.activated(out, self.activation)
 
     def _run(self, x: Tensor) -> Tensor:
         dtype = x.dtype
@@ -581,7 +582,7 @@ class SparseLinear(_SparseLayer):
         bias = None if self.bias is None else self.bias.float().contiguous()
 
         def run():
-            return torch.ops.fxsparse.native_linear(x, *csr, bias, self.out_features, False, False, False)
+            return torch.ops.fxsparse.native_linear(x, *csr, bias, self.out_features, False, False, 0)
 
         def keep():
             self.kernel = ops.NATIVE
@@ -627,7 +628,7 @@ class SparseLinear(_SparseLayer):
                 self.out_features,
                 features_first_in,
                 self.features_first_out or self.features_first_view_out,
-                self.relu,
+                ops.ACTIVATIONS[self.activation],
             )
             if self.features_first_view_out:
                 out = out.movedim(0, -1)

@@ -60,8 +60,17 @@ _LIBRARY.define(
 _LIBRARY.define("native_max_pool2d(Tensor x, int[2] kernel_size, int[2] stride, int[2] padding) -> Tensor")
 _LIBRARY.define(
     "native_linear(Tensor x, Tensor indices, Tensor offsets, Tensor weights, Tensor? bias, int out_features, "
-    "bool features_first_in, bool features_first_out, bool relu) -> Tensor"
+    "bool features_first_in, bool features_first_out, int activation) -> Tensor"
 )
+# the activation a compiled-kernel linear applies in its epilogue, by the code native_linear takes
+ACTIVATIONS = {None: 0, "relu": 1, "gelu": 2}
+
+
+def activated(out: Tensor, activation: str | None) -> Tensor:
+    """out through the named epilogue activation (None: as it is); GELU is the exact (erf) form."""
+    if activation == "relu":
+        return out.relu()
+    return F.gelu(out) if activation == "gelu" else out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -291,14 +300,15 @@ def native_conv2d_reference(
 
 
 def native_linear_reference(
-    x, indices, offsets, weights, bias, out_features, features_first_in, features_first_out, relu
+    x, indices, offsets, weights, bias, out_features, features_first_in, features_first_out, activation
 ):
-    """What fxsparse::native_linear computes, in torch ops: the CSR weight densified, then F.linear."""
+    """What fxsparse::native_linear computes, in torch ops: the CSR weight densified, then F.linear and the
+    activation of code ``activation`` (ACTIVATIONS)."""
     if features_first_in:
         x = x.movedim(0, -1)
     weight = _densify(offsets, indices, weights, (out_features, x.shape[-1]))
     out = F.linear(x, weight.to(x.dtype), bias)
-    out = out.relu() if relu else out
+    out = activated(out, {code: name for name, code in ACTIVATIONS.items()}[activation])
     return out.movedim(-1, 0).contiguous() if features_first_out else out
 
 
@@ -342,13 +352,10 @@ def _compiled_conv2d(
     )
 
 
-def _native_linear(x, indices, offsets, weights, bias, out_features, features_first_in, features_first_out, relu):
+def _native_linear(x, indices, offsets, weights, bias, out_features, features_first_in, features_first_out, activation):
+    args = (x, indices, offsets, weights, bias, out_features, features_first_in, features_first_out, activation)
     module = native.kernels()
-    if module is None:
-        return native_linear_reference(
-            x, indices, offsets, weights, bias, out_features, features_first_in, features_first_out, relu
-        )
-    return module.linear(x, indices, offsets, weights, bias, out_features, features_first_in, features_first_out, relu)
+    return native_linear_reference(*args) if module is None else module.linear(*args)
 
 
 def _eager_kernels(x: Tensor):
@@ -380,11 +387,11 @@ def native_conv2d(
 
 
 def native_linear(
-    x, indices, offsets, weights, bias, out_features, features_first_in, features_first_out, relu
+    x, indices, offsets, weights, bias, out_features, features_first_in, features_first_out, activation
 ) -> Tensor:
     """fxsparse::native_linear, called straight on the compiled kernel when _eager_kernels allows."""
     module = _eager_kernels(x)
-    args = (x, indices, offsets, weights, bias, out_features, features_first_in, features_first_out, relu)
+    args = (x, indices, offsets, weights, bias, out_features, features_first_in, features_first_out, activation)
     if module is not None:
         return module.linear(*args)
     return torch.ops.fxsparse.native_linear(*args)
@@ -410,7 +417,9 @@ def _native_conv2d_fake(
     return x.new_empty((x.shape[0], out_channels, ho, wo))
 
 
-def _native_linear_fake(x, indices, offsets, weights, bias, out_features, features_first_in, features_first_out, relu):
+def _native_linear_fake(
+    x, indices, offsets, weights, bias, out_features, features_first_in, features_first_out, activation
+):
     return _linear_fake(x, indices, offsets, weights, bias, out_features, features_first_in, features_first_out, "")
 
 

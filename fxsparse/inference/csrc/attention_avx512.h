@@ -5,9 +5,9 @@
 //
 // torch's CPU attention runs its two products through MKL, which uses AVX2 on AMD processors (about 50 GMAC/s on
 // one Zen 5 core); here both products are register-blocked AVX-512 tiles of ROWS query rows. A tile of scores
-// (ROWS x Sk) is computed from k transposed once per head (the key index vectorised), exponentiated in place,
-// and multiplied into v (the head dimension vectorised); the rows are normalised at the end. D must be a
-// multiple of 16. Threads split the (sample, head) pairs.
+// (ROWS x Sk) is computed from k transposed once per head (the key index vectorised), exponentiated in place
+// (spmm_simd.h's exp_nonpositive), and multiplied into v (the head dimension vectorised); the rows are
+// normalised at the end. D must be a multiple of 16. Threads split the (sample, head) pairs.
 
 struct Attention {
   const float *q, *k, *v, *mask;  // mask: additive, may be null
@@ -18,20 +18,6 @@ struct Attention {
 };
 
 static constexpr int ATTENTION_ROWS = 6;  // 6 rows x 4 registers of accumulators, 4 operands, 1 broadcast: 29 of 32
-
-// e^x for x <= 0 (a softmax after its maximum is subtracted; NaN stays NaN): x = n ln2 + r, |r| <= ln2 / 2, e^r by
-// its Taylor series to r^7 (truncation below 6e-9 relative), times 2^n by scalef.
-static inline __m512 exp_nonpositive(__m512 x) {
-  x = _mm512_max_ps(_mm512_set1_ps(-104.0f), x);  // e^-104 is below float's smallest denormal; NaN is kept
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);  // ln 2 in two parts: r exact enough
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860676533018e-06f), r);
-  __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
-  const float coefficients[] = {1.0f / 720.0f, 1.0f / 120.0f, 1.0f / 24.0f, 1.0f / 6.0f, 0.5f, 1.0f, 1.0f};
-  for (float c : coefficients) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
-  return _mm512_scalef_ps(p, n);
-}
 
 // scores[r][j] = scale * sum_d q[r][d] kt[d][j] + mask[r][j] for R rows and NV registers of keys from j0
 template <int R, int NV>

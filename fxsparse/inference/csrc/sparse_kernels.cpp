@@ -47,11 +47,23 @@
 
 namespace {
 
+// The activation an epilogue applies to each output (the op's `activation` argument: its code).
+enum class Activation : int64_t { none = 0, relu = 1, gelu = 2 };
+
+// GELU(v) = v Phi(v) = v/2 (1 + erf(v / sqrt 2)) (Hendrycks & Gimpel 2016, the exact form torch's "none"
+// approximation computes); the vector form is spmm_simd.h's gelu.
+inline float gelu_value(float v) { return 0.5f * v * (1.0f + std::erf(v * 0.70710678118654752f)); }
+
+inline float activate(float v, Activation act) {
+  if (act == Activation::relu) return v < 0.0f ? 0.0f : v;
+  return act == Activation::gelu ? gelu_value(v) : v;
+}
+
 struct Epilogue {
   const float* bias = nullptr;      // [M] or null
   const float* residual = nullptr;  // residual[m * ldr + p] or null
   int64_t ldr = 0;
-  bool relu = false;
+  Activation act = Activation::none;
   float* out = nullptr;  // out[m * ldo + p]
   int64_t ldo = 0;
   // a direct conv's wide columns p = (n*Hq + oh)*Wq + ow (Wq > 0): only oh < Ho, ow < Wo are stored, at
@@ -59,11 +71,10 @@ struct Epilogue {
   int64_t Wq = 0, Hq = 0, Ho = 0, Wo = 0, M = 0;
 };
 
-// The scalar epilogue of one output: v (bias included) plus its residual r[k] (r null: none), then the ReLU if
-// asked (the vector version is spmm_simd.h's epilogue).
-inline float epilogue_value(float v, const float* r, int64_t k, bool relu) {
-  v += r ? r[k] : 0.0f;
-  return relu && v < 0.0f ? 0.0f : v;
+// The scalar epilogue of one output: v (bias included) plus its residual r[k] (r null: none), then the
+// activation (the vector version is spmm_simd.h's epilogue).
+inline float epilogue_value(float v, const float* r, int64_t k, Activation act) {
+  return activate(v + (r ? r[k] : 0.0f), act);
 }
 
 // Store the columns [p0, p0 + n) of row m (values in `tile`, bias included) of a wide product into NCHW,
@@ -80,7 +91,7 @@ inline void store_wide(const Epilogue& epi, int64_t m, int64_t p0, int64_t n, co
       const float* from = tile + (p - p0);
       float* to = epi.out + at;
       const float* r = epi.residual ? epi.residual + at : nullptr;
-      for (int64_t k = 0; k < count; ++k) to[k] = epilogue_value(from[k], r, k, epi.relu);
+      for (int64_t k = 0; k < count; ++k) to[k] = epilogue_value(from[k], r, k, epi.act);
     }
     p += run;
   }
@@ -99,7 +110,7 @@ inline void store_empty_row(const Epilogue& epi, int64_t m, int64_t P) {
   for (int64_t n = 0; n < samples; ++n, at += step) {
     float* to = epi.out + at;
     const float* r = epi.residual ? epi.residual + (epi.Wq ? at : m * epi.ldr) : nullptr;
-    for (int64_t k = 0; k < length; ++k) to[k] = epilogue_value(start, r, k, epi.relu);
+    for (int64_t k = 0; k < length; ++k) to[k] = epilogue_value(start, r, k, epi.act);
   }
 }
 
@@ -323,7 +334,7 @@ struct Gathered {
   const Index* col;
   const float* val;
   const float* bias;
-  bool relu;
+  Activation act;
   float* out;
   int64_t ldo_t, ldo_m;
 };
@@ -357,7 +368,7 @@ void spmm_rows(const Product<Index>& job, int64_t m0, int64_t m1) {
       }
       float* o = job.epi.out + m * job.epi.ldo + p0;
       const float* r = job.epi.residual ? job.epi.residual + m * job.epi.ldr + p0 : nullptr;
-      for (int64_t k = 0; k < n; ++k) o[k] = epilogue_value(acc[k], r, k, job.epi.relu);
+      for (int64_t k = 0; k < n; ++k) o[k] = epilogue_value(acc[k], r, k, job.epi.act);
     }
   }
 }
@@ -378,8 +389,7 @@ void spmv_rows(const Gathered<Index>& job, int64_t m0, int64_t m1) {
       }
       for (; e < end; ++e) a0 += job.val[e] * xt[job.col[e]];
       float y = (a0 + a1) + (a2 + a3) + (job.bias ? job.bias[m] : 0.0f);
-      if (job.relu && y < 0.0f) y = 0.0f;
-      job.out[t * job.ldo_t + m * job.ldo_m] = y;
+      job.out[t * job.ldo_t + m * job.ldo_m] = activate(y, job.act);
     }
   }
 }
@@ -405,7 +415,21 @@ struct V {
   static inline reg load_tail(const float* p, mask m) { return _mm512_maskz_loadu_ps(m, p); }
   static inline reg fma(reg a, reg b, reg c) { return _mm512_fmadd_ps(a, b, c); }
   static inline reg add(reg a, reg b) { return _mm512_add_ps(a, b); }
+  static inline reg fnma(reg a, reg b, reg c) { return _mm512_fnmadd_ps(a, b, c); }
+  static inline reg mul(reg a, reg b) { return _mm512_mul_ps(a, b); }
+  static inline reg reciprocal(reg d) {  // 14 bits, one Newton step: r (2 - d r)
+    const reg r = _mm512_rcp14_ps(d);
+    return _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.0f)));
+  }
+  static inline reg min(reg a, reg b) { return _mm512_min_ps(a, b); }
+  static inline reg max(reg a, reg b) { return _mm512_max_ps(a, b); }
   static inline reg max0(reg a) { return _mm512_max_ps(a, _mm512_setzero_ps()); }
+  static inline reg abs(reg a) { return _mm512_abs_ps(a); }
+  static inline reg round(reg a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static inline reg scale2(reg p, reg n) { return _mm512_scalef_ps(p, n); }
+  static inline reg where_less(reg x, reg y, reg a, reg b) {
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, y, _CMP_LT_OQ), b, a);
+  }
   static inline void store(float* p, reg v) { _mm512_storeu_ps(p, v); }
   static inline void store_tail(float* p, reg v, mask m) { _mm512_mask_storeu_ps(p, m, v); }
   static inline reg gather(const float* base, const int16_t* idx, int64_t n) {
@@ -442,8 +466,7 @@ static void spmv_rows(const Gathered<Index>& job, int64_t m0, int64_t m1) {
         a = V::fma(V::load_tail(job.val + e, V::tail(n)), V::gather(xt, job.col + e, n), a);
       }
       float y = V::reduce(V::add(a, b)) + (job.bias ? job.bias[m] : 0.0f);
-      if (job.relu && y < 0.0f) y = 0.0f;
-      job.out[t * job.ldo_t + m * job.ldo_m] = y;
+      job.out[t * job.ldo_t + m * job.ldo_m] = activate(y, job.act);
     }
   }
 }
@@ -505,7 +528,24 @@ struct V {
   static inline reg load_tail(const float* p, mask m) { return _mm256_maskload_ps(p, m); }
   static inline reg fma(reg a, reg b, reg c) { return _mm256_fmadd_ps(a, b, c); }
   static inline reg add(reg a, reg b) { return _mm256_add_ps(a, b); }
+  static inline reg fnma(reg a, reg b, reg c) { return _mm256_fnmadd_ps(a, b, c); }
+  static inline reg mul(reg a, reg b) { return _mm256_mul_ps(a, b); }
+  static inline reg reciprocal(reg d) {  // 12 bits, one Newton step: r (2 - d r)
+    const reg r = _mm256_rcp_ps(d);
+    return _mm256_mul_ps(r, _mm256_fnmadd_ps(d, r, _mm256_set1_ps(2.0f)));
+  }
+  static inline reg min(reg a, reg b) { return _mm256_min_ps(a, b); }
+  static inline reg max(reg a, reg b) { return _mm256_max_ps(a, b); }
   static inline reg max0(reg a) { return _mm256_max_ps(a, _mm256_setzero_ps()); }
+  static inline reg abs(reg a) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), a); }
+  static inline reg round(reg a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static inline reg scale2(reg p, reg n) {  // 2^n built from its exponent bits (a normal float for n >= -126)
+    const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+  }
+  static inline reg where_less(reg x, reg y, reg a, reg b) {
+    return _mm256_blendv_ps(b, a, _mm256_cmp_ps(x, y, _CMP_LT_OQ));
+  }
   static inline void store(float* p, reg v) { _mm256_storeu_ps(p, v); }
   static inline void store_tail(float* p, reg v, mask m) { _mm256_maskstore_ps(p, m, v); }
 };
@@ -724,7 +764,7 @@ constexpr int64_t OWN_TABLE_BYTES = 2 << 20;  // the largest table that each thr
 
 template <typename Index>
 void linear_impl(const float* x, int64_t T, int64_t in, bool features_first_in, const at::Tensor& indices,
-                 const int32_t* rowptr, const float* val, const float* bias, int64_t M, bool relu, float* out,
+                 const int32_t* rowptr, const float* val, const float* bias, int64_t M, Activation act, float* out,
                  bool features_first_out) {
   const Index* col = indices.data_ptr<Index>();
   if (T <= GATHER_MAX_TOKENS) {
@@ -735,7 +775,7 @@ void linear_impl(const float* x, int64_t T, int64_t in, bool features_first_in, 
       xr = rows.data_ptr<float>();
       transpose(x, in, T, rows.data_ptr<float>(), in);
     }
-    Gathered<Index> job{xr, in, T, rowptr, col, val, bias, relu, out,
+    Gathered<Index> job{xr, in, T, rowptr, col, val, bias, act, out,
                         features_first_out ? 1 : M, features_first_out ? T : 1};
     run_gathered(job, M);
     return;
@@ -775,19 +815,22 @@ void linear_impl(const float* x, int64_t T, int64_t in, bool features_first_in, 
       transpose_serial(x, T, in, in, own, ld);
       xt = own;
     }
-    const Product<Index> job{xt, table.defined() ? ld : T, rowptr, col, val, T, Epilogue{bias, nullptr, 0, relu, target, ldo}};
+    const Product<Index> job{xt, table.defined() ? ld : T, rowptr, col, val, T, Epilogue{bias, nullptr, 0, act, target, ldo}};
     spmm_rows_on(isa, job, m0, m1);
     if (!features_first_out) transpose_serial(target + m0 * ldo, m1 - m0, T, ldo, out + m0, M);
   });
 }
 
-// y = x W^T + b (optionally ReLU). x is (..., in), or (in, ...) when features_first_in; the result is
-// (..., out), or (out, ...) when features_first_out.
+// y = activation(x W^T + b), the activation given by its code (Activation: 0 none, 1 ReLU, 2 GELU). x is
+// (..., in), or (in, ...) when features_first_in; the result is (..., out), or (out, ...) when features_first_out.
 at::Tensor linear(const at::Tensor& x_in, const at::Tensor& indices, const at::Tensor& offsets,
                   const at::Tensor& weights, const c10::optional<at::Tensor>& bias, int64_t out_features,
-                  bool features_first_in, bool features_first_out, bool relu) {
+                  bool features_first_in, bool features_first_out, int64_t activation) {
   TORCH_CHECK(x_in.scalar_type() == at::kFloat, "fxsparse native kernel: float32 input expected, got ",
               x_in.scalar_type());
+  TORCH_CHECK(activation >= 0 && activation <= 2, "fxsparse native linear: activation code ", activation,
+              " is not 0 (none), 1 (ReLU) or 2 (GELU)");
+  const Activation act = static_cast<Activation>(activation);
   TORCH_CHECK(x_in.dim() >= 1, "fxsparse native kernel: the input needs a feature dimension");
   check_csr(indices, offsets, weights, out_features);
   const float* b = optional_data(bias, out_features, "bias");
@@ -818,15 +861,16 @@ at::Tensor linear(const at::Tensor& x_in, const at::Tensor& indices, const at::T
       else
         out.view({T, out_features}).add_(*bias);
     }
-    return relu ? out.clamp_min_(0) : out;
+    if (act == Activation::relu) return out.clamp_min_(0);
+    return act == Activation::gelu ? at::gelu(out) : out;
   }
   const int32_t* rowptr = offsets.data_ptr<int32_t>();
   if (indices.scalar_type() == at::kShort)
     linear_impl<int16_t>(x.data_ptr<float>(), T, in, features_first_in, indices, rowptr, weights.data_ptr<float>(), b,
-                         out_features, relu, out.data_ptr<float>(), features_first_out);
+                         out_features, act, out.data_ptr<float>(), features_first_out);
   else
     linear_impl<int32_t>(x.data_ptr<float>(), T, in, features_first_in, indices, rowptr, weights.data_ptr<float>(), b,
-                         out_features, relu, out.data_ptr<float>(), features_first_out);
+                         out_features, act, out.data_ptr<float>(), features_first_out);
   return out;
 }
 
@@ -910,7 +954,7 @@ at::Tensor conv2d(const at::Tensor& x, const at::Tensor& indices, const at::Tens
 void conv2d_into(const at::Tensor& x, const at::Tensor& indices, const at::Tensor& offsets, const at::Tensor& weights,
                  const float* b, const float* res, const ConvGeometry& g, const at::Tensor& out) {
   const int64_t out_channels = g.out_channels, groups = g.groups;
-  const bool relu = g.relu;
+  const Activation act = g.relu ? Activation::relu : Activation::none;
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), Wd = x.size(3);
   const int64_t kh = g.kernel_size[0], kw = g.kernel_size[1], sh = g.stride[0], sw = g.stride[1];
   const int64_t pt = g.padding[0], pb = g.padding[1], pl = g.padding[2], pr = g.padding[3], dh = g.dilation[0],
@@ -951,7 +995,7 @@ void conv2d_into(const at::Tensor& x, const at::Tensor& indices, const at::Tenso
     const int64_t image = out_channels * HW;
     for (int64_t n = 0; n < N; ++n) {
       job.x = rows.data_ptr<float>() + n * C * ld;
-      job.epi = Epilogue{b, res ? res + n * image : nullptr, HW, relu, out.data_ptr<float>() + n * image, HW};
+      job.epi = Epilogue{b, res ? res + n * image : nullptr, HW, act, out.data_ptr<float>() + n * image, HW};
       run_product(job, out_channels);
     }
     return;
@@ -1056,7 +1100,7 @@ void conv2d_into(const at::Tensor& x, const at::Tensor& indices, const at::Tenso
         }
     }
   });
-  Epilogue epi{b, res, Ho * Wo, relu, out.data_ptr<float>(), Ho * Wo};
+  Epilogue epi{b, res, Ho * Wo, act, out.data_ptr<float>(), Ho * Wo};
   if (N > 1 || Wq != Wo) epi.Wq = Wq, epi.Hq = Hq, epi.Ho = Ho, epi.Wo = Wo, epi.M = out_channels;
   Product<int32_t> job{xp, 1, rowptr, ready->off.data(), val, P, epi};
   use_blocks(*ready, out_channels, job);

@@ -4,9 +4,48 @@
 // V provides: `reg` (the register type), `W` (floats per register), `REGISTERS` (vector registers of the
 // instruction set), `TILE_REGISTERS` (the widest column tile, in registers), `mask` (a tail mask type),
 // tail(n) (the mask of the first n lanes), zero(), set1(f), load(p), load_tail(p, m) (lanes beyond the mask
-// read nothing and are 0), fma(a, b, c) = a*b + c, add, max0, store(p, v), store_tail(p, v, m).
+// read nothing and are 0), fma(a, b, c) = a*b + c, fnma(a, b, c) = c - a*b, add, mul, reciprocal (of a finite
+// d >= 1, to float's precision), min, max, max0, abs,
+// round (to the nearest integer), scale2(p, n) = p 2^n (n integral, -116 <= n <= 0), where_less(x, y, a, b) =
+// x < y ? a : b, store(p, v), store_tail(p, v, m).
 
-// The end of row m's tile: bias included in a, add the residual, ReLU, store (NCHW through store_wide for a
+// Below e^EXP_FLOOR (1.8e-35) exp_nonpositive returns 0: what it would return is a few steps from the denormal
+// floats, and an arithmetic op on a denormal costs a microcode assist of about a hundred cycles (the fused GELU
+// of a layer with wide pre-activations ran 3x slower than the plain product). Summed into a softmax's
+// denominator (at least 1) or scaling a GELU's input, such a term is far below float's precision.
+constexpr float EXP_FLOOR = -80.0f;
+
+// e^x for x <= 0 (a softmax after its maximum is subtracted, GELU's e^(-a^2); NaN stays NaN): x = n ln2 + r,
+// |r| <= ln2 / 2, e^r by its Taylor series to r^7 (truncation below 6e-9 relative), times 2^n.
+static inline typename V::reg exp_nonpositive(typename V::reg x) {
+  const typename V::reg floor = V::set1(EXP_FLOOR);
+  const typename V::reg y = V::max(floor, x);  // max keeps its second operand when it is NaN
+  const typename V::reg n = V::round(V::mul(y, V::set1(1.44269504088896341f)));
+  typename V::reg r = V::fnma(n, V::set1(0.693145751953125f), y);  // ln 2 in two parts: r exact enough
+  r = V::fnma(n, V::set1(1.42860676533018e-06f), r);
+  typename V::reg p = V::set1(1.0f / 5040.0f);
+  const float coefficients[] = {1.0f / 720.0f, 1.0f / 120.0f, 1.0f / 24.0f, 1.0f / 6.0f, 0.5f, 1.0f, 1.0f};
+  for (float c : coefficients) p = V::fma(p, r, V::set1(c));
+  return V::where_less(x, floor, V::zero(), V::scale2(p, n));
+}
+
+// GELU(x) = x/2 (1 + erf(x / sqrt 2)) (Hendrycks & Gimpel 2016; gelu_value is the scalar form). With a = |x| /
+// sqrt 2, erfc(a) = t (a1 + t (a2 + t (a3 + t (a4 + t a5)))) e^(-a^2), t = 1 / (1 + p a) (Abramowitz & Stegun
+// 7.1.26: absolute error below 1.5e-7, as in torch's vectorised CPU GELU); 1 + erf(x / sqrt 2) is then
+// erfc(a) for x < 0 and 2 - erfc(a) otherwise, so the far negative tail keeps its relative precision.
+static inline typename V::reg gelu(typename V::reg x) {
+  using reg = typename V::reg;
+  // a at most 10 (erfc(10) < 1e-44 is 0 below): 1 + p a stays finite for reciprocal's Newton step
+  const reg a = V::min(V::mul(V::abs(x), V::set1(0.70710678118654752f)), V::set1(10.0f));
+  const reg t = V::reciprocal(V::fma(V::set1(0.3275911f), a, V::set1(1.0f)));
+  reg poly = V::set1(1.061405429f);
+  for (float c : {-1.453152027f, 1.421413741f, -0.284496736f, 0.254829592f}) poly = V::fma(poly, t, V::set1(c));
+  const reg erfc = V::mul(V::mul(poly, t), exp_nonpositive(V::fnma(a, a, V::zero())));
+  const reg twice_phi = V::where_less(x, V::zero(), erfc, V::fnma(erfc, V::set1(1.0f), V::set1(2.0f)));
+  return V::mul(V::mul(x, V::set1(0.5f)), twice_phi);
+}
+
+// The end of row m's tile: bias included in a, add the residual, the activation, store (NCHW through store_wide for a
 // direct conv's wide columns).
 template <int NV>
 static inline void epilogue(const Epilogue& epi, int64_t m, int64_t p0, int64_t n, typename V::mask last,
@@ -22,8 +61,10 @@ static inline void epilogue(const Epilogue& epi, int64_t m, int64_t p0, int64_t 
     for (int v = 0; v < NV - 1; ++v) a[v] = V::add(a[v], V::load(r + v * V::W));
     a[NV - 1] = V::add(a[NV - 1], V::load_tail(r + (NV - 1) * V::W, last));
   }
-  if (epi.relu)
+  if (epi.act == Activation::relu)
     for (int v = 0; v < NV; ++v) a[v] = V::max0(a[v]);
+  else if (epi.act == Activation::gelu)
+    for (int v = 0; v < NV; ++v) a[v] = gelu(a[v]);
   float* o = epi.out + m * epi.ldo + p0;
   for (int v = 0; v < NV - 1; ++v) V::store(o + v * V::W, a[v]);
   V::store_tail(o + (NV - 1) * V::W, a[NV - 1], last);
