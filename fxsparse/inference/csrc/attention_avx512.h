@@ -119,7 +119,10 @@ static void attention_heads(const Attention& a, int64_t begin, int64_t end) {
     const float* v = a.v + b * a.v_strides[0] + h * a.v_strides[1];
     const float* mask = a.mask ? a.mask + b * a.mask_strides[0] + h * a.mask_strides[1] : nullptr;
     float* out = a.out + b * a.Sq * a.H * a.D + h * a.D;
-    for (int64_t j = 0; j < a.Sk; ++j)  // kt[d][j] = k[j][d]
+    const int64_t whole = a.Sk / 16 * 16;  // kt[d][j] = k[j][d]: 16 x 16 register transposes, then the last keys
+    for (int64_t j = 0; j < whole; j += 16)
+      for (int64_t d = 0; d < a.D; d += 16) transpose16x16(k + j * a.k_strides[2] + d, a.k_strides[2], &kt[d * ldk + j], ldk);
+    for (int64_t j = whole; j < a.Sk; ++j)
       for (int64_t d = 0; d < a.D; ++d) kt[d * ldk + j] = k[j * a.k_strides[2] + d];
     for (int64_t i = 0; i < a.Sq; i += ATTENTION_ROWS) {
       const float* qi = q + i * a.q_strides[2];

@@ -501,6 +501,36 @@ static void pool_columns(const float* rows, int64_t kw, int64_t sw, int64_t Wo, 
   }
 }
 
+// dst[j * ldd + i] = src[i * lds + j] for i, j < 16: pairs of rows unpacked, then pairs of pairs shuffled (lane
+// l of s[g][c] holds column 4l + c of rows 4g..4g+3), then the 128-bit lanes of the four row groups gathered in
+// two steps; 64 shuffles for 256 floats (the 8 x 8 transpose needs 96) and whole 64-byte rows stored.
+static inline void transpose16x16(const float* src, int64_t lds, float* dst, int64_t ldd) {
+  __m512 r[16], t[16], s[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * lds);
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int g = 0; g < 4; ++g) {  // s[4g + c]: column 4l + c of rows 4g..4g+3 in lane l
+    const __m512 *lo = t + 4 * g, *hi = t + 4 * g + 2;
+    s[4 * g + 0] = _mm512_shuffle_ps(lo[0], hi[0], _MM_SHUFFLE(1, 0, 1, 0));
+    s[4 * g + 1] = _mm512_shuffle_ps(lo[0], hi[0], _MM_SHUFFLE(3, 2, 3, 2));
+    s[4 * g + 2] = _mm512_shuffle_ps(lo[1], hi[1], _MM_SHUFFLE(1, 0, 1, 0));
+    s[4 * g + 3] = _mm512_shuffle_ps(lo[1], hi[1], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int c = 0; c < 4; ++c) {
+    // even: lanes 0 and 2 of groups (0, 1) and of (2, 3); odd: lanes 1 and 3
+    const __m512 even01 = _mm512_shuffle_f32x4(s[c], s[4 + c], _MM_SHUFFLE(2, 0, 2, 0));
+    const __m512 odd01 = _mm512_shuffle_f32x4(s[c], s[4 + c], _MM_SHUFFLE(3, 1, 3, 1));
+    const __m512 even23 = _mm512_shuffle_f32x4(s[8 + c], s[12 + c], _MM_SHUFFLE(2, 0, 2, 0));
+    const __m512 odd23 = _mm512_shuffle_f32x4(s[8 + c], s[12 + c], _MM_SHUFFLE(3, 1, 3, 1));
+    _mm512_storeu_ps(dst + (0 + c) * ldd, _mm512_shuffle_f32x4(even01, even23, _MM_SHUFFLE(2, 0, 2, 0)));
+    _mm512_storeu_ps(dst + (4 + c) * ldd, _mm512_shuffle_f32x4(odd01, odd23, _MM_SHUFFLE(2, 0, 2, 0)));
+    _mm512_storeu_ps(dst + (8 + c) * ldd, _mm512_shuffle_f32x4(even01, even23, _MM_SHUFFLE(3, 1, 3, 1)));
+    _mm512_storeu_ps(dst + (12 + c) * ldd, _mm512_shuffle_f32x4(odd01, odd23, _MM_SHUFFLE(3, 1, 3, 1)));
+  }
+}
+
 #include "attention_avx512.h"
 }  // namespace avx512
 #pragma GCC pop_options
@@ -710,7 +740,8 @@ const float* optional_data(const c10::optional<at::Tensor>& t, int64_t numel, co
 }
 
 // dst[c * ldd + r] = src[r * lds + c] for r < rows, c < cols, the 32 x 32 blocks [block0, block1) (row-block
-// major) of 8 x 8 register transposes on AVX2 / AVX-512: a block's 4 KiB read and 4 KiB written stay in L1.
+// major) of 16 x 16 register transposes on AVX-512, 8 x 8 on AVX2: a block's 4 KiB read and 4 KiB written stay
+// in L1.
 constexpr int64_t TRANSPOSE_BLOCK = 32;
 
 void transpose_blocks(const float* src, int64_t rows, int64_t cols, int64_t lds, float* dst, int64_t ldd,
@@ -718,19 +749,25 @@ void transpose_blocks(const float* src, int64_t rows, int64_t cols, int64_t lds,
   constexpr int64_t B = TRANSPOSE_BLOCK;
   const int64_t col_blocks = (cols + B - 1) / B;
 #ifdef FXSPARSE_X86
-  const bool vector = current_isa() != Isa::portable;
+  const Isa isa = current_isa();
+  const int64_t tile = isa == Isa::avx512 ? 16 : isa == Isa::avx2 ? 8 : 0;
 #else
-  const bool vector = false;
+  const int64_t tile = 0;
 #endif
   for (int64_t block = block0; block < block1; ++block) {
     const int64_t r0 = block / col_blocks * B, c0 = block % col_blocks * B;
     const int64_t r1 = std::min(rows, r0 + B), c1 = std::min(cols, c0 + B);
-    int64_t r8 = r0, c8 = c0;  // [r0, r8) x [c0, c8): whole 8 x 8 tiles
+    int64_t r8 = r0, c8 = c0;  // [r0, r8) x [c0, c8): whole tile x tile squares
 #ifdef FXSPARSE_X86
-    if (vector) {
-      r8 = r0 + (r1 - r0) / 8 * 8, c8 = c0 + (c1 - c0) / 8 * 8;
-      for (int64_t r = r0; r < r8; r += 8)
-        for (int64_t c = c0; c < c8; c += 8) avx2::transpose8x8(src + r * lds + c, lds, dst + c * ldd + r, ldd);
+    if (tile) {
+      r8 = r0 + (r1 - r0) / tile * tile, c8 = c0 + (c1 - c0) / tile * tile;
+      for (int64_t r = r0; r < r8; r += tile)
+        for (int64_t c = c0; c < c8; c += tile) {
+          if (tile == 16)
+            avx512::transpose16x16(src + r * lds + c, lds, dst + c * ldd + r, ldd);
+          else
+            avx2::transpose8x8(src + r * lds + c, lds, dst + c * ldd + r, ldd);
+        }
     }
 #endif
     for (int64_t c = c0; c < c1; ++c)  // the rest, one float at a time
