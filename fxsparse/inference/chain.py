@@ -199,16 +199,14 @@ def chain_linears_by_probe_(model: nn.Module, run: Callable[[nn.Module], object]
         for n, m in linears.items()
         for h in (m.register_forward_pre_hook(before(n)), m.register_forward_hook(after(n)))
     ]
+    ran, _ = probe_forward(model, run, probe, handles)
     try:
         with torch.no_grad():
-            with probe:
-                run(model)
-            reference = run(model)
-    except Exception:  # noqa: BLE001 - the planning pass ran the model; a probe that fails chains nothing
+            reference = run(model) if ran else None
+    except Exception:  # noqa: BLE001 - the planning pass ran the model; a model that fails now chains nothing
+        ran = False
+    if not ran:
         return []
-    finally:
-        for handle in handles:
-            handle.remove()
     producers = [n for n in linears if reads[n] and n not in probe.escaped and n not in reads[n]]
     if not producers:
         return []
@@ -225,6 +223,22 @@ def chain_linears_by_probe_(model: nn.Module, run: Callable[[nn.Module], object]
         return []
     order = list(linears)
     return [(p, c) for p in producers for c in sorted(reads[p], key=order.index)]
+
+
+def probe_forward(
+    model: nn.Module, run: Callable[[nn.Module], object], probe: TorchDispatchMode, handles: list
+) -> tuple[bool, object]:
+    """(whether it ran, what it returned): ``run(model)`` without gradients under the dispatch mode ``probe``,
+    the hooks in ``handles`` removed afterwards either way. The planning pass ran the model already, so a
+    probe that raises only means nothing is rewritten."""
+    try:
+        with torch.no_grad(), probe:
+            return True, run(model)
+    except Exception:  # noqa: BLE001 - see above
+        return False, None
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _close_outputs(a: object, b: object) -> bool:

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from . import ops
-from .chain import _close_outputs, accelerated_graph
+from .chain import _close_outputs, accelerated_graph, probe_forward
 from .layers import SparseConv2d, SparseLinear
 
 RELU_FUNCTIONS = {F.relu, torch.relu, torch.relu_}
@@ -218,14 +218,9 @@ def fuse_gelus_by_probe_(model: nn.Module, run: Callable[[nn.Module], object], k
     handles = [m.register_forward_hook(linear_done) for m in linears.values()]
     for m in candidates.values():
         handles += [m.register_forward_pre_hook(candidate_starts), m.register_forward_hook(candidate_done)]
-    try:
-        with torch.no_grad(), probe:
-            reference = run(model)
-    except Exception:  # noqa: BLE001 - the planning pass ran the model; a probe that fails fuses nothing
+    ran, reference = probe_forward(model, run, probe, handles)
+    if not ran:
         return []
-    finally:
-        for handle in handles:
-            handle.remove()
     fused = {}  # linear -> the GELU module after it
     for name, (linear, tensor) in inputs.items():
         readers = probe.readers.get(linear, [])
