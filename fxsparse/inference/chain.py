@@ -200,12 +200,12 @@ def chain_linears_by_probe_(model: nn.Module, run: Callable[[nn.Module], object]
         for h in (m.register_forward_pre_hook(before(n)), m.register_forward_hook(after(n)))
     ]
     ran, _ = probe_forward(model, run, probe, handles)
+    if not ran:
+        return []
     try:
         with torch.no_grad():
-            reference = run(model) if ran else None
+            reference = run(model)
     except Exception:  # noqa: BLE001 - the planning pass ran the model; a model that fails now chains nothing
-        ran = False
-    if not ran:
         return []
     producers = [n for n in linears if reads[n] and n not in probe.escaped and n not in reads[n]]
     if not producers:

@@ -121,7 +121,8 @@ static void attention_heads(const Attention& a, int64_t begin, int64_t end) {
     float* out = a.out + b * a.Sq * a.H * a.D + h * a.D;
     const int64_t whole = a.Sk / 16 * 16;  // kt[d][j] = k[j][d]: 16 x 16 register transposes, then the last keys
     for (int64_t j = 0; j < whole; j += 16)
-      for (int64_t d = 0; d < a.D; d += 16) transpose16x16(k + j * a.k_strides[2] + d, a.k_strides[2], &kt[d * ldk + j], ldk);
+      for (int64_t d = 0; d < a.D; d += 16)
+        transpose16x16(k + j * a.k_strides[2] + d, a.k_strides[2], &kt[d * ldk + j], ldk);
     for (int64_t j = whole; j < a.Sk; ++j)
       for (int64_t d = 0; d < a.D; ++d) kt[d * ldk + j] = k[j * a.k_strides[2] + d];
     for (int64_t i = 0; i < a.Sq; i += ATTENTION_ROWS) {

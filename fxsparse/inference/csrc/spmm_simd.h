@@ -5,9 +5,8 @@
 // instruction set), `TILE_REGISTERS` (the widest column tile, in registers), `mask` (a tail mask type),
 // tail(n) (the mask of the first n lanes), zero(), set1(f), load(p), load_tail(p, m) (lanes beyond the mask
 // read nothing and are 0), fma(a, b, c) = a*b + c, fnma(a, b, c) = c - a*b, add, mul, reciprocal (of a finite
-// d >= 1, to float's precision), min, max, max0, abs,
-// round (to the nearest integer), scale2(p, n) = p 2^n (n integral, -116 <= n <= 0), where_less(x, y, a, b) =
-// x < y ? a : b, store(p, v), store_tail(p, v, m).
+// d >= 1, to float's precision), min, max, max0, abs, round (to the nearest integer), scale2(p, n) = p 2^n (n
+// integral, -116 <= n <= 0), where_less(x, y, a, b) = x < y ? a : b, store(p, v), store_tail(p, v, m).
 
 // Below e^EXP_FLOOR (1.8e-35) exp_nonpositive returns 0: what it would return is a few steps from the denormal
 // floats, and an arithmetic op on a denormal costs a microcode assist of about a hundred cycles (the fused GELU
@@ -45,8 +44,8 @@ static inline typename V::reg gelu(typename V::reg x) {
   return V::mul(V::mul(x, V::set1(0.5f)), twice_phi);
 }
 
-// The end of row m's tile: bias included in a, add the residual, the activation, store (NCHW through store_wide for a
-// direct conv's wide columns).
+// The end of row m's tile: bias included in a, add the residual, the activation, store (NCHW through store_wide
+// for a direct conv's wide columns).
 template <int NV>
 static inline void epilogue(const Epilogue& epi, int64_t m, int64_t p0, int64_t n, typename V::mask last,
                             typename V::reg* a) {
