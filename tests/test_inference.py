@@ -13,8 +13,8 @@ from torch import nn
 
 import fxsparse
 from fxsparse.export import CsrFormatError, to_csr
-from fxsparse.inference import AccelerationPlan, SparseConv2d, SparseLinear, ops, skeleton, timing
-from fxsparse.inference.layers import four_sided_padding
+from fxsparse.inference import AccelerationPlan, SparseConv2d, SparseLinear, native, ops, skeleton, timing
+from fxsparse.inference.layers import four_sided_padding, preferred_sparse_path
 from fxsparse.inference.timing import paired_ratios
 
 CONV_PATHS = [f"{layout}+{kernel}" for layout, kernel in itertools.product(ops.CONV_LAYOUTS, ops.KERNELS)]
@@ -225,6 +225,33 @@ def test_path_choice_and_dense_fallback():
     assert "rows+ebag" in fast.fxsparse_plan.table()
     again = AccelerationPlan.from_dict(json.loads(json.dumps(fast.fxsparse_plan.to_dict())))
     assert again.table() == fast.fxsparse_plan.table() and again.paths() == paths(fast)
+
+
+@pytest.mark.parametrize(
+    "times, chosen",
+    [
+        ({"ebag": 1.0, "mkl": 1.2, "native": 1.24}, "native"),  # within the margin of the fastest: compiled
+        ({"ebag": 1.0, "mkl": 1.2, "native": 1.26}, "ebag"),  # a torch-op kernel faster by more: taken
+        ({"im2col+ebag": 1.0, "direct+native": 1.25}, "direct+native"),
+        ({"im2col+ebag": 1.0, "direct+native": 1.2, "rows+mkl": 0.9}, "rows+mkl"),
+        ({"ebag": 1.0, "mkl": 0.9}, "mkl"),  # no compiled kernel (no compiler): the fastest
+        ({}, None),
+    ],
+)
+def test_the_compiled_kernel_is_preferred_unless_another_is_faster_by_the_margin(times, chosen):
+    assert preferred_sparse_path(times, 1.25) == chosen
+
+
+def test_a_layer_takes_the_compiled_kernel_when_a_torch_op_kernel_is_barely_faster_alone():
+    if not native.available():
+        pytest.skip(f"compiled kernels unavailable: {native.failure()}")
+    model = prune_(nn.Sequential(nn.Linear(32, 32), nn.GELU(), nn.Linear(32, 8)), density=0.2)
+    x = torch.randn(4, 32)
+    timer = lambda c: {n: 3.0 if n == "dense" else 1.0 if n == "ebag" else 1.2 if n == "native" else 2.0 for n in c}  # noqa: E731
+    fast = fxsparse.accelerate(model, x, timer=timer, end_to_end=False)
+    assert paths(fast) == {"0": "native", "2": "native"}
+    assert dict(fast.named_modules())["0"].activation == "gelu"  # what only the compiled path gains: the fused epilogue
+    assert_close(run(fast, x), run(model, x))
 
 
 def test_kernels_and_layouts_can_be_restricted():
