@@ -243,6 +243,32 @@ def test_native_linear_equals_linear(lead, index_dtype, isa):
                     assert rel_error(ops.native_linear_reference(*args), want) <= 1e-5
 
 
+# tables over LINEAR_SLICE_BYTES (64 KiB) are read in blocks of inputs: 128 inputs a block at 128 tokens or more
+# (700 inputs: five whole blocks and a partial one), 1024 at 16 tokens; 40 tokens: 409 inputs a block
+@pytest.mark.parametrize("tokens", [16, 40, 128, 200])
+def test_native_linear_over_blocks_of_inputs_equals_linear(tokens, isa):
+    inputs = 1100 if tokens == 16 else 700
+    for density, pruned in [(0.1, False), (0.5, True), (0.02, False)]:
+        weight = sparse_weight((70, inputs), density)
+        if pruned:  # every third output feature empty
+            weight[::3] = 0
+        weight[5, :] = 0
+        weight[5, inputs - 1] = 2.0  # a row whose only nonzero is in the last block
+        b = torch.randn(70)
+        x = torch.randn(tokens, inputs)
+        ref = F.linear(x, weight, b)
+        col, crow, values = csr32(weight)
+        for first_in in (False, True):
+            for first_out in (False, True):
+                for activation, want in ((None, ref), ("gelu", F.gelu(ref))):
+                    given = x.t().contiguous() if first_in else x
+                    code = ops.ACTIVATIONS[activation]
+                    args = (given, col.to(torch.int16), crow, values, b, 70, first_in, first_out, code)
+                    want = want.t().contiguous() if first_out else want
+                    for _ in range(2):  # the blocks are built on the first call and kept
+                        assert rel_error(torch.ops.fxsparse.native_linear(*args), want) <= 1e-5, (density, first_in)
+
+
 @pytest.mark.parametrize("tokens", [3, 40])  # the gathered path (up to 4 tokens) and the product
 def test_gelu_epilogue_is_torchs_exact_gelu_over_the_whole_range(tokens, isa):
     """The vector GELU (erfc by Abramowitz & Stegun 7.1.26, e^x by its series, 0 below e^-80) against float64's
