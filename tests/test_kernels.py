@@ -860,3 +860,24 @@ def test_ab_kernels_times_builds_side_by_side_and_restores_the_kernels(load_tool
     assert native.kernels() is before
     with pytest.raises(SystemExit, match="lacks"):
         ab.main([f"base={csrc}", "empty=" + os.path.dirname(csrc) + "/no-such-folder"])
+
+
+def test_kept_bytes_count_a_linears_blocks_while_its_weight_lives():
+    """The reordered copy of a blocked linear's weight (6 bytes a nonzero with int16 indices) is counted by
+    native.kept_bytes() while the weight lives, and not after."""
+    import gc
+
+    gc.collect()  # what earlier tests left behind
+    before = native.kept_bytes()
+    weight = sparse_weight((64, 1024), 0.25)
+    col, crow, values = csr32(weight)
+    indices = col.to(torch.int16)
+    x = torch.randn(128, 1024)  # a 512 KiB table: blocks of 128 inputs
+    out = torch.ops.fxsparse.native_linear(x, indices, crow, values, None, 64, False, False, 0)
+    assert rel_error(out, F.linear(x, weight)) <= 1e-5
+    kept = native.kept_bytes() - before
+    nnz = values.numel()
+    assert 6 * nnz <= kept <= 6 * nnz + 4 * 64 * 9 + 64  # the weight, then the row pointers of 8 blocks
+    del indices, values, col
+    gc.collect()
+    assert native.kept_bytes() <= before + kept - 6 * nnz  # this weight's copy no longer counted

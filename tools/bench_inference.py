@@ -165,8 +165,9 @@ def load_results(path: str) -> list[dict[str, Any]]:
         return [json.loads(line) for line in handle if line.strip()]
 
 
-def accelerated_record(dense: nn.Module, fast: nn.Module, plan_s: float) -> dict:
-    """The fields every result records of the accelerated model, its plan and the machine."""
+def accelerated_record(dense: nn.Module, fast: nn.Module, plan_s: float, kept_bytes: int = 0) -> dict:
+    """The fields every result records of the accelerated model, its plan and the machine (kept_bytes: what the
+    compiled kernels keep beside its tensors, fxsparse.inference.native.kept_bytes())."""
     plan = fast.fxsparse_plan
     return {
         "clock": "wall clock",
@@ -175,6 +176,7 @@ def accelerated_record(dense: nn.Module, fast: nn.Module, plan_s: float) -> dict
         "layers": len(plan.layers),
         "dense_bytes": model_bytes(dense),
         "accelerated_bytes": model_bytes(fast),
+        "kept_bytes": kept_bytes,
         "torch": torch.__version__,
         "machine": cpu_name(),
         "cpus": os.cpu_count(),
@@ -254,6 +256,7 @@ def run_config(config: dict[str, Any], args, cache: dict) -> dict[str, Any]:
     model = prepared_model(config, args, cache)
     x = example(config["model"] if config["masks"] != "checkpoint" else "", config["batch"], args.input)
     options = dict(timer=timer, model_timer=model_timer, progress=not args.no_progress)
+    kept_before = fxsparse.inference.native.kept_bytes()
     start = time.perf_counter()
     if config["masks"] == "checkpoint":
         fast = fxsparse.accelerate_checkpoint(args.checkpoint, args.arch, x, **options)
@@ -322,7 +325,7 @@ def run_config(config: dict[str, Any], args, cache: dict) -> dict[str, Any]:
         "plan_clock": clock_name(clock),
         "mac_reduction": mac_reduction(dense, x),
         "layer_ms": layer_ms,
-        **accelerated_record(dense, fast, plan_s),
+        **accelerated_record(dense, fast, plan_s, fxsparse.inference.native.kept_bytes() - kept_before),
     }
 
 
@@ -356,6 +359,7 @@ def run_generate(config: dict[str, Any], args) -> dict[str, Any]:
     model = GPT2LMHeadModel(GPT2Config()).eval()
     magnitude_prune_(model, config["sparsity"])
     prompt = torch.randint(0, 50257, (1, 8), generator=torch.Generator().manual_seed(0))
+    kept_before = fxsparse.inference.native.kept_bytes()
     start = time.perf_counter()
     fast = fxsparse.accelerate(model, {"input_ids": prompt[:, :1]}, progress=not args.no_progress)
     plan_s = time.perf_counter() - start
@@ -383,7 +387,7 @@ def run_generate(config: dict[str, Any], args) -> dict[str, Any]:
         "same_tokens": same,
         "runtimes": {name: {"ms": 1e3 * t, "speedup": times[BASELINE] / t} for name, t in times.items()},
         "relative_error": 0.0 if same else float("nan"),
-        **accelerated_record(dense, fast, plan_s),
+        **accelerated_record(dense, fast, plan_s, fxsparse.inference.native.kept_bytes() - kept_before),
     }
 
 
@@ -460,7 +464,8 @@ def memory(args) -> None:
         f"{args.memory}: file {os.path.getsize(args.memory) / 2**20:.1f} MiB, dense tensors {dense / 2**20:.1f} MiB; "
         f"accelerate_checkpoint {how}: peak memory growth {growth / 2**20:.1f} MiB ({file_backed / 2**20:.1f} MiB "
         f"of it file-backed: library code), {with_call / 2**20:.1f} MiB with one more call; accelerated model "
-        f"{model_bytes(fast) / 2**20:.1f} MiB, {len(fast.fxsparse_plan.sparse_layers)}/"
+        f"{model_bytes(fast) / 2**20:.1f} MiB + {fxsparse.inference.native.kept_bytes() / 2**20:.1f} MiB kept by the "
+        f"kernels, {len(fast.fxsparse_plan.sparse_layers)}/"
         f"{len(fast.fxsparse_plan.layers)} layers sparse; imports and skeleton {setup / 2**20:.1f} MiB (not counted)",
         flush=True,
     )
@@ -491,12 +496,13 @@ def memory(args) -> None:
 
 
 def summary_line(r: dict[str, Any]) -> str:
+    kept = f" + {r['kept_bytes'] / 2**20:.1f} MiB kept by the kernels" if r.get("kept_bytes") else ""
     line = (
         f"{r['model']} ({r['masks']} masks) sparsity {r['sparsity']} batch {r['batch']} threads {r['threads']}: "
         f"dense {r['dense_ms']:.2f} ms, accelerated {r['accelerated_ms']:.2f} ms, speedup {r['speedup']:.2f}x "
         f"({r['sparse_layers']}/{r['layers']} layers sparse, {r['clock']}, "
         f"max rel. error {r['relative_error']:.1e}, "
-        f"model {r['accelerated_bytes'] / 2**20:.1f} MiB vs dense {r['dense_bytes'] / 2**20:.1f} MiB)"
+        f"model {r['accelerated_bytes'] / 2**20:.1f} MiB{kept} vs dense {r['dense_bytes'] / 2**20:.1f} MiB)"
     )
     if r.get("mac_reduction"):
         ratio = r["speedup"] / r["mac_reduction"]

@@ -113,10 +113,18 @@ def failure() -> str:
     return _failure
 
 
+def kept_bytes() -> int:
+    """The bytes the compiled kernels keep beside the live weights (each conv's offsets, the channel blocks and
+    the weights they reorder; docs/INFERENCE.md, "Kept between calls"); 0 without the kernels. A sparse model's
+    memory is its tensors plus this."""
+    module = _module if _tried else None
+    return int(module.kept_bytes()) if module is not None else 0
+
+
 def reset() -> None:
     """Forget the outcome of the first kernels() call (tests: simulate another environment)."""
     global _module, _tried, _failure
     _module, _tried, _failure = None, False, ""
 
 
-__all__ = ["kernels", "available", "failure", "reset", "DISABLE_VARIABLE"]
+__all__ = ["kernels", "available", "failure", "kept_bytes", "reset", "DISABLE_VARIABLE"]

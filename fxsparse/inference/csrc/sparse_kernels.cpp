@@ -38,6 +38,7 @@
 #endif
 #include <unordered_map>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -146,6 +147,12 @@ struct Prepared {
   int64_t blocks = 1;
   std::vector<float> val;  // with blocks: the weight's values in the order of off (block by block)
   std::vector<uint8_t> channel_read;  // a direct conv: whether some nonzero reads input channel c (empty: all do)
+  std::vector<int16_t> off16;  // a linear of int16 indices: its reordered column indices (off is then empty)
+
+  int64_t bytes() const {
+    return static_cast<int64_t>(off.capacity() * sizeof(int32_t) + seg.capacity() * sizeof(int32_t) +
+                                val.capacity() * sizeof(float) + channel_read.capacity() + off16.capacity() * 2);
+  }
 };
 
 // Split the rows of a product into blocks of input channels, so that the slice of x that one column tile reads
@@ -209,22 +216,25 @@ inline void use_blocks(const Prepared& prepared, int64_t M, Product<int32_t>& jo
   job.M = M;
 }
 
-// The Prepared of a conv weight (its CSR column indices, `indices`, and values, `values`) for an input geometry
-// (`key`), built by build(Prepared&) on the first call and kept while both tensors live unchanged (same versions)
-// and the geometry stays: the O(nonzeros) offsets cost 10-20% of ResNet-50's time when computed per call.
-// Memory: 4 bytes a nonzero (plus the blocks), the size of the weight's indices; with channel blocks, 8 (the
-// values too).
+struct PreparedEntry {
+  c10::weak_intrusive_ptr<c10::TensorImpl> owner, values_owner;
+  const c10::TensorImpl* values;
+  int64_t version;
+  std::vector<int64_t> key;
+  std::shared_ptr<const Prepared> value;
+};
+std::mutex prepared_mutex;
+std::unordered_map<const c10::TensorImpl*, PreparedEntry> prepared_cache;
+
+// The Prepared of a conv or linear weight (its CSR column indices, `indices`, and values, `values`) for an input
+// geometry (`key`), built by build(Prepared&) on the first call and kept while both tensors live unchanged (same
+// versions) and the geometry stays: the O(nonzeros) offsets cost 10-20% of ResNet-50's time when computed per call.
+// Memory (kept_bytes()): a conv, 4 bytes a nonzero (plus the blocks), the size of the weight's indices; with
+// channel blocks, 8 (the values too); a linear with blocks of inputs, 6 (int16 indices) or 8.
 std::shared_ptr<const Prepared> prepared(const at::Tensor& indices, std::vector<int64_t> key, const at::Tensor& values,
                                          const std::function<void(Prepared&)>& build) {
-  struct Entry {
-    c10::weak_intrusive_ptr<c10::TensorImpl> owner, values_owner;
-    const c10::TensorImpl* values;
-    int64_t version;
-    std::vector<int64_t> key;
-    std::shared_ptr<const Prepared> value;
-  };
-  static std::mutex mutex;
-  static std::unordered_map<const c10::TensorImpl*, Entry> cache;
+  std::mutex& mutex = prepared_mutex;
+  auto& cache = prepared_cache;
   const c10::TensorImpl* impl = indices.unsafeGetTensorImpl();
   const int64_t version = static_cast<int64_t>(indices._version());
   key.push_back(static_cast<int64_t>(values._version()));
@@ -241,10 +251,19 @@ std::shared_ptr<const Prepared> prepared(const at::Tensor& indices, std::vector<
   if (cache.size() >= 256)  // forget the entries of weights that are gone
     for (auto it = cache.begin(); it != cache.end();) it = it->second.owner.expired() ? cache.erase(it) : std::next(it);
   cache.erase(impl);
-  cache.emplace(impl, Entry{c10::weak_intrusive_ptr<c10::TensorImpl>(indices.getIntrusivePtr()),
-                            c10::weak_intrusive_ptr<c10::TensorImpl>(values.getIntrusivePtr()),
-                            values.unsafeGetTensorImpl(), version, std::move(key), value});
+  cache.emplace(impl, PreparedEntry{c10::weak_intrusive_ptr<c10::TensorImpl>(indices.getIntrusivePtr()),
+                                    c10::weak_intrusive_ptr<c10::TensorImpl>(values.getIntrusivePtr()),
+                                    values.unsafeGetTensorImpl(), version, std::move(key), value});
   return value;
+}
+
+// The bytes the kernels keep for the weights that are alive (prepared()'s offsets, blocks and reordered weights).
+int64_t kept_bytes() {
+  std::lock_guard<std::mutex> lock(prepared_mutex);
+  int64_t total = 0;
+  for (const auto& [impl, entry] : prepared_cache)
+    if (!entry.owner.expired() && !entry.values_owner.expired()) total += entry.value->bytes();
+  return total;
 }
 
 // Activation buffers kept between calls: a float32 buffer of at least POOL_MIN_BYTES that a kernel returns or uses
@@ -861,6 +880,10 @@ void linear_impl(const float* x, int64_t T, int64_t in, bool features_first_in, 
       p.off.assign(col, col + rowptr[M]);
       split_by_channel_blocks(rowptr, col, val, M, in, 1, std::min<int64_t>(ldt, tile_columns()), 0, p,
                               LINEAR_SLICE_BYTES / static_cast<int64_t>(sizeof(float)));
+      if (std::is_same_v<Index, int16_t>) {  // kept as compact as the layer's own indices
+        p.off16.assign(p.off.begin(), p.off.end());
+        std::vector<int32_t>().swap(p.off);
+      }
     });
     if (blocked->seg.empty()) blocked.reset();
   }
@@ -872,14 +895,18 @@ void linear_impl(const float* x, int64_t T, int64_t in, bool features_first_in, 
       xt = own;
     }
     const Epilogue epi{bias, nullptr, 0, act, target, ldo};
+    Product<Index> job{xt, ldt, rowptr, col, val, T, epi};
     if (blocked) {
-      Product<int32_t> job{xt, ldt, rowptr, nullptr, nullptr, T, epi};
-      use_blocks(*blocked, M, job);
-      spmm_rows_on(isa, job, m0, m1);
-    } else {
-      const Product<Index> job{xt, ldt, rowptr, col, val, T, epi};
-      spmm_rows_on(isa, job, m0, m1);
+      if constexpr (std::is_same_v<Index, int16_t>)
+        job.col = blocked->off16.data();
+      else
+        job.col = blocked->off.data();
+      job.val = blocked->val.data();
+      job.seg = blocked->seg.data();
+      job.blocks = blocked->blocks;
+      job.M = M;
     }
+    spmm_rows_on(isa, job, m0, m1);
     if (!features_first_out) transpose_serial(target + m0 * ldo, m1 - m0, T, ldo, out + m0, M);
   });
 }
@@ -1289,6 +1316,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("conv2d", &conv2d, "direct sparse conv2d (CSR weight), float32", without_gil);
   m.def("max_pool2d", &max_pool2d, "max pooling, NCHW float32", without_gil);
   m.def("attention", &attention, "softmax(scale q k^T + mask) v, float32, AVX-512; (B, Sq, H, D) out", without_gil);
+  m.def("kept_bytes", &kept_bytes, "the bytes the kernels keep for the live weights (offsets, blocks)");
   m.def("release_buffers", &release_buffers, "free the pooled activation buffers; returns the bytes held");
   m.def("set_pool_limit", &set_pool_limit, "fix the buffer pool's limit in bytes (-1: adaptive); returns the old one");
   m.def("set_thread_count", &set_thread_count, "set this thread's intra-op thread count; returns it");
