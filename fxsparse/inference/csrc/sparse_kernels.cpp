@@ -817,7 +817,7 @@ void transpose(const float* src, int64_t rows, int64_t cols, float* dst, int64_t
 // ---------------------------------------------------------------------------------------------------------
 constexpr int64_t GATHER_MAX_TOKENS = 4;  // up to this many tokens, a gathered dot product per output and token
 constexpr int64_t OWN_TABLE_BYTES = 2 << 20;  // the largest table that each thread transposes for itself
-// A larger table is read in blocks of inputs of this size (see linear_impl).
+// A linear's table is read in blocks of inputs of this size a column tile (see linear_impl).
 constexpr int64_t LINEAR_SLICE_BYTES = 64 << 10;
 
 template <typename Index>
@@ -868,17 +868,20 @@ void linear_impl(const float* x, int64_t T, int64_t in, bool features_first_in, 
   const int64_t ldo = features_first_out ? T : ld;
   const Isa isa = current_isa();
   const int64_t ldt = table.defined() ? ld : T;
-  // A table of more than LINEAR_SLICE_BYTES is read in blocks of inputs: a thread's rows are swept once per
-  // block (channel blocks, as for the 1x1 convs, the weight stored again block by block), the sums between blocks
-  // kept in memory. A nonzero then reads its 512-byte row of a 128-token tile from a 64 KiB slice, not from the
-  // whole table (393 KB for 768 inputs, 1.5 MB for 3072), and the sums stream in order. BERT-base 90%, AMD EPYC
-  // Zen 4 (32 KiB L1d, 1 MiB L2), paired against whole tables: slices of 64 KiB 1.14-1.16x at one thread, 1.15x at
-  // two; 32 KiB 1.02-1.07x, 96 KiB 1.13x, 128 KiB 1.08-1.15x, 256 KiB 1.02-1.16x, 384 KiB 1.06x.
+  // With at least half a column tile of tokens, the table is read in blocks of inputs whose slice of a whole tile
+  // is LINEAR_SLICE_BYTES (128 inputs on AVX-512): a thread's rows are swept once per block (channel blocks, as
+  // for the 1x1 convs, the weight stored again block by block), the sums between blocks kept in memory. A nonzero
+  // then reads its 512-byte row of a 128-token tile from a 64 KiB slice, not from the whole table (393 KB for 768
+  // inputs, 1.5 MB for 3072), and the sums stream in order. BERT-base 90%, AMD EPYC Zen 4 (32 KiB L1d, 1 MiB L2),
+  // paired against whole tables: slices of 64 KiB 1.14-1.16x at one thread, 1.15x at two; 32 KiB 1.02-1.07x, 96
+  // KiB 1.13x, 128 KiB 1.08-1.15x, 256 KiB 1.02-1.16x, 384 KiB 1.06x. The blocks do not depend on the token count,
+  // so inputs of another length reuse them (a layout per length would be rebuilt whenever the length changed).
   std::shared_ptr<const Prepared> blocked;
-  if (in * ldt * static_cast<int64_t>(sizeof(float)) > LINEAR_SLICE_BYTES) {
-    blocked = prepared(indices, {-1, in, std::min<int64_t>(ldt, tile_columns())}, weights, [&](Prepared& p) {
+  const int64_t tile = tile_columns();
+  if (2 * std::min(ldt, tile) >= tile) {
+    blocked = prepared(indices, {-1, in, tile}, weights, [&](Prepared& p) {
       p.off.assign(col, col + rowptr[M]);
-      split_by_channel_blocks(rowptr, col, val, M, in, 1, std::min<int64_t>(ldt, tile_columns()), 0, p,
+      split_by_channel_blocks(rowptr, col, val, M, in, 1, tile, 0, p,
                               LINEAR_SLICE_BYTES / static_cast<int64_t>(sizeof(float)));
       if (std::is_same_v<Index, int16_t>) {  // kept as compact as the layer's own indices
         p.off16.assign(p.off.begin(), p.off.end());
