@@ -199,13 +199,8 @@ def chain_linears_by_probe_(model: nn.Module, run: Callable[[nn.Module], object]
         for n, m in linears.items()
         for h in (m.register_forward_pre_hook(before(n)), m.register_forward_hook(after(n)))
     ]
-    ran, _ = probe_forward(model, run, probe, handles)
+    ran, reference = probe_forward(model, run, probe, handles)  # the probe only watches: its output is the model's
     if not ran:
-        return []
-    try:
-        with torch.no_grad():
-            reference = run(model)
-    except Exception:  # noqa: BLE001 - the planning pass ran the model; a model that fails now chains nothing
         return []
     producers = [n for n in linears if reads[n] and n not in probe.escaped and n not in reads[n]]
     if not producers:

@@ -95,7 +95,7 @@ def preferred_sparse_path(times: dict[str, float], margin: float) -> str | None:
     if not times:
         return None
     best = min(times, key=times.get)
-    native = next((n for n in times if n.split("+")[-1] == ops.NATIVE), None)
+    native = next((n for n in times if n in (ops.NATIVE, ops.NATIVE_CONV_PATH)), None)
     if native is not None and times[native] <= margin * times[best]:
         return native
     return best

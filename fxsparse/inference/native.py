@@ -117,8 +117,7 @@ def kept_bytes() -> int:
     """The bytes the compiled kernels keep beside the live weights (each conv's offsets, the channel blocks and
     the weights they reorder; docs/INFERENCE.md, "Kept between calls"); 0 without the kernels. A sparse model's
     memory is its tensors plus this."""
-    module = _module if _tried else None
-    return int(module.kept_bytes()) if module is not None else 0
+    return int(_module.kept_bytes()) if _module is not None else 0
 
 
 def reset() -> None:

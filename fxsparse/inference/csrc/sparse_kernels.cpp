@@ -206,10 +206,15 @@ void split_by_channel_blocks(const int32_t* rowptr, const Index* col, const floa
   prepared.blocks = blocks;
 }
 
-// A product reads its weight from `prepared` when that holds channel blocks (the weight reordered block by block).
-inline void use_blocks(const Prepared& prepared, int64_t M, Product<int32_t>& job) {
+// A product reads its weight from `prepared` when that holds channel blocks (the weight reordered block by block;
+// a linear of int16 indices keeps its reordered indices in off16).
+template <typename Index>
+inline void use_blocks(const Prepared& prepared, int64_t M, Product<Index>& job) {
   if (prepared.seg.empty()) return;
-  job.col = prepared.off.data();
+  if constexpr (std::is_same_v<Index, int16_t>)
+    job.col = prepared.off16.data();
+  else
+    job.col = prepared.off.data();
   job.val = prepared.val.data();
   job.seg = prepared.seg.data();
   job.blocks = prepared.blocks;
@@ -878,17 +883,16 @@ void linear_impl(const float* x, int64_t T, int64_t in, bool features_first_in, 
   // so inputs of another length reuse them (a layout per length would be rebuilt whenever the length changed).
   std::shared_ptr<const Prepared> blocked;
   const int64_t tile = tile_columns();
-  if (2 * std::min(ldt, tile) >= tile) {
+  const int64_t block_inputs = LINEAR_SLICE_BYTES / static_cast<int64_t>(sizeof(float)) / tile;
+  if (2 * std::min(ldt, tile) >= tile && in > block_inputs) {  // at least two blocks
     blocked = prepared(indices, {-1, in, tile}, weights, [&](Prepared& p) {
       p.off.assign(col, col + rowptr[M]);
-      split_by_channel_blocks(rowptr, col, val, M, in, 1, tile, 0, p,
-                              LINEAR_SLICE_BYTES / static_cast<int64_t>(sizeof(float)));
+      split_by_channel_blocks(rowptr, col, val, M, in, 1, tile, 0, p, block_inputs * tile);
       if (std::is_same_v<Index, int16_t>) {  // kept as compact as the layer's own indices
         p.off16.assign(p.off.begin(), p.off.end());
         std::vector<int32_t>().swap(p.off);
       }
     });
-    if (blocked->seg.empty()) blocked.reset();
   }
   over_blocks(bounds, [&](int64_t k, int64_t m0, int64_t m1) {
     const float* xt = table.defined() ? table.data_ptr<float>() : x;
@@ -899,16 +903,7 @@ void linear_impl(const float* x, int64_t T, int64_t in, bool features_first_in, 
     }
     const Epilogue epi{bias, nullptr, 0, act, target, ldo};
     Product<Index> job{xt, ldt, rowptr, col, val, T, epi};
-    if (blocked) {
-      if constexpr (std::is_same_v<Index, int16_t>)
-        job.col = blocked->off16.data();
-      else
-        job.col = blocked->off.data();
-      job.val = blocked->val.data();
-      job.seg = blocked->seg.data();
-      job.blocks = blocked->blocks;
-      job.M = M;
-    }
+    if (blocked) use_blocks(*blocked, M, job);
     spmm_rows_on(isa, job, m0, m1);
     if (!features_first_out) transpose_serial(target + m0 * ldo, m1 - m0, T, ldo, out + m0, M);
   });
