@@ -1,4 +1,4 @@
-"""The attention kernel (csrc/attention_avx512.h, inference/attention.py): equal to torch's attention over shapes,
+"""The attention kernel (csrc/attention_simd.h, inference/attention.py): equal to torch's attention over shapes,
 masks, strides and threads; used by a transformers model only for plain calls, and only when it wins end to end."""
 
 import pytest
@@ -9,12 +9,39 @@ from test_end_to_end import prune_
 import fxsparse
 from fxsparse.inference import attention
 
-kernel_needed = pytest.mark.skipif(attention.kernels() is None, reason="needs the compiled kernels on AVX-512")
+kernel_needed = pytest.mark.skipif(attention.kernels() is None, reason="needs the compiled kernels on AVX-512 or AVX2")
 
 
 def assert_close(out, ref, tol=1e-5):
     assert out.shape == ref.shape
     assert float((out - ref).abs().max()) <= tol * max(float(ref.abs().max()), 1e-30)
+
+
+def _vector_isas() -> list[str]:
+    """The instruction sets of the kernel this CPU runs (each is tested: an AVX-512 machine runs AVX2's too)."""
+    module = attention.kernels()
+    if module is None:
+        return []
+    found = []
+    for isa in ("avx512", "avx2"):
+        try:
+            module.force_isa(isa)
+            found.append(isa)
+        except RuntimeError:
+            pass
+    module.force_isa("auto")
+    return found
+
+
+@pytest.fixture(params=_vector_isas() or ["none"])
+def isa(request):
+    """The kernel forced to one instruction set for the test."""
+    module = attention.kernels()
+    if module is None:
+        pytest.skip("needs the compiled kernels on AVX-512 or AVX2")
+    module.force_isa(request.param)
+    yield request.param
+    module.force_isa("auto")
 
 
 @pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
@@ -38,7 +65,7 @@ SHAPES = [  # B, H, Sq, Sk, D: tiles of 6 query rows and 64 keys with every tail
 @kernel_needed
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("mask", ["none", "per-key", "per-head-and-query"])
-def test_the_kernel_equals_torchs_attention(shape, mask, threads):
+def test_the_kernel_equals_torchs_attention(shape, mask, threads, isa):
     b, h, sq, sk, d = shape
     generator = torch.Generator().manual_seed(sum(shape))
     q, k, v = (torch.randn(b, h, s, d, generator=generator) for s in (sq, sk, sk))
@@ -48,7 +75,7 @@ def test_the_kernel_equals_torchs_attention(shape, mask, threads):
 
 
 @kernel_needed
-def test_strided_heads_masked_keys_and_rows_masked_everywhere(threads):
+def test_strided_heads_masked_keys_and_rows_masked_everywhere(threads, isa):
     tokens = torch.randn(2, 9, 4 * 32)  # a transformer's (B, S, H D) projection viewed as heads, not copied
     q = tokens.view(2, 9, 4, 32).transpose(1, 2)
     mask = torch.zeros(2, 1, 9, 9)
@@ -63,7 +90,7 @@ def test_strided_heads_masked_keys_and_rows_masked_everywhere(threads):
 
 
 @kernel_needed
-def test_empty_inputs_and_bad_shapes():
+def test_empty_inputs_and_bad_shapes(isa):
     kernels = attention.kernels()
     assert kernels.attention(*(torch.randn(0, 2, 3, 16) for _ in range(3)), None, 1.0).shape == (0, 3, 2, 16)
     q = torch.randn(1, 2, 3, 16)

@@ -515,7 +515,7 @@ def accelerate(
       (default: fxsparse.inference.end_to_end.default_model_timer). With an example batch of 2 or more, it
       also decides whether a batch-independent traced model runs its batches one sample per thread
       (batch_split.py; ``plan.batch_split`` says what was measured and why), and whether a transformer's
-      attention runs on the compiled AVX-512 kernel (attention.py; ``plan.attention``).
+      attention runs on the compiled AVX-512 or AVX2 kernel (attention.py; ``plan.attention``).
     The returned model's ``fxsparse_plan`` (an AccelerationPlan) holds every layer's timings and choice.
     """
     _check_example(example_input)

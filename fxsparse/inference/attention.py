@@ -1,9 +1,9 @@
-"""Transformer attention on the compiled AVX-512 kernel, when it wins end to end (issue 16).
+"""Transformer attention on the compiled AVX-512 or AVX2 kernel, when it wins end to end (issue 16).
 
 Once a transformer's linears are sparse, its dense attention is a large share of what is left: BERT-base at
 128 tokens spent about 8 of its 45 ms (one thread, AMD EPYC Zen 5) in torch's CPU attention, whose two products
 run in MKL at about 50 GMAC/s there (MKL takes its AVX2 path on AMD processors). The kernel
-(csrc/attention_avx512.h) computes the same softmax(scale q k^T + mask) v in AVX-512 tiles, 2.4x faster on
+(csrc/attention_simd.h) computes the same softmax(scale q k^T + mask) v in AVX-512 tiles, 2.4x faster on
 BERT-base's shapes, and writes (B, Sq, H, D), the layout the output projection reads.
 
 Two kinds of model reach it, and accelerate() times the whole model with and without it and keeps it only
@@ -18,7 +18,7 @@ when it wins:
   ``F.scaled_dot_product_attention`` calls to the kernel (nothing is traced, so its control flow is its own).
 A call runs torch's attention unchanged unless it is plain: no dropout, no causal flag, no grouped key/value
 heads, no softcap, position bias or sinks, no attention weights asked for, float32 outside autograd, a head
-dimension that is a multiple of 16, and a CPU with AVX-512 and the compiled kernels. The op
+dimension that is a multiple of 16, and a CPU with AVX-512 or AVX2 and the compiled kernels. The op
 ``fxsparse::native_attention`` has a fake kernel, and its reference path is torch's attention.
 """
 
@@ -68,9 +68,9 @@ torch.library.register_fake("fxsparse::native_attention", _native_attention_fake
 
 
 def kernels():
-    """The compiled kernels when they can run attention (AVX-512), else None."""
+    """The compiled kernels when they can run attention (AVX-512 or AVX2), else None."""
     module = native.kernels()
-    return module if module is not None and module.isa() == "avx512" else None
+    return module if module is not None and module.isa() in ("avx512", "avx2") else None
 
 
 def native_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> Tensor:
@@ -279,7 +279,7 @@ def switch_attention_(
     nor F.scaled_dot_product_attention in its graph."""
     configs = _sdpa_configs(model)
     why_not = (_register() if configs else None) or (
-        None if kernels() is not None else "the compiled kernels need AVX-512 for attention"
+        None if kernels() is not None else "the compiled kernels need AVX-512 or AVX2 for attention"
     )
     switches = configs + (_graph_attention_modules_(model) if not why_not else [])
     if not switches:

@@ -21,7 +21,7 @@ from types import ModuleType
 
 import torch
 
-SOURCES = ("sparse_kernels.cpp", "spmm_simd.h", "attention_avx512.h")
+SOURCES = ("sparse_kernels.cpp", "spmm_simd.h", "attention_simd.h")
 CSRC = Path(__file__).with_name("csrc")
 DISABLE_VARIABLE = "FXSPARSE_NO_NATIVE"
 

@@ -115,6 +115,15 @@ inline void store_empty_row(const Epilogue& epi, int64_t m, int64_t P) {
   }
 }
 
+// One attention call (attention_simd.h): q (B, H, Sq, D), k and v (B, H, Sk, D) by their strides.
+struct Attention {
+  const float *q, *k, *v, *mask;  // mask: additive, may be null
+  float* out;                     // (B, Sq, H, D), contiguous
+  int64_t B, H, Sq, Sk, D;
+  int64_t q_strides[3], k_strides[3], v_strides[3], mask_strides[3];  // sample, head, row; columns contiguous
+  float scale;
+};
+
 template <typename Index>
 struct Product {
   const float* x;
@@ -432,6 +441,8 @@ struct V {
   using mask = __mmask16;
   static constexpr int W = 16;
   static constexpr int REGISTERS = 32, TILE_REGISTERS = 8;  // 128 columns
+  // attention tiles: 6 rows x 4 registers of accumulators, 4 operands, 1 broadcast: 29 of 32
+  static constexpr int ATTENTION_ROWS = 6, ATTENTION_REGISTERS = 4;
   static inline mask tail(int64_t n) { return n >= 16 ? mask(0xFFFF) : mask((1u << n) - 1u); }
   static inline reg zero() { return _mm512_setzero_ps(); }
   static inline reg set1(float f) { return _mm512_set1_ps(f); }
@@ -555,7 +566,10 @@ static inline void transpose16x16(const float* src, int64_t lds, float* dst, int
   }
 }
 
-#include "attention_avx512.h"
+static inline void transpose_square(const float* src, int64_t lds, float* dst, int64_t ldd) {
+  transpose16x16(src, lds, dst, ldd);
+}
+#include "attention_simd.h"
 }  // namespace avx512
 #pragma GCC pop_options
 
@@ -572,6 +586,8 @@ struct V {
   // tiles of 80 columns in one accumulator set, the channel blocks sized for them: ResNet-50 90% 1.15x (one thread,
   // paired) against 64 in two sets (they spilled); 64 or 96 columns in one set 1.12x (AMD EPYC Zen 3)
   static constexpr int REGISTERS = 16, TILE_REGISTERS = 10;
+  // attention tiles: 6 rows x 2 registers of accumulators, 2 operands, 1 broadcast: 15 of 16
+  static constexpr int ATTENTION_ROWS = 6, ATTENTION_REGISTERS = 2;
   static inline mask tail(int64_t n) {
     const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::min<int64_t>(n, 8))), lanes);
@@ -624,6 +640,10 @@ inline void transpose8x8(const float* src, int64_t lds, float* dst, int64_t ldd)
     _mm256_storeu_ps(dst + (i + 4) * ldd, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
   }
 }
+static inline void transpose_square(const float* src, int64_t lds, float* dst, int64_t ldd) {
+  transpose8x8(src, lds, dst, ldd);
+}
+#include "attention_simd.h"
 }  // namespace avx2
 #pragma GCC pop_options
 #endif  // FXSPARSE_X86
@@ -1254,12 +1274,13 @@ at::Tensor max_pool2d(const at::Tensor& x_in, std::vector<int64_t> kernel_size, 
 }
 
 // softmax(scale q k^T + mask) v for q (B, H, Sq, D), k and v (B, H, Sk, D), mask (additive, float32) broadcast to
-// (B, H, Sq, Sk) or none; returns (B, Sq, H, D), the layout a transformer's output projection reads. AVX-512 only
-// (attention_avx512.h); attention.py calls torch's attention elsewhere.
+// (B, H, Sq, Sk) or none; returns (B, Sq, H, D), the layout a transformer's output projection reads. AVX-512 or
+// AVX2 (attention_simd.h); attention.py calls torch's attention elsewhere.
 at::Tensor attention(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
                      const c10::optional<at::Tensor>& mask_in, double scale) {
 #ifdef FXSPARSE_X86
-  TORCH_CHECK(current_isa() == Isa::avx512, "fxsparse attention: needs AVX-512 (use torch's attention)");
+  const Isa isa = current_isa();
+  TORCH_CHECK(isa == Isa::avx512 || isa == Isa::avx2, "fxsparse attention: needs AVX-512 or AVX2 (use torch's attention)");
   auto last_contiguous = [](const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); };
   const at::Tensor q = last_contiguous(q_in), k = last_contiguous(k_in), v = last_contiguous(v_in);
   for (const at::Tensor* t : {&q, &k, &v})
@@ -1277,17 +1298,22 @@ at::Tensor attention(const at::Tensor& q_in, const at::Tensor& k_in, const at::T
   at::Tensor out = at::empty({B, Sq, H, D}, q.options());
   if (out.numel() == 0) return out;
   if (Sk == 0) return out.zero_();
-  avx512::Attention a{q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(),
+  const Attention a{q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(),
                       mask.defined() ? mask.data_ptr<float>() : nullptr, out.data_ptr<float>(), B, H, Sq, Sk, D,
                       {q.stride(0), q.stride(1), q.stride(2)}, {k.stride(0), k.stride(1), k.stride(2)},
                       {v.stride(0), v.stride(1), v.stride(2)},
                       {mask.defined() ? mask.stride(0) : 0, mask.defined() ? mask.stride(1) : 0,
                        mask.defined() ? mask.stride(2) : 0},
                       static_cast<float>(scale)};
-  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) { avx512::attention_heads(a, begin, end); });
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    if (isa == Isa::avx512)
+      avx512::attention_heads(a, begin, end);
+    else
+      avx2::attention_heads(a, begin, end);
+  });
   return out;
 #else
-  TORCH_CHECK(false, "fxsparse attention: needs AVX-512 (use torch's attention)");
+  TORCH_CHECK(false, "fxsparse attention: needs AVX-512 or AVX2 (use torch's attention)");
 #endif
 }
 
@@ -1313,7 +1339,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear", &linear, "sparse linear (CSR weight), float32", without_gil);
   m.def("conv2d", &conv2d, "direct sparse conv2d (CSR weight), float32", without_gil);
   m.def("max_pool2d", &max_pool2d, "max pooling, NCHW float32", without_gil);
-  m.def("attention", &attention, "softmax(scale q k^T + mask) v, float32, AVX-512; (B, Sq, H, D) out", without_gil);
+  m.def("attention", &attention, "softmax(scale q k^T + mask) v, float32, AVX-512 or AVX2; (B, Sq, H, D) out", without_gil);
   m.def("kept_bytes", &kept_bytes, "the bytes the kernels keep for the live weights (offsets, blocks)");
   m.def("release_buffers", &release_buffers, "free the pooled activation buffers; returns the bytes held");
   m.def("set_pool_limit", &set_pool_limit, "fix the buffer pool's limit in bytes (-1: adaptive); returns the old one");
