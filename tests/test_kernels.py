@@ -243,6 +243,23 @@ def test_native_linear_equals_linear(lead, index_dtype, isa):
                     assert rel_error(ops.native_linear_reference(*args), want) <= 1e-5
 
 
+@pytest.mark.parametrize("tokens", [1, 2, 4])
+@pytest.mark.parametrize("index_dtype", [torch.int16, torch.int32])
+def test_gathered_rows_of_every_length_equal_linear(tokens, index_dtype, isa):
+    """The decode path (up to 4 tokens): rows of 0 to 40 nonzeros, so every split into whole registers of the
+    vector gathers (16 and 8 nonzeros at a time on AVX2, 32 and 16 on AVX-512) and a scalar or masked tail."""
+    weight = torch.zeros(41, 300)
+    generator = torch.Generator().manual_seed(tokens)
+    for row in range(41):
+        columns = torch.randperm(300, generator=generator)[:row]
+        weight[row, columns] = torch.randn(row, generator=generator)
+    b = torch.randn(41)
+    x = torch.randn(tokens, 300)
+    col, crow, values = csr32(weight)
+    args = (x, col.to(index_dtype), crow, values, b, 41, False, False, ops.ACTIVATIONS["relu"])
+    assert rel_error(torch.ops.fxsparse.native_linear(*args), F.linear(x, weight, b).relu()) <= 1e-5
+
+
 # from half a column tile of tokens (64 on AVX-512) the table is read in blocks of inputs, 128 a block on AVX-512
 # (700 inputs: five whole blocks and a partial one); 40 tokens: whole tables
 @pytest.mark.parametrize("tokens", [40, 64, 128, 200])

@@ -482,8 +482,8 @@ struct V {
 
 // Rows [m0, m1) of y = W x for each of the T rows of x (row stride ldx): one gathered dot product per output, 16
 // nonzeros a gather, out[t * ldo_t + m * ldo_m] = epilogue(bias[m] + sum_e val[e] * x[t * ldx + col[e]]).
-// AVX2 runs the portable version instead: on AMD EPYC Zen 3, AVX2's 8-lane gathers ran GPT-2's decode shapes
-// 1.19-1.29x slower than scalar loads.
+// AVX2 has its own (avx2::spmv_rows): on AMD EPYC Zen 3 its 8-lane gather instruction ran GPT-2's decode shapes
+// 1.19-1.29x slower than scalar loads, which it assembles into registers instead.
 template <typename Index>
 static void spmv_rows(const Gathered<Index>& job, int64_t m0, int64_t m1) {
   for (int64_t m = m0; m < m1; ++m) {
@@ -643,6 +643,49 @@ inline void transpose8x8(const float* src, int64_t lds, float* dst, int64_t ldd)
 static inline void transpose_square(const float* src, int64_t lds, float* dst, int64_t ldd) {
   transpose8x8(src, lds, dst, ldd);
 }
+
+// x[col[0]], ..., x[col[7]] as one register, from eight scalar loads: on AMD EPYC Zen 3 AVX2's 8-lane gather
+// instruction ran GPT-2's decode shapes 1.19-1.29x slower than scalar loads, and the scalar loop (the portable
+// one) needs three loads a nonzero where this needs about one and a half.
+template <typename Index>
+static inline __m256 gather8(const float* x, const Index* col) {
+  const __m128 lo = _mm_setr_ps(x[col[0]], x[col[1]], x[col[2]], x[col[3]]);
+  const __m128 hi = _mm_setr_ps(x[col[4]], x[col[5]], x[col[6]], x[col[7]]);
+  return _mm256_set_m128(hi, lo);
+}
+
+static inline float sum_lanes(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// Rows [m0, m1) of y = W x for each of the T rows of x, as avx512::spmv_rows computes them: eight nonzeros a
+// register, their inputs gathered by gather8, two accumulators; the last nonzeros one by one.
+template <typename Index>
+static void spmv_rows(const Gathered<Index>& job, int64_t m0, int64_t m1) {
+  for (int64_t m = m0; m < m1; ++m) {
+    const int64_t begin = job.rowptr[m], end = job.rowptr[m + 1];
+    for (int64_t t = 0; t < job.T; ++t) {
+      const float* xt = job.x + t * job.ldx;
+      __m256 a = _mm256_setzero_ps(), b = _mm256_setzero_ps();
+      int64_t e = begin;
+      for (; e + 16 <= end; e += 16) {
+        a = _mm256_fmadd_ps(_mm256_loadu_ps(job.val + e), gather8(xt, job.col + e), a);
+        b = _mm256_fmadd_ps(_mm256_loadu_ps(job.val + e + 8), gather8(xt, job.col + e + 8), b);
+      }
+      if (e + 8 <= end) {
+        a = _mm256_fmadd_ps(_mm256_loadu_ps(job.val + e), gather8(xt, job.col + e), a);
+        e += 8;
+      }
+      float y = sum_lanes(_mm256_add_ps(a, b));
+      for (; e < end; ++e) y += job.val[e] * xt[job.col[e]];
+      y += job.bias ? job.bias[m] : 0.0f;
+      job.out[t * job.ldo_t + m * job.ldo_m] = activate(y, job.act);
+    }
+  }
+}
 #include "attention_simd.h"
 }  // namespace avx2
 #pragma GCC pop_options
@@ -761,6 +804,7 @@ void run_gathered(const Gathered<Index>& job, int64_t M) {
   over_row_blocks(job.rowptr, M, static_cast<int64_t>(job.rowptr[M]) * job.T, [&](int64_t m0, int64_t m1) {
 #ifdef FXSPARSE_X86
     if (isa == Isa::avx512) return avx512::spmv_rows(job, m0, m1);
+    if (isa == Isa::avx2) return avx2::spmv_rows(job, m0, m1);
 #endif
     portable::spmv_rows(job, m0, m1);
   });
@@ -899,8 +943,11 @@ void linear_impl(const float* x, int64_t T, int64_t in, bool features_first_in, 
   // then reads its 512-byte row of a 128-token tile from a 64 KiB slice, not from the whole table (393 KB for 768
   // inputs, 1.5 MB for 3072), and the sums stream in order. BERT-base 90%, AMD EPYC Zen 4 (32 KiB L1d, 1 MiB L2),
   // paired against whole tables: slices of 64 KiB 1.14-1.16x at one thread, 1.15x at two; 32 KiB 1.02-1.07x, 96
-  // KiB 1.13x, 128 KiB 1.08-1.15x, 256 KiB 1.02-1.16x, 384 KiB 1.06x. The blocks do not depend on the token count,
-  // so inputs of another length reuse them (a layout per length would be rebuilt whenever the length changed).
+  // KiB 1.13x, 128 KiB 1.08-1.15x, 256 KiB 1.02-1.16x, 384 KiB 1.06x. AVX2 (204 inputs a block of 80-column
+  // tiles), AMD EPYC Zen 3 (32 KiB L1d, 512 KiB L2), end to end against 64 KiB: whole tables 0.85x, 16 KiB
+  // 0.87x, 32 KiB 0.96x, 128 KiB 0.94x (before the AVX2 register fix; after it, BERT's shapes alone, 32 and 96
+  // KiB 0.80-1.00x). The blocks do not depend on the token count, so inputs of another
+  // length reuse them (a layout per length would be rebuilt whenever the length changed).
   std::shared_ptr<const Prepared> blocked;
   const int64_t tile = tile_columns();
   const int64_t block_inputs = LINEAR_SLICE_BYTES / static_cast<int64_t>(sizeof(float)) / tile;
@@ -1280,7 +1327,8 @@ at::Tensor attention(const at::Tensor& q_in, const at::Tensor& k_in, const at::T
                      const c10::optional<at::Tensor>& mask_in, double scale) {
 #ifdef FXSPARSE_X86
   const Isa isa = current_isa();
-  TORCH_CHECK(isa == Isa::avx512 || isa == Isa::avx2, "fxsparse attention: needs AVX-512 or AVX2 (use torch's attention)");
+  TORCH_CHECK(isa == Isa::avx512 || isa == Isa::avx2,
+              "fxsparse attention: needs AVX-512 or AVX2 (use torch's attention)");
   auto last_contiguous = [](const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); };
   const at::Tensor q = last_contiguous(q_in), k = last_contiguous(k_in), v = last_contiguous(v_in);
   for (const at::Tensor* t : {&q, &k, &v})
