@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from test_end_to_end import prune_
+from test_kernels import ISAS  # the instruction sets this CPU runs: an AVX-512 machine tests AVX2's too
 
 import fxsparse
 from fxsparse.inference import attention
@@ -17,23 +18,7 @@ def assert_close(out, ref, tol=1e-5):
     assert float((out - ref).abs().max()) <= tol * max(float(ref.abs().max()), 1e-30)
 
 
-def _vector_isas() -> list[str]:
-    """The instruction sets of the kernel this CPU runs (each is tested: an AVX-512 machine runs AVX2's too)."""
-    module = attention.kernels()
-    if module is None:
-        return []
-    found = []
-    for isa in ("avx512", "avx2"):
-        try:
-            module.force_isa(isa)
-            found.append(isa)
-        except RuntimeError:
-            pass
-    module.force_isa("auto")
-    return found
-
-
-@pytest.fixture(params=_vector_isas() or ["none"])
+@pytest.fixture(params=[isa for isa in ISAS if isa != "portable"] or ["none"])
 def isa(request):
     """The kernel forced to one instruction set for the test."""
     module = attention.kernels()
