@@ -480,32 +480,6 @@ struct V {
 };
 #include "spmm_simd.h"
 
-// Rows [m0, m1) of y = W x for each of the T rows of x (row stride ldx): one gathered dot product per output, 16
-// nonzeros a gather, out[t * ldo_t + m * ldo_m] = epilogue(bias[m] + sum_e val[e] * x[t * ldx + col[e]]).
-// AVX2 has its own (avx2::spmv_rows): on AMD EPYC Zen 3 its 8-lane gather instruction ran GPT-2's decode shapes
-// 1.19-1.29x slower than scalar loads, which it assembles into registers instead.
-template <typename Index>
-static void spmv_rows(const Gathered<Index>& job, int64_t m0, int64_t m1) {
-  for (int64_t m = m0; m < m1; ++m) {
-    const int64_t begin = job.rowptr[m], end = job.rowptr[m + 1];
-    for (int64_t t = 0; t < job.T; ++t) {
-      const float* xt = job.x + t * job.ldx;
-      typename V::reg a = V::zero(), b = V::zero();
-      int64_t e = begin;
-      for (; e + 2 * V::W <= end; e += 2 * V::W) {
-        a = V::fma(V::load(job.val + e), V::gather(xt, job.col + e, V::W), a);
-        b = V::fma(V::load(job.val + e + V::W), V::gather(xt, job.col + e + V::W, V::W), b);
-      }
-      for (; e < end; e += V::W) {
-        const int64_t n = std::min<int64_t>(V::W, end - e);
-        a = V::fma(V::load_tail(job.val + e, V::tail(n)), V::gather(xt, job.col + e, n), a);
-      }
-      float y = V::reduce(V::add(a, b)) + (job.bias ? job.bias[m] : 0.0f);
-      job.out[t * job.ldo_t + m * job.ldo_m] = activate(y, job.act);
-    }
-  }
-}
-
 // max pooling's two passes (max_pool2d below), vectorised: a NaN-propagating max (as the scalar nan_max) ...
 static inline __m512 nan_max(__m512 m, __m512 v) {
   const __mmask16 take = _mm512_cmp_ps_mask(v, m, _CMP_GT_OQ) | _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
@@ -618,6 +592,25 @@ struct V {
   }
   static inline void store(float* p, reg v) { _mm256_storeu_ps(p, v); }
   static inline void store_tail(float* p, reg v, mask m) { _mm256_maskstore_ps(p, m, v); }
+  // base[idx[0]], ..., base[idx[n - 1]] (0 beyond) by scalar loads: on AMD EPYC Zen 3 AVX2's 8-lane gather
+  // instruction ran GPT-2's decode shapes 1.19-1.29x slower than a scalar loop, which needs three loads a
+  // nonzero where this needs about one and a half (1.22-1.47x faster than the scalar loop)
+  template <typename Index>
+  static inline reg gather(const float* base, const Index* idx, int64_t n) {
+    if (n >= 8) {
+      const __m128 lo = _mm_setr_ps(base[idx[0]], base[idx[1]], base[idx[2]], base[idx[3]]);
+      const __m128 hi = _mm_setr_ps(base[idx[4]], base[idx[5]], base[idx[6]], base[idx[7]]);
+      return _mm256_set_m128(hi, lo);
+    }
+    // lane by lane into registers (floats stored one by one and read back as a vector stall the load)
+    const auto lane = [&](int64_t i) { return i < n ? base[idx[i]] : 0.0f; };
+    return _mm256_setr_ps(lane(0), lane(1), lane(2), lane(3), lane(4), lane(5), lane(6), lane(7));
+  }
+  static inline float reduce(reg v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+  }
 };
 #include "spmm_simd.h"
 
@@ -644,48 +637,6 @@ static inline void transpose_square(const float* src, int64_t lds, float* dst, i
   transpose8x8(src, lds, dst, ldd);
 }
 
-// x[col[0]], ..., x[col[7]] as one register, from eight scalar loads: on AMD EPYC Zen 3 AVX2's 8-lane gather
-// instruction ran GPT-2's decode shapes 1.19-1.29x slower than scalar loads, and the scalar loop (the portable
-// one) needs three loads a nonzero where this needs about one and a half.
-template <typename Index>
-static inline __m256 gather8(const float* x, const Index* col) {
-  const __m128 lo = _mm_setr_ps(x[col[0]], x[col[1]], x[col[2]], x[col[3]]);
-  const __m128 hi = _mm_setr_ps(x[col[4]], x[col[5]], x[col[6]], x[col[7]]);
-  return _mm256_set_m128(hi, lo);
-}
-
-static inline float sum_lanes(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
-// Rows [m0, m1) of y = W x for each of the T rows of x, as avx512::spmv_rows computes them: eight nonzeros a
-// register, their inputs gathered by gather8, two accumulators; the last nonzeros one by one.
-template <typename Index>
-static void spmv_rows(const Gathered<Index>& job, int64_t m0, int64_t m1) {
-  for (int64_t m = m0; m < m1; ++m) {
-    const int64_t begin = job.rowptr[m], end = job.rowptr[m + 1];
-    for (int64_t t = 0; t < job.T; ++t) {
-      const float* xt = job.x + t * job.ldx;
-      __m256 a = _mm256_setzero_ps(), b = _mm256_setzero_ps();
-      int64_t e = begin;
-      for (; e + 16 <= end; e += 16) {
-        a = _mm256_fmadd_ps(_mm256_loadu_ps(job.val + e), gather8(xt, job.col + e), a);
-        b = _mm256_fmadd_ps(_mm256_loadu_ps(job.val + e + 8), gather8(xt, job.col + e + 8), b);
-      }
-      if (e + 8 <= end) {
-        a = _mm256_fmadd_ps(_mm256_loadu_ps(job.val + e), gather8(xt, job.col + e), a);
-        e += 8;
-      }
-      float y = sum_lanes(_mm256_add_ps(a, b));
-      for (; e < end; ++e) y += job.val[e] * xt[job.col[e]];
-      y += job.bias ? job.bias[m] : 0.0f;
-      job.out[t * job.ldo_t + m * job.ldo_m] = activate(y, job.act);
-    }
-  }
-}
 #include "attention_simd.h"
 }  // namespace avx2
 #pragma GCC pop_options

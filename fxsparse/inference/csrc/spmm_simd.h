@@ -6,7 +6,9 @@
 // tail(n) (the mask of the first n lanes), zero(), set1(f), load(p), load_tail(p, m) (lanes beyond the mask
 // read nothing and are 0), fma(a, b, c) = a*b + c, fnma(a, b, c) = c - a*b, add, mul, reciprocal (of a finite
 // d >= 1, to float's precision), min, max, max0, abs, round (to the nearest integer), scale2(p, n) = p 2^n (n
-// integral, -116 <= n <= 0), where_less(x, y, a, b) = x < y ? a : b, store(p, v), store_tail(p, v, m).
+// integral, -116 <= n <= 0), where_less(x, y, a, b) = x < y ? a : b, store(p, v), store_tail(p, v, m),
+// gather(base, idx, n) (base[idx[i]] for the first n lanes, 0 beyond; idx int16 or int32), reduce(v) (the sum of
+// the lanes).
 
 // Below e^EXP_FLOOR (1.8e-35) exp_nonpositive returns 0: what it would return is a few steps from the denormal
 // floats, and an arithmetic op on a denormal costs a microcode assist of about a hundred cycles (the fused GELU
@@ -152,5 +154,30 @@ static void spmm_rows(const Product<Index>& job, int64_t m0, int64_t m1) {
   for (int64_t p0 = 0; p0 < job.P; p0 += TILE) {
     const int64_t n = std::min(TILE, job.P - p0);
     spmm_tile_of<V::TILE_REGISTERS>(static_cast<int>((n + V::W - 1) / V::W), job, m0, m1, p0, n, partial);
+  }
+}
+
+// Rows [m0, m1) of y = W x for each of the T rows of x (row stride ldx): one gathered dot product per output, a
+// register of nonzeros a gather (V::gather), two accumulators,
+//   out[t * ldo_t + m * ldo_m] = epilogue(bias[m] + sum_e val[e] * x[t * ldx + col[e]]).
+template <typename Index>
+static void spmv_rows(const Gathered<Index>& job, int64_t m0, int64_t m1) {
+  for (int64_t m = m0; m < m1; ++m) {
+    const int64_t begin = job.rowptr[m], end = job.rowptr[m + 1];
+    for (int64_t t = 0; t < job.T; ++t) {
+      const float* xt = job.x + t * job.ldx;
+      typename V::reg a = V::zero(), b = V::zero();
+      int64_t e = begin;
+      for (; e + 2 * V::W <= end; e += 2 * V::W) {
+        a = V::fma(V::load(job.val + e), V::gather(xt, job.col + e, V::W), a);
+        b = V::fma(V::load(job.val + e + V::W), V::gather(xt, job.col + e + V::W, V::W), b);
+      }
+      for (; e < end; e += V::W) {
+        const int64_t n = std::min<int64_t>(V::W, end - e);
+        a = V::fma(V::load_tail(job.val + e, V::tail(n)), V::gather(xt, job.col + e, n), a);
+      }
+      float y = V::reduce(V::add(a, b)) + (job.bias ? job.bias[m] : 0.0f);
+      job.out[t * job.ldo_t + m * job.ldo_m] = activate(y, job.act);
+    }
   }
 }
